@@ -1,0 +1,50 @@
+// Operator schemas of dreamportrait._C and their CPU / CUDA registrations. Autograd and fake
+// (meta) implementations are registered from Python (dreamportrait/ops/_registration.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dreamportrait/ops.h"
+
+namespace {
+
+// CUDA architectures the extension holds code for, as compute capabilities (80 = sm_80); empty
+// when it was built without CUDA. The build defines DREAMPORTRAIT_CUDA_ARCHS, e.g. 80,86,90.
+std::vector<int64_t> cuda_archs() {
+#ifdef DREAMPORTRAIT_CUDA_ARCHS
+  return {DREAMPORTRAIT_CUDA_ARCHS};
+#else
+  return {};
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dreamportrait, m) {
+  m.def("cuda_archs() -> int[]", &cuda_archs);
+  m.def("triplane_sample(Tensor planes, Tensor points, float box_warp, int[6] axes, str reduce) -> Tensor");
+  m.def("triplane_sample_backward_planes(Tensor grad_output, Tensor planes, Tensor points, "
+        "float box_warp, int[6] axes, str reduce) -> Tensor");
+  m.def("triplane_sample_backward_points(Tensor grad_output, Tensor planes, Tensor points, "
+        "float box_warp, int[6] axes, str reduce) -> Tensor");
+}
+
+#define DP_REGISTER_TRIPLANE_KERNELS(m, device)                                           \
+  m.impl("triplane_sample", &dreamportrait::triplane_sample_##device);                     \
+  m.impl("triplane_sample_backward_planes",                                               \
+         &dreamportrait::triplane_sample_backward_planes_##device);                        \
+  m.impl("triplane_sample_backward_points", &dreamportrait::triplane_sample_backward_points_##device);
+
+TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) { DP_REGISTER_TRIPLANE_KERNELS(m, cpu) }
+
+#ifdef DREAMPORTRAIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(dreamportrait, CUDA, m) { DP_REGISTER_TRIPLANE_KERNELS(m, cuda) }
+#endif
+
+// `import dreamportrait._C` only has to run the static registrations above; the module itself is
+// empty. (A JIT build is loaded with torch.ops.load_library instead and never calls this.)
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "DreamPortrait operators (torch.ops.dreamportrait)", -1, nullptr};
+  return PyModule_Create(&module);
+}

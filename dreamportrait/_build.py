@@ -1,0 +1,116 @@
+"""How the extension ``dreamportrait._C`` is built: sources, CUDA detection and compiler flags.
+
+``setup.py`` and the JIT fallback (:mod:`dreamportrait._extension`) both use this module, so an
+ahead-of-time build and a JIT build compile the same code with the same flags. It imports nothing
+from torch, so ``setup.py`` can configure the environment before ``torch.utils.cpp_extension``
+reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent / "csrc"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"
+
+CXX_FLAGS = ["-O3"]  # the language standard is torch's (C++20 for torch 2.14)
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def cpu_sources() -> list[Path]:
+    return [SOURCE_ROOT / "ops.cpp", *sorted((SOURCE_ROOT / "cpu").glob("*.cpp"))]
+
+
+def cuda_sources() -> list[Path]:
+    return sorted((SOURCE_ROOT / "cuda").glob("*.cu"))
+
+
+def include_dirs() -> list[Path]:
+    return [SOURCE_ROOT / "include"]
+
+
+def all_source_files() -> list[Path]:
+    """Every file whose content changes the build (sources and headers)."""
+    return sorted(p for p in SOURCE_ROOT.rglob("*") if p.is_file())
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def toolkit_of(nvcc: str) -> str:
+    """The CUDA toolkit directory ``nvcc`` belongs to.
+
+    ``nvcc`` on PATH may be a wrapper script or a symlink outside the toolkit, so ask nvcc itself:
+    its dry run prints the directory of the real binary as ``_HERE_``.
+    """
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        match = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+        if match:
+            return str(Path(match.group(1).strip()).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+def cuda_requested(torch_has_cuda: bool) -> bool:
+    """Whether to compile the CUDA kernels: ``BUILD_NO_CUDA=1`` skips them, ``FORCE_CUDA=1``
+    demands them, otherwise they are built whenever nvcc is found (and torch is a CUDA build)."""
+    if _flag("BUILD_NO_CUDA"):
+        return False
+    if _flag("FORCE_CUDA"):
+        return True
+    return torch_has_cuda and find_nvcc() is not None
+
+
+def configure_cuda_environment(gpu_visible: bool) -> list[str]:
+    """Set ``CUDA_HOME`` and ``TORCH_CUDA_ARCH_LIST`` for a CUDA build; return the arch list.
+
+    ``CUDA_HOME`` defaults to the toolkit nvcc belongs to. With no GPU visible torch cannot detect
+    the target architectures, so ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;8.6;9.0`` (A100,
+    RTX 30xx/A10/A40, H100). With a GPU and no list set, torch builds for the visible GPUs; the
+    caller then passes their capabilities instead.
+    """
+    if not os.environ.get("CUDA_HOME"):
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise RuntimeError("FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        os.environ["CUDA_HOME"] = toolkit_of(nvcc)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not gpu_visible:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return [a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a]
+
+
+def arch_numbers(archs: list[str]) -> list[int]:
+    """``["8.0", "8.6+PTX", "9.0a"]`` -> ``[80, 86, 90]``."""
+    numbers = []
+    for arch in archs:
+        match = re.match(r"(\d+)\.(\d+)", arch)
+        if match:
+            numbers.append(int(match.group(1)) * 10 + int(match.group(2)))
+    return numbers
+
+
+def compile_flags(with_cuda: bool, archs: list[int]) -> dict[str, list[str]]:
+    """Compiler flags for the C++ (``cxx``) and CUDA (``nvcc``) translation units."""
+    if not with_cuda:
+        return {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)}
+    defines = ["-DDREAMPORTRAIT_WITH_CUDA"]
+    # Read by ops.cpp only; nvcc would split the comma-separated value into separate arguments.
+    archs_define = ["-DDREAMPORTRAIT_CUDA_ARCHS=" + ",".join(str(a) for a in archs)] if archs else []
+    return {"cxx": CXX_FLAGS + defines + archs_define, "nvcc": NVCC_FLAGS + defines}
