@@ -48,6 +48,7 @@ def extension_modules():
         sources=sources,
         include_dirs=[str(p) for p in build.include_dirs()],
         extra_compile_args=build.compile_flags(with_cuda, archs),
+        extra_link_args=build.LINK_FLAGS,
     )
     print(f"dreamportrait: building _C with CUDA={'yes, archs ' + str(archs) if with_cuda else 'no'}")
     return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -136,6 +136,7 @@ def _jit_build() -> None:
             extra_include_paths=[str(p) for p in _build.include_dirs()],
             extra_cflags=flags["cxx"],
             extra_cuda_cflags=flags["nvcc"],
+            extra_ldflags=_build.LINK_FLAGS,
             build_directory=str(build_dir),
             with_cuda=with_cuda,
             is_python_module=False,

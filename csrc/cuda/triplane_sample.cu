@@ -159,8 +159,7 @@ at::Tensor triplane_sample_cuda(const at::Tensor& planes, const at::Tensor& poin
                                 double box_warp, at::IntArrayRef axes, std::string_view reduce) {
   const Problem p = triplane::check_problem(planes, points, box_warp, axes, reduce);
   const c10::cuda::CUDAGuard guard(planes.device());
-  at::Tensor out = p.reduce == Reduce::kNone ? at::empty({p.B, p.N, kPlanes, p.C}, planes.options())
-                                             : at::empty({p.B, p.N, p.C}, planes.options());
+  at::Tensor out = triplane::empty_output(planes, p);
   if (out.numel() == 0) return out;
   const at::Tensor planes_cl = triplane::channels_innermost(planes);
   const at::Tensor points_c = points.contiguous();

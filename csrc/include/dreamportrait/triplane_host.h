@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -58,6 +59,12 @@ inline Problem check_problem(const at::Tensor& planes, const at::Tensor& points,
                 "triplane_sample_backward: grad_output must match planes in dtype and device");
   }
   return p;
+}
+
+// Uninitialised output: (B, N, C) for "mean"/"sum", (B, N, 3, C) for "none".
+inline at::Tensor empty_output(const at::Tensor& planes, const Problem& p) {
+  if (p.reduce == Reduce::kNone) return at::empty({p.B, p.N, kPlanes, p.C}, planes.options());
+  return at::empty({p.B, p.N, p.C}, planes.options());
 }
 
 // (B, 3, C, H, W) -> (B, 3, H, W, C) contiguous; no copy when the planes are stored that way.
