@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "dreamportrait/cpu_dispatch.h"
 #include "dreamportrait/ops.h"
@@ -56,6 +57,7 @@ DP_CPU_CLONES void forward_points(const scalar_t* __restrict__ planes,
       for (int plane = 0; plane < kPlanes; ++plane) {
         if (plane == 0 || per_plane) std::fill(acc, acc + count, acc_t(0));
         const BilinearTaps<acc_t>& t = taps[plane];
+        if (!t.finite) std::fill(acc, acc + count, std::numeric_limits<acc_t>::quiet_NaN());
         const scalar_t* base = planes + (b * kPlanes + plane) * p.H * p.W * p.C + c0;
         for (int dy = 0; dy < 2 && t.in_bounds; ++dy) {
           for (int dx = 0; dx < 2; ++dx) {
@@ -129,7 +131,7 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
     acc_t grad[3] = {0, 0, 0};
     for (int plane = 0; plane < kPlanes; ++plane) {
       const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
-      if (!t.in_bounds) continue;
+      if (!t.in_bounds && t.finite) continue;
       const scalar_t* __restrict__ g = grad_out + triplane::output_row(p, b, n, plane);
       const scalar_t* base = planes + (b * kPlanes + plane) * p.H * p.W * p.C;
       acc_t dot[2][2] = {{0, 0}, {0, 0}};
@@ -143,8 +145,8 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
           dot[dy][dx] = s;
         }
       }
-      acc_t d_dx, d_dy;
-      triplane::bilinear_position_grad(t, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
+      acc_t d_dx = std::numeric_limits<acc_t>::quiet_NaN(), d_dy = d_dx;
+      if (t.finite) triplane::bilinear_position_grad(t, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
       grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
       grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
     }

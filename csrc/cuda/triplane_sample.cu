@@ -57,6 +57,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ planes,
     acc_t acc = 0;
     for (int plane = 0; plane < kPlanes; ++plane) {
       const auto taps = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+      if (!taps.finite) acc = NAN;
       if (taps.in_bounds) {
         const scalar_t* base = planes + (b * kPlanes + plane) * p.H * p.W * p.C + c;
         for (int dy = 0; dy < 2; ++dy)
@@ -128,7 +129,7 @@ __global__ void backward_points_kernel(const scalar_t* __restrict__ grad_out,
     acc_t grad[3] = {0, 0, 0};
     for (int plane = 0; plane < kPlanes; ++plane) {
       const auto taps = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
-      if (!taps.in_bounds) continue;
+      if (!taps.in_bounds && taps.finite) continue;
       const scalar_t* g = grad_out + triplane::output_row(p, b, n, plane);
       const scalar_t* base = planes + (b * kPlanes + plane) * p.H * p.W * p.C;
       acc_t dot[2][2] = {{0, 0}, {0, 0}};
@@ -142,8 +143,8 @@ __global__ void backward_points_kernel(const scalar_t* __restrict__ grad_out,
           dot[dy][dx] = warp_sum(s);
         }
       }
-      acc_t d_dx, d_dy;
-      triplane::bilinear_position_grad(taps, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
+      acc_t d_dx = NAN, d_dy = NAN;
+      if (taps.finite) triplane::bilinear_position_grad(taps, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
       grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
       grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
     }

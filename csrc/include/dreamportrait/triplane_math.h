@@ -40,12 +40,14 @@ DP_INLINE T unnormalize(T coord, int64_t size) {
 
 // The four bilinear taps around a pixel-space position. Corners outside the plane carry
 // weight zero and must not be read (zero padding); `in_bounds` says whether any tap is inside.
+// A non-finite position samples NaN (as grid_sample does), so bad points are not hidden.
 template <typename T>
 struct BilinearTaps {
   int64_t x0, y0;        // top-left tap; the others are x0 + 1 and y0 + 1
   T fx, fy;              // fractional position inside the cell, in [0, 1]
   bool x0_in, x1_in, y0_in, y1_in;
   bool in_bounds;
+  bool finite;
 
   DP_INLINE bool valid(int dy, int dx) const {
     return (dy ? y1_in : y0_in) && (dx ? x1_in : x0_in);
@@ -55,11 +57,12 @@ struct BilinearTaps {
   }
 };
 
-// `x`, `y` are pixel-space positions. Non-finite or far-away positions (which would overflow
-// the integer cast) have no tap inside the plane, exactly as grid_sample's zero padding.
+// `x`, `y` are pixel-space positions. Far-away positions (which would overflow the integer cast)
+// and non-finite ones have no tap inside the plane.
 template <typename T>
 DP_INLINE BilinearTaps<T> bilinear_taps(T x, T y, int64_t H, int64_t W) {
   BilinearTaps<T> t;
+  t.finite = std::isfinite(x) && std::isfinite(y);
   // Written so that NaN fails the test.
   t.in_bounds = x >= T(-1) && x <= static_cast<T>(W) && y >= T(-1) && y <= static_cast<T>(H);
   if (!t.in_bounds) {

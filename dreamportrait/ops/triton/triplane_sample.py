@@ -36,16 +36,21 @@ def _pick(x, y, z, AXIS: tl.constexpr):
 
 @triton.jit
 def _taps(u, v, H, W):
-    """Bilinear cell of normalised coordinates (align_corners=False, zero padding)."""
+    """Bilinear cell of normalised coordinates (align_corners=False, zero padding).
+
+    ``poison`` is 0 for finite positions and NaN otherwise; adding it to a sample makes a
+    non-finite point sample NaN, as grid_sample does.
+    """
     x = ((u + 1.0) * W - 1.0) * 0.5
     y = ((v + 1.0) * H - 1.0) * 0.5
+    poison = (x - x) + (y - y)
     # Written so that NaN fails; far-away points are clamped before the integer cast.
     in_bounds = (x >= -1.0) & (x <= W) & (y >= -1.0) & (y <= H)
     x = tl.where(in_bounds, x, 0.0)
     y = tl.where(in_bounds, y, 0.0)
     xf = tl.floor(x)
     yf = tl.floor(y)
-    return xf.to(tl.int64), yf.to(tl.int64), x - xf, y - yf, in_bounds
+    return xf.to(tl.int64), yf.to(tl.int64), x - xf, y - yf, in_bounds, poison
 
 
 @triton.jit
@@ -109,13 +114,14 @@ def _forward_kernel(
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
         u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
                 pixel, weight, valid = _corner(x0, y0, fx, fy, in_bounds & n_mask, H, W, dy, dx)
                 values = tl.load(base + pixel[:, None] * C + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
                 acc += weight[:, None] * values.to(ACC)
+        acc += poison[:, None]
         if PER_PLANE:
             out_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
             tl.store(out_ptr + out_rows[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -144,7 +150,7 @@ def _backward_planes_kernel(
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
         u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         grad = tl.load(grad_ptr + grad_rows[:, None] * C + c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
         grad = _reduced(grad.to(ACC), MEAN)
@@ -175,7 +181,7 @@ def _backward_points_kernel(
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
         u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
         p00, _w00, m00 = _corner(x0, y0, fx, fy, in_bounds & n_mask, H, W, 0, 0)
@@ -195,8 +201,8 @@ def _backward_points_kernel(
             d01 += tl.sum(grad * tl.load(base + p01[:, None] * C + c[None, :], mask=m01[:, None] & c_mask[None, :], other=0.0).to(ACC), axis=1)
             d10 += tl.sum(grad * tl.load(base + p10[:, None] * C + c[None, :], mask=m10[:, None] & c_mask[None, :], other=0.0).to(ACC), axis=1)
             d11 += tl.sum(grad * tl.load(base + p11[:, None] * C + c[None, :], mask=m11[:, None] & c_mask[None, :], other=0.0).to(ACC), axis=1)
-        d_dx = (d01 - d00) * (1.0 - fy) + (d11 - d10) * fy
-        d_dy = (d10 - d00) * (1.0 - fx) + (d11 - d01) * fx
+        d_dx = (d01 - d00) * (1.0 - fy) + (d11 - d10) * fy + poison
+        d_dy = (d10 - d00) * (1.0 - fx) + (d11 - d01) * fx + poison
         d_du = _reduced(d_dx * (W * 0.5) * scale, MEAN)
         d_dv = _reduced(d_dy * (H * 0.5) * scale, MEAN)
         gx += (d_du if U == 0 else 0.0) + (d_dv if V == 0 else 0.0)
