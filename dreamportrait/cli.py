@@ -1,0 +1,61 @@
+"""``dreamportrait`` console entry point.
+
+    dreamportrait info      versions, usable backends, CUDA architectures of the extension
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import dreamportrait
+    from dreamportrait import _extension
+    from dreamportrait.ops import _backend
+
+    status = _extension.status()
+    cuda_visible = torch.cuda.is_available()
+    triton_ok = _backend.triton_importable()
+    print(f"dreamportrait {dreamportrait.__version__}")
+    print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_visible else []
+    print(f"GPUs          {', '.join(devices) if devices else 'none visible'}")
+    if status.available:
+        archs = ", ".join(f"sm_{a}" for a in status.cuda_archs) or "none (built without CUDA)"
+        print(f"extension     {status.origin}; CUDA code for: {archs}")
+    else:
+        print("extension     unavailable:")
+        for line in (status.error or "").splitlines():
+            print(f"                {line}")
+    rows = [
+        ("reference", True, "PyTorch; any device"),
+        ("cpu", status.available, "C++ kernels on CPU tensors"),
+        ("cuda", status.available and status.has_cuda and cuda_visible,
+         "CUDA kernels" + ("" if cuda_visible else " (no GPU visible)")),
+        ("triton", triton_ok and (cuda_visible or _backend.triton_interpreted()),
+         "Triton kernels" + ("" if cuda_visible else "; CPU tensors only under TRITON_INTERPRET=1")),
+    ]
+    print("backends:")
+    for name, usable, what in rows:
+        print(f"  {name:<10} {'usable' if usable else 'unusable':<9} {what}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, usable backends and CUDA architectures of the extension")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

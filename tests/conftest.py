@@ -1,0 +1,36 @@
+"""Shared test set-up.
+
+Random inputs are fresh on every run: each test gets its own seed, printed when it fails; set
+DREAMPORTRAIT_TEST_SEED to replay one.
+"""
+
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors only through the interpreter, which triton reads at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """Seed torch with a fresh random seed per test; replay with DREAMPORTRAIT_TEST_SEED."""
+    value = int(os.environ.get("DREAMPORTRAIT_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("seed", f"DREAMPORTRAIT_TEST_SEED={seeds[0]}"))
