@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +75,17 @@ def _load() -> ExtensionStatus:
 
 
 def _load_prebuilt() -> None:
-    importlib.import_module("dreamportrait._C")
+    # The build next to this file, by path: an import could find another checkout's build through
+    # an editable install's finder.
+    package_dir = Path(__file__).resolve().parent
+    candidates = [package_dir / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise ImportError(f"no prebuilt dreamportrait._C in {package_dir}")
+    spec = importlib.util.spec_from_file_location("dreamportrait._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["dreamportrait._C"] = module
 
 
 def _jit_with_cuda() -> bool:
