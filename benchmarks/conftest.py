@@ -1,0 +1,36 @@
+"""Collects each benchmark's best time (and peak memory) and prints kernel/reference ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+_results: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture
+def record():
+    """record(group, implementation, benchmark, **extra): remember a finished benchmark."""
+
+    def _record(group: str, implementation: str, benchmark, **extra) -> None:
+        benchmark.extra_info.update(extra)
+        _results[(group, implementation)] = dict(seconds=benchmark.stats.stats.min, **extra)
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    groups = sorted({group for group, _ in _results})
+    rows = []
+    for group in groups:
+        reference = _results.get((group, "reference"))
+        for (g, implementation), result in sorted(_results.items()):
+            if g != group or implementation == "reference" or reference is None:
+                continue
+            row = f"{group:<48} {implementation:<8} {result['seconds'] * 1e3:9.1f} ms  vs reference {reference['seconds'] * 1e3:9.1f} ms  speed-up {reference['seconds'] / result['seconds']:5.2f}x"
+            if "peak_extra_output_sizes" in result and "peak_extra_output_sizes" in reference:
+                row += f"  peak extra memory {result['peak_extra_output_sizes']:.2f} vs {reference['peak_extra_output_sizes']:.2f} output sizes"
+            rows.append(row)
+    if rows:
+        terminalreporter.section("speed-up over the PyTorch reference (best of rounds)")
+        for row in rows:
+            terminalreporter.write_line(row)
