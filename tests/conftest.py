@@ -5,12 +5,16 @@ DREAMPORTRAIT_TEST_SEED to replay one.
 """
 
 import os
+import tempfile
 
 import torch
 
 # Triton kernels run on CPU tensors only through the interpreter, which triton reads at import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh inductor cache per run: a cached graph embeds the fake kernels' strides of the build it
+# was compiled against, and would hide a change to them.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dreamportrait-inductor-"))
 
 import random  # noqa: E402
 

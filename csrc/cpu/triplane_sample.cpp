@@ -2,7 +2,8 @@
 // and is shared with the CUDA kernels.
 //
 // The kernels read planes channel-innermost, (B, 3, H, W, C): one bilinear tap is then C
-// contiguous values, which vectorise (see for_each_batch_element for the layout change). Each kernel is a function over a range of work
+// contiguous values, which vectorise (see for_each_batch_element for the layout change and
+// triplane_sample_backward_planes_cpu for the gradient's layout). Each kernel is a function over a range of work
 // items, run by at::parallel_for and compiled for several instruction sets (DP_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,22 +35,40 @@ constexpr int64_t kChannelBlock = 32;
 // threads never write the same cache line.
 constexpr int64_t kChannelChunk = 16;
 
-// Copies rows [begin, end) of the (3 * H) plane rows of batch element b into dst, (3, H, W, C)
-// contiguous. A row's C x W block is small enough to stay in cache while it is transposed
-// (torch's generic strided copy is ~2x slower here).
+// Strides (plane, channel, y, x) of one batch element's planes.
+struct PlaneStrides {
+  int64_t plane, channel, y, x;
+};
+
+PlaneStrides strides_of(const at::Tensor& planes) {
+  return {planes.stride(1), planes.stride(2), planes.stride(3), planes.stride(4)};
+}
+
+PlaneStrides channels_innermost_strides(const Problem& p) {
+  return {p.H * p.W * p.C, 1, p.W * p.C, p.C};
+}
+
+// Copies plane rows [begin, end) of the 3 * H rows of one batch element from one layout to
+// another; the layout change between (3, C, H, W) and (3, H, W, C) is a transpose of each row's
+// C x W block, which stays in cache (torch's generic strided copy is ~2x slower here).
 template <typename scalar_t>
-DP_CPU_CLONES void transpose_rows(const at::Tensor& planes, int64_t b, scalar_t* __restrict__ dst,
-                                  int64_t begin, int64_t end) {
-  const int64_t C = planes.size(2), H = planes.size(3), W = planes.size(4);
-  const int64_t sp = planes.stride(1), sc = planes.stride(2), sy = planes.stride(3), sx = planes.stride(4);
-  const scalar_t* src = planes.const_data_ptr<scalar_t>() + b * planes.stride(0);
+DP_CPU_CLONES void copy_plane_rows(const scalar_t* __restrict__ src, PlaneStrides from,
+                                   scalar_t* __restrict__ dst, PlaneStrides to, const Problem& p,
+                                   int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t plane = row / H, y = row % H;
-    const scalar_t* __restrict__ src_row = src + plane * sp + y * sy;
-    scalar_t* __restrict__ dst_row = dst + row * W * C;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t x = 0; x < W; ++x) dst_row[x * C + c] = src_row[c * sc + x * sx];
+    const int64_t plane = row / p.H, y = row % p.H;
+    const scalar_t* __restrict__ src_row = src + plane * from.plane + y * from.y;
+    scalar_t* __restrict__ dst_row = dst + plane * to.plane + y * to.y;
+    for (int64_t c = 0; c < p.C; ++c)
+      for (int64_t x = 0; x < p.W; ++x) dst_row[c * to.channel + x * to.x] = src_row[c * from.channel + x * from.x];
   }
+}
+
+template <typename scalar_t>
+void copy_planes(const scalar_t* src, PlaneStrides from, scalar_t* dst, PlaneStrides to, const Problem& p) {
+  at::parallel_for(0, kPlanes * p.H, 4, [&](int64_t begin, int64_t end) {
+    copy_plane_rows(src, from, dst, to, p, begin, end);
+  });
 }
 
 // Calls fn(b, planes_b) for each batch element b in turn, with planes_b its planes
@@ -59,20 +78,17 @@ DP_CPU_CLONES void transpose_rows(const at::Tensor& planes, int64_t b, scalar_t*
 // Processing one element at a time lets the threads share its planes in the last-level cache
 // instead of each streaming a different element's (which made a batch of 4 twice as slow per point).
 template <typename scalar_t, typename F>
-void for_each_batch_element(const at::Tensor& planes, const F& fn) {
-  const at::Tensor innermost = planes.permute({0, 1, 3, 4, 2});  // (B, 3, H, W, C) view
-  if (innermost.is_contiguous()) {
-    for (int64_t b = 0; b < planes.size(0); ++b)
-      fn(b, innermost.const_data_ptr<scalar_t>() + b * innermost.stride(0));
+void for_each_batch_element(const at::Tensor& planes, const Problem& p, const F& fn) {
+  const scalar_t* data = planes.const_data_ptr<scalar_t>();
+  if (triplane::is_channels_innermost(planes)) {
+    for (int64_t b = 0; b < p.B; ++b) fn(b, data + b * planes.stride(0));
     return;
   }
-  at::Tensor workspace = at::empty(innermost.sizes().slice(1), planes.options());
-  const int64_t H = planes.size(3);
-  for (int64_t b = 0; b < planes.size(0); ++b) {
-    at::parallel_for(0, kPlanes * H, 4, [&](int64_t begin, int64_t end) {
-      transpose_rows(planes, b, workspace.mutable_data_ptr<scalar_t>(), begin, end);
-    });
-    fn(b, workspace.const_data_ptr<scalar_t>());
+  at::Tensor workspace = at::empty({kPlanes, p.H, p.W, p.C}, planes.options());
+  scalar_t* workspace_ptr = workspace.mutable_data_ptr<scalar_t>();
+  for (int64_t b = 0; b < p.B; ++b) {
+    copy_planes(data + b * planes.stride(0), strides_of(planes), workspace_ptr, channels_innermost_strides(p), p);
+    fn(b, static_cast<const scalar_t*>(workspace_ptr));
   }
 }
 
@@ -117,24 +133,23 @@ DP_CPU_CLONES void forward_points(const scalar_t* __restrict__ planes_b,
   }
 }
 
-// Plane gradient for work items [begin, end) of (batch, plane, channel chunk); grad_planes is
-// (B, 3, H, W, C) and zero on entry. Each item scatters all N points into its own channels, so
-// the adds of different threads never touch the same element.
+// Plane gradient of batch element b for work items [begin, end) of (plane, channel chunk);
+// grad_planes_b is (3, H, W, C) and zero on entry. Each item scatters all N points into its own
+// channels, so the adds of different threads never touch the same element.
 template <typename scalar_t>
 DP_CPU_CLONES void backward_planes_items(const scalar_t* __restrict__ grad_out,
                                          const scalar_t* __restrict__ points,
-                                         scalar_t* __restrict__ grad_planes, const Problem& p,
-                                         int64_t begin, int64_t end) {
+                                         scalar_t* __restrict__ grad_planes_b, const Problem& p,
+                                         int64_t b, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t rw = triplane::reduce_weight<acc_t>(p.reduce);
   const int64_t chunks = (p.C + kChannelChunk - 1) / kChannelChunk;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t chunk = item % chunks;
-    const int plane = static_cast<int>((item / chunks) % kPlanes);
-    const int64_t b = item / (chunks * kPlanes);
+    const int plane = static_cast<int>(item / chunks);
     const int64_t c0 = chunk * kChannelChunk, count = std::min(kChannelChunk, p.C - c0);
-    scalar_t* base = grad_planes + (b * kPlanes + plane) * p.H * p.W * p.C + c0;
+    scalar_t* base = grad_planes_b + plane * p.H * p.W * p.C + c0;
     for (int64_t n = 0; n < p.N; ++n) {
       const scalar_t* pt = points + (b * p.N + n) * 3;
       const acc_t point[3] = {pt[0], pt[1], pt[2]};
@@ -153,12 +168,14 @@ DP_CPU_CLONES void backward_planes_items(const scalar_t* __restrict__ grad_out,
   }
 }
 
-// Point gradient for points [begin, end) of batch element b. The position derivative is linear in the corner
-// values, so it is taken once per tap on sum_c grad[c] * corner[c] instead of once per channel.
+// Point gradient for points [begin, end) of batch element b. Corners outside the plane read
+// `zeros` (C zeros) instead of branching, so the channel loop is one vectorised reduction per
+// position coordinate.
 template <typename scalar_t>
 DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
                                          const scalar_t* __restrict__ planes_b,
                                          const scalar_t* __restrict__ points,
+                                         const scalar_t* __restrict__ zeros,
                                          scalar_t* __restrict__ grad_points, const Problem& p,
                                          int64_t b, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -172,22 +189,26 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
     acc_t grad[3] = {0, 0, 0};
     for (int plane = 0; plane < kPlanes; ++plane) {
       const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
-      if (!t.in_bounds && t.finite) continue;
-      const scalar_t* __restrict__ g = grad_out + triplane::output_row(p, b, n, plane);
-      const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
-      acc_t dot[2][2] = {{0, 0}, {0, 0}};
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          if (!t.valid(dy, dx)) continue;
-          const scalar_t* __restrict__ src = base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C;
-          acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t c = 0; c < p.C; ++c) s += static_cast<acc_t>(g[c]) * src[c];
-          dot[dy][dx] = s;
+      acc_t d_dx = 0, d_dy = 0;
+      if (!t.finite) {
+        d_dx = d_dy = std::numeric_limits<acc_t>::quiet_NaN();
+      } else if (t.in_bounds) {
+        const scalar_t* __restrict__ g = grad_out + triplane::output_row(p, b, n, plane);
+        const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
+        const scalar_t* corner[2][2];
+        for (int dy = 0; dy < 2; ++dy)
+          for (int dx = 0; dx < 2; ++dx)
+            corner[dy][dx] = t.valid(dy, dx) ? base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C : zeros;
+        const scalar_t *__restrict__ v00 = corner[0][0], *__restrict__ v01 = corner[0][1];
+        const scalar_t *__restrict__ v10 = corner[1][0], *__restrict__ v11 = corner[1][1];
+#pragma omp simd reduction(+ : d_dx, d_dy)
+        for (int64_t c = 0; c < p.C; ++c) {
+          acc_t cx, cy;
+          triplane::bilinear_position_grad<acc_t>(t, v00[c], v01[c], v10[c], v11[c], cx, cy);
+          d_dx += static_cast<acc_t>(g[c]) * cx;
+          d_dy += static_cast<acc_t>(g[c]) * cy;
         }
       }
-      acc_t d_dx = std::numeric_limits<acc_t>::quiet_NaN(), d_dy = d_dx;
-      if (t.finite) triplane::bilinear_position_grad(t, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
       grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
       grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
     }
@@ -206,7 +227,7 @@ at::Tensor triplane_sample_cpu(const at::Tensor& planes, const at::Tensor& point
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_sample_cpu", [&] {
     const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    for_each_batch_element<scalar_t>(planes, [&](int64_t b, const scalar_t* planes_b) {
+    for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
       at::parallel_for(0, p.N, kPointGrain, [&](int64_t begin, int64_t end) {
         forward_points(planes_b, points_ptr, out_ptr, p, b, begin, end);
       });
@@ -215,28 +236,36 @@ at::Tensor triplane_sample_cpu(const at::Tensor& planes, const at::Tensor& point
   return out;
 }
 
+// The plane gradient is contiguous (B, 3, C, H, W): each batch element is scattered into a
+// channel-innermost workspace (C contiguous adds per tap) and transposed into place.
 at::Tensor triplane_sample_backward_planes_cpu(const at::Tensor& grad_output,
                                                const at::Tensor& planes, const at::Tensor& points,
                                                double box_warp, at::IntArrayRef axes,
                                                std::string_view reduce) {
   const Problem p = triplane::check_problem(planes, points, box_warp, axes, reduce, grad_output);
-  at::Tensor grad_planes = at::zeros({p.B, kPlanes, p.H, p.W, p.C}, planes.options());
-  if (grad_planes.numel() > 0 && p.N > 0) {
-    const at::Tensor grad_c = grad_output.contiguous();
-    const at::Tensor points_c = points.contiguous();
-    const int64_t items_per_batch = kPlanes * ((p.C + kChannelChunk - 1) / kChannelChunk);
-    AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_sample_backward_planes_cpu", [&] {
-      const scalar_t* grad_ptr = grad_c.const_data_ptr<scalar_t>();
-      const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
-      scalar_t* out_ptr = grad_planes.mutable_data_ptr<scalar_t>();
-      for (int64_t b = 0; b < p.B; ++b) {  // one batch element at a time, as for_each_batch_element
-        at::parallel_for(b * items_per_batch, (b + 1) * items_per_batch, 1, [&](int64_t begin, int64_t end) {
-          backward_planes_items(grad_ptr, points_ptr, out_ptr, p, begin, end);
-        });
-      }
-    });
-  }
-  return grad_planes.permute({0, 1, 4, 2, 3});
+  at::Tensor grad_planes = at::empty(planes.sizes(), planes.options());
+  if (grad_planes.numel() == 0 || p.N == 0) return grad_planes.zero_();
+  const at::Tensor grad_c = grad_output.contiguous();
+  const at::Tensor points_c = points.contiguous();
+  at::Tensor workspace = at::empty({kPlanes, p.H, p.W, p.C}, planes.options());
+  const int64_t items = kPlanes * ((p.C + kChannelChunk - 1) / kChannelChunk);
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_sample_backward_planes_cpu", [&] {
+    const scalar_t* grad_ptr = grad_c.const_data_ptr<scalar_t>();
+    const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = grad_planes.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < p.B; ++b) {  // one batch element at a time, as for_each_batch_element
+      scalar_t* scratch = workspace.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, workspace.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+        std::fill(scratch + begin, scratch + end, scalar_t(0));
+      });
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        backward_planes_items(grad_ptr, points_ptr, scratch, p, b, begin, end);
+      });
+      copy_planes(static_cast<const scalar_t*>(scratch), channels_innermost_strides(p),
+                  out_ptr + b * grad_planes.stride(0), strides_of(grad_planes), p);
+    }
+  });
+  return grad_planes;
 }
 
 at::Tensor triplane_sample_backward_points_cpu(const at::Tensor& grad_output,
@@ -249,13 +278,15 @@ at::Tensor triplane_sample_backward_points_cpu(const at::Tensor& grad_output,
   if (p.C == 0 || p.H == 0 || p.W == 0) return grad_points.zero_();
   const at::Tensor grad_c = grad_output.contiguous();
   const at::Tensor points_c = points.contiguous();
+  const at::Tensor zeros = at::zeros({p.C}, planes.options());
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "triplane_sample_backward_points_cpu", [&] {
     const scalar_t* grad_ptr = grad_c.const_data_ptr<scalar_t>();
+    const scalar_t* zeros_ptr = zeros.const_data_ptr<scalar_t>();
     const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = grad_points.mutable_data_ptr<scalar_t>();
-    for_each_batch_element<scalar_t>(planes, [&](int64_t b, const scalar_t* planes_b) {
+    for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
       at::parallel_for(0, p.N, kPointGrain, [&](int64_t begin, int64_t end) {
-        backward_points_range(grad_ptr, planes_b, points_ptr, out_ptr, p, b, begin, end);
+        backward_points_range(grad_ptr, planes_b, points_ptr, zeros_ptr, out_ptr, p, b, begin, end);
       });
     });
   });

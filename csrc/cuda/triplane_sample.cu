@@ -198,7 +198,7 @@ at::Tensor triplane_sample_backward_planes_cuda(const at::Tensor& grad_output,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return grad_planes.to(planes.scalar_type()).permute({0, 1, 4, 2, 3});
+  return grad_planes.to(planes.scalar_type()).permute({0, 1, 4, 2, 3}).contiguous();
 }
 
 at::Tensor triplane_sample_backward_points_cuda(const at::Tensor& grad_output,

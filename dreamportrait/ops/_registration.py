@@ -17,8 +17,8 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
     """Register autograd for ``forward`` and fake kernels for the three operators.
 
     All three share the argument list ``(..., planes, points, box_warp, axes, reduce)``; the
-    backward operators take ``grad_output`` first. The plane gradient has channel-innermost
-    strides: a permuted ``(B, 3, H, W, C)`` buffer.
+    backward operators take ``grad_output`` first. Every output is contiguous, whatever the
+    inputs' strides (so the fake kernels never depend on them).
     """
     if forward in _registered:
         return
@@ -35,8 +35,7 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
 
     @torch.library.register_fake(backward_planes)
     def _planes_fake(grad_output, planes, points, box_warp, axes, reduce):
-        batch, _, channels, height, width = planes.shape
-        return planes.new_empty((batch, 3, height, width, channels)).permute(0, 1, 4, 2, 3)
+        return planes.new_empty(planes.shape)
 
     @torch.library.register_fake(backward_points)
     def _points_fake(grad_output, planes, points, box_warp, axes, reduce):

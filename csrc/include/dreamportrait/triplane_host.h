@@ -67,10 +67,18 @@ inline at::Tensor empty_output(const at::Tensor& planes, const Problem& p) {
   return at::empty({p.B, p.N, p.C}, planes.options());
 }
 
+// Whether planes (B, 3, C, H, W) are stored as a contiguous (B, 3, H, W, C) tensor.
+inline bool is_channels_innermost(const at::Tensor& planes) {
+  return planes.permute({0, 1, 3, 4, 2}).is_contiguous();
+}
+
 // (B, 3, C, H, W) -> (B, 3, H, W, C) contiguous; no copy when the planes are stored that way.
+// (The kernels' outputs are always contiguous, whatever the inputs' layout.)
 inline at::Tensor channels_innermost(const at::Tensor& planes) {
   return planes.permute({0, 1, 3, 4, 2}).contiguous();
 }
+
+
 
 }  // namespace triplane
 }  // namespace dreamportrait

@@ -3,7 +3,8 @@
 Layout as in the C++/CUDA kernels: planes are read channel-innermost, ``(B, 3, H, W, C)``, so one
 bilinear tap of a block of points is a ``(BLOCK_N, BLOCK_C)`` tile of contiguous channel rows. A
 program owns a block of points and a block of channels of one batch element; the plane gradient
-is scattered with atomic adds into a ``(B, 3, H, W, C)`` buffer in the accumulation type.
+is scattered with atomic adds into a ``(B, 3, H, W, C)`` buffer in the accumulation type, then
+transposed into a contiguous gradient.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], re
 
 def backward_planes(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int],
                     reduce: str) -> Tensor:
-    """Plane gradient with channel-innermost strides (a permuted ``(B, 3, H, W, C)`` buffer)."""
+    """Plane gradient, contiguous ``(B, 3, C, H, W)`` (as in every backend)."""
     batch, _, channels, height, width = planes.shape
     count = points.shape[1]
     grad_planes = planes.new_zeros((batch, 3, height, width, channels), dtype=_accumulation_dtype(planes.dtype))
@@ -261,7 +262,7 @@ def backward_planes(grad_output: Tensor, planes: Tensor, points: Tensor, box_war
             grad_output.contiguous(), points.contiguous(), grad_planes, count, channels, height, width,
             BLOCK_C=block_c, **_common(planes, box_warp, axes, reduce),
         )
-    return grad_planes.to(planes.dtype).permute(0, 1, 4, 2, 3)
+    return grad_planes.to(planes.dtype).permute(0, 1, 4, 2, 3).contiguous()
 
 
 def backward_points(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int],
