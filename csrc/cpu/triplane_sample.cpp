@@ -92,6 +92,21 @@ void for_each_batch_element(const at::Tensor& planes, const Problem& p, const F&
   }
 }
 
+// Runs fn(begin, end) over [0, count) in tiles of kPointGrain, dealt to the threads round-robin:
+// neighbouring points (rays) are processed at the same time by all threads, so the threads share
+// the planes' cache lines rather than each working through a different part of the planes (as
+// at::parallel_for's contiguous split would have them do).
+template <typename F>
+void parallel_over_tiles(int64_t count, const F& fn) {
+  const int64_t tiles = (count + kPointGrain - 1) / kPointGrain;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tiles);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    for (int64_t worker = first; worker < last; ++worker)
+      for (int64_t tile = worker; tile < tiles; tile += workers)
+        fn(tile * kPointGrain, std::min(count, (tile + 1) * kPointGrain));
+  });
+}
+
 // Forward for points [begin, end) of batch element b; planes_b is (3, H, W, C).
 template <typename scalar_t>
 DP_CPU_CLONES void forward_points(const scalar_t* __restrict__ planes_b,
@@ -228,7 +243,7 @@ at::Tensor triplane_sample_cpu(const at::Tensor& planes, const at::Tensor& point
     const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
-      at::parallel_for(0, p.N, kPointGrain, [&](int64_t begin, int64_t end) {
+      parallel_over_tiles(p.N, [&](int64_t begin, int64_t end) {
         forward_points(planes_b, points_ptr, out_ptr, p, b, begin, end);
       });
     });
@@ -285,7 +300,7 @@ at::Tensor triplane_sample_backward_points_cpu(const at::Tensor& grad_output,
     const scalar_t* points_ptr = points_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = grad_points.mutable_data_ptr<scalar_t>();
     for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
-      at::parallel_for(0, p.N, kPointGrain, [&](int64_t begin, int64_t end) {
+      parallel_over_tiles(p.N, [&](int64_t begin, int64_t end) {
         backward_points_range(grad_ptr, planes_b, points_ptr, zeros_ptr, out_ptr, p, b, begin, end);
       });
     });
