@@ -2,9 +2,9 @@
 // and is shared with the CUDA kernels.
 //
 // The kernels read planes channel-innermost, (B, 3, H, W, C): one bilinear tap is then C
-// contiguous values, which vectorise (see for_each_batch_element for the layout change and
-// triplane_sample_backward_planes_cpu for the gradient's layout). Each kernel is a function over a range of work
-// items, run by at::parallel_for and compiled for several instruction sets (DP_CPU_CLONES).
+// contiguous values, which vectorise (for_each_batch_element changes the layout). Each kernel is
+// a function over a range of work items, run by at::parallel_for and compiled for several
+// instruction sets (DP_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -73,8 +73,8 @@ void copy_planes(const scalar_t* src, PlaneStrides from, scalar_t* dst, PlaneStr
 
 // Calls fn(b, planes_b) for each batch element b in turn, with planes_b its planes
 // channel-innermost, (3, H, W, C) contiguous. Planes stored that way are used in place; others
-// are transposed one batch element at a time into one reused workspace (a third of one element's
-// output for EG3D's shapes), which also keeps the temporary out of fresh, page-faulting memory.
+// are transposed one batch element at a time into one reused workspace (half the output at EG3D's
+// inference shape, a quarter at a batch of 4).
 // Processing one element at a time lets the threads share its planes in the last-level cache
 // instead of each streaming a different element's (which made a batch of 4 twice as slow per point).
 template <typename scalar_t, typename F>

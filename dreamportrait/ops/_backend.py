@@ -5,7 +5,8 @@ By default the device decides: CPU tensors -> the C++ ``cpu`` kernels, CUDA tens
 environment variable ``DREAMPORTRAIT_BACKEND``, forces one of ``reference``, ``cpu``, ``cuda``,
 ``triton``; a forced backend that cannot run the call is an error. When the default choice needs
 the compiled extension and it cannot be loaded or built, the reference runs instead, with one
-warning per process.
+warning per process. Under ``torch.compile`` the choice is made once, while tracing, and is part
+of the compiled graph: changing ``DREAMPORTRAIT_BACKEND`` later does not recompile it.
 """
 
 from __future__ import annotations

@@ -323,3 +323,15 @@ def test_compiled_operator_checks_its_arguments(planes_shape, points_shape, axes
     _extension.status()
     with pytest.raises(RuntimeError, match=message):
         torch.ops.dreamportrait.triplane_sample(torch.randn(planes_shape), torch.rand(points_shape), 1.0, axes, reduce)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_opcheck_registrations(backend, device, reduce):
+    """Schema, fake kernels (shapes and strides), autograd registration and dispatch agree."""
+    planes, points = make_inputs((2, 5, 6, 7, 30), torch.float64, device)
+    name = "triplane_sample_triton" if backend == "triton" else "triplane_sample"
+    _extension.status()
+    op = getattr(torch.ops.dreamportrait, name)
+    args = (planes.requires_grad_(), points.requires_grad_(), 1.0, list(ORTHOGONAL_AXES), reduce)
+    torch.library.opcheck(op, args)
