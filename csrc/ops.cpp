@@ -28,18 +28,24 @@ TORCH_LIBRARY(dreamportrait, m) {
         "float box_warp, int[6] axes, str reduce) -> Tensor");
   m.def("triplane_sample_backward_points(Tensor grad_output, Tensor planes, Tensor points, "
         "float box_warp, int[6] axes, str reduce) -> Tensor");
+  m.def("composite_rays(Tensor densities, Tensor colors, Tensor depths, Tensor deltas, "
+        "float transmittance_threshold) -> (Tensor rgb, Tensor depth, Tensor opacity, Tensor weights)");
+  m.def("composite_rays_backward(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, Tensor grad_weights, "
+        "Tensor densities, Tensor colors, Tensor depths, Tensor deltas) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-#define DP_REGISTER_TRIPLANE_KERNELS(m, device)                                           \
+#define DP_REGISTER_KERNELS(m, device)                                           \
   m.impl("triplane_sample", &dreamportrait::triplane_sample_##device);                     \
   m.impl("triplane_sample_backward_planes",                                               \
          &dreamportrait::triplane_sample_backward_planes_##device);                        \
-  m.impl("triplane_sample_backward_points", &dreamportrait::triplane_sample_backward_points_##device);
+  m.impl("triplane_sample_backward_points", &dreamportrait::triplane_sample_backward_points_##device); \
+  m.impl("composite_rays", &dreamportrait::composite_rays_##device);                       \
+  m.impl("composite_rays_backward", &dreamportrait::composite_rays_backward_##device);
 
-TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) { DP_REGISTER_TRIPLANE_KERNELS(m, cpu) }
+TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) { DP_REGISTER_KERNELS(m, cpu) }
 
 #ifdef DREAMPORTRAIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(dreamportrait, CUDA, m) { DP_REGISTER_TRIPLANE_KERNELS(m, cuda) }
+TORCH_LIBRARY_IMPL(dreamportrait, CUDA, m) { DP_REGISTER_KERNELS(m, cuda) }
 #endif
 
 // `import dreamportrait._C` only has to run the static registrations above; the module itself is

@@ -2,8 +2,9 @@
 
 The compiled operators' schemas come from C++ (csrc/ops.cpp), so their Python registrations can
 only happen once the extension is loaded: :mod:`dreamportrait._extension` then calls
-:func:`register_compiled_ops`. The Triton operators are Python custom ops and are registered at
-import (see :mod:`dreamportrait.ops.triplane_sample`).
+:func:`register_compiled_ops`. The Triton operators are Python custom ops, registered when their
+op module is imported. Every output is contiguous, whatever the inputs' strides, so the fake
+kernels never depend on them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
     """Register autograd for ``forward`` and fake kernels for the three operators.
 
     All three share the argument list ``(..., planes, points, box_warp, axes, reduce)``; the
-    backward operators take ``grad_output`` first. Every output is contiguous, whatever the
-    inputs' strides (so the fake kernels never depend on them).
+    backward operators take ``grad_output`` first.
     """
     if forward in _registered:
         return
@@ -59,6 +59,50 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
     torch.library.register_autograd(forward, backward, setup_context=setup_context)
 
 
+def register_composite_rays(forward: str, backward: str) -> None:
+    """Register autograd for ``forward`` and fake kernels for it and its ``backward``.
+
+    ``forward(densities, colors, depths, deltas, transmittance_threshold) -> (rgb, depth, opacity,
+    weights)``; ``backward(grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors,
+    depths, deltas)`` returns the gradients of the four tensor inputs.
+    """
+    if forward in _registered:
+        return
+    _registered.add(forward)
+    backward_op = _resolve(backward)
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(densities, colors, depths, deltas, transmittance_threshold):
+        rays, samples = densities.shape
+        return (
+            densities.new_empty((rays, colors.shape[2])),
+            densities.new_empty((rays,)),
+            densities.new_empty((rays,)),
+            densities.new_empty((rays, samples)),
+        )
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors, depths, deltas):
+        return densities.new_empty(densities.shape), colors.new_empty(colors.shape), \
+            depths.new_empty(depths.shape), deltas.new_empty(deltas.shape)
+
+    def setup_context(ctx, inputs, output):
+        densities, colors, depths, deltas, transmittance_threshold = inputs
+        ctx.early_stop = transmittance_threshold > 0
+        ctx.save_for_backward(densities, colors, depths, deltas)
+
+    def backward_fn(ctx, grad_rgb, grad_depth, grad_opacity, grad_weights):
+        if ctx.early_stop:
+            raise RuntimeError("composite_rays: transmittance_threshold > 0 is for inference and has no gradient")
+        grads = backward_op(
+            grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), grad_weights.contiguous(),
+            *ctx.saved_tensors,
+        )
+        return (*grads, None)
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
 def _resolve(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name)
@@ -70,3 +114,4 @@ def register_compiled_ops() -> None:
         "dreamportrait::triplane_sample_backward_planes",
         "dreamportrait::triplane_sample_backward_points",
     )
+    register_composite_rays("dreamportrait::composite_rays", "dreamportrait::composite_rays_backward")

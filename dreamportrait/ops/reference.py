@@ -37,3 +37,23 @@ def triplane_sample(
     if reduce == "sum":
         return stacked.sum(dim=2)
     return stacked
+
+
+def composite_rays(
+    densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor, transmittance_threshold: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Alpha-composite samples along rays (the volume rendering quadrature).
+
+    densities, depths, deltas ``(R, S)``, colors ``(R, S, C)``. With ``tau = densities * deltas``,
+    ``T_i = exp(-sum_{j<i} tau_j)``, ``alpha_i = 1 - exp(-tau_i)`` and ``w_i = T_i alpha_i``, returns
+    ``rgb (R, C) = sum w_i c_i``, ``depth (R,) = sum w_i t_i``, ``opacity (R,) = sum w_i`` and
+    ``weights (R, S)``. Samples whose ``T_i`` is below ``transmittance_threshold`` get weight 0.
+    """
+    tau = densities * deltas
+    optical_depth = torch.cat([torch.zeros_like(tau[:, :1]), torch.cumsum(tau, dim=1)[:, :-1]], dim=1)
+    transmittance = torch.exp(-optical_depth)
+    weights = transmittance * -torch.expm1(-tau)
+    if transmittance_threshold > 0:
+        weights = torch.where(transmittance < transmittance_threshold, torch.zeros_like(weights), weights)
+    rgb = (weights.unsqueeze(-1) * colors).sum(dim=1)
+    return rgb, (weights * depths).sum(dim=1), weights.sum(dim=1), weights

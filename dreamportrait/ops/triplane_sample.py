@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -11,6 +10,7 @@ from torch import Tensor
 
 from . import _registration, reference
 from ._backend import select_backend
+from ._checks import require_backend_dtype, require_floating, require_like, require_real, require_tensor
 
 EG3D_AXES = (0, 1, 0, 2, 2, 0)
 """The published EG3D generator's projections: planes (x, y), (x, z), (z, x). It reuses x and z
@@ -20,9 +20,6 @@ ORTHOGONAL_AXES = (0, 1, 0, 2, 1, 2)
 """Three distinct planes (x, y), (x, z), (y, z), for new models."""
 
 REDUCTIONS = ("mean", "sum", "none")
-
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def triplane_sample(
@@ -56,7 +53,7 @@ def triplane_sample(
     """
     axes = _check_arguments(planes, points, box_warp, axes, reduce)
     chosen = select_backend("triplane_sample", planes.device.type, backend)
-    _check_dtype(planes, chosen)
+    require_backend_dtype("triplane_sample", chosen, "planes", planes)
     if chosen == "reference":
         return reference.triplane_sample(planes, points, float(box_warp), axes, reduce)
     if chosen == "triton":
@@ -65,32 +62,21 @@ def triplane_sample(
 
 
 def _check_arguments(planes, points, box_warp, axes, reduce) -> list[int]:
-    if not isinstance(planes, Tensor):
-        raise TypeError(f"triplane_sample: planes must be a Tensor, got {type(planes).__name__}")
-    if not isinstance(points, Tensor):
-        raise TypeError(f"triplane_sample: points must be a Tensor, got {type(points).__name__}")
+    op = "triplane_sample"
+    require_tensor(op, "planes", planes)
+    require_tensor(op, "points", points)
     if planes.dim() != 5 or planes.shape[1] != 3:
-        raise ValueError(f"triplane_sample: planes must have shape (B, 3, C, H, W), got {tuple(planes.shape)}")
+        raise ValueError(f"{op}: planes must have shape (B, 3, C, H, W), got {tuple(planes.shape)}")
     if points.dim() != 3 or points.shape[2] != 3:
-        raise ValueError(f"triplane_sample: points must have shape (B, N, 3), got {tuple(points.shape)}")
+        raise ValueError(f"{op}: points must have shape (B, N, 3), got {tuple(points.shape)}")
     if points.shape[0] != planes.shape[0]:
-        raise ValueError(
-            f"triplane_sample: points has batch size {points.shape[0]} but planes has {planes.shape[0]}"
-        )
-    if not planes.is_floating_point():
-        raise TypeError(f"triplane_sample: planes must be a floating-point tensor, got {planes.dtype}")
-    if points.dtype != planes.dtype:
-        raise TypeError(f"triplane_sample: points dtype {points.dtype} does not match planes dtype {planes.dtype}")
-    if points.device != planes.device:
-        raise ValueError(
-            f"triplane_sample: points is on {points.device} but planes is on {planes.device}"
-        )
-    if isinstance(box_warp, bool) or not isinstance(box_warp, numbers.Real):
-        raise TypeError(f"triplane_sample: box_warp must be a real number, got {type(box_warp).__name__}")
-    if not (math.isfinite(box_warp) and box_warp > 0):
-        raise ValueError(f"triplane_sample: box_warp must be finite and positive, got {box_warp}")
+        raise ValueError(f"{op}: points has batch size {points.shape[0]} but planes has {planes.shape[0]}")
+    require_floating(op, "planes", planes)
+    require_like(op, "points", points, "planes", planes)
+    if require_real(op, "box_warp", box_warp) <= 0:
+        raise ValueError(f"{op}: box_warp must be positive, got {box_warp}")
     if reduce not in REDUCTIONS:
-        raise ValueError(f"triplane_sample: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        raise ValueError(f"{op}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     return _check_axes(axes)
 
 
@@ -109,13 +95,6 @@ def _check_axes(axes) -> list[int]:
                 f"got {tuple(axes)}"
             )
     return checked
-
-
-def _check_dtype(planes: Tensor, backend: str) -> None:
-    supported = {"cpu": _CPU_DTYPES, "cuda": _CUDA_DTYPES, "triton": _CUDA_DTYPES}.get(backend)
-    if supported is not None and planes.dtype not in supported:
-        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-        raise TypeError(f"triplane_sample: the {backend} backend takes planes of dtype {names}; got {planes.dtype}")
 
 
 # The Triton kernels as torch.library custom ops; the triton package is imported on first call.

@@ -1,4 +1,5 @@
-// Kernel entry points registered in ops.cpp. Layout conventions for every triplane_sample kernel:
+// Kernel entry points registered in ops.cpp. Outputs are always contiguous.
+// triplane_sample:
 //   planes (B, 3, C, H, W) any strides; points (B, N, 3); output (B, N, C) or (B, N, 3, C).
 //   The plane gradient is returned with channel-innermost strides (a permuted (B, 3, H, W, C)
 //   buffer): scatter-adds then touch C contiguous values per tap.
@@ -7,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string_view>
+#include <tuple>
 
 namespace dreamportrait {
 
@@ -21,11 +23,25 @@ namespace dreamportrait {
       const at::Tensor& grad_output, const at::Tensor& planes, const at::Tensor& points,         \
       double box_warp, at::IntArrayRef axes, std::string_view reduce);
 
+// composite_rays: densities, depths, deltas (R, S); colors (R, S, C). Returns rgb (R, C),
+// depth (R,), opacity (R,), weights (R, S); the backward returns the four input gradients.
+#define DP_DECLARE_COMPOSITE_KERNELS(device)                                                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_rays_##device(             \
+      const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,            \
+      const at::Tensor& deltas, double transmittance_threshold);                                  \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_rays_backward_##device(    \
+      const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,   \
+      const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors,      \
+      const at::Tensor& depths, const at::Tensor& deltas);
+
 DP_DECLARE_TRIPLANE_KERNELS(cpu)
+DP_DECLARE_COMPOSITE_KERNELS(cpu)
 #ifdef DREAMPORTRAIT_WITH_CUDA
 DP_DECLARE_TRIPLANE_KERNELS(cuda)
+DP_DECLARE_COMPOSITE_KERNELS(cuda)
 #endif
 
 #undef DP_DECLARE_TRIPLANE_KERNELS
+#undef DP_DECLARE_COMPOSITE_KERNELS
 
 }  // namespace dreamportrait

@@ -1,0 +1,59 @@
+// Host-side argument checks of the composite_rays operators, shared by the CPU and CUDA kernels.
+// The Python front end flattens leading dimensions and raises friendlier errors first; these keep
+// direct torch.ops calls memory-safe.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "dreamportrait/composite_math.h"
+
+namespace dreamportrait {
+namespace composite {
+
+inline void check_like(const at::Tensor& t, const at::Tensor& densities, const char* name) {
+  TORCH_CHECK(t.scalar_type() == densities.scalar_type() && t.device() == densities.device(),
+              "composite_rays: ", name, " must match densities in dtype and device, got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+inline Problem check_problem(const at::Tensor& densities, const at::Tensor& colors,
+                             const at::Tensor& depths, const at::Tensor& deltas,
+                             double transmittance_threshold) {
+  TORCH_CHECK(densities.dim() == 2, "composite_rays: densities must have shape (R, S), got ", densities.sizes());
+  const int64_t R = densities.size(0), S = densities.size(1);
+  TORCH_CHECK(colors.dim() == 3 && colors.size(0) == R && colors.size(1) == S,
+              "composite_rays: colors must have shape (R, S, C) = (", R, ", ", S, ", C), got ", colors.sizes());
+  TORCH_CHECK(depths.sizes() == densities.sizes(), "composite_rays: depths must have shape ", densities.sizes(),
+              ", got ", depths.sizes());
+  TORCH_CHECK(deltas.sizes() == densities.sizes(), "composite_rays: deltas must have shape ", densities.sizes(),
+              ", got ", deltas.sizes());
+  check_like(colors, densities, "colors");
+  check_like(depths, densities, "depths");
+  check_like(deltas, densities, "deltas");
+  TORCH_CHECK(std::isfinite(transmittance_threshold) && transmittance_threshold >= 0 && transmittance_threshold < 1,
+              "composite_rays: transmittance_threshold must be in [0, 1), got ", transmittance_threshold);
+  return {R, S, colors.size(2), transmittance_threshold};
+}
+
+inline void check_grads(const Problem& p, const at::Tensor& densities, const at::Tensor& grad_rgb,
+                        const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
+                        const at::Tensor& grad_weights) {
+  TORCH_CHECK(grad_rgb.dim() == 2 && grad_rgb.size(0) == p.R && grad_rgb.size(1) == p.C,
+              "composite_rays_backward: grad_rgb must have shape (R, C), got ", grad_rgb.sizes());
+  TORCH_CHECK(grad_depth.dim() == 1 && grad_depth.size(0) == p.R,
+              "composite_rays_backward: grad_depth must have shape (R,), got ", grad_depth.sizes());
+  TORCH_CHECK(grad_opacity.dim() == 1 && grad_opacity.size(0) == p.R,
+              "composite_rays_backward: grad_opacity must have shape (R,), got ", grad_opacity.sizes());
+  TORCH_CHECK(grad_weights.sizes() == densities.sizes(),
+              "composite_rays_backward: grad_weights must have shape (R, S), got ", grad_weights.sizes());
+  check_like(grad_rgb, densities, "grad_rgb");
+  check_like(grad_depth, densities, "grad_depth");
+  check_like(grad_opacity, densities, "grad_opacity");
+  check_like(grad_weights, densities, "grad_weights");
+}
+
+}  // namespace composite
+}  // namespace dreamportrait

@@ -1,0 +1,125 @@
+// Per-sample math of composite_rays, shared verbatim by the CPU and CUDA kernels.
+//
+// Along a ray with samples i = 0..S-1, densities sigma_i >= 0, spacings delta_i >= 0:
+//   tau_i = sigma_i * delta_i            optical thickness
+//   E_i   = sum_{j<i} tau_j              optical depth in front of sample i
+//   T_i   = exp(-E_i)                    transmittance,   alpha_i = 1 - exp(-tau_i)
+//   w_i   = T_i * alpha_i                weight; rgb = sum w_i c_i, depth = sum w_i t_i, opacity = sum w_i
+//
+// Backward. With G_i = dL/dw_i in total (the weights' own gradient plus g_rgb . c_i + g_depth t_i
+// + g_opacity), dw_i/dtau_k is T_{k+1} for i = k and -w_i for i > k, so
+//   dL/dtau_k = G_k T_{k+1} - sum_{i>k} G_i w_i = T_{k+1} (G_k - R_k),
+//   R_k = sum_{i>k} G_i alpha_i prod_{k<j<i} exp(-tau_j) = alpha_{k+1} G_{k+1} + exp(-tau_{k+1}) R_{k+1}.
+// R is a suffix recurrence without cancellation, and T_{k+1} is computed from the prefix optical
+// depth, so gradients stay exact for opaque rays and huge densities: where T_{k+1} underflows to 0
+// the gradient is 0, not a rounding residue multiplied by a huge density.
+#pragma once
+
+#include <cmath>
+
+#include "dreamportrait/common.h"
+
+namespace dreamportrait {
+namespace composite {
+
+// Opacity of a sample from its optical thickness, accurate for small tau.
+template <typename T>
+DP_INLINE T alpha_of(T tau) {
+  return -std::expm1(-tau);
+}
+
+template <typename T>
+DP_INLINE T transmittance_of(T optical_depth) {
+  return std::exp(-optical_depth);
+}
+
+// R_k from R_{k+1} and sample k+1's total weight gradient and optical thickness.
+template <typename T>
+DP_INLINE T suffix_step(T suffix_next, T weight_grad_next, T tau_next) {
+  return alpha_of(tau_next) * weight_grad_next + std::exp(-tau_next) * suffix_next;
+}
+
+// dL/dtau_k from the transmittance behind sample k, its total weight gradient and R_k.
+template <typename T>
+DP_INLINE T optical_thickness_grad(T transmittance_after, T weight_grad, T suffix) {
+  return transmittance_after * (weight_grad - suffix);
+}
+
+// Sizes and arguments of one call; plain data so it is passed to CUDA kernels by value.
+// Rays are rows of (R, S) tensors, colours (R, S, C).
+struct Problem {
+  int64_t R, S, C;
+  double transmittance_threshold;  // 0: never stop early
+};
+
+// ---- One ray. The CPU kernel runs these for a range of rays, the CUDA kernel one per thread. ----
+// Pointers are to the ray's rows: sigma, t, delta, weights (S), color (S, C), rgb (C).
+
+// Forward: weights, depth and opacity; returns the number of samples composited (fewer than S
+// when the transmittance fell below `threshold`; later weights are 0). `rgb` holds the
+// accumulation type so half-precision colours are summed in float.
+template <typename scalar_t, typename acc_t>
+DP_INLINE void forward_ray(const scalar_t* sigma, const scalar_t* color, const scalar_t* t,
+                           const scalar_t* delta, acc_t* rgb, scalar_t* depth, scalar_t* opacity,
+                           scalar_t* weights, int64_t S, int64_t C, acc_t threshold) {
+  acc_t optical_depth = 0, depth_sum = 0, opacity_sum = 0;
+  for (int64_t c = 0; c < C; ++c) rgb[c] = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const acc_t transmittance = transmittance_of(optical_depth);
+    if (transmittance < threshold) {  // never true for threshold 0 (and NaN propagates)
+      for (int64_t j = i; j < S; ++j) weights[j] = scalar_t(0);
+      break;
+    }
+    const acc_t tau = static_cast<acc_t>(sigma[i]) * static_cast<acc_t>(delta[i]);
+    const acc_t w = transmittance * alpha_of(tau);
+    optical_depth += tau;
+    weights[i] = static_cast<scalar_t>(w);
+    depth_sum += w * static_cast<acc_t>(t[i]);
+    opacity_sum += w;
+    const scalar_t* color_i = color + i * C;
+    for (int64_t c = 0; c < C; ++c) rgb[c] += w * static_cast<acc_t>(color_i[c]);
+  }
+  *depth = static_cast<scalar_t>(depth_sum);
+  *opacity = static_cast<scalar_t>(opacity_sum);
+}
+
+// Backward from the upstream gradients of all four outputs (g_rgb row (C), g_depth, g_opacity,
+// g_weights row (S)). grad_sigma and grad_delta hold the accumulation type because they first
+// serve as scratch for R_k and G_k (so nothing per sample is stored beyond inputs and outputs).
+template <typename scalar_t, typename acc_t>
+DP_INLINE void backward_ray(const scalar_t* sigma, const scalar_t* color, const scalar_t* t,
+                            const scalar_t* delta, const scalar_t* g_rgb, acc_t g_depth,
+                            acc_t g_opacity, const scalar_t* g_weights, acc_t* grad_sigma,
+                            scalar_t* grad_color, scalar_t* grad_t, acc_t* grad_delta, int64_t S,
+                            int64_t C) {
+  // Back to front: G_k (into grad_delta) and R_k (into grad_sigma).
+  acc_t suffix = 0;
+  for (int64_t k = S - 1; k >= 0; --k) {
+    const scalar_t* color_k = color + k * C;
+    acc_t weight_grad = static_cast<acc_t>(g_weights[k]) + g_depth * static_cast<acc_t>(t[k]) + g_opacity;
+    for (int64_t c = 0; c < C; ++c) weight_grad += static_cast<acc_t>(g_rgb[c]) * static_cast<acc_t>(color_k[c]);
+    grad_sigma[k] = suffix;
+    grad_delta[k] = weight_grad;
+    suffix = suffix_step(suffix, weight_grad, static_cast<acc_t>(sigma[k]) * static_cast<acc_t>(delta[k]));
+  }
+  // Front to back: the transmittances, and every gradient.
+  acc_t optical_depth = 0;
+  acc_t transmittance = 1;
+  for (int64_t k = 0; k < S; ++k) {
+    const acc_t s = static_cast<acc_t>(sigma[k]), d = static_cast<acc_t>(delta[k]);
+    const acc_t tau = s * d;
+    const acc_t w = transmittance * alpha_of(tau);
+    optical_depth += tau;
+    const acc_t transmittance_after = transmittance_of(optical_depth);
+    const acc_t d_tau = optical_thickness_grad(transmittance_after, grad_delta[k], grad_sigma[k]);
+    grad_sigma[k] = d_tau * d;
+    grad_delta[k] = d_tau * s;
+    grad_t[k] = static_cast<scalar_t>(w * g_depth);
+    scalar_t* grad_color_k = grad_color + k * C;
+    for (int64_t c = 0; c < C; ++c) grad_color_k[c] = static_cast<scalar_t>(w * static_cast<acc_t>(g_rgb[c]));
+    transmittance = transmittance_after;
+  }
+}
+
+}  // namespace composite
+}  // namespace dreamportrait

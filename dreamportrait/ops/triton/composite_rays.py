@@ -1,0 +1,160 @@
+"""Triton kernels of ``composite_rays`` (semantics: :func:`dreamportrait.ops.reference.composite_rays`).
+
+A program owns a block of rays and walks their samples in order, as the C++/CUDA kernels do one
+ray per thread; the math follows ``csrc/include/dreamportrait/composite_math.h`` (see there for
+the backward's suffix recurrence). Half-precision inputs accumulate in float32; the density and
+spacing gradients, which first hold the recurrence's scratch values, are float32 buffers for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_R = 32
+
+
+def _block_c(channels: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(max(channels, 1))))
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def _alpha(tau):
+    """1 - exp(-tau) = -expm1(-tau), accurate for small tau (Taylor series below 1/8)."""
+    x = -tau
+    small = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320))))))))
+    return -tl.where(tl.abs(x) < 0.125, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _forward_kernel(
+    densities_ptr, colors_ptr, depths_ptr, deltas_ptr, rgb_ptr, depth_ptr, opacity_ptr, weights_ptr,
+    R, S, C, threshold, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rays = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ray_mask = rays < R
+    rows = rays.to(tl.int64) * S
+    optical_depth = tl.zeros((BLOCK_R,), dtype=ACC)
+    depth_sum = tl.zeros((BLOCK_R,), dtype=ACC)
+    opacity_sum = tl.zeros((BLOCK_R,), dtype=ACC)
+    for i in range(S):
+        sigma = tl.load(densities_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
+        delta = tl.load(deltas_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
+        t = tl.load(depths_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
+        transmittance = tl.exp(-optical_depth)
+        tau = sigma * delta
+        w = tl.where(transmittance < threshold, 0.0, transmittance * _alpha(tau))
+        optical_depth += tau
+        tl.store(weights_ptr + rows + i, w.to(weights_ptr.dtype.element_ty), mask=ray_mask)
+        depth_sum += w * t
+        opacity_sum += w
+    tl.store(depth_ptr + rays, depth_sum.to(depth_ptr.dtype.element_ty), mask=ray_mask)
+    tl.store(opacity_ptr + rays, opacity_sum.to(opacity_ptr.dtype.element_ty), mask=ray_mask)
+    for c0 in range(0, C, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C)
+        mask = ray_mask[:, None] & (channels < C)[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+        for i in range(S):
+            w = tl.load(weights_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
+            color = tl.load(colors_ptr + (rows + i)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * color.to(ACC)
+        tl.store(rgb_ptr + rays.to(tl.int64)[:, None] * C + channels[None, :], acc.to(rgb_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_rgb_ptr, grad_depth_ptr, grad_opacity_ptr, grad_weights_ptr,
+    densities_ptr, colors_ptr, depths_ptr, deltas_ptr,
+    grad_densities_ptr, grad_colors_ptr, grad_depths_ptr, grad_deltas_ptr,
+    R, S, C, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rays = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ray_mask = rays < R
+    rows = rays.to(tl.int64) * S
+    g_depth = tl.load(grad_depth_ptr + rays, mask=ray_mask, other=0.0).to(ACC)
+    g_opacity = tl.load(grad_opacity_ptr + rays, mask=ray_mask, other=0.0).to(ACC)
+    # Back to front: G_k into grad_deltas, R_k into grad_densities.
+    suffix = tl.zeros((BLOCK_R,), dtype=ACC)
+    for j in range(S):
+        k = S - 1 - j
+        t = tl.load(depths_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
+        weight_grad = tl.load(grad_weights_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC) + g_depth * t + g_opacity
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + tl.arange(0, BLOCK_C)
+            mask = ray_mask[:, None] & (channels < C)[None, :]
+            g_rgb = tl.load(grad_rgb_ptr + rays.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+            color = tl.load(colors_ptr + (rows + k)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+            weight_grad += tl.sum(g_rgb.to(ACC) * color.to(ACC), axis=1)
+        tl.store(grad_densities_ptr + rows + k, suffix, mask=ray_mask)
+        tl.store(grad_deltas_ptr + rows + k, weight_grad, mask=ray_mask)
+        sigma = tl.load(densities_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
+        delta = tl.load(deltas_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
+        tau = sigma * delta
+        suffix = _alpha(tau) * weight_grad + tl.exp(-tau) * suffix
+    # Front to back: transmittances and every gradient.
+    optical_depth = tl.zeros((BLOCK_R,), dtype=ACC)
+    transmittance = tl.full((BLOCK_R,), 1.0, dtype=ACC)
+    for k in range(S):
+        sigma = tl.load(densities_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
+        delta = tl.load(deltas_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
+        tau = sigma * delta
+        w = transmittance * _alpha(tau)
+        optical_depth += tau
+        transmittance_after = tl.exp(-optical_depth)
+        weight_grad = tl.load(grad_deltas_ptr + rows + k, mask=ray_mask, other=0.0)
+        suffix = tl.load(grad_densities_ptr + rows + k, mask=ray_mask, other=0.0)
+        d_tau = transmittance_after * (weight_grad - suffix)
+        tl.store(grad_densities_ptr + rows + k, d_tau * delta, mask=ray_mask)
+        tl.store(grad_deltas_ptr + rows + k, d_tau * sigma, mask=ray_mask)
+        tl.store(grad_depths_ptr + rows + k, (w * g_depth).to(grad_depths_ptr.dtype.element_ty), mask=ray_mask)
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + tl.arange(0, BLOCK_C)
+            mask = ray_mask[:, None] & (channels < C)[None, :]
+            g_rgb = tl.load(grad_rgb_ptr + rays.to(tl.int64)[:, None] * C + channels[None, :], mask=mask, other=0.0)
+            tl.store(grad_colors_ptr + (rows + k)[:, None] * C + channels[None, :],
+                     (w[:, None] * g_rgb.to(ACC)).to(grad_colors_ptr.dtype.element_ty), mask=mask)
+        transmittance = transmittance_after
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def forward(densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor, transmittance_threshold: float):
+    rays, samples = densities.shape
+    channels = colors.shape[2]
+    rgb = densities.new_empty((rays, channels), dtype=_accumulation_dtype(densities.dtype))
+    depth, opacity = densities.new_empty((rays,)), densities.new_empty((rays,))
+    weights = densities.new_empty((rays, samples))
+    if rays > 0:
+        _forward_kernel[(triton.cdiv(rays, BLOCK_R),)](
+            densities.contiguous(), colors.contiguous(), depths.contiguous(), deltas.contiguous(),
+            rgb, depth, opacity, weights, rays, samples, channels, transmittance_threshold,
+            ACC=_acc(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=_block_c(channels),
+        )
+    return rgb.to(densities.dtype), depth, opacity, weights
+
+
+def backward(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_weights: Tensor,
+             densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor):
+    rays, samples = densities.shape
+    channels = colors.shape[2]
+    accumulation = _accumulation_dtype(densities.dtype)
+    grad_densities = densities.new_empty((rays, samples), dtype=accumulation)
+    grad_deltas = densities.new_empty((rays, samples), dtype=accumulation)
+    grad_colors = torch.empty_like(colors, memory_format=torch.contiguous_format)
+    grad_depths = torch.empty_like(depths, memory_format=torch.contiguous_format)
+    if rays > 0:
+        _backward_kernel[(triton.cdiv(rays, BLOCK_R),)](
+            grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), grad_weights.contiguous(),
+            densities.contiguous(), colors.contiguous(), depths.contiguous(), deltas.contiguous(),
+            grad_densities, grad_colors, grad_depths, grad_deltas, rays, samples, channels,
+            ACC=_acc(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=_block_c(channels),
+        )
+    return grad_densities.to(densities.dtype), grad_colors, grad_depths, grad_deltas.to(densities.dtype)
