@@ -28,8 +28,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _alpha(tau):
     """1 - exp(-tau) = -expm1(-tau), accurate for small tau (Taylor series below 1/8)."""
     x = -tau
-    small = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320))))))))
-    return -tl.where(tl.abs(x) < 0.125, small, tl.exp(x) - 1.0)
+    y = tl.maximum(x, -0.125)  # the series is only used (and only evaluated sensibly) near 0
+    small = y * (1.0 + y * (0.5 + y * (1.0 / 6 + y * (1.0 / 24 + y * (1.0 / 120 + y * (1.0 / 720 + y * (1.0 / 5040 + y * (1.0 / 40320))))))))
+    return -tl.where(x > -0.125, small, tl.exp(x) - 1.0)
 
 
 @triton.jit
