@@ -26,9 +26,15 @@ def pytest_terminal_summary(terminalreporter):
         for (g, implementation), result in sorted(_results.items()):
             if g != group or implementation == "reference" or reference is None:
                 continue
-            row = f"{group:<48} {implementation:<8} {result['seconds'] * 1e3:9.1f} ms  vs reference {reference['seconds'] * 1e3:9.1f} ms  speed-up {reference['seconds'] / result['seconds']:5.2f}x"
-            if "peak_extra_output_sizes" in result and "peak_extra_output_sizes" in reference:
-                row += f"  peak extra memory {result['peak_extra_output_sizes']:.2f} vs {reference['peak_extra_output_sizes']:.2f} output sizes"
+            row = (
+                f"{group:<48} {implementation:<8} {result['seconds'] * 1e3:8.1f} ms vs reference "
+                f"{reference['seconds'] * 1e3:8.1f} ms: {reference['seconds'] / result['seconds']:5.2f}x"
+            )
+            if "peak_extra_MiB" in result and "peak_extra_MiB" in reference:
+                row += (
+                    f" | peak extra {result['peak_extra_MiB']:7.1f} vs {reference['peak_extra_MiB']:7.1f} MiB,"
+                    f" temporaries {result['temporaries_MiB']:7.1f} vs {reference['temporaries_MiB']:7.1f} MiB"
+                )
             rows.append(row)
     if rows:
         terminalreporter.section("speed-up over the PyTorch reference (best of rounds)")

@@ -81,23 +81,83 @@ def peak_rss_bytes() -> int:
     return _status_bytes("VmHWM")
 
 
-def _probe(workload_name: str, backend: str, backward: bool) -> None:
-    """Print the peak resident memory a call adds beyond its inputs (run in a fresh process)."""
-    from dreamportrait.ops import triplane_sample
+@dataclass(frozen=True)
+class CompositeWorkload:
+    name: str
+    rays: int
+    samples: int
+    channels: int
 
-    workload = next(w for w in TRIPLANE_WORKLOADS if w.name == workload_name)
-    planes, points = triplane_inputs(workload)
-    planes.requires_grad_(backward)
-    points.requires_grad_(backward)
-    # Warm up on a tiny problem so the extension and allocator are loaded before the baseline.
-    small_planes = torch.randn(1, 3, 2, 4, 4, requires_grad=backward)
-    triplane_sample(small_planes, torch.rand(1, 8, 3, requires_grad=backward), backend=backend).sum()
-    baseline = reset_peak_rss()
-    out = triplane_sample(planes, points, backend=backend)
+
+COMPOSITE_WORKLOADS = [
+    CompositeWorkload("eg3d-inference", rays=64 * 64, samples=96, channels=32),
+    CompositeWorkload("training-batch", rays=4 * 64 * 64, samples=96, channels=32),
+]
+
+
+def composite_inputs(workload: CompositeWorkload, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    """Densities as a softplus-activated decoder makes them, EG3D's depth range, random colours."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (workload.rays, workload.samples)
+    densities = torch.nn.functional.softplus(torch.randn(shape, generator=generator) * 3 - 1)
+    depths = torch.sort(torch.rand(shape, generator=generator) * 1.05 + 2.25, dim=1).values
+    deltas = torch.cat([depths.diff(dim=1), torch.full((workload.rays, 1), 1.05 / workload.samples)], dim=1)
+    colors = torch.rand(*shape, workload.channels, generator=generator)
+    return [x.to(device, dtype) for x in (densities, colors, depths, deltas)]
+
+
+# Tiny problems that run every first-call set-up (extension load, allocator) before a measurement.
+WARM_UP_WORKLOADS = {
+    "triplane_sample": TriplaneWorkload("warm-up", batch=1, channels=2, resolution=4, rays_side=2, samples=2),
+    "composite_rays": CompositeWorkload("warm-up", rays=4, samples=3, channels=2),
+}
+
+
+def make_call(op: str, workload_name: str, backend: str, backward: bool, device: str = "cpu"):
+    """A closure running one op call (and its backward), and the bytes the call must allocate:
+    its outputs, plus the input gradients for a backward."""
+    from dreamportrait.ops import composite_rays, triplane_sample
+
+    if op == "triplane_sample":
+        workload = next(w for w in [*TRIPLANE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
+        inputs = list(triplane_inputs(workload, device))
+        function = triplane_sample
+    elif op == "composite_rays":
+        workload = next(w for w in [*COMPOSITE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
+        inputs = composite_inputs(workload, device)
+        function = composite_rays
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    for tensor in inputs:
+        tensor.requires_grad_(backward)
+
+    def call():
+        outputs = function(*inputs, backend=backend)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if backward:
+            torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return outputs
+
+    with torch.no_grad():
+        outputs = function(*inputs, backend="reference")
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    required = sum(o.numel() * o.element_size() for o in outputs)
     if backward:
-        out.backward(torch.ones_like(out))
-    print(peak_rss_bytes() - baseline, out.numel() * out.element_size())
+        required += sum(x.numel() * x.element_size() for x in inputs)
+    return call, required
+
+
+def _probe(op: str, workload_name: str, backend: str, backward: bool) -> None:
+    """Print the peak resident memory a call adds beyond its inputs (run in a fresh process, on
+    the first real call: a second one would reuse memory the first left in the heap)."""
+    make_call(op, "warm-up", backend, backward)[0]()
+    call, _ = make_call(op, workload_name, backend, backward)
+    baseline = reset_peak_rss()
+    call()
+    print(peak_rss_bytes() - baseline)
 
 
 if __name__ == "__main__":
-    _probe(sys.argv[1], sys.argv[2], sys.argv[3] == "backward")
+    _probe(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "backward")

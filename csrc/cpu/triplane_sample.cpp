@@ -216,7 +216,7 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
             corner[dy][dx] = t.valid(dy, dx) ? base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C : zeros;
         const scalar_t *__restrict__ v00 = corner[0][0], *__restrict__ v01 = corner[0][1];
         const scalar_t *__restrict__ v10 = corner[1][0], *__restrict__ v11 = corner[1][1];
-#pragma omp simd reduction(+ : d_dx, d_dy)
+        DP_SIMD_SUM(d_dx, d_dy)
         for (int64_t c = 0; c < p.C; ++c) {
           acc_t cx, cy;
           triplane::bilinear_position_grad<acc_t>(t, v00[c], v01[c], v10[c], v11[c], cx, cy);

@@ -8,3 +8,12 @@
 #endif
 
 #define DP_INLINE DP_HOST_DEVICE inline
+
+// Vectorise the next loop's sums into the named variables on the CPU (an FP reduction is only
+// vectorised when reordering is allowed; needs -fopenmp or -fopenmp-simd). Nothing on the GPU.
+#if defined(__CUDA_ARCH__) || !defined(_OPENMP)
+#define DP_SIMD_SUM(...)
+#else
+#define DP_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#define DP_SIMD_SUM(...) DP_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#endif

@@ -96,8 +96,11 @@ DP_INLINE void backward_ray(const scalar_t* sigma, const scalar_t* color, const 
   acc_t suffix = 0;
   for (int64_t k = S - 1; k >= 0; --k) {
     const scalar_t* color_k = color + k * C;
-    acc_t weight_grad = static_cast<acc_t>(g_weights[k]) + g_depth * static_cast<acc_t>(t[k]) + g_opacity;
-    for (int64_t c = 0; c < C; ++c) weight_grad += static_cast<acc_t>(g_rgb[c]) * static_cast<acc_t>(color_k[c]);
+    acc_t color_grad = 0;
+    DP_SIMD_SUM(color_grad)
+    for (int64_t c = 0; c < C; ++c) color_grad += static_cast<acc_t>(g_rgb[c]) * static_cast<acc_t>(color_k[c]);
+    const acc_t weight_grad =
+        static_cast<acc_t>(g_weights[k]) + g_depth * static_cast<acc_t>(t[k]) + g_opacity + color_grad;
     grad_sigma[k] = suffix;
     grad_delta[k] = weight_grad;
     suffix = suffix_step(suffix, weight_grad, static_cast<acc_t>(sigma[k]) * static_cast<acc_t>(delta[k]));
