@@ -134,8 +134,8 @@ def make_call(op: str, workload_name: str, backend: str, backward: bool, device:
     def call():
         outputs = function(*inputs, backend=backend)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        if backward:
-            torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+        if backward:  # gradients returned, as to upstream layers (not accumulated into .grad)
+            torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
         if device == "cuda":
             torch.cuda.synchronize()
         return outputs

@@ -3,16 +3,16 @@
 // Along a ray with samples i = 0..S-1, densities sigma_i >= 0, spacings delta_i >= 0:
 //   tau_i = sigma_i * delta_i            optical thickness
 //   E_i   = sum_{j<i} tau_j              optical depth in front of sample i
-//   T_i   = exp(-E_i)                    transmittance,   alpha_i = 1 - exp(-tau_i)
+//   T_i   = exp(-E_i) = prod_{j<i} exp(-tau_j)   transmittance,   alpha_i = 1 - exp(-tau_i)
 //   w_i   = T_i * alpha_i                weight; rgb = sum w_i c_i, depth = sum w_i t_i, opacity = sum w_i
 //
 // Backward. With G_i = dL/dw_i in total (the weights' own gradient plus g_rgb . c_i + g_depth t_i
 // + g_opacity), dw_i/dtau_k is T_{k+1} for i = k and -w_i for i > k, so
 //   dL/dtau_k = G_k T_{k+1} - sum_{i>k} G_i w_i = T_{k+1} (G_k - R_k),
 //   R_k = sum_{i>k} G_i alpha_i prod_{k<j<i} exp(-tau_j) = alpha_{k+1} G_{k+1} + exp(-tau_{k+1}) R_{k+1}.
-// R is a suffix recurrence without cancellation, and T_{k+1} is computed from the prefix optical
-// depth, so gradients stay exact for opaque rays and huge densities: where T_{k+1} underflows to 0
-// the gradient is 0, not a rounding residue multiplied by a huge density.
+// R is a suffix recurrence without cancellation, and T_{k+1} is recomputed front to back, so
+// gradients stay exact for opaque rays and huge densities: where T_{k+1} is 0 the gradient is 0,
+// not a rounding residue multiplied by a huge density.
 #pragma once
 
 #include <cmath>
@@ -22,21 +22,30 @@
 namespace dreamportrait {
 namespace composite {
 
-// Opacity of a sample from its optical thickness, accurate for small tau.
+// A sample's opacity alpha = 1 - exp(-tau) and survival exp(-tau) = 1 - alpha, both to full
+// relative precision with one transcendental: the smaller of the two is computed directly (expm1
+// for small tau) and the other as its complement, which then is at least 1/2 and loses nothing.
+// Transmittances are running products of survivals (T_{i+1} = T_i exp(-tau_i)), so an opaque
+// sample makes every later transmittance exactly 0.
 template <typename T>
-DP_INLINE T alpha_of(T tau) {
-  return -std::expm1(-tau);
-}
+struct Attenuation {
+  T alpha, survival;
+};
 
 template <typename T>
-DP_INLINE T transmittance_of(T optical_depth) {
-  return std::exp(-optical_depth);
+DP_INLINE Attenuation<T> attenuation_of(T tau) {
+  if (tau > T(0.6931471805599453)) {  // ln 2: exp(-tau) < 1/2
+    const T survival = std::exp(-tau);
+    return {T(1) - survival, survival};
+  }
+  const T alpha = -std::expm1(-tau);
+  return {alpha, T(1) - alpha};
 }
 
-// R_k from R_{k+1} and sample k+1's total weight gradient and optical thickness.
+// R_k from R_{k+1} and sample k+1's total weight gradient and attenuation.
 template <typename T>
-DP_INLINE T suffix_step(T suffix_next, T weight_grad_next, T tau_next) {
-  return alpha_of(tau_next) * weight_grad_next + std::exp(-tau_next) * suffix_next;
+DP_INLINE T suffix_step(T suffix_next, T weight_grad_next, Attenuation<T> next) {
+  return next.alpha * weight_grad_next + next.survival * suffix_next;
 }
 
 // dL/dtau_k from the transmittance behind sample k, its total weight gradient and R_k.
@@ -62,17 +71,16 @@ template <typename scalar_t, typename acc_t>
 DP_INLINE void forward_ray(const scalar_t* sigma, const scalar_t* color, const scalar_t* t,
                            const scalar_t* delta, acc_t* rgb, scalar_t* depth, scalar_t* opacity,
                            scalar_t* weights, int64_t S, int64_t C, acc_t threshold) {
-  acc_t optical_depth = 0, depth_sum = 0, opacity_sum = 0;
+  acc_t transmittance = 1, depth_sum = 0, opacity_sum = 0;
   for (int64_t c = 0; c < C; ++c) rgb[c] = 0;
   for (int64_t i = 0; i < S; ++i) {
-    const acc_t transmittance = transmittance_of(optical_depth);
     if (transmittance < threshold) {  // never true for threshold 0 (and NaN propagates)
       for (int64_t j = i; j < S; ++j) weights[j] = scalar_t(0);
       break;
     }
-    const acc_t tau = static_cast<acc_t>(sigma[i]) * static_cast<acc_t>(delta[i]);
-    const acc_t w = transmittance * alpha_of(tau);
-    optical_depth += tau;
+    const auto a = attenuation_of(static_cast<acc_t>(sigma[i]) * static_cast<acc_t>(delta[i]));
+    const acc_t w = transmittance * a.alpha;
+    transmittance *= a.survival;
     weights[i] = static_cast<scalar_t>(w);
     depth_sum += w * static_cast<acc_t>(t[i]);
     opacity_sum += w;
@@ -103,17 +111,15 @@ DP_INLINE void backward_ray(const scalar_t* sigma, const scalar_t* color, const 
         static_cast<acc_t>(g_weights[k]) + g_depth * static_cast<acc_t>(t[k]) + g_opacity + color_grad;
     grad_sigma[k] = suffix;
     grad_delta[k] = weight_grad;
-    suffix = suffix_step(suffix, weight_grad, static_cast<acc_t>(sigma[k]) * static_cast<acc_t>(delta[k]));
+    suffix = suffix_step(suffix, weight_grad, attenuation_of(static_cast<acc_t>(sigma[k]) * static_cast<acc_t>(delta[k])));
   }
   // Front to back: the transmittances, and every gradient.
-  acc_t optical_depth = 0;
   acc_t transmittance = 1;
   for (int64_t k = 0; k < S; ++k) {
     const acc_t s = static_cast<acc_t>(sigma[k]), d = static_cast<acc_t>(delta[k]);
-    const acc_t tau = s * d;
-    const acc_t w = transmittance * alpha_of(tau);
-    optical_depth += tau;
-    const acc_t transmittance_after = transmittance_of(optical_depth);
+    const auto a = attenuation_of(s * d);
+    const acc_t w = transmittance * a.alpha;
+    const acc_t transmittance_after = transmittance * a.survival;
     const acc_t d_tau = optical_thickness_grad(transmittance_after, grad_delta[k], grad_sigma[k]);
     grad_sigma[k] = d_tau * d;
     grad_delta[k] = d_tau * s;

@@ -25,12 +25,15 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
-def _alpha(tau):
-    """1 - exp(-tau) = -expm1(-tau), accurate for small tau (Taylor series below 1/8)."""
-    x = -tau
-    y = tl.maximum(x, -0.125)  # the series is only used (and only evaluated sensibly) near 0
-    small = y * (1.0 + y * (0.5 + y * (1.0 / 6 + y * (1.0 / 24 + y * (1.0 / 120 + y * (1.0 / 720 + y * (1.0 / 5040 + y * (1.0 / 40320))))))))
-    return -tl.where(x > -0.125, small, tl.exp(x) - 1.0)
+def _attenuation(tau):
+    """(alpha, survival) = (1 - exp(-tau), exp(-tau)), each to full relative precision (see
+    ``attenuation_of`` in composite_math.h). Triton has no expm1: below tau = 1/8 its Taylor series
+    stands in."""
+    y = tl.minimum(tau, 0.125)  # the series is only used (and only evaluated) near 0
+    series = y * (1.0 - y * (0.5 - y * (1.0 / 6 - y * (1.0 / 24 - y * (1.0 / 120 - y * (1.0 / 720 - y * (1.0 / 5040 - y * (1.0 / 40320))))))))
+    survival = tl.exp(-tau)
+    alpha = tl.where(tau < 0.125, series, 1.0 - survival)
+    return alpha, tl.where(tau > 0.6931471805599453, survival, 1.0 - alpha)
 
 
 @triton.jit
@@ -41,17 +44,16 @@ def _forward_kernel(
     rays = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ray_mask = rays < R
     rows = rays.to(tl.int64) * S
-    optical_depth = tl.zeros((BLOCK_R,), dtype=ACC)
+    transmittance = tl.full((BLOCK_R,), 1.0, dtype=ACC)
     depth_sum = tl.zeros((BLOCK_R,), dtype=ACC)
     opacity_sum = tl.zeros((BLOCK_R,), dtype=ACC)
     for i in range(S):
         sigma = tl.load(densities_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
         delta = tl.load(deltas_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
         t = tl.load(depths_ptr + rows + i, mask=ray_mask, other=0.0).to(ACC)
-        transmittance = tl.exp(-optical_depth)
-        tau = sigma * delta
-        w = tl.where(transmittance < threshold, 0.0, transmittance * _alpha(tau))
-        optical_depth += tau
+        alpha, survival = _attenuation(sigma * delta)
+        w = tl.where(transmittance < threshold, 0.0, transmittance * alpha)
+        transmittance *= survival
         tl.store(weights_ptr + rows + i, w.to(weights_ptr.dtype.element_ty), mask=ray_mask)
         depth_sum += w * t
         opacity_sum += w
@@ -96,18 +98,16 @@ def _backward_kernel(
         tl.store(grad_deltas_ptr + rows + k, weight_grad, mask=ray_mask)
         sigma = tl.load(densities_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
         delta = tl.load(deltas_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
-        tau = sigma * delta
-        suffix = _alpha(tau) * weight_grad + tl.exp(-tau) * suffix
+        alpha, survival = _attenuation(sigma * delta)
+        suffix = alpha * weight_grad + survival * suffix
     # Front to back: transmittances and every gradient.
-    optical_depth = tl.zeros((BLOCK_R,), dtype=ACC)
     transmittance = tl.full((BLOCK_R,), 1.0, dtype=ACC)
     for k in range(S):
         sigma = tl.load(densities_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
         delta = tl.load(deltas_ptr + rows + k, mask=ray_mask, other=0.0).to(ACC)
-        tau = sigma * delta
-        w = transmittance * _alpha(tau)
-        optical_depth += tau
-        transmittance_after = tl.exp(-optical_depth)
+        alpha, survival = _attenuation(sigma * delta)
+        w = transmittance * alpha
+        transmittance_after = transmittance * survival
         weight_grad = tl.load(grad_deltas_ptr + rows + k, mask=ray_mask, other=0.0)
         suffix = tl.load(grad_densities_ptr + rows + k, mask=ray_mask, other=0.0)
         d_tau = transmittance_after * (weight_grad - suffix)
