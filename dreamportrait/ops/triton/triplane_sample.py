@@ -97,19 +97,26 @@ def _output_rows(rows, plane, PER_PLANE: tl.constexpr):
 
 
 @triton.jit
+def _point_channel_block(points_ptr, N, C, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch element, channels, masks, flattened point rows and point coordinates
+    (grid: point blocks, channel blocks, batch)."""
+    b = tl.program_id(2)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask = n < N
+    rows = b * N + n
+    px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
+    return b, c, n_mask, c < C, rows, px, py, pz
+
+
+@triton.jit
 def _forward_kernel(
     planes_ptr, points_ptr, out_ptr, N, C, H, W, scale_ptr,
     A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr, A4: tl.constexpr, A5: tl.constexpr,
     PER_PLANE: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
-    b = tl.program_id(2)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_mask = n < N
-    c_mask = c < C
-    rows = b * N + n
-    px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
+    b, c, n_mask, c_mask, rows, px, py, pz = _point_channel_block(points_ptr, N, C, ACC, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     for plane in tl.static_range(3):
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
@@ -140,13 +147,7 @@ def _backward_planes_kernel(
     PER_PLANE: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
-    b = tl.program_id(2)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_mask = n < N
-    c_mask = c < C
-    rows = b * N + n
-    px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
+    b, c, n_mask, c_mask, rows, px, py, pz = _point_channel_block(points_ptr, N, C, ACC, BLOCK_N, BLOCK_C)
     for plane in tl.static_range(3):
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
