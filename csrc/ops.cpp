@@ -32,6 +32,10 @@ TORCH_LIBRARY(dreamportrait, m) {
         "float transmittance_threshold) -> (Tensor rgb, Tensor depth, Tensor opacity, Tensor weights)");
   m.def("composite_rays_backward(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, Tensor grad_weights, "
         "Tensor densities, Tensor colors, Tensor depths, Tensor deltas) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_cross_attention(Tensor q, Tensor k, Tensor v, Tensor gate, Tensor? key_padding_mask, "
+        "float scale) -> (Tensor out, Tensor lse)");
+  m.def("gated_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, "
+        "Tensor? key_padding_mask, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define DP_REGISTER_KERNELS(m, device)                                           \
@@ -40,7 +44,9 @@ TORCH_LIBRARY(dreamportrait, m) {
          &dreamportrait::triplane_sample_backward_planes_##device);                        \
   m.impl("triplane_sample_backward_points", &dreamportrait::triplane_sample_backward_points_##device); \
   m.impl("composite_rays", &dreamportrait::composite_rays_##device);                       \
-  m.impl("composite_rays_backward", &dreamportrait::composite_rays_backward_##device);
+  m.impl("composite_rays_backward", &dreamportrait::composite_rays_backward_##device);     \
+  m.impl("gated_cross_attention", &dreamportrait::gated_cross_attention_##device);         \
+  m.impl("gated_cross_attention_backward", &dreamportrait::gated_cross_attention_backward_##device);
 
 TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) { DP_REGISTER_KERNELS(m, cpu) }
 

@@ -103,6 +103,41 @@ def register_composite_rays(forward: str, backward: str) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
+def register_gated_cross_attention(forward: str, backward: str) -> None:
+    """Register autograd for ``forward`` and fake kernels for it and its ``backward``.
+
+    ``forward(q, k, v, gate, key_padding_mask, scale) -> (out, lse)``; lse is saved for the
+    backward and has no gradient. ``backward(grad_out, q, k, v, gate, key_padding_mask, lse,
+    scale) -> (dq, dk, dv, dgate)``.
+    """
+    if forward in _registered:
+        return
+    _registered.add(forward)
+    backward_op = _resolve(backward)
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(q, k, v, gate, key_padding_mask, scale):
+        # The log-sum-exp is kept in the accumulation type: float32 for 16-bit inputs.
+        lse_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_out, q, k, v, gate, key_padding_mask, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, gate, key_padding_mask, scale = inputs
+        ctx.save_for_backward(q, k, v, gate, key_padding_mask, output[1])
+        ctx.scale = scale
+
+    def backward_fn(ctx, grad_out, grad_lse):
+        q, k, v, gate, key_padding_mask, lse = ctx.saved_tensors
+        dq, dk, dv, dgate = backward_op(grad_out.contiguous(), q, k, v, gate, key_padding_mask, lse, ctx.scale)
+        return dq, dk, dv, dgate, None, None
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
 def _resolve(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name)
@@ -115,3 +150,6 @@ def register_compiled_ops() -> None:
         "dreamportrait::triplane_sample_backward_points",
     )
     register_composite_rays("dreamportrait::composite_rays", "dreamportrait::composite_rays_backward")
+    register_gated_cross_attention(
+        "dreamportrait::gated_cross_attention", "dreamportrait::gated_cross_attention_backward"
+    )

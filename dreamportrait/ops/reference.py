@@ -57,3 +57,22 @@ def composite_rays(
         weights = torch.where(transmittance < transmittance_threshold, torch.zeros_like(weights), weights)
     rgb = (weights.unsqueeze(-1) * colors).sum(dim=1)
     return rgb, (weights * depths).sum(dim=1), weights.sum(dim=1), weights
+
+
+def gated_cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None, scale: float
+) -> Tensor:
+    """``tanh(gate)[h] * softmax(q k^T * scale + mask) v`` with an explicit softmax.
+
+    q ``(B, H, Lq, D)``, k and v ``(B, H, Lk, D)``, gate ``(H,)``, key_padding_mask ``(B, Lk)`` bool
+    (True = attend) or None. A query whose keys are all masked gets zeros.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    if key_padding_mask is not None:
+        attend = key_padding_mask[:, None, None, :]
+        scores = scores.masked_fill(~attend, float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1)
+        probabilities = torch.where(attend.any(dim=-1, keepdim=True), probabilities, torch.zeros_like(probabilities))
+    else:
+        probabilities = torch.softmax(scores, dim=-1)
+    return torch.tanh(gate).view(1, -1, 1, 1) * torch.matmul(probabilities, v)

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -34,14 +35,29 @@ namespace dreamportrait {
       const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors,      \
       const at::Tensor& depths, const at::Tensor& deltas);
 
+// gated_cross_attention: q (B, H, Lq, D), k and v (B, H, Lk, D), gate (H,), mask (B, Lk) bool.
+// Returns out (B, H, Lq, D) and the log-sum-exp per query row (B, H, Lq); the backward returns
+// dq, dk, dv and dgate (H,).
+#define DP_DECLARE_ATTENTION_KERNELS(device)                                                      \
+  std::tuple<at::Tensor, at::Tensor> gated_cross_attention_##device(                              \
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,      \
+      const std::optional<at::Tensor>& key_padding_mask, double scale);                           \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_cross_attention_backward_##device( \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,  \
+      const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse, \
+      double scale);
+
 DP_DECLARE_TRIPLANE_KERNELS(cpu)
 DP_DECLARE_COMPOSITE_KERNELS(cpu)
+DP_DECLARE_ATTENTION_KERNELS(cpu)
 #ifdef DREAMPORTRAIT_WITH_CUDA
 DP_DECLARE_TRIPLANE_KERNELS(cuda)
 DP_DECLARE_COMPOSITE_KERNELS(cuda)
+DP_DECLARE_ATTENTION_KERNELS(cuda)
 #endif
 
 #undef DP_DECLARE_TRIPLANE_KERNELS
 #undef DP_DECLARE_COMPOSITE_KERNELS
+#undef DP_DECLARE_ATTENTION_KERNELS
 
 }  // namespace dreamportrait
