@@ -36,6 +36,14 @@ def pytest_terminal_summary(terminalreporter):
                     f" temporaries {result['temporaries_MiB']:7.1f} vs {reference['temporaries_MiB']:7.1f} MiB"
                 )
             rows.append(row)
+        sdpa = _results.get((group, "sdpa"))
+        for implementation in ("cpu", "cuda", "triton"):
+            result = _results.get((group, implementation))
+            if sdpa and result:
+                rows.append(
+                    f"{group:<48} {implementation:<8} {result['seconds'] * 1e3:8.1f} ms vs sdpa+gate "
+                    f"{sdpa['seconds'] * 1e3:8.1f} ms: {sdpa['seconds'] / result['seconds']:5.2f}x"
+                )
     if rows:
         terminalreporter.section("speed-up over the PyTorch reference (best of rounds)")
         for row in rows:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from workloads import COMPOSITE_WORKLOADS, TRIPLANE_WORKLOADS, make_call
+from workloads import ATTENTION_WORKLOADS, COMPOSITE_WORKLOADS, TRIPLANE_WORKLOADS, make_call
 
 from dreamportrait import _extension
 
@@ -23,13 +23,15 @@ NO_GPU = pytest.mark.skipif(not GPU, reason="no GPU")
 
 CASES = [pytest.param("triplane_sample", w.name, id=f"triplane_sample-{w.name}") for w in TRIPLANE_WORKLOADS] + [
     pytest.param("composite_rays", w.name, id=f"composite_rays-{w.name}") for w in COMPOSITE_WORKLOADS
-]
+] + [pytest.param("gated_cross_attention", w.name, id=f"gated_cross_attention-{w.name}") for w in ATTENTION_WORKLOADS]
 IMPLEMENTATIONS = [
     pytest.param("cpu", "reference", id="cpu-reference"),
     pytest.param("cpu", "cpu", id="cpu-kernel"),
+    pytest.param("cpu", "sdpa", id="cpu-sdpa"),
     pytest.param("cuda", "reference", id="cuda-reference", marks=NO_GPU),
     pytest.param("cuda", "cuda", id="cuda-kernel", marks=NO_GPU),
     pytest.param("cuda", "triton", id="cuda-triton", marks=NO_GPU),
+    pytest.param("cuda", "sdpa", id="cuda-sdpa", marks=NO_GPU),
 ]
 
 
@@ -55,6 +57,8 @@ def cuda_peak_extra(call) -> int:
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 @pytest.mark.parametrize("device,backend", IMPLEMENTATIONS)
 def test_op(benchmark, record, op, workload, backward, device, backend):
+    if backend == "sdpa" and op != "gated_cross_attention":
+        pytest.skip("torch's SDPA is a baseline for attention only")
     if backend in ("cpu", "cuda"):
         assert _extension.status().available, "benchmarking the kernels needs the built extension"
     call, required = make_call(op, workload, backend, backward, device)

@@ -106,17 +106,53 @@ def composite_inputs(workload: CompositeWorkload, device: str = "cpu", dtype=tor
     return [x.to(device, dtype) for x in (densities, colors, depths, deltas)]
 
 
+@dataclass(frozen=True)
+class AttentionWorkload:
+    name: str
+    batch: int
+    heads: int
+    queries: int
+    keys: int
+    dim: int
+
+
+ATTENTION_WORKLOADS = [
+    # Tri-plane tokens (3 x 64 x 64) attending to CLIP's 77 text tokens.
+    AttentionWorkload("triplane-text", batch=2, heads=8, queries=3 * 64 * 64, keys=77, dim=64),
+]
+
+
+def attention_inputs(workload: AttentionWorkload, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    """q, k, v, a per-head gate and a padding mask (prompts of 8 to 77 tokens, as CLIP pads them)."""
+    generator = torch.Generator().manual_seed(seed)
+    w = workload
+    q = torch.randn(w.batch, w.heads, w.queries, w.dim, generator=generator)
+    k = torch.randn(w.batch, w.heads, w.keys, w.dim, generator=generator)
+    v = torch.randn(w.batch, w.heads, w.keys, w.dim, generator=generator)
+    gate = torch.randn(w.heads, generator=generator)
+    lengths = torch.randint(min(8, w.keys), w.keys + 1, (w.batch,), generator=generator)
+    mask = torch.arange(w.keys)[None, :] < lengths[:, None]
+    return [x.to(device, dtype) for x in (q, k, v, gate)] + [mask.to(device)]
+
+
+def sdpa_with_gate(q, k, v, gate, key_padding_mask, backend=None):
+    """torch's fused scaled_dot_product_attention followed by the gate: the baseline to match."""
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :])
+    return torch.tanh(gate).view(1, -1, 1, 1) * attended
+
+
 # Tiny problems that run every first-call set-up (extension load, allocator) before a measurement.
 WARM_UP_WORKLOADS = {
     "triplane_sample": TriplaneWorkload("warm-up", batch=1, channels=2, resolution=4, rays_side=2, samples=2),
     "composite_rays": CompositeWorkload("warm-up", rays=4, samples=3, channels=2),
+    "gated_cross_attention": AttentionWorkload("warm-up", batch=1, heads=1, queries=4, keys=3, dim=8),
 }
 
 
 def make_call(op: str, workload_name: str, backend: str, backward: bool, device: str = "cpu"):
     """A closure running one op call (and its backward), and the bytes the call must allocate:
     its outputs, plus the input gradients for a backward."""
-    from dreamportrait.ops import composite_rays, triplane_sample
+    from dreamportrait.ops import composite_rays, gated_cross_attention, triplane_sample
 
     if op == "triplane_sample":
         workload = next(w for w in [*TRIPLANE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
@@ -126,16 +162,21 @@ def make_call(op: str, workload_name: str, backend: str, backward: bool, device:
         workload = next(w for w in [*COMPOSITE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
         inputs = composite_inputs(workload, device)
         function = composite_rays
+    elif op == "gated_cross_attention":
+        workload = next(w for w in [*ATTENTION_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
+        inputs = attention_inputs(workload, device)
+        function = sdpa_with_gate if backend == "sdpa" else gated_cross_attention
     else:
         raise ValueError(f"unknown op {op!r}")
-    for tensor in inputs:
+    differentiable = [x for x in inputs if x.is_floating_point()]
+    for tensor in differentiable:
         tensor.requires_grad_(backward)
 
     def call():
         outputs = function(*inputs, backend=backend)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         if backward:  # gradients returned, as to upstream layers (not accumulated into .grad)
-            torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+            torch.autograd.grad(outputs, differentiable, [torch.ones_like(o) for o in outputs])
         if device == "cuda":
             torch.cuda.synchronize()
         return outputs
@@ -145,7 +186,7 @@ def make_call(op: str, workload_name: str, backend: str, backward: bool, device:
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     required = sum(o.numel() * o.element_size() for o in outputs)
     if backward:
-        required += sum(x.numel() * x.element_size() for x in inputs)
+        required += sum(x.numel() * x.element_size() for x in differentiable)
     return call, required
 
 
