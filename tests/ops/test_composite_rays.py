@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from support import kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 from dreamportrait import _extension
 from dreamportrait.ops import composite_rays, reference
@@ -37,10 +37,6 @@ def run(fn, inputs, upstream=None):
     grads = torch.autograd.grad(outputs, inputs, upstream)
     return outputs, grads, upstream
 
-
-def assert_close_scaled(actual, expected, rtol, name):
-    scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{name}: {m}")
 
 
 def check_against_reference(backend, inputs, rtol):

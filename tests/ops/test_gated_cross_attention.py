@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from support import kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 from dreamportrait import _extension
 from dreamportrait.ops import gated_cross_attention, reference
@@ -39,10 +39,6 @@ def run(fn, inputs, grad_out=None):
     grad_out = torch.randn_like(out) if grad_out is None else grad_out
     return out, torch.autograd.grad(out, inputs, grad_out), grad_out
 
-
-def assert_close_scaled(actual, expected, rtol, name):
-    scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{name}: {m}")
 
 
 def check_against_reference(backend, inputs, mask, rtol, scale=None):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from support import kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 import dreamportrait.ops as ops
 from dreamportrait import _extension
@@ -39,11 +39,6 @@ def run(fn, planes, points, grad_seed_output=None):
     grad_planes, grad_points = torch.autograd.grad(out, (planes, points), grad_output)
     return out, grad_planes, grad_points, grad_output
 
-
-def assert_close_scaled(actual, expected, rtol):
-    """Relative comparison with an absolute floor scaled to the tensor's magnitude."""
-    scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=True)
 
 
 def check_against_reference(backend, planes, points, box_warp, axes, reduce, rtol):
