@@ -1,6 +1,6 @@
-// CPU kernels of gated_cross_attention. The forward is parallel over the B * H * Lq query rows;
-// a row's Lk scores (Lk is the text length) are held in a per-thread buffer and computed from
-// transposed keys as vectorised multiply-adds. The backward is parallel over (batch, head) pairs: each owns
+// CPU kernels of gated_cross_attention. The forward is parallel over chunks of query rows; a row's
+// Lk scores (Lk is the text length) are held in a per-thread buffer and computed, for blocks of
+// kBlockRows rows at once, from transposed keys as vectorised multiply-adds. The backward is parallel over (batch, head) pairs: each owns
 // its dk and dv rows, so their accumulation over queries has no races. Per-element math:
 // include/dreamportrait/attention_math.h.
 #include <ATen/Dispatch.h>
@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -27,7 +26,7 @@ namespace {
 
 using attention::Problem;
 
-// Query rows per work item: a work item transposes its head's keys once per head it visits.
+// Query rows per forward work item (each transposes its head's keys once).
 constexpr int64_t kRowGrain = 256;
 
 template <typename T>
@@ -51,14 +50,15 @@ inline void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
 inline void exp_shifted(float* __restrict__ x, float shift, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float y = std::max(x[j] - shift, -87.0f);
-    const float m = std::floor(y * 1.44269504088896341f + 0.5f);
+    // Adding 1.5 * 2^23 rounds y / ln2 to the integer m, whose bits can then be read off: no
+    // floor() or float-to-int conversion, which keep the loop from vectorising.
+    const float t = y * 1.44269504088896341f + 12582912.0f;
+    const float m = t - 12582912.0f;
+    const int32_t m_bits = __builtin_bit_cast(int32_t, t) - 0x4B400000;
     const float r = (y - m * 0.693145751953125f) - m * 1.42860682030941723212e-6f;  // Cody-Waite
     const float poly =
         1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    const int32_t bits = (static_cast<int32_t>(m) + 127) << 23;
-    float two_to_m;
-    std::memcpy(&two_to_m, &bits, sizeof(float));
-    x[j] = poly * two_to_m;
+    x[j] = poly * __builtin_bit_cast(float, (m_bits + 127) << 23);
   }
 }
 
@@ -74,61 +74,96 @@ inline void transpose_keys(const T* __restrict__ keys, T* __restrict__ keys_t, i
     for (int64_t d = 0; d < D; ++d) keys_t[d * Lk + j] = keys[j * D + d];
 }
 
-// scores[j] = scale * q . k_j for all keys, from the transposed keys.
-template <typename T>
-inline void row_scores(const T* __restrict__ q_row, const T* __restrict__ keys_t, T scale, T* __restrict__ scores,
-                       int64_t Lk, int64_t D) {
-  std::fill(scores, scores + Lk, T(0));
-  for (int64_t d = 0; d < D; ++d) axpy(scores, q_row[d], keys_t + d * Lk, Lk);
-  for (int64_t j = 0; j < Lk; ++j) scores[j] *= scale;
-}
+// Query rows processed together: each key (and transposed-key row) loaded from cache serves all of
+// them, and dk_j / dv_j are read and written once per block instead of once per row.
+constexpr int kBlockRows = 4;  // axpy_rows is written out for 4
 
-// Per-thread scratch of the attention kernels: a row's scores/probabilities and dp (Lk), transposed
-// keys and values (D x Lk) and two D-vectors. Nothing of size Lq x Lk.
+// Per-thread scratch of the attention kernels, for one block of query rows: scores/probabilities
+// and dp (kBlockRows x Lk), the ungated outputs A and dA (kBlockRows x D), and the head's keys and
+// values transposed (D x Lk). Nothing of size Lq x Lk.
 template <typename T>
 struct Scratch {
-  std::vector<T> scores, dp, keys_t, values_t, first, second;
-  Scratch(int64_t Lk, int64_t D) : scores(Lk), dp(Lk), keys_t(Lk * D), values_t(Lk * D), first(D), second(D) {}
+  std::vector<T> probs, dp, attended, d_attended, keys_t, values_t;
+  Scratch(int64_t Lk, int64_t D)
+      : probs(kBlockRows * Lk), dp(kBlockRows * Lk), attended(kBlockRows * D), d_attended(kBlockRows * D),
+        keys_t(Lk * D), values_t(Lk * D) {}
 };
 
-// Forward of query rows [begin, end) of the flattened (B * H * Lq) rows. A row holds all its Lk
-// scores at once (Lk is the text length, 77), so the softmax is exact in two passes; masked keys
-// get probability 0.
+// y += sum_r a[r] x[r] over the block's rows, reading and writing y once.
+template <typename T>
+inline void axpy_rows(T* __restrict__ y, const T a[kBlockRows], const T* const x[kBlockRows], int count, int64_t n) {
+  if (count < kBlockRows) {
+    for (int r = 0; r < count; ++r) axpy(y, a[r], x[r], n);
+    return;
+  }
+  const T *__restrict__ x0 = x[0], *__restrict__ x1 = x[1], *__restrict__ x2 = x[2], *__restrict__ x3 = x[3];
+  for (int64_t i = 0; i < n; ++i) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
+}
+
+// out[r] (Lk) = sum_d rows[r][d] * columns_t[d] for the block's rows: a block of scores (from the
+// transposed keys) or of dp (from the transposed values), vectorised over the keys.
+template <typename T>
+inline void block_products(const T* const rows[kBlockRows], int count, const T* __restrict__ columns_t, T* out,
+                           int64_t Lk, int64_t D) {
+  std::fill(out, out + count * Lk, T(0));
+  for (int64_t d = 0; d < D; ++d)
+    for (int r = 0; r < count; ++r) axpy(out + r * Lk, rows[r][d], columns_t + d * Lk, Lk);
+}
+
+// Forward of the query rows [begin, end) of one (batch, head): rows are never split across heads
+// by the caller. A row holds all its Lk scores at once (Lk is the text length), so the softmax is
+// exact in two passes; masked keys get probability 0.
 template <typename scalar_t>
 DP_CPU_CLONES void forward_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* gate,
                                 const bool* mask, scalar_t* out, scalar_t* lse, Scratch<scalar_t>& scratch,
-                                const Problem& p, int64_t begin, int64_t end) {
+                                const Problem& p, int64_t bh, int64_t begin, int64_t end) {
   const auto scale = static_cast<scalar_t>(p.scale);
-  scalar_t* scores = scratch.scores.data();
-  int64_t transposed_bh = -1;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t bh = row / p.Lq, b = bh / p.H, h = bh % p.H;
-    if (bh != transposed_bh) {
-      transpose_keys(k + bh * p.Lk * p.D, scratch.keys_t.data(), p.Lk, p.D);
-      transposed_bh = bh;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const scalar_t gate_value = std::tanh(gate[h]);
+  const scalar_t* values = v + bh * p.Lk * p.D;
+  const bool* attend = mask ? mask + b * p.Lk : nullptr;
+  transpose_keys(k + bh * p.Lk * p.D, scratch.keys_t.data(), p.Lk, p.D);
+  for (int64_t i0 = begin; i0 < end; i0 += kBlockRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlockRows, end - i0));
+    const scalar_t* q_rows[kBlockRows];
+    for (int r = 0; r < count; ++r) q_rows[r] = q + (bh * p.Lq + i0 + r) * p.D;
+    block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), p.Lk, p.D);
+    scalar_t factor[kBlockRows];
+    for (int r = 0; r < count; ++r) {
+      scalar_t* scores = scratch.probs.data() + r * p.Lk;
+      scalar_t max = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t j = 0; j < p.Lk; ++j) {
+        scores[j] *= scale;
+        if (!attend || attend[j]) max = std::max(max, scores[j]);
+      }
+      const int64_t row = bh * p.Lq + i0 + r;
+      if (max == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked
+        std::fill(scores, scores + p.Lk, scalar_t(0));
+        lse[row] = max;
+        factor[r] = 0;
+        continue;
+      }
+      exp_shifted(scores, max, p.Lk);
+      scalar_t sum = 0;
+      for (int64_t j = 0; j < p.Lk; ++j) {
+        if (attend && !attend[j]) scores[j] = 0;
+        sum += scores[j];
+      }
+      lse[row] = max + std::log(sum);
+      factor[r] = gate_value / sum;
     }
-    const scalar_t* values = v + bh * p.Lk * p.D;
-    const bool* attend = mask ? mask + b * p.Lk : nullptr;
-    row_scores(q + row * p.D, scratch.keys_t.data(), scale, scores, p.Lk, p.D);
-    scalar_t max = -std::numeric_limits<scalar_t>::infinity();
+    scalar_t* out_rows[kBlockRows];
+    for (int r = 0; r < count; ++r) {
+      out_rows[r] = out + (bh * p.Lq + i0 + r) * p.D;
+      std::fill(out_rows[r], out_rows[r] + p.D, scalar_t(0));
+    }
     for (int64_t j = 0; j < p.Lk; ++j)
-      if (!attend || attend[j]) max = std::max(max, scores[j]);
-    scalar_t* out_row = out + row * p.D;
-    std::fill(out_row, out_row + p.D, scalar_t(0));
-    if (max == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked
-      lse[row] = max;
-      continue;
-    }
-    exp_shifted(scores, max, p.Lk);
-    scalar_t sum = 0;
-    for (int64_t j = 0; j < p.Lk; ++j) {
-      if (attend && !attend[j]) continue;
-      sum += scores[j];
-      axpy(out_row, scores[j], values + j * p.D, p.D);
-    }
-    const scalar_t factor = std::tanh(gate[h]) / sum;
-    for (int64_t d = 0; d < p.D; ++d) out_row[d] *= factor;
-    lse[row] = max + std::log(sum);
+      for (int r = 0; r < count; ++r) {
+        const scalar_t weight = scratch.probs[r * p.Lk + j];
+        if (weight != scalar_t(0)) axpy(out_rows[r], weight, values + j * p.D, p.D);
+      }
+    for (int r = 0; r < count; ++r)
+      for (int64_t d = 0; d < p.D; ++d) out_rows[r][d] *= factor[r];
   }
 }
 
@@ -140,9 +175,6 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
                                   scalar_t* dk, scalar_t* dv, scalar_t* gate_partial, Scratch<scalar_t>& scratch,
                                   const Problem& p, int64_t begin, int64_t end) {
   const auto scale = static_cast<scalar_t>(p.scale);
-  scalar_t* probs = scratch.scores.data();
-  scalar_t* attended = scratch.first.data();
-  scalar_t* d_attended = scratch.second.data();
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / p.H, h = bh % p.H;
     const scalar_t gate_value = std::tanh(gate[h]);
@@ -154,38 +186,58 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
     scalar_t* d_values = dv + bh * p.Lk * p.D;
     const bool* attend = mask ? mask + b * p.Lk : nullptr;
     scalar_t gate_sum = 0;
-    for (int64_t i = 0; i < p.Lq; ++i) {
-      const int64_t row = bh * p.Lq + i;
-      const scalar_t* q_row = q + row * p.D;
-      const scalar_t* g_row = grad_out + row * p.D;
-      scalar_t* dq_row = dq + row * p.D;
-      std::fill(dq_row, dq_row + p.D, scalar_t(0));
-      // Recompute the probabilities and the ungated output A.
-      std::fill(attended, attended + p.D, scalar_t(0));
-      if (lse[row] == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked: no gradient
-        std::fill(probs, probs + p.Lk, scalar_t(0));
-      } else {
-        row_scores(q_row, scratch.keys_t.data(), scale, probs, p.Lk, p.D);
-        exp_shifted(probs, lse[row], p.Lk);  // p_j = exp(s_j - lse)
+    for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kBlockRows, p.Lq - i0));
+      const scalar_t* q_rows[kBlockRows];
+      const scalar_t* d_attended_rows[kBlockRows];
+      scalar_t* dq_rows[kBlockRows];
+      scalar_t delta[kBlockRows];
+      for (int r = 0; r < count; ++r) {
+        const int64_t row = bh * p.Lq + i0 + r;
+        q_rows[r] = q + row * p.D;
+        dq_rows[r] = dq + row * p.D;
+        d_attended_rows[r] = scratch.d_attended.data() + r * p.D;
+        std::fill(dq_rows[r], dq_rows[r] + p.D, scalar_t(0));
       }
-      for (int64_t j = 0; j < p.Lk; ++j) {
-        if (attend && !attend[j]) probs[j] = scalar_t(0);
-        if (probs[j] != scalar_t(0)) axpy(attended, probs[j], values + j * p.D, p.D);
+      // Recompute the probabilities p_j = exp(s_j - lse) and the ungated outputs A.
+      block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), p.Lk, p.D);
+      for (int r = 0; r < count; ++r) {
+        const int64_t row = bh * p.Lq + i0 + r;
+        scalar_t* probs = scratch.probs.data() + r * p.Lk;
+        scalar_t* attended = scratch.attended.data() + r * p.D;
+        std::fill(attended, attended + p.D, scalar_t(0));
+        if (lse[row] == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked: no gradient
+          std::fill(probs, probs + p.Lk, scalar_t(0));
+        } else {
+          for (int64_t j = 0; j < p.Lk; ++j) probs[j] *= scale;
+          exp_shifted(probs, lse[row], p.Lk);
+        }
+        for (int64_t j = 0; j < p.Lk; ++j) {
+          if (attend && !attend[j]) probs[j] = scalar_t(0);
+          if (probs[j] != scalar_t(0)) axpy(attended, probs[j], values + j * p.D, p.D);
+        }
+        const scalar_t* g_row = grad_out + row * p.D;
+        scalar_t* d_attended = scratch.d_attended.data() + r * p.D;
+        for (int64_t d = 0; d < p.D; ++d) d_attended[d] = gate_value * g_row[d];
+        delta[r] = dot(d_attended, attended, p.D);
+        gate_sum += dot(g_row, attended, p.D);
       }
-      for (int64_t d = 0; d < p.D; ++d) d_attended[d] = gate_value * g_row[d];
-      const scalar_t delta = dot(d_attended, attended, p.D);
-      gate_sum += dot(g_row, attended, p.D);
-      // dp_j = dA . v_j for all keys at once, from the transposed values; then ds_j and the three
-      // gradients.
-      scalar_t* dp = scratch.dp.data();
-      std::fill(dp, dp + p.Lk, scalar_t(0));
-      for (int64_t d = 0; d < p.D; ++d) axpy(dp, d_attended[d], scratch.values_t.data() + d * p.Lk, p.Lk);
+      // dp_j = dA . v_j for the block, from the transposed values; then ds and the gradients,
+      // each key's dk_j and dv_j updated once for the whole block.
+      block_products(d_attended_rows, count, scratch.values_t.data(), scratch.dp.data(), p.Lk, p.D);
       for (int64_t j = 0; j < p.Lk; ++j) {
-        if (probs[j] == scalar_t(0)) continue;  // masked or underflowed: no gradient flows
-        const scalar_t ds = attention::score_grad(probs[j], dp[j], delta);
-        axpy(dq_row, scale * ds, keys + j * p.D, p.D);
-        axpy(d_keys + j * p.D, scale * ds, q_row, p.D);
-        axpy(d_values + j * p.D, probs[j], d_attended, p.D);
+        scalar_t ds[kBlockRows] = {}, prob[kBlockRows] = {};
+        bool any = false;
+        for (int r = 0; r < count; ++r) {
+          prob[r] = scratch.probs[r * p.Lk + j];
+          ds[r] = scale * attention::score_grad(prob[r], scratch.dp[r * p.Lk + j], delta[r]);
+          any |= prob[r] != scalar_t(0);
+        }
+        if (!any) continue;  // masked or underflowed for every row: no gradient flows
+        const scalar_t* key = keys + j * p.D;
+        for (int r = 0; r < count; ++r) axpy(dq_rows[r], ds[r], key, p.D);
+        axpy_rows(d_keys + j * p.D, ds, q_rows, count, p.D);
+        axpy_rows(d_values + j * p.D, prob, d_attended_rows, count, p.D);
       }
     }
     gate_partial[bh] = attention::gate_slope(gate_value) * gate_sum;
@@ -205,11 +257,17 @@ std::tuple<at::Tensor, at::Tensor> gated_cross_attention_cpu(const at::Tensor& q
   const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous();
   const at::Tensor mask_c = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gated_cross_attention_cpu", [&] {
-    at::parallel_for(0, p.B * p.H * p.Lq, kRowGrain, [&](int64_t begin, int64_t end) {
+    // Work items are chunks of one head's query rows, so a chunk transposes one head's keys.
+    const int64_t chunks = (p.Lq + kRowGrain - 1) / kRowGrain;
+    at::parallel_for(0, p.B * p.H * chunks, 1, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> scratch(p.Lk, p.D);
-      forward_rows(q_c.const_data_ptr<scalar_t>(), k_c.const_data_ptr<scalar_t>(), v_c.const_data_ptr<scalar_t>(),
-                   gate_c.const_data_ptr<scalar_t>(), p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr,
-                   out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), scratch, p, begin, end);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / chunks, first = (item % chunks) * kRowGrain;
+        forward_rows(q_c.const_data_ptr<scalar_t>(), k_c.const_data_ptr<scalar_t>(), v_c.const_data_ptr<scalar_t>(),
+                     gate_c.const_data_ptr<scalar_t>(), p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr,
+                     out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), scratch, p, bh, first,
+                     std::min(p.Lq, first + kRowGrain));
+      }
     });
   });
   return {out, lse};
