@@ -66,12 +66,22 @@ inline void exp_shifted(double* __restrict__ x, double shift, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
 }
 
-// keys (Lk, D) -> keys_t (D, Lk), so that a row's Lk scores are D vectorised multiply-adds over
-// the keys rather than Lk horizontal dot products.
+// Keys per register block of the score products; rows of transposed keys and of scores are padded
+// to a multiple of it (with zeros), so the products need no tail handling.
+constexpr int64_t kLanes = 16;
+
+inline int64_t padded_keys(int64_t Lk) {
+  return (Lk + kLanes - 1) / kLanes * kLanes;
+}
+
+// keys (Lk, D) -> keys_t (D, Lp), zero beyond Lk: a row's scores are then D vectorised
+// multiply-adds over the keys rather than Lk horizontal dot products.
 template <typename T>
 inline void transpose_keys(const T* __restrict__ keys, T* __restrict__ keys_t, int64_t Lk, int64_t D) {
+  const int64_t Lp = padded_keys(Lk);
+  std::fill(keys_t, keys_t + D * Lp, T(0));
   for (int64_t j = 0; j < Lk; ++j)
-    for (int64_t d = 0; d < D; ++d) keys_t[d * Lk + j] = keys[j * D + d];
+    for (int64_t d = 0; d < D; ++d) keys_t[d * Lp + j] = keys[j * D + d];
 }
 
 // Query rows processed together: each key (and transposed-key row) loaded from cache serves all of
@@ -85,8 +95,8 @@ template <typename T>
 struct Scratch {
   std::vector<T> probs, dp, attended, d_attended, keys_t, values_t;
   Scratch(int64_t Lk, int64_t D)
-      : probs(kBlockRows * Lk), dp(kBlockRows * Lk), attended(kBlockRows * D), d_attended(kBlockRows * D),
-        keys_t(Lk * D), values_t(Lk * D) {}
+      : probs(kBlockRows * padded_keys(Lk)), dp(kBlockRows * padded_keys(Lk)), attended(kBlockRows * D),
+        d_attended(kBlockRows * D), keys_t(padded_keys(Lk) * D), values_t(padded_keys(Lk) * D) {}
 };
 
 // y += sum_r a[r] x[r] over the block's rows, reading and writing y once.
@@ -100,14 +110,24 @@ inline void axpy_rows(T* __restrict__ y, const T a[kBlockRows], const T* const x
   for (int64_t i = 0; i < n; ++i) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
 }
 
-// out[r] (Lk) = sum_d rows[r][d] * columns_t[d] for the block's rows: a block of scores (from the
-// transposed keys) or of dp (from the transposed values), vectorised over the keys.
+// out[r] (Lp) = sum_d rows[r][d] * columns_t[d] for the block's rows: a block of scores (from the
+// transposed keys) or of dp (from the transposed values). Each kLanes-wide slice of the kBlockRows
+// outputs is summed over d in registers; rows[] must hold kBlockRows valid pointers (the caller
+// repeats a row for a short block; only `count` outputs are written).
 template <typename T>
 inline void block_products(const T* const rows[kBlockRows], int count, const T* __restrict__ columns_t, T* out,
-                           int64_t Lk, int64_t D) {
-  std::fill(out, out + count * Lk, T(0));
-  for (int64_t d = 0; d < D; ++d)
-    for (int r = 0; r < count; ++r) axpy(out + r * Lk, rows[r][d], columns_t + d * Lk, Lk);
+                           int64_t Lp, int64_t D) {
+  for (int64_t j0 = 0; j0 < Lp; j0 += kLanes) {
+    T acc[kBlockRows][kLanes] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const T* __restrict__ column = columns_t + d * Lp + j0;
+      for (int r = 0; r < kBlockRows; ++r) {
+        const T a = rows[r][d];
+        for (int64_t jj = 0; jj < kLanes; ++jj) acc[r][jj] += a * column[jj];
+      }
+    }
+    for (int r = 0; r < count; ++r) std::copy(acc[r], acc[r] + kLanes, out + r * Lp + j0);
+  }
 }
 
 // Forward of the query rows [begin, end) of one (batch, head): rows are never split across heads
@@ -122,15 +142,16 @@ DP_CPU_CLONES void forward_rows(const scalar_t* q, const scalar_t* k, const scal
   const scalar_t gate_value = std::tanh(gate[h]);
   const scalar_t* values = v + bh * p.Lk * p.D;
   const bool* attend = mask ? mask + b * p.Lk : nullptr;
+  const int64_t Lp = padded_keys(p.Lk);
   transpose_keys(k + bh * p.Lk * p.D, scratch.keys_t.data(), p.Lk, p.D);
   for (int64_t i0 = begin; i0 < end; i0 += kBlockRows) {
     const int count = static_cast<int>(std::min<int64_t>(kBlockRows, end - i0));
     const scalar_t* q_rows[kBlockRows];
-    for (int r = 0; r < count; ++r) q_rows[r] = q + (bh * p.Lq + i0 + r) * p.D;
-    block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), p.Lk, p.D);
+    for (int r = 0; r < kBlockRows; ++r) q_rows[r] = q + (bh * p.Lq + i0 + std::min(r, count - 1)) * p.D;
+    block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), Lp, p.D);
     scalar_t factor[kBlockRows];
     for (int r = 0; r < count; ++r) {
-      scalar_t* scores = scratch.probs.data() + r * p.Lk;
+      scalar_t* scores = scratch.probs.data() + r * Lp;
       scalar_t max = -std::numeric_limits<scalar_t>::infinity();
       for (int64_t j = 0; j < p.Lk; ++j) {
         scores[j] *= scale;
@@ -159,7 +180,7 @@ DP_CPU_CLONES void forward_rows(const scalar_t* q, const scalar_t* k, const scal
     }
     for (int64_t j = 0; j < p.Lk; ++j)
       for (int r = 0; r < count; ++r) {
-        const scalar_t weight = scratch.probs[r * p.Lk + j];
+        const scalar_t weight = scratch.probs[r * Lp + j];
         if (weight != scalar_t(0)) axpy(out_rows[r], weight, values + j * p.D, p.D);
       }
     for (int r = 0; r < count; ++r)
@@ -175,6 +196,7 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
                                   scalar_t* dk, scalar_t* dv, scalar_t* gate_partial, Scratch<scalar_t>& scratch,
                                   const Problem& p, int64_t begin, int64_t end) {
   const auto scale = static_cast<scalar_t>(p.scale);
+  const int64_t Lp = padded_keys(p.Lk);
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / p.H, h = bh % p.H;
     const scalar_t gate_value = std::tanh(gate[h]);
@@ -192,18 +214,18 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
       const scalar_t* d_attended_rows[kBlockRows];
       scalar_t* dq_rows[kBlockRows];
       scalar_t delta[kBlockRows];
-      for (int r = 0; r < count; ++r) {
-        const int64_t row = bh * p.Lq + i0 + r;
+      for (int r = 0; r < kBlockRows; ++r) {  // a short block repeats its last row (outputs unused)
+        const int64_t row = bh * p.Lq + i0 + std::min(r, count - 1);
         q_rows[r] = q + row * p.D;
         dq_rows[r] = dq + row * p.D;
-        d_attended_rows[r] = scratch.d_attended.data() + r * p.D;
-        std::fill(dq_rows[r], dq_rows[r] + p.D, scalar_t(0));
+        d_attended_rows[r] = scratch.d_attended.data() + std::min(r, count - 1) * p.D;
       }
+      for (int r = 0; r < count; ++r) std::fill(dq_rows[r], dq_rows[r] + p.D, scalar_t(0));
       // Recompute the probabilities p_j = exp(s_j - lse) and the ungated outputs A.
-      block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), p.Lk, p.D);
+      block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), Lp, p.D);
       for (int r = 0; r < count; ++r) {
         const int64_t row = bh * p.Lq + i0 + r;
-        scalar_t* probs = scratch.probs.data() + r * p.Lk;
+        scalar_t* probs = scratch.probs.data() + r * Lp;
         scalar_t* attended = scratch.attended.data() + r * p.D;
         std::fill(attended, attended + p.D, scalar_t(0));
         if (lse[row] == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked: no gradient
@@ -224,13 +246,13 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
       }
       // dp_j = dA . v_j for the block, from the transposed values; then ds and the gradients,
       // each key's dk_j and dv_j updated once for the whole block.
-      block_products(d_attended_rows, count, scratch.values_t.data(), scratch.dp.data(), p.Lk, p.D);
+      block_products(d_attended_rows, count, scratch.values_t.data(), scratch.dp.data(), Lp, p.D);
       for (int64_t j = 0; j < p.Lk; ++j) {
         scalar_t ds[kBlockRows] = {}, prob[kBlockRows] = {};
         bool any = false;
         for (int r = 0; r < count; ++r) {
-          prob[r] = scratch.probs[r * p.Lk + j];
-          ds[r] = scale * attention::score_grad(prob[r], scratch.dp[r * p.Lk + j], delta[r]);
+          prob[r] = scratch.probs[r * Lp + j];
+          ds[r] = scale * attention::score_grad(prob[r], scratch.dp[r * Lp + j], delta[r]);
           any |= prob[r] != scalar_t(0);
         }
         if (!any) continue;  // masked or underflowed for every row: no gradient flows
