@@ -66,38 +66,45 @@ inline void exp_shifted(double* __restrict__ x, double shift, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
 }
 
-// Keys per register block of the score products; rows of transposed keys and of scores are padded
-// to a multiple of it (with zeros), so the products need no tail handling.
+// Every product below is a small matrix product out (count x N) = rows (count x K) . columns
+// (K x N) over a block of kBlockRows query rows, with N padded to a multiple of kLanes: each
+// kLanes-wide slice of the outputs is summed over K in registers, and each column slice loaded
+// from cache serves all rows of the block. The head's keys and values are copied once into
+// zero-padded layouts that make every N a multiple of kLanes.
 constexpr int64_t kLanes = 16;
-
-inline int64_t padded_keys(int64_t Lk) {
-  return (Lk + kLanes - 1) / kLanes * kLanes;
-}
-
-// keys (Lk, D) -> keys_t (D, Lp), zero beyond Lk: a row's scores are then D vectorised
-// multiply-adds over the keys rather than Lk horizontal dot products.
-template <typename T>
-inline void transpose_keys(const T* __restrict__ keys, T* __restrict__ keys_t, int64_t Lk, int64_t D) {
-  const int64_t Lp = padded_keys(Lk);
-  std::fill(keys_t, keys_t + D * Lp, T(0));
-  for (int64_t j = 0; j < Lk; ++j)
-    for (int64_t d = 0; d < D; ++d) keys_t[d * Lp + j] = keys[j * D + d];
-}
-
-// Query rows processed together: each key (and transposed-key row) loaded from cache serves all of
-// them, and dk_j / dv_j are read and written once per block instead of once per row.
 constexpr int kBlockRows = 4;  // axpy_rows is written out for 4
 
-// Per-thread scratch of the attention kernels, for one block of query rows: scores/probabilities
-// and dp (kBlockRows x Lk), the ungated outputs A and dA (kBlockRows x D), and the head's keys and
-// values transposed (D x Lk). Nothing of size Lq x Lk.
+inline int64_t padded(int64_t n) {
+  return (n + kLanes - 1) / kLanes * kLanes;
+}
+
+// out[r][n] = sum_k rows[r][k] * columns[k * stride + n] for r < count, n < N (a multiple of
+// kLanes). rows[] holds kBlockRows valid pointers: a short block repeats a row, whose outputs are
+// not written.
 template <typename T>
-struct Scratch {
-  std::vector<T> probs, dp, attended, d_attended, keys_t, values_t;
-  Scratch(int64_t Lk, int64_t D)
-      : probs(kBlockRows * padded_keys(Lk)), dp(kBlockRows * padded_keys(Lk)), attended(kBlockRows * D),
-        d_attended(kBlockRows * D), keys_t(padded_keys(Lk) * D), values_t(padded_keys(Lk) * D) {}
-};
+inline void block_products(const T* const rows[kBlockRows], int count, const T* __restrict__ columns, int64_t stride,
+                           int64_t K, T* out, int64_t out_stride, int64_t N) {
+  static_assert(kBlockRows == 4, "the accumulators below are written out for 4 rows");
+  const T *__restrict__ row0 = rows[0], *__restrict__ row1 = rows[1], *__restrict__ row2 = rows[2],
+          *__restrict__ row3 = rows[3];
+  for (int64_t n0 = 0; n0 < N; n0 += kLanes) {
+    // Four independent accumulators, so consecutive multiply-adds do not wait on each other.
+    T acc0[kLanes] = {}, acc1[kLanes] = {}, acc2[kLanes] = {}, acc3[kLanes] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const T* __restrict__ column = columns + k * stride + n0;
+      const T a0 = row0[k], a1 = row1[k], a2 = row2[k], a3 = row3[k];
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const T c = column[i];
+        acc0[i] += a0 * c;
+        acc1[i] += a1 * c;
+        acc2[i] += a2 * c;
+        acc3[i] += a3 * c;
+      }
+    }
+    T* const accs[kBlockRows] = {acc0, acc1, acc2, acc3};
+    for (int r = 0; r < count; ++r) std::copy(accs[r], accs[r] + kLanes, out + r * out_stride + n0);
+  }
+}
 
 // y += sum_r a[r] x[r] over the block's rows, reading and writing y once.
 template <typename T>
@@ -110,81 +117,90 @@ inline void axpy_rows(T* __restrict__ y, const T a[kBlockRows], const T* const x
   for (int64_t i = 0; i < n; ++i) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
 }
 
-// out[r] (Lp) = sum_d rows[r][d] * columns_t[d] for the block's rows: a block of scores (from the
-// transposed keys) or of dp (from the transposed values). Each kLanes-wide slice of the kBlockRows
-// outputs is summed over d in registers; rows[] must hold kBlockRows valid pointers (the caller
-// repeats a row for a short block; only `count` outputs are written).
+// Per-thread scratch for one head and one block of query rows. Lp, Dp: Lk, D padded. Nothing of
+// size Lq x Lk.
 template <typename T>
-inline void block_products(const T* const rows[kBlockRows], int count, const T* __restrict__ columns_t, T* out,
-                           int64_t Lp, int64_t D) {
-  for (int64_t j0 = 0; j0 < Lp; j0 += kLanes) {
-    T acc[kBlockRows][kLanes] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const T* __restrict__ column = columns_t + d * Lp + j0;
-      for (int r = 0; r < kBlockRows; ++r) {
-        const T a = rows[r][d];
-        for (int64_t jj = 0; jj < kLanes; ++jj) acc[r][jj] += a * column[jj];
+struct Scratch {
+  int64_t Lp, Dp;
+  std::vector<T> keys_t, values_t;  // (D, Lp), zero beyond Lk
+  std::vector<T> keys_p, values_p;  // (Lk, Dp), zero beyond D
+  std::vector<T> probs, dp;         // (kBlockRows, Lp): scores, then probabilities; dp, then ds
+  std::vector<T> attended, d_attended, dq;  // (kBlockRows, Dp)
+
+  Scratch(int64_t Lk, int64_t D)
+      : Lp(padded(Lk)), Dp(padded(D)), keys_t(D * Lp), values_t(D * Lp), keys_p(Lk * Dp), values_p(Lk * Dp),
+        probs(kBlockRows * Lp), dp(kBlockRows * Lp), attended(kBlockRows * Dp), d_attended(kBlockRows * Dp),
+        dq(kBlockRows * Dp) {}
+
+  // Lays out one head's (Lk, D) keys or values both ways.
+  void load(const T* __restrict__ x, int64_t Lk, int64_t D, std::vector<T>& transposed, std::vector<T>& row_padded) {
+    std::fill(transposed.begin(), transposed.end(), T(0));
+    std::fill(row_padded.begin(), row_padded.end(), T(0));
+    for (int64_t j = 0; j < Lk; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        transposed[d * Lp + j] = x[j * D + d];
+        row_padded[j * Dp + d] = x[j * D + d];
       }
-    }
-    for (int r = 0; r < count; ++r) std::copy(acc[r], acc[r] + kLanes, out + r * Lp + j0);
   }
+};
+
+// Pointers to rows i0 .. i0 + count - 1 of `base` (row length `stride`), the last repeated to fill
+// the block.
+template <typename T>
+inline void block_rows(T* base, int64_t stride, int count, T* rows[kBlockRows]) {
+  for (int r = 0; r < kBlockRows; ++r) rows[r] = base + std::min(r, count - 1) * stride;
 }
 
-// Forward of the query rows [begin, end) of one (batch, head): rows are never split across heads
-// by the caller. A row holds all its Lk scores at once (Lk is the text length), so the softmax is
-// exact in two passes; masked keys get probability 0.
+// Softmax of one row's scores in place over its unmasked keys (masked keys get 0); returns the
+// log-sum-exp (-inf when every key is masked, with all probabilities 0).
+template <typename T>
+inline T softmax_row(T* scores, const bool* attend, T scale, int64_t Lk) {
+  T max = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < Lk; ++j) {
+    scores[j] *= scale;
+    if (!attend || attend[j]) max = std::max(max, scores[j]);
+  }
+  if (max == -std::numeric_limits<T>::infinity()) {
+    std::fill(scores, scores + Lk, T(0));
+    return max;
+  }
+  exp_shifted(scores, max, Lk);
+  T sum = 0;
+  for (int64_t j = 0; j < Lk; ++j) {
+    if (attend && !attend[j]) scores[j] = 0;
+    sum += scores[j];
+  }
+  for (int64_t j = 0; j < Lk; ++j) scores[j] /= sum;
+  return max + std::log(sum);
+}
+
+// Forward of the query rows [begin, end) of one (batch, head). A row holds all its Lk scores at
+// once (Lk is the text length), so its softmax is exact in two passes.
 template <typename scalar_t>
 DP_CPU_CLONES void forward_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* gate,
                                 const bool* mask, scalar_t* out, scalar_t* lse, Scratch<scalar_t>& scratch,
                                 const Problem& p, int64_t bh, int64_t begin, int64_t end) {
   const auto scale = static_cast<scalar_t>(p.scale);
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const scalar_t gate_value = std::tanh(gate[h]);
-  const scalar_t* values = v + bh * p.Lk * p.D;
-  const bool* attend = mask ? mask + b * p.Lk : nullptr;
-  const int64_t Lp = padded_keys(p.Lk);
-  transpose_keys(k + bh * p.Lk * p.D, scratch.keys_t.data(), p.Lk, p.D);
+  const scalar_t gate_value = std::tanh(gate[bh % p.H]);
+  const bool* attend = mask ? mask + (bh / p.H) * p.Lk : nullptr;
+  const int64_t Lp = scratch.Lp, Dp = scratch.Dp;
+  scratch.load(k + bh * p.Lk * p.D, p.Lk, p.D, scratch.keys_t, scratch.keys_p);
+  scratch.load(v + bh * p.Lk * p.D, p.Lk, p.D, scratch.values_t, scratch.values_p);
   for (int64_t i0 = begin; i0 < end; i0 += kBlockRows) {
     const int count = static_cast<int>(std::min<int64_t>(kBlockRows, end - i0));
+    const int64_t first = bh * p.Lq + i0;
     const scalar_t* q_rows[kBlockRows];
-    for (int r = 0; r < kBlockRows; ++r) q_rows[r] = q + (bh * p.Lq + i0 + std::min(r, count - 1)) * p.D;
-    block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), Lp, p.D);
-    scalar_t factor[kBlockRows];
+    const scalar_t* prob_rows[kBlockRows];
+    block_rows(q + first * p.D, p.D, count, q_rows);
+    block_rows<const scalar_t>(scratch.probs.data(), Lp, count, prob_rows);
+    block_products(q_rows, count, scratch.keys_t.data(), Lp, p.D, scratch.probs.data(), Lp, Lp);
+    for (int r = 0; r < count; ++r) lse[first + r] = softmax_row(scratch.probs.data() + r * Lp, attend, scale, p.Lk);
+    block_products(prob_rows, count, scratch.values_p.data(), Dp, p.Lk, scratch.attended.data(), Dp, Dp);
     for (int r = 0; r < count; ++r) {
-      scalar_t* scores = scratch.probs.data() + r * Lp;
-      scalar_t max = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t j = 0; j < p.Lk; ++j) {
-        scores[j] *= scale;
-        if (!attend || attend[j]) max = std::max(max, scores[j]);
-      }
-      const int64_t row = bh * p.Lq + i0 + r;
-      if (max == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked
-        std::fill(scores, scores + p.Lk, scalar_t(0));
-        lse[row] = max;
-        factor[r] = 0;
-        continue;
-      }
-      exp_shifted(scores, max, p.Lk);
-      scalar_t sum = 0;
-      for (int64_t j = 0; j < p.Lk; ++j) {
-        if (attend && !attend[j]) scores[j] = 0;
-        sum += scores[j];
-      }
-      lse[row] = max + std::log(sum);
-      factor[r] = gate_value / sum;
+      const scalar_t* attended = scratch.attended.data() + r * Dp;
+      scalar_t* out_row = out + (first + r) * p.D;
+      for (int64_t d = 0; d < p.D; ++d) out_row[d] = gate_value * attended[d];
     }
-    scalar_t* out_rows[kBlockRows];
-    for (int r = 0; r < count; ++r) {
-      out_rows[r] = out + (bh * p.Lq + i0 + r) * p.D;
-      std::fill(out_rows[r], out_rows[r] + p.D, scalar_t(0));
-    }
-    for (int64_t j = 0; j < p.Lk; ++j)
-      for (int r = 0; r < count; ++r) {
-        const scalar_t weight = scratch.probs[r * Lp + j];
-        if (weight != scalar_t(0)) axpy(out_rows[r], weight, values + j * p.D, p.D);
-      }
-    for (int r = 0; r < count; ++r)
-      for (int64_t d = 0; d < p.D; ++d) out_rows[r][d] *= factor[r];
   }
 }
 
@@ -196,68 +212,68 @@ DP_CPU_CLONES void backward_heads(const scalar_t* grad_out, const scalar_t* q, c
                                   scalar_t* dk, scalar_t* dv, scalar_t* gate_partial, Scratch<scalar_t>& scratch,
                                   const Problem& p, int64_t begin, int64_t end) {
   const auto scale = static_cast<scalar_t>(p.scale);
-  const int64_t Lp = padded_keys(p.Lk);
+  const int64_t Lp = scratch.Lp, Dp = scratch.Dp;
   for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / p.H, h = bh % p.H;
-    const scalar_t gate_value = std::tanh(gate[h]);
-    const scalar_t* keys = k + bh * p.Lk * p.D;
-    const scalar_t* values = v + bh * p.Lk * p.D;
-    transpose_keys(keys, scratch.keys_t.data(), p.Lk, p.D);
-    transpose_keys(values, scratch.values_t.data(), p.Lk, p.D);
+    const scalar_t gate_value = std::tanh(gate[bh % p.H]);
+    const bool* attend = mask ? mask + (bh / p.H) * p.Lk : nullptr;
+    scratch.load(k + bh * p.Lk * p.D, p.Lk, p.D, scratch.keys_t, scratch.keys_p);
+    scratch.load(v + bh * p.Lk * p.D, p.Lk, p.D, scratch.values_t, scratch.values_p);
     scalar_t* d_keys = dk + bh * p.Lk * p.D;
     scalar_t* d_values = dv + bh * p.Lk * p.D;
-    const bool* attend = mask ? mask + b * p.Lk : nullptr;
     scalar_t gate_sum = 0;
     for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockRows) {
       const int count = static_cast<int>(std::min<int64_t>(kBlockRows, p.Lq - i0));
-      const scalar_t* q_rows[kBlockRows];
-      const scalar_t* d_attended_rows[kBlockRows];
-      scalar_t* dq_rows[kBlockRows];
-      scalar_t delta[kBlockRows];
-      for (int r = 0; r < kBlockRows; ++r) {  // a short block repeats its last row (outputs unused)
-        const int64_t row = bh * p.Lq + i0 + std::min(r, count - 1);
-        q_rows[r] = q + row * p.D;
-        dq_rows[r] = dq + row * p.D;
-        d_attended_rows[r] = scratch.d_attended.data() + std::min(r, count - 1) * p.D;
-      }
-      for (int r = 0; r < count; ++r) std::fill(dq_rows[r], dq_rows[r] + p.D, scalar_t(0));
-      // Recompute the probabilities p_j = exp(s_j - lse) and the ungated outputs A.
-      block_products(q_rows, count, scratch.keys_t.data(), scratch.probs.data(), Lp, p.D);
+      const int64_t first = bh * p.Lq + i0;
+      const scalar_t *q_rows[kBlockRows], *prob_rows[kBlockRows], *d_attended_rows[kBlockRows], *ds_rows[kBlockRows];
+      block_rows(q + first * p.D, p.D, count, q_rows);
+      block_rows<const scalar_t>(scratch.probs.data(), Lp, count, prob_rows);
+      block_rows<const scalar_t>(scratch.d_attended.data(), Dp, count, d_attended_rows);
+      block_rows<const scalar_t>(scratch.dp.data(), Lp, count, ds_rows);
+      // Recompute p_j = exp(s_j - lse) and the ungated outputs A.
+      block_products(q_rows, count, scratch.keys_t.data(), Lp, p.D, scratch.probs.data(), Lp, Lp);
       for (int r = 0; r < count; ++r) {
-        const int64_t row = bh * p.Lq + i0 + r;
         scalar_t* probs = scratch.probs.data() + r * Lp;
-        scalar_t* attended = scratch.attended.data() + r * p.D;
-        std::fill(attended, attended + p.D, scalar_t(0));
-        if (lse[row] == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked: no gradient
+        const scalar_t row_lse = lse[first + r];
+        if (row_lse == -std::numeric_limits<scalar_t>::infinity()) {  // every key masked: no gradient
           std::fill(probs, probs + p.Lk, scalar_t(0));
-        } else {
-          for (int64_t j = 0; j < p.Lk; ++j) probs[j] *= scale;
-          exp_shifted(probs, lse[row], p.Lk);
+          continue;
         }
-        for (int64_t j = 0; j < p.Lk; ++j) {
-          if (attend && !attend[j]) probs[j] = scalar_t(0);
-          if (probs[j] != scalar_t(0)) axpy(attended, probs[j], values + j * p.D, p.D);
-        }
-        const scalar_t* g_row = grad_out + row * p.D;
-        scalar_t* d_attended = scratch.d_attended.data() + r * p.D;
+        for (int64_t j = 0; j < p.Lk; ++j) probs[j] *= scale;
+        exp_shifted(probs, row_lse, p.Lk);
+        if (attend)
+          for (int64_t j = 0; j < p.Lk; ++j)
+            if (!attend[j]) probs[j] = 0;
+      }
+      block_products(prob_rows, count, scratch.values_p.data(), Dp, p.Lk, scratch.attended.data(), Dp, Dp);
+      scalar_t delta[kBlockRows];
+      for (int r = 0; r < count; ++r) {
+        const scalar_t* g_row = grad_out + (first + r) * p.D;
+        const scalar_t* attended = scratch.attended.data() + r * Dp;
+        scalar_t* d_attended = scratch.d_attended.data() + r * Dp;
+        std::fill(d_attended + p.D, d_attended + Dp, scalar_t(0));
         for (int64_t d = 0; d < p.D; ++d) d_attended[d] = gate_value * g_row[d];
         delta[r] = dot(d_attended, attended, p.D);
         gate_sum += dot(g_row, attended, p.D);
       }
-      // dp_j = dA . v_j for the block, from the transposed values; then ds and the gradients,
-      // each key's dk_j and dv_j updated once for the whole block.
-      block_products(d_attended_rows, count, scratch.values_t.data(), scratch.dp.data(), Lp, p.D);
+      // dp_j = dA . v_j, then ds_j = p_j (dp_j - delta) in place, then dq = scale ds K.
+      block_products(d_attended_rows, count, scratch.values_t.data(), Lp, p.D, scratch.dp.data(), Lp, Lp);
+      for (int r = 0; r < count; ++r) {
+        scalar_t* ds = scratch.dp.data() + r * Lp;
+        const scalar_t* probs = scratch.probs.data() + r * Lp;
+        for (int64_t j = 0; j < p.Lk; ++j) ds[j] = scale * attention::score_grad(probs[j], ds[j], delta[r]);
+      }
+      block_products(ds_rows, count, scratch.keys_p.data(), Dp, p.Lk, scratch.dq.data(), Dp, Dp);
+      for (int r = 0; r < count; ++r) std::copy(scratch.dq.data() + r * Dp, scratch.dq.data() + r * Dp + p.D, dq + (first + r) * p.D);
+      // dk_j += sum_r ds_rj q_r and dv_j += sum_r p_rj dA_r, each key's rows updated once per block.
       for (int64_t j = 0; j < p.Lk; ++j) {
-        scalar_t ds[kBlockRows] = {}, prob[kBlockRows] = {};
+        scalar_t ds[kBlockRows], prob[kBlockRows];
         bool any = false;
         for (int r = 0; r < count; ++r) {
           prob[r] = scratch.probs[r * Lp + j];
-          ds[r] = scale * attention::score_grad(prob[r], scratch.dp[r * Lp + j], delta[r]);
+          ds[r] = scratch.dp[r * Lp + j];
           any |= prob[r] != scalar_t(0);
         }
         if (!any) continue;  // masked or underflowed for every row: no gradient flows
-        const scalar_t* key = keys + j * p.D;
-        for (int r = 0; r < count; ++r) axpy(dq_rows[r], ds[r], key, p.D);
         axpy_rows(d_keys + j * p.D, ds, q_rows, count, p.D);
         axpy_rows(d_values + j * p.D, prob, d_attended_rows, count, p.D);
       }
