@@ -1,4 +1,7 @@
-"""Helpers shared by the tests: which backends this machine can run."""
+"""Helpers shared by the tests: which backends this machine can run, tolerances, poisoned
+allocations and the torch.compile comparison."""
+
+import contextlib
 
 import pytest
 import torch
@@ -40,3 +43,30 @@ def assert_close_scaled(actual, expected, rtol, name=""):
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0), equal_nan=True, msg=lambda m: f"{name}: {m}"
     )
+
+
+@contextlib.contextmanager
+def poisoned_allocations(device):
+    """Uninitialised memory is filled with NaN inside, so an output element a kernel skips shows."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4, device=device).isnan().all(), "poisoning is not active"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+def assert_compiled_matches_eager(loss, inputs):
+    """torch.compile(fullgraph=True) of a scalar loss gives the eager value and input gradients."""
+    eager_inputs = [x.clone().requires_grad_() for x in inputs]
+    compiled_inputs = [x.clone().requires_grad_() for x in inputs]
+    expected = loss(*eager_inputs)
+    expected.backward()
+    value = torch.compile(loss, fullgraph=True)(*compiled_inputs)
+    value.backward()
+    torch.testing.assert_close(value, expected)
+    for ours, theirs in zip(compiled_inputs, eager_inputs):
+        torch.testing.assert_close(ours.grad, theirs.grad)

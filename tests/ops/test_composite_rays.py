@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, assert_compiled_matches_eager, poisoned_allocations, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 from dreamportrait import _extension
 from dreamportrait.ops import composite_rays, reference
@@ -126,19 +126,12 @@ def test_empty_inputs(backend, device, shape):
 @pytest.mark.parametrize("backend,device", kernel_backends())
 def test_every_output_element_is_written(backend, device):
     inputs = make_rays((33, 20, 5), torch.float32, device)
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4, device=device).isnan().all(), "poisoning is not active"
+    with poisoned_allocations(device):
         outputs, grads, _ = run(lambda *x: composite_rays(*x, backend=backend), inputs)
         with torch.no_grad():
             early = composite_rays(*inputs, transmittance_threshold=0.5, backend=backend)
         for tensor in (*outputs, *grads, *early):
             assert not tensor.isnan().any()
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *kernel_backends()])
@@ -188,16 +181,7 @@ def test_torch_compile_fullgraph(backend, device):
         rgb, depth, opacity, weights = composite_rays(densities * 1.5, colors, depths, deltas, backend=backend)
         return rgb.square().sum() + depth.sum() + opacity.sum() + weights.square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True)
-    eager_inputs = [x.clone().requires_grad_() for x in inputs]
-    compiled_inputs = [x.clone().requires_grad_() for x in inputs]
-    expected = loss(*eager_inputs)
-    expected.backward()
-    value = compiled(*compiled_inputs)
-    value.backward()
-    torch.testing.assert_close(value, expected)
-    for ours, theirs in zip(compiled_inputs, eager_inputs):
-        torch.testing.assert_close(ours.grad, theirs.grad)
+    assert_compiled_matches_eager(loss, inputs)
 
 
 @requires_cuda

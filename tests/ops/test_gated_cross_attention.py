@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, assert_compiled_matches_eager, poisoned_allocations, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 from dreamportrait import _extension
 from dreamportrait.ops import gated_cross_attention, reference
@@ -128,16 +128,10 @@ def test_empty_queries(backend, device):
 @pytest.mark.parametrize("backend,device", kernel_backends())
 def test_every_output_element_is_written(backend, device):
     inputs = make_inputs((2, 3, 40, 77, 24), torch.float32, device)
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4, device=device).isnan().all(), "poisoning is not active"
-        out, grads, _ = run(lambda *x: gated_cross_attention(*x, key_padding_mask=random_mask(2, 77, device), backend=backend), inputs)
+    mask = random_mask(2, 77, device)
+    with poisoned_allocations(device):
+        out, grads, _ = run(lambda *x: gated_cross_attention(*x, key_padding_mask=mask, backend=backend), inputs)
         assert not out.isnan().any() and not any(g.isnan().any() for g in grads)
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 @requires_extension
@@ -165,15 +159,7 @@ def test_torch_compile_fullgraph(backend, device):
     def loss(q, k, v, gate):
         return gated_cross_attention(q * 2, k, v, gate, mask, backend=backend).square().sum()
 
-    eager_inputs = [x.clone().requires_grad_() for x in inputs]
-    compiled_inputs = [x.clone().requires_grad_() for x in inputs]
-    expected = loss(*eager_inputs)
-    expected.backward()
-    value = torch.compile(loss, fullgraph=True)(*compiled_inputs)
-    value.backward()
-    torch.testing.assert_close(value, expected)
-    for ours, theirs in zip(compiled_inputs, eager_inputs):
-        torch.testing.assert_close(ours.grad, theirs.grad)
+    assert_compiled_matches_eager(loss, inputs)
 
 
 @requires_cuda

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from support import assert_close_scaled, kernel_backends, requires_cuda, requires_extension, requires_triton
+from support import assert_close_scaled, assert_compiled_matches_eager, poisoned_allocations, kernel_backends, requires_cuda, requires_extension, requires_triton
 
 import dreamportrait.ops as ops
 from dreamportrait import _extension
@@ -138,19 +138,12 @@ def test_empty_inputs(backend, device, shape, reduce):
 def test_every_output_element_is_written(backend, device):
     """Uninitialised memory is filled with NaN here, so an element a kernel skips shows up."""
     planes, points = make_inputs((2, 7, 6, 5, 400), torch.float32, device, spread=1.5)  # most points outside
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4, device=device).isnan().all(), "poisoning is not active"
+    with poisoned_allocations(device):
         for reduce in REDUCTIONS:
             out, grad_planes, grad_points, _ = run(
                 lambda pl, pt: triplane_sample(pl, pt, reduce=reduce, backend=backend), planes, points
             )
             assert not out.isnan().any() and not grad_planes.isnan().any() and not grad_points.isnan().any()
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
@@ -200,17 +193,7 @@ def test_torch_compile_fullgraph(backend, device):
         features = triplane_sample(pl * 2, pt, 1.0, ORTHOGONAL_AXES, "mean", backend=backend)
         return features.square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True)
-    (planes_a, points_a), (planes_b, points_b) = [
-        (planes.clone().requires_grad_(), points.clone().requires_grad_()) for _ in range(2)
-    ]
-    value = compiled(planes_a, points_a)
-    value.backward()
-    expected = loss(planes_b, points_b)
-    expected.backward()
-    torch.testing.assert_close(value, expected)
-    torch.testing.assert_close(planes_a.grad, planes_b.grad)
-    torch.testing.assert_close(points_a.grad, points_b.grad)
+    assert_compiled_matches_eager(loss, (planes, points))
 
 
 # --- backend selection --------------------------------------------------------------------------
