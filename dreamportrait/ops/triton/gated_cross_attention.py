@@ -45,28 +45,40 @@ def _key_mask(mask_ptr, b, keys, Lk, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _query_block(scale_ptr, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The scale, this program's (batch, head) and its block of query rows and head channels
+    (grid: query blocks, B * H)."""
+    bh = tl.program_id(1)
+    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    return tl.load(scale_ptr), bh, bh // H, bh % H, queries, queries < Lq, dims, dims < D
+
+
+@triton.jit
+def _key_block(k_ptr, v_ptr, mask_ptr, b, bh, n0, Lk, D, dims, dim_mask, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N of (batch, head) bh: their indices, which may be attended, and the
+    key and value tiles (zeros past Lk)."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    base = bh.to(tl.int64) * Lk * D
+    k = _tile(k_ptr + base, keys, keys < Lk, D, dims, dim_mask, ACC)
+    v = _tile(v_ptr + base, keys, keys < Lk, D, dims, dim_mask, ACC)
+    return keys, _key_mask(mask_ptr, b, keys, Lk, HAS_MASK), k, v
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, gate_ptr, mask_ptr, out_ptr, lse_ptr, H, Lq, Lk, D, scale_ptr,
     HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    scale = tl.load(scale_ptr)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_mask = queries < Lq
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
+    scale, bh, b, h, queries, query_mask, dims, dim_mask = _query_block(scale_ptr, H, Lq, D, BLOCK_M, BLOCK_D)
     q = _tile(q_ptr + bh.to(tl.int64) * Lq * D, queries, query_mask, D, dims, dim_mask, ACC)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for n0 in range(0, Lk, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_mask = _key_mask(mask_ptr, b, keys, Lk, HAS_MASK)
-        k = _tile(k_ptr + bh.to(tl.int64) * Lk * D, keys, keys < Lk, D, dims, dim_mask, ACC)
-        v = _tile(v_ptr + bh.to(tl.int64) * Lk * D, keys, keys < Lk, D, dims, dim_mask, ACC)
+        keys, key_mask, k, v = _key_block(k_ptr, v_ptr, mask_ptr, b, bh, n0, Lk, D, dims, dim_mask, HAS_MASK, ACC, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -99,16 +111,8 @@ def _backward_kernel(
     HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    scale = tl.load(scale_ptr)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_mask = queries < Lq
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
+    scale, bh, b, h, queries, query_mask, dims, dim_mask = _query_block(scale_ptr, H, Lq, D, BLOCK_M, BLOCK_D)
     row_base = bh.to(tl.int64) * Lq * D
-    key_base = bh.to(tl.int64) * Lk * D
     q = _tile(q_ptr + row_base, queries, query_mask, D, dims, dim_mask, ACC)
     grad = _tile(grad_ptr + row_base, queries, query_mask, D, dims, dim_mask, ACC)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + queries, mask=query_mask, other=float("-inf")).to(ACC)
@@ -116,10 +120,7 @@ def _backward_kernel(
     # Ungated output A = P v.
     attended = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for n0 in range(0, Lk, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_mask = _key_mask(mask_ptr, b, keys, Lk, HAS_MASK)
-        k = _tile(k_ptr + key_base, keys, keys < Lk, D, dims, dim_mask, ACC)
-        v = _tile(v_ptr + key_base, keys, keys < Lk, D, dims, dim_mask, ACC)
+        keys, key_mask, k, v = _key_block(k_ptr, v_ptr, mask_ptr, b, bh, n0, Lk, D, dims, dim_mask, HAS_MASK, ACC, BLOCK_N)
         p = _probabilities(q, k, key_mask, lse, scale, PRECISION)
         attended += tl.dot(p, v, input_precision=PRECISION)
     d_attended = gate_value * grad
@@ -127,15 +128,12 @@ def _backward_kernel(
     tl.atomic_add(dgate_ptr + h, (1.0 - gate_value * gate_value) * tl.sum(tl.sum(grad * attended, axis=1), axis=0))
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for n0 in range(0, Lk, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_mask = _key_mask(mask_ptr, b, keys, Lk, HAS_MASK)
-        k = _tile(k_ptr + key_base, keys, keys < Lk, D, dims, dim_mask, ACC)
-        v = _tile(v_ptr + key_base, keys, keys < Lk, D, dims, dim_mask, ACC)
+        keys, key_mask, k, v = _key_block(k_ptr, v_ptr, mask_ptr, b, bh, n0, Lk, D, dims, dim_mask, HAS_MASK, ACC, BLOCK_N)
         p = _probabilities(q, k, key_mask, lse, scale, PRECISION)
         dp = tl.dot(d_attended, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds, k, input_precision=PRECISION) * scale
-        offsets = key_base + keys.to(tl.int64)[:, None] * D + dims[None, :]
+        offsets = bh.to(tl.int64) * Lk * D + keys.to(tl.int64)[:, None] * D + dims[None, :]
         tile_mask = (keys < Lk)[:, None] & dim_mask[None, :]
         tl.atomic_add(dk_ptr + offsets, tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale, mask=tile_mask)
         tl.atomic_add(dv_ptr + offsets, tl.dot(tl.trans(p), d_attended, input_precision=PRECISION), mask=tile_mask)
