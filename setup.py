@@ -27,14 +27,8 @@ def extension_modules():
     build = load_build_config()
     import torch
 
-    with_cuda = build.cuda_requested(torch_has_cuda=torch.version.cuda is not None)
-    archs = []
-    if with_cuda:
-        gpu_visible = torch.cuda.is_available()
-        archs = build.arch_numbers(build.configure_cuda_environment(gpu_visible))
-        if not archs and gpu_visible:  # torch targets the visible GPUs
-            archs = sorted({major * 10 + minor for major, minor in
-                            (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))})
+    with_cuda = build.cuda_requested(cuda_usable=torch.version.cuda is not None)
+    archs = build.target_archs(build.visible_gpu_capabilities()) if with_cuda else []
 
     # Imported only now: cpp_extension reads CUDA_HOME when it is first imported.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

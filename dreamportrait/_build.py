@@ -41,7 +41,7 @@ def all_source_files() -> list[Path]:
     return sorted(p for p in SOURCE_ROOT.rglob("*") if p.is_file())
 
 
-def _flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -71,14 +71,15 @@ def toolkit_of(nvcc: str) -> str:
     return str(Path(nvcc).resolve().parent.parent)
 
 
-def cuda_requested(torch_has_cuda: bool) -> bool:
+def cuda_requested(cuda_usable: bool) -> bool:
     """Whether to compile the CUDA kernels: ``BUILD_NO_CUDA=1`` skips them, ``FORCE_CUDA=1``
-    demands them, otherwise they are built whenever nvcc is found (and torch is a CUDA build)."""
-    if _flag("BUILD_NO_CUDA"):
+    demands them, otherwise they are built when ``cuda_usable`` (setup.py: torch is a CUDA build;
+    the JIT build: a GPU is visible) and nvcc is found."""
+    if env_flag("BUILD_NO_CUDA"):
         return False
-    if _flag("FORCE_CUDA"):
+    if env_flag("FORCE_CUDA"):
         return True
-    return torch_has_cuda and find_nvcc() is not None
+    return cuda_usable and find_nvcc() is not None
 
 
 def configure_cuda_environment(gpu_visible: bool) -> list[str]:
@@ -107,6 +108,22 @@ def arch_numbers(archs: list[str]) -> list[int]:
         if match:
             numbers.append(int(match.group(1)) * 10 + int(match.group(2)))
     return numbers
+
+
+def visible_gpu_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) compute capability of each visible GPU; empty without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def target_archs(visible_capabilities: list[tuple[int, int]]) -> list[int]:
+    """Configure the environment for a CUDA build and return the compute capabilities it targets
+    (80 = sm_80): ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs', else the no-GPU default."""
+    archs = arch_numbers(configure_cuda_environment(gpu_visible=bool(visible_capabilities)))
+    return archs or sorted({10 * major + minor for major, minor in visible_capabilities})
 
 
 def compile_flags(with_cuda: bool, archs: list[int]) -> dict[str, list[str]]:

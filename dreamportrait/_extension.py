@@ -89,13 +89,10 @@ def _load_prebuilt() -> None:
 
 
 def _jit_with_cuda() -> bool:
+    """A JIT build compiles the CUDA kernels only where this process can run them."""
     import torch
 
-    if os.environ.get("BUILD_NO_CUDA", "") in {"1", "true", "yes", "on"}:
-        return False
-    if os.environ.get("FORCE_CUDA", "") in {"1", "true", "yes", "on"}:
-        return True
-    return torch.cuda.is_available() and _build.find_nvcc() is not None
+    return _build.cuda_requested(cuda_usable=torch.cuda.is_available())
 
 
 def jit_build_directory(with_cuda: bool | None = None) -> Path:
@@ -116,17 +113,10 @@ def jit_build_directory(with_cuda: bool | None = None) -> Path:
 
 
 def _jit_build() -> None:
-    import torch
-
     if not _build.SOURCE_ROOT.is_dir():
         raise FileNotFoundError(f"no C++ sources at {_build.SOURCE_ROOT} to JIT-build from")
     with_cuda = _jit_with_cuda()
-    archs: list[int] = []
-    if with_cuda:
-        archs = _build.arch_numbers(_build.configure_cuda_environment(torch.cuda.is_available()))
-        if not archs:
-            archs = sorted({10 * major + minor for major, minor in
-                            (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))})
+    archs = _build.target_archs(_build.visible_gpu_capabilities()) if with_cuda else []
     from torch.utils import cpp_extension
 
     if with_cuda and cpp_extension.CUDA_HOME is None:

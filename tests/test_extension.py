@@ -118,9 +118,9 @@ def test_nvcc_sees_no_comma_separated_define():
 def test_cuda_build_switches(monkeypatch):
     monkeypatch.setenv("BUILD_NO_CUDA", "1")
     monkeypatch.setenv("FORCE_CUDA", "1")
-    assert not _build.cuda_requested(torch_has_cuda=True)
+    assert not _build.cuda_requested(cuda_usable=True)
     monkeypatch.delenv("BUILD_NO_CUDA")
-    assert _build.cuda_requested(torch_has_cuda=False)
+    assert _build.cuda_requested(cuda_usable=False)
 
 
 @pytest.mark.skipif(_build.find_nvcc() is None, reason="no nvcc")
