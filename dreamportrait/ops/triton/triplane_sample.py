@@ -74,8 +74,9 @@ def _load_point(points_ptr, rows, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _plane_uv(px, py, pz, scale, U: tl.constexpr, V: tl.constexpr):
-    return _pick(px, py, pz, U) * scale, _pick(px, py, pz, V) * scale
+def _plane_taps(px, py, pz, scale, H, W, U: tl.constexpr, V: tl.constexpr):
+    """Bilinear cell of the plane that takes axis U along W and axis V along H."""
+    return _taps(_pick(px, py, pz, U) * scale, _pick(px, py, pz, V) * scale, H, W)
 
 
 @triton.jit
@@ -121,8 +122,7 @@ def _forward_kernel(
     for plane in tl.static_range(3):
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
-        u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
         for dy in tl.static_range(2):
             for dx in tl.static_range(2):
@@ -151,8 +151,7 @@ def _backward_planes_kernel(
     for plane in tl.static_range(3):
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
-        u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         grad = tl.load(grad_ptr + grad_rows[:, None] * C + c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
         grad = _reduced(grad.to(ACC), MEAN)
@@ -182,8 +181,7 @@ def _backward_points_kernel(
     for plane in tl.static_range(3):
         U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
         V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
-        u, v = _plane_uv(px, py, pz, scale, U, V)
-        x0, y0, fx, fy, in_bounds, poison = _taps(u, v, H, W)
+        x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
         p00, _w00, m00 = _corner(x0, y0, fx, fy, in_bounds & n_mask, H, W, 0, 0)
