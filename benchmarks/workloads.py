@@ -23,10 +23,6 @@ class TriplaneWorkload:
     rays_side: int  # rays_side x rays_side rays per image
     samples: int  # samples per ray
 
-    @property
-    def points(self) -> int:
-        return self.rays_side**2 * self.samples
-
 
 TRIPLANE_WORKLOADS = [
     TriplaneWorkload("eg3d-inference", batch=1, channels=32, resolution=256, rays_side=64, samples=96),
