@@ -1,6 +1,7 @@
 """``dreamportrait`` console entry point.
 
-    dreamportrait info      versions, usable backends, CUDA architectures of the extension
+    dreamportrait info                          versions, usable backends, CUDA architectures
+    dreamportrait import-eg3d NETWORK.pkl OUT   convert an EG3D network pickle (no code from it runs)
 """
 
 from __future__ import annotations
@@ -44,11 +45,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_eg3d(args: argparse.Namespace) -> int:
+    from dreamportrait.models import import_eg3d
+    from dreamportrait.models.safe_pickle import UnsafePickleError
+
+    try:
+        out = import_eg3d(args.network, args.out_dir)
+    except (OSError, ValueError, UnsafePickleError) as error:
+        print(f"dreamportrait import-eg3d: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (config.json + safetensors weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, usable backends and CUDA architectures of the extension")
     info.set_defaults(run=_info)
+    convert = commands.add_parser(
+        "import-eg3d", help="convert an EG3D network pickle (G_ema, D) to safetensors + JSON config, safely",
+        description="Reads NETWORK.pkl with a restricted unpickler (tensors, arrays and plain containers only; "
+                    "the code embedded in EG3D pickles is never executed) and writes OUT_DIR/config.json, "
+                    "generator.safetensors and discriminator.safetensors.")
+    convert.add_argument("network", metavar="NETWORK.pkl", help="EG3D network pickle, e.g. ffhq512-128.pkl")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    convert.set_defaults(run=_import_eg3d)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""Pretrained tri-plane GANs on disk: a directory with ``config.json`` (constructor kwargs) and
+safetensors weights, and the import of EG3D network pickles into that form.
+
+Layout of a pretrained directory::
+
+    config.json                  {"format": "dreamportrait.triplane-gan", "version": 1,
+                                  "generator": {TriPlaneGenerator kwargs},
+                                  "discriminator": {DualDiscriminator kwargs} (optional)}
+    generator.safetensors
+    discriminator.safetensors    (when the config has a discriminator)
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._atomic import atomic_path
+from .discriminator import DualDiscriminator
+from .safe_pickle import PickledObject, load_network_pickle
+from .triplane_generator import TriPlaneGenerator
+
+FORMAT = "dreamportrait.triplane-gan"
+VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = {"generator": "generator.safetensors", "discriminator": "discriminator.safetensors"}
+NETWORK_CLASSES = {"generator": TriPlaneGenerator, "discriminator": DualDiscriminator}
+
+
+def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``module`` strictly; a ValueError names every missing, unknown or
+    wrongly shaped key (up to ten of each)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    wrong = [f"{key} {tuple(tensors[key].shape)} (expected {tuple(expected[key].shape)})"
+             for key in expected if key in tensors and tuple(tensors[key].shape) != tuple(expected[key].shape)]
+    problems = [f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                for what, keys in (("missing keys", missing), ("unknown keys", unknown), ("wrong shapes", wrong)) if keys]
+    if problems:
+        raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(dict(tensors), strict=True)
+
+
+def save_pretrained(directory: str | Path, generator: TriPlaneGenerator,
+                    discriminator: DualDiscriminator | None = None) -> Path:
+    """Write ``generator`` (and ``discriminator``) to ``directory``; every file is written atomically,
+    the config last, so an interrupted save leaves no config pointing at missing weights."""
+    directory = Path(directory)
+    networks = {"generator": generator, "discriminator": discriminator}
+    config = {"format": FORMAT, "version": VERSION}
+    for role, network in networks.items():
+        if network is None:
+            continue
+        kwargs = dict(network.init_kwargs)
+        if role == "generator":
+            kwargs["neural_rendering_resolution"] = network.neural_rendering_resolution
+        config[role] = kwargs
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in network.state_dict().items()}
+        with atomic_path(directory / WEIGHT_FILES[role]) as temporary:
+            save_file(tensors, str(temporary), metadata={"format": FORMAT, "role": role})
+    with atomic_path(directory / CONFIG_FILE) as temporary:
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
+                    backend: str | None = None) -> tuple[TriPlaneGenerator, DualDiscriminator | None]:
+    """The generator (in eval mode) and the discriminator (None when not saved) of a pretrained
+    directory; ``backend`` selects the generator's rendering ops."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a pretrained model directory: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "generator" not in config:
+        raise ValueError(f"{config_path}: not a {FORMAT} config (needs 'format': {FORMAT!r} and a 'generator' entry)")
+    unknown = sorted(set(config) - {"format", "version", *NETWORK_CLASSES})
+    if unknown:
+        raise ValueError(f"{config_path}: unknown entries {unknown}")
+    networks = {}
+    for role, cls in NETWORK_CLASSES.items():
+        if role not in config:
+            networks[role] = None
+            continue
+        extra = {"backend": backend} if role == "generator" else {}
+        try:
+            network = cls(**config[role], **extra)
+        except TypeError as error:
+            raise ValueError(f"{config_path}: the {role} config does not fit {cls.__name__}: {error}") from None
+        weights_path = directory / WEIGHT_FILES[role]
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} is missing")
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        load_weights(network, tensors, str(weights_path))
+        networks[role] = network.to(device).eval()
+    return networks["generator"], networks["discriminator"]
+
+
+def plain_config(value, where: str = "init_kwargs"):
+    """A pickled config value as JSON-ready data (dicts, lists, str, numbers, bools, None)."""
+    if isinstance(value, Mapping):
+        return {str(key): plain_config(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, numbers.Number):
+        return value
+    raise ValueError(f"{where}: cannot express a {type(value).__name__} in a JSON config")
+
+
+def network_from_record(record, role: str, source: str) -> nn.Module:
+    """Build our network from a pickled EG3D network and load its weights strictly."""
+    cls = NETWORK_CLASSES[role]
+    if not isinstance(record, PickledObject) or record.class_name != cls.__name__:
+        found = record.class_name if isinstance(record, PickledObject) else type(record).__name__
+        raise ValueError(f"{source}: expected an EG3D {cls.__name__}, found {found!r}")
+    if record.state.get("_init_args"):
+        raise ValueError(f"{source}: {cls.__name__} pickled with positional init args; expected keyword args only")
+    kwargs = plain_config(record.state.get("_init_kwargs", {}), f"{source} init_kwargs")
+    if role == "generator" and "neural_rendering_resolution" in record.state:
+        kwargs["neural_rendering_resolution"] = int(record.state["neural_rendering_resolution"])
+    try:
+        network = cls(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"{source}: its init kwargs do not fit {cls.__name__}: {error}") from None
+    tensors = {key: torch.as_tensor(value).to(torch.float32) for key, value in record.named_tensors().items()}
+    load_weights(network, tensors, source)
+    return network
+
+
+def import_eg3d(pickle_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert an EG3D network pickle (``G_ema`` and ``D``) into a pretrained directory, without
+    executing code from the pickle (:mod:`~dreamportrait.models.safe_pickle`)."""
+    data = load_network_pickle(pickle_path)
+    if "G_ema" not in data:
+        raise ValueError(f"{pickle_path}: no 'G_ema' network in the pickle (found {sorted(data)})")
+    generator = network_from_record(data["G_ema"], "generator", f"{pickle_path}:G_ema")
+    discriminator = network_from_record(data["D"], "discriminator", f"{pickle_path}:D") if "D" in data else None
+    return save_pretrained(out_dir, generator, discriminator)

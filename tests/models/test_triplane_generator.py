@@ -1,0 +1,323 @@
+"""The tri-plane generator: EG3D's formulation, backends, parameter layout and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import assert_close_scaled, kernel_backends
+
+from dreamportrait.models import (TriPlaneGenerator, build_generator, camera_labels, fov_to_intrinsics, orbit_poses,
+                                  preset_kwargs, sample_orbit_poses)
+from dreamportrait.rendering import importance_depths
+
+# EG3D's generate_planes(): each plane's three axis vectors; points project through the inverse.
+EG3D_PLANE_AXES = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                                [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
+                                [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
+
+
+def tiny_generator(**overrides):
+    generator = build_generator("tiny", **overrides)
+    # Give the noise and the zero-initialised strengths some effect, so every path is exercised.
+    with torch.no_grad():
+        for name, parameter in generator.named_parameters():
+            if name.endswith("noise_strength"):
+                parameter.fill_(0.1)
+    return generator
+
+
+def random_inputs(generator, batch=2):
+    z = torch.randn(batch, generator.z_dim)
+    yaw = math.pi / 2 + (torch.rand(batch) - 0.5)
+    pitch = math.pi / 2 + (torch.rand(batch) - 0.5) * 0.5
+    return z, camera_labels(orbit_poses(yaw, pitch), fov_to_intrinsics(18.837))
+
+
+# --- EG3D's formulation, written out independently of the package -----------------------------
+
+def eg3d_rays(c, resolution):
+    cam2world, intrinsics = c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3)
+    batch = c.shape[0]
+    uv = torch.stack(torch.meshgrid(torch.arange(resolution, dtype=torch.float32),
+                                    torch.arange(resolution, dtype=torch.float32), indexing="ij")) / resolution + 0.5 / resolution
+    uv = uv.flip(0).reshape(2, -1).transpose(1, 0).unsqueeze(0).repeat(batch, 1, 1)
+    x_cam, y_cam = uv[..., 0], uv[..., 1]
+    fx, fy, cx, cy, sk = (intrinsics[:, i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2), (0, 1)))
+    x_lift = (x_cam - cx + cy * sk / fy - sk * y_cam / fy) / fx
+    y_lift = (y_cam - cy) / fy
+    points = torch.stack((x_lift, y_lift, torch.ones_like(x_lift), torch.ones_like(x_lift)), dim=-1)
+    world = torch.bmm(cam2world, points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
+    directions = F.normalize(world - cam2world[:, None, :3, 3], dim=2)
+    return cam2world[:, None, :3, 3].repeat(1, directions.shape[1], 1), directions
+
+
+def eg3d_decode(generator, planes, points, box_warp):
+    batch, _, channels, height, width = planes.shape
+    projected = (2 / box_warp * points)[:, None] @ torch.linalg.inv(EG3D_PLANE_AXES)  # (N, 3, M, 3)
+    sampled = F.grid_sample(planes.reshape(batch * 3, channels, height, width),
+                            projected[..., :2].reshape(batch * 3, 1, -1, 2), align_corners=False)
+    features = sampled.reshape(batch, 3, channels, -1).permute(0, 1, 3, 2).mean(1)
+    x = generator.decoder.net(features.reshape(-1, channels)).reshape(batch, features.shape[1], -1)
+    return torch.sigmoid(x[..., 1:]) * 1.002 - 0.001, x[..., :1]
+
+
+def eg3d_march(colors, densities, depths):
+    deltas = depths[:, :, 1:] - depths[:, :, :-1]
+    colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
+    densities_mid = F.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
+    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+    alpha = 1 - torch.exp(-densities_mid * deltas)
+    shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
+    weights = alpha * torch.cumprod(shifted, -2)[:, :, :-1]
+    rgb = (weights * colors_mid).sum(2)
+    depth = torch.nan_to_num((weights * depths_mid).sum(2) / weights.sum(2), float("inf"))
+    return rgb * 2 - 1, torch.clamp(depth, depths.min(), depths.max()), weights
+
+
+def eg3d_render(generator, ws, c, resolution):
+    """EG3D's TriPlaneGenerator.synthesis with deterministic sampling, const noise."""
+    options = generator.rendering_kwargs
+    planes = generator.backbone.synthesis(ws, noise_mode="const")
+    planes = planes.view(len(planes), 3, 32, planes.shape[-2], planes.shape[-1])
+    origins, directions = eg3d_rays(c, resolution)
+    batch, rays, _ = origins.shape
+
+    def decode(depths):
+        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(batch, -1, 3)
+        colors, sigma = eg3d_decode(generator, planes, points, options["box_warp"])
+        return colors.reshape(batch, rays, depths.shape[2], -1), sigma.reshape(batch, rays, depths.shape[2], 1)
+
+    samples = options["depth_resolution"]
+    depths = torch.linspace(options["ray_start"], options["ray_end"], samples).reshape(1, 1, samples, 1).repeat(batch, rays, 1, 1)
+    colors, densities = decode(depths)
+    _, _, weights = eg3d_march(colors, densities, depths)
+    fine = importance_depths(depths, weights, options["depth_resolution_importance"], deterministic=True)
+    fine_colors, fine_densities = decode(fine)
+    all_depths = torch.cat([depths, fine], -2)
+    order = torch.sort(all_depths, dim=-2).indices
+    all_colors = torch.gather(torch.cat([colors, fine_colors], -2), -2, order.expand(-1, -1, -1, colors.shape[-1]))
+    all_densities = torch.gather(torch.cat([densities, fine_densities], -2), -2, order)
+    rgb, depth, _ = eg3d_march(all_colors, all_densities, torch.gather(all_depths, -2, order))
+    feature_image = rgb.permute(0, 2, 1).reshape(batch, -1, resolution, resolution)
+    image = generator.superresolution(feature_image[:, :3], feature_image, ws, noise_mode="none")
+    return image, feature_image[:, :3], depth.permute(0, 2, 1).reshape(batch, 1, resolution, resolution)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_images_match_eg3d_formulation(backend):
+    generator = tiny_generator(backend=backend).eval()
+    z, c = random_inputs(generator)
+    with torch.no_grad():
+        out = generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=16)
+        ws = generator.mapping(z, c)
+        image, image_raw, depth = eg3d_render(generator, ws, c, 16)
+    assert out["image"].shape == (2, 3, 64, 64) and out["image_raw"].shape == (2, 3, 16, 16)
+    assert_close_scaled(out["image_raw"], image_raw, 1e-4, "image_raw")
+    assert_close_scaled(out["image_depth"], depth, 1e-4, "image_depth")
+    assert_close_scaled(out["image"], image, 1e-4, "image")
+
+
+def test_deterministic_sampling_repeats_and_jitter_varies():
+    generator = tiny_generator().eval()
+    z, c = random_inputs(generator)
+    with torch.no_grad():
+        first = generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=8)
+        second = generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=8)
+        jittered = generator(z, c, noise_mode="const", neural_rendering_resolution=8)
+    torch.testing.assert_close(first["image"], second["image"], rtol=0, atol=0)
+    assert not torch.allclose(first["image_raw"], jittered["image_raw"])
+
+
+def test_noise_modes():
+    generator = tiny_generator().eval()
+    z, c = random_inputs(generator)
+    with torch.no_grad():
+        ws = generator.mapping(z, c)
+        const = generator.planes(ws, "const")
+        torch.testing.assert_close(generator.planes(ws, "const"), const, rtol=0, atol=0)
+        assert not torch.allclose(generator.planes(ws, "random"), const)
+        assert not torch.allclose(generator.planes(ws, "none"), const)
+    with pytest.raises(ValueError, match="noise_mode"):
+        generator.planes(ws, "fixed")
+
+
+def test_truncation_pulls_towards_w_avg():
+    generator = tiny_generator()
+    z, c = random_inputs(generator)
+    with torch.no_grad():
+        generator.backbone.mapping.w_avg.normal_()
+        ws = generator.mapping(z, c, truncation_psi=0)
+        torch.testing.assert_close(ws, generator.backbone.mapping.w_avg.expand_as(ws))
+        half = generator.mapping(z, c, truncation_psi=0.5, truncation_cutoff=3)
+        full = generator.mapping(z, c)
+        torch.testing.assert_close(half[:, 3:], full[:, 3:])
+        torch.testing.assert_close(half[:, :3], (full[:, :3] + generator.backbone.mapping.w_avg) / 2)
+    generator.train()
+    generator.mapping(z, c, update_emas=True)
+    assert not torch.equal(generator.backbone.mapping.w_avg, ws[0, 0])
+
+
+@pytest.mark.parametrize("backend, device", kernel_backends())
+def test_kernel_backends_match_reference_images_and_gradients(backend, device):
+    reference = tiny_generator(backend="reference").to(device)
+    kernels = tiny_generator(backend=backend).to(device)
+    kernels.load_state_dict(reference.state_dict())
+    z, c = random_inputs(reference)
+    z, c = z.to(device), c.to(device)
+    resolution = 8 if backend == "triton" else 16
+    outputs, gradients = [], []
+    for generator in (reference, kernels):
+        out = generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=resolution)
+        torch.manual_seed(1)  # the same projection weights for both
+        loss = sum((out[key] * torch.randn_like(out[key])).sum() for key in ("image", "image_raw", "image_depth"))
+        loss.backward()
+        outputs.append(out)
+        gradients.append({name: p.grad for name, p in generator.named_parameters() if p.grad is not None})
+    for key in ("image", "image_raw", "image_depth"):
+        assert_close_scaled(outputs[1][key], outputs[0][key], 1e-4, key)
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, expected in gradients[0].items():
+        assert_close_scaled(gradients[1][name], expected, 2e-3, name)
+
+
+def test_tiny_preset_trains_every_parameter():
+    generator = tiny_generator()
+    parameters = sum(p.numel() for p in generator.parameters())
+    assert 100_000 < parameters < 1_000_000
+    z, c = random_inputs(generator, batch=3)
+    out = generator(z, c)
+    assert all(torch.isfinite(value).all() for value in out.values())
+    (out["image"].square().mean() + out["image_raw"].mean()).backward()
+    no_gradient = [name for name, p in generator.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # EG3D's FFHQ configuration runs super-resolution without noise (superresolution_noise_mode 'none').
+    assert no_gradient == [name for name, _ in generator.superresolution.named_parameters(prefix="superresolution")
+                           if name.endswith("noise_strength")]
+
+
+def test_orthogonal_axes_give_other_images():
+    eg3d = tiny_generator().eval()
+    rendering = {**eg3d.rendering_kwargs, "triplane_axes": "orthogonal"}
+    orthogonal = tiny_generator(rendering_kwargs=rendering).eval()
+    orthogonal.load_state_dict(eg3d.state_dict())
+    z, c = random_inputs(eg3d)
+    with torch.no_grad():
+        a = eg3d(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=8)
+        b = orthogonal(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=8)
+    assert not torch.allclose(a["image_raw"], b["image_raw"])
+    with pytest.raises(ValueError, match="triplane_axes"):
+        tiny_generator(rendering_kwargs={**rendering, "triplane_axes": "xyz"})(z, c)
+
+
+def test_sample_gives_density_at_points():
+    generator = tiny_generator().eval()
+    z, c = random_inputs(generator)
+    points = torch.rand(2, 50, 3) - 0.5
+    with torch.no_grad():
+        out = generator.sample(points, z, c, noise_mode="const")
+        ws = generator.mapping(z, c)
+        _, sigma = eg3d_decode(generator, generator.planes(ws, "const"), points, 1.0)
+    assert out["sigma"].shape == (2, 50, 1) and out["rgb"].shape == (2, 50, 32)
+    assert_close_scaled(out["sigma"], sigma, 1e-5, "sigma")
+
+
+def test_camera_rays_match_eg3d_with_skew():
+    c = camera_labels(sample_orbit_poses(3), fov_to_intrinsics(18.837))
+    c[:, 17] = 0.05  # intrinsics[0, 1]: skew
+    from dreamportrait.models import camera_rays, split_camera_labels
+
+    origins, directions = camera_rays(*split_camera_labels(c), 12)
+    expected_origins, expected_directions = eg3d_rays(c, 12)
+    torch.testing.assert_close(origins, expected_origins)
+    torch.testing.assert_close(directions, expected_directions)
+
+
+def test_frontal_camera_looks_at_the_pivot():
+    pose = orbit_poses(torch.tensor([math.pi / 2]), torch.tensor([math.pi / 2]), radius=2.7, pivot=(0, 0, 0.2))[0]
+    torch.testing.assert_close(pose[:3, 3], torch.tensor([0.0, 0.0, 2.7]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pose[:3, 2], torch.tensor([0.0, 0.0, -1.0]), atol=1e-5, rtol=0)  # forward
+    torch.testing.assert_close(pose[:3, 1], torch.tensor([0.0, -1.0, 0.0]), atol=1e-5, rtol=0)  # OpenCV: y down
+    # EG3D's rounded formula; FFHQ's dataset labels have 4.2647.
+    assert abs(fov_to_intrinsics(18.837)[0, 0].item() - 4.26339) < 1e-5
+
+
+# Parameter names and shapes of EG3D's published FFHQ-512 networks (read from EG3D's constructors:
+# StyleGAN2 Generator/SynthesisBlock/SynthesisLayer/ToRGBLayer, SuperresolutionHybrid8XDC,
+# OSGDecoder, DualDiscriminator with an 8-layer label mapping).
+EG3D_FFHQ512_GENERATOR = {
+    "backbone.mapping.w_avg": (512,),
+    "backbone.mapping.embed.weight": (512, 25),
+    "backbone.mapping.fc0.weight": (512, 1024),
+    "backbone.mapping.fc1.bias": (512,),
+    "backbone.synthesis.b4.const": (512, 4, 4),
+    "backbone.synthesis.b4.resample_filter": (4, 4),
+    "backbone.synthesis.b4.conv1.noise_const": (4, 4),
+    "backbone.synthesis.b4.conv1.noise_strength": (),
+    "backbone.synthesis.b4.torgb.weight": (96, 512, 1, 1),
+    "backbone.synthesis.b64.conv0.weight": (512, 512, 3, 3),
+    "backbone.synthesis.b128.conv0.weight": (256, 512, 3, 3),
+    "backbone.synthesis.b256.conv1.affine.weight": (128, 512),
+    "backbone.synthesis.b256.conv1.noise_const": (256, 256),
+    "backbone.synthesis.b256.torgb.bias": (96,),
+    "superresolution.block0.conv0.weight": (256, 32, 3, 3),
+    "superresolution.block0.conv0.affine.weight": (32, 512),
+    "superresolution.block1.conv1.noise_const": (512, 512),
+    "superresolution.block1.torgb.weight": (3, 128, 1, 1),
+    "decoder.net.0.weight": (64, 32),
+    "decoder.net.2.weight": (33, 64),
+    "decoder.net.2.bias": (33,),
+}
+EG3D_FFHQ512_DISCRIMINATOR = {
+    "resample_filter": (4, 4),
+    "b512.fromrgb.weight": (64, 6, 1, 1),
+    "b512.conv1.weight": (128, 64, 3, 3),
+    "b512.skip.weight": (128, 64, 1, 1),
+    "b8.conv1.weight": (512, 512, 3, 3),
+    "mapping.embed.weight": (512, 25),
+    "mapping.fc7.weight": (512, 512),
+    "b4.conv.weight": (512, 513, 3, 3),
+    "b4.fc.weight": (512, 8192),
+    "b4.out.weight": (512, 512),
+}
+
+
+def test_ffhq512_parameter_layout_is_eg3d():
+    from dreamportrait.models import build_discriminator
+
+    generator = build_generator("ffhq512-128")
+    shapes = {key: tuple(value.shape) for key, value in generator.state_dict().items()}
+    for key, shape in EG3D_FFHQ512_GENERATOR.items():
+        assert shapes.get(key) == shape, key
+    # 7 backbone blocks (b4..b256) + 2 SR blocks; each block one resample_filter, each layer one.
+    assert sum(key.endswith("noise_const") for key in shapes) == 13 + 4
+    assert "superresolution.resample_filter" not in shapes  # 8XDC registers none
+    assert generator.num_ws == 14 and generator.neural_rendering_resolution == 128
+    discriminator = build_discriminator("ffhq512-128")
+    shapes = {key: tuple(value.shape) for key, value in discriminator.state_dict().items()}
+    for key, shape in EG3D_FFHQ512_DISCRIMINATOR.items():
+        assert shapes.get(key) == shape, key
+    assert [f"b{2 ** i}" for i in range(9, 1, -1)] == sorted({k.split(".")[0] for k in shapes if k.startswith("b")},
+                                                            key=lambda b: -int(b[1:]))
+
+
+def test_bad_input_is_named():
+    generator = tiny_generator()
+    z, c = random_inputs(generator)
+    with pytest.raises(ValueError, match=r"c must be .*\(N, 25\)"):
+        generator(z, c[:, :16])
+    with pytest.raises(ValueError, match="2 camera labels but the batch has 3"):
+        generator(torch.randn(3, generator.z_dim), c)
+    with pytest.raises(ValueError, match=r"z must have shape \(N, 64\)"):
+        generator(torch.randn(2, 32), c)
+    with pytest.raises(ValueError, match="ws must have shape"):
+        generator.synthesis(torch.randn(2, 3, generator.w_dim), c)
+    with pytest.raises(ValueError, match="rendering_kwargs is missing ray_start"):
+        kwargs = preset_kwargs("tiny", "generator")
+        del kwargs["rendering_kwargs"]["ray_start"]
+        TriPlaneGenerator(**kwargs)
+    with pytest.raises(ValueError, match="superresolution_module"):
+        kwargs = preset_kwargs("tiny", "generator")
+        kwargs["rendering_kwargs"]["superresolution_module"] = "training.superresolution.Bicubic"
+        TriPlaneGenerator(**kwargs)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_generator("ffhq1024")
