@@ -46,12 +46,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _import_eg3d(args: argparse.Namespace) -> int:
+    import pickle
+
     from dreamportrait.models import import_eg3d
-    from dreamportrait.models.safe_pickle import UnsafePickleError
 
     try:
         out = import_eg3d(args.network, args.out_dir)
-    except (OSError, ValueError, UnsafePickleError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
         print(f"dreamportrait import-eg3d: {error}", file=sys.stderr)
         return 1
     print(f"wrote {out} (config.json + safetensors weights)")

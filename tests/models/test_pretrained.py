@@ -1,0 +1,199 @@
+"""Pretrained directories and the import of EG3D network pickles (built here in EG3D's format)."""
+
+import collections
+import io
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dreamportrait.cli import main
+from dreamportrait.models import build_discriminator, build_generator, camera_labels, fov_to_intrinsics
+from dreamportrait.models import import_eg3d, load_pretrained, sample_orbit_poses, save_pretrained
+from dreamportrait.models.safe_pickle import UnsafePickleError, load_network_pickle
+
+
+@pytest.fixture
+def eg3d_modules(monkeypatch):
+    """Stand-ins for EG3D's ``torch_utils.persistence`` and ``dnnlib.util`` so pickle records their
+    names as EG3D's own pickles do; loading must never call them."""
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("EG3D's loader (which executes module_src) was called")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    util = types.ModuleType("dnnlib.util")
+    util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+    for name, module in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                         "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return persistence._reconstruct_persistent_obj, util.EasyDict
+
+
+class PersistentRecord:
+    """Pickles like an object of an EG3D ``@persistence.persistent_class``."""
+
+    def __init__(self, reconstruct, class_name, state, module_src):
+        self.reconstruct, self.meta = reconstruct, dict(type="class", version=6, module_src=module_src,
+                                                        class_name=class_name, state=state)
+
+    def __reduce__(self):
+        return self.reconstruct, (self.meta,)
+
+
+def as_eg3d(module, eg3d_modules, module_src, init_kwargs=None):
+    """Our module tree as EG3D would pickle it: persistent records for its own classes, plain
+    torch.nn containers and activations as themselves."""
+    reconstruct, easy_dict = eg3d_modules
+    children = collections.OrderedDict((name, as_eg3d(child, eg3d_modules, module_src))
+                                       for name, child in module._modules.items())
+    state = {key: value for key, value in module.__dict__.items() if key not in ("init_kwargs",)}
+    state["_modules"] = children
+    if isinstance(module, (nn.Sequential, nn.Softplus)):
+        copy = type(module).__new__(type(module))
+        copy.__dict__.update(state)
+        return copy
+    if init_kwargs is not None:
+        state["_init_args"], state["_init_kwargs"] = (), easy_dict(init_kwargs)
+    return PersistentRecord(reconstruct, type(module).__name__, state, module_src)
+
+
+def write_network_pickle(path, generator, discriminator, eg3d_modules, module_src="pass"):
+    _, easy_dict = eg3d_modules
+    kwargs = dict(generator.init_kwargs)
+    del kwargs["neural_rendering_resolution"]  # EG3D keeps it as an attribute, not an init kwarg
+    data = {
+        "G": as_eg3d(generator, eg3d_modules, module_src, kwargs),
+        "D": as_eg3d(discriminator, eg3d_modules, module_src, discriminator.init_kwargs),
+        "G_ema": as_eg3d(generator, eg3d_modules, module_src, kwargs),
+        "augment_pipe": None,
+        "training_set_kwargs": easy_dict(resolution=64, use_labels=True),
+    }
+    with open(path, "wb") as file:
+        pickle.dump(data, file)
+
+
+def render(generator, c, z):
+    with torch.no_grad():
+        return generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=16)
+
+
+def test_eg3d_pickle_imports_without_running_its_code(tmp_path, eg3d_modules):
+    generator, discriminator = build_generator("tiny").eval(), build_discriminator("tiny").eval()
+    generator.neural_rendering_resolution = 16
+    marker = tmp_path / "code-ran"
+    write_network_pickle(tmp_path / "network.pkl", generator, discriminator, eg3d_modules,
+                         module_src=f"open({str(marker)!r}, 'w').write('ran')")
+    assert main(["import-eg3d", str(tmp_path / "network.pkl"), str(tmp_path / "out")]) == 0
+    assert not marker.exists()
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "discriminator.safetensors", "generator.safetensors"]
+    loaded_generator, loaded_discriminator = load_pretrained(tmp_path / "out")
+    assert loaded_generator.neural_rendering_resolution == 16
+    c, z = camera_labels(sample_orbit_poses(2), fov_to_intrinsics(18.837)), torch.randn(2, generator.z_dim)
+    expected, actual = render(generator, c, z), render(loaded_generator, c, z)
+    for key in ("image", "image_raw", "image_depth"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    images = {"image": expected["image"], "image_raw": expected["image_raw"]}
+    torch.testing.assert_close(loaded_discriminator(images, c), discriminator(images, c), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_is_strict_and_exact(tmp_path):
+    generator, discriminator = build_generator("tiny"), build_discriminator("tiny")
+    save_pretrained(tmp_path, generator, discriminator)
+    loaded_generator, loaded_discriminator = load_pretrained(tmp_path)
+    for original, loaded in ((generator, loaded_generator), (discriminator, loaded_discriminator)):
+        expected, actual = original.state_dict(), loaded.state_dict()
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+        loaded.load_state_dict(original.state_dict(), strict=True)
+    save_pretrained(tmp_path / "g-only", generator)
+    assert load_pretrained(tmp_path / "g-only")[1] is None
+
+
+def test_checkpoint_with_unknown_or_missing_keys_is_named(tmp_path):
+    save_pretrained(tmp_path, build_generator("tiny"))
+    weights = load_file(str(tmp_path / "generator.safetensors"))
+    weights["backbone.synthesis.b8.extra"] = torch.zeros(3)
+    del weights["decoder.net.0.bias"]
+    save_file(weights, str(tmp_path / "generator.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.net\.0\.bias; unknown keys: backbone\.synthesis\.b8\.extra"):
+        load_pretrained(tmp_path)
+    weights["decoder.net.0.bias"] = torch.zeros(7)
+    del weights["backbone.synthesis.b8.extra"]
+    save_file(weights, str(tmp_path / "generator.safetensors"))
+    with pytest.raises(ValueError, match=r"wrong shapes: decoder\.net\.0\.bias \(7,\) \(expected \(64,\)\)"):
+        load_pretrained(tmp_path)
+
+
+def test_damaged_directories_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_pretrained(tmp_path)
+    save_pretrained(tmp_path, build_generator("tiny"))
+    data = (tmp_path / "generator.safetensors").read_bytes()
+    (tmp_path / "generator.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["generator"]["depth"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="generator config does not fit TriPlaneGenerator"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_pretrained(tmp_path)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+class RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickles_are_refused(tmp_path, eg3d_modules, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": RunsShell(marker)}))
+    with pytest.raises(UnsafePickleError, match=r"refusing to load (posix|os)\.system"):
+        load_network_pickle(path)
+    assert main(["import-eg3d", str(path), str(tmp_path / "out")]) == 1
+    assert "refusing to load" in capsys.readouterr().err
+    # Hidden inside a network's state.
+    reconstruct, _ = eg3d_modules
+    path.write_bytes(pickle.dumps({"G_ema": PersistentRecord(reconstruct, "TriPlaneGenerator",
+                                                             {"_modules": {"x": RunsShell(marker)}}, "pass")}))
+    with pytest.raises(UnsafePickleError):
+        load_network_pickle(path)
+    # Hidden inside a tensor storage (EG3D pickles storages as torch.save bytes).
+    payload = io.BytesIO()
+    torch.save({"x": RunsShell(marker)}, payload)
+    evil_storage = type("EvilStorage", (), {"__reduce__": lambda self: (torch.storage._load_from_bytes,
+                                                                        (payload.getvalue(),))})()
+    path.write_bytes(pickle.dumps({"G_ema": evil_storage}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_network_pickle(path)
+    assert not marker.exists()
+
+
+def test_pickle_without_networks_is_named(tmp_path, eg3d_modules):
+    path = tmp_path / "n.pkl"
+    path.write_bytes(pickle.dumps({"D": None}))
+    with pytest.raises(ValueError, match="no 'G_ema' network"):
+        import_eg3d(path, tmp_path / "out")
+    reconstruct, _ = eg3d_modules
+    path.write_bytes(pickle.dumps({"G_ema": PersistentRecord(reconstruct, "Generator", {}, "pass")}))
+    with pytest.raises(ValueError, match="expected an EG3D TriPlaneGenerator, found 'Generator'"):
+        import_eg3d(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
