@@ -31,10 +31,9 @@ def pytest_terminal_summary(terminalreporter):
                 f"{reference['seconds'] * 1e3:8.1f} ms: {reference['seconds'] / result['seconds']:5.2f}x"
             )
             if "peak_extra_MiB" in result and "peak_extra_MiB" in reference:
-                row += (
-                    f" | peak extra {result['peak_extra_MiB']:7.1f} vs {reference['peak_extra_MiB']:7.1f} MiB,"
-                    f" temporaries {result['temporaries_MiB']:7.1f} vs {reference['temporaries_MiB']:7.1f} MiB"
-                )
+                row += f" | peak extra {result['peak_extra_MiB']:7.1f} vs {reference['peak_extra_MiB']:7.1f} MiB"
+            if "temporaries_MiB" in result and "temporaries_MiB" in reference:
+                row += f", temporaries {result['temporaries_MiB']:7.1f} vs {reference['temporaries_MiB']:7.1f} MiB"
             rows.append(row)
         sdpa = _results.get((group, "sdpa"))
         for implementation in ("cpu", "cuda", "triton"):
