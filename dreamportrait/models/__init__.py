@@ -12,12 +12,15 @@ from .renderer import ImportanceRenderer, OSGDecoder
 from .stylegan2 import MappingNetwork, StyleGAN2Backbone, SynthesisNetwork
 from .superresolution import (SuperresolutionHybrid2X, SuperresolutionHybrid4X, SuperresolutionHybrid8X,
                               SuperresolutionHybrid8XDC)
+from .text_conditioning import ConditionAdapters, TextConditionedGenerator, TriplaneCrossAttention
+from .text_encoder import TextEncoder, TextFeatures
 from .triplane_generator import TriPlaneGenerator
 
 __all__ = [
     "CAMERA_LABEL_SIZE", "DualDiscriminator", "ImportanceRenderer", "MappingNetwork", "OSGDecoder", "PRESETS",
     "StyleGAN2Backbone", "SuperresolutionHybrid2X", "SuperresolutionHybrid4X", "SuperresolutionHybrid8X",
-    "SuperresolutionHybrid8XDC", "SynthesisNetwork", "TriPlaneGenerator", "build_discriminator", "build_generator",
+    "SuperresolutionHybrid8XDC", "SynthesisNetwork", "TextConditionedGenerator", "TextEncoder", "TextFeatures",
+    "TriPlaneGenerator", "TriplaneCrossAttention", "ConditionAdapters", "build_discriminator", "build_generator",
     "camera_labels", "camera_rays", "density_grid", "extract_mesh", "import_eg3d", "load_pretrained",
     "save_pretrained", "fov_to_intrinsics", "look_at", "orbit_poses", "preset_kwargs",
     "sample_orbit_poses", "split_camera_labels",

@@ -6,6 +6,7 @@ from these.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from .layers import normalize_2nd_moment
 from .resampling import downsample2d, setup_filter, upsample2d
 
 NOISE_MODES = ("random", "const", "none")
+BlockHook = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def check_noise_mode(noise_mode: str) -> None:
@@ -256,7 +258,10 @@ class SynthesisNetwork(nn.Module):
             self.num_ws += block.num_conv + (block.num_torgb if is_last else 0)
             setattr(self, f"b{res}", block)
 
-    def forward(self, ws: Tensor, noise_mode: str = "random", force_fp32: bool = False) -> Tensor:
+    def forward(self, ws: Tensor, noise_mode: str = "random", force_fp32: bool = False,
+                block_hook: BlockHook | None = None) -> Tensor:
+        """``block_hook(resolution, x, img) -> (x, img)``, when given, runs after each block: how
+        DreamPortrait's cross-attention enters the synthesis."""
         if ws.dim() != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"SynthesisNetwork: ws must have shape (N, {self.num_ws}, {self.w_dim}), "
                              f"got {tuple(ws.shape)}")
@@ -268,6 +273,8 @@ class SynthesisNetwork(nn.Module):
             # Consecutive blocks share a w: a block's ToRGB uses the next block's first w.
             x, img = block(x, img, ws.narrow(1, first, block.num_conv + block.num_torgb),
                            force_fp32=force_fp32, noise_mode=noise_mode)
+            if block_hook is not None:
+                x, img = block_hook(res, x, img)
             first += block.num_conv
         return img
 

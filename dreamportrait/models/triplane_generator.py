@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .cameras import check_camera_labels, camera_rays, split_camera_labels
 from .renderer import ImportanceRenderer, OSGDecoder
-from .stylegan2 import StyleGAN2Backbone, check_noise_mode
+from .stylegan2 import BlockHook, StyleGAN2Backbone, check_noise_mode
 from .superresolution import superresolution_class
 
 PLANE_CHANNELS = 32
@@ -81,21 +81,23 @@ class TriPlaneGenerator(nn.Module):
         return self.backbone.mapping(z, c * self.rendering_kwargs.get("c_scale", 0), truncation_psi=truncation_psi,
                                      truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
-    def planes(self, ws: Tensor, noise_mode: str = "random") -> Tensor:
-        """ws -> tri-planes ``(N, 3, 32, H, W)``."""
-        planes = self.backbone.synthesis(ws, noise_mode=noise_mode)
+    def planes(self, ws: Tensor, noise_mode: str = "random", block_hook: BlockHook | None = None) -> Tensor:
+        """ws -> tri-planes ``(N, 3, 32, H, W)``; ``block_hook``: see :class:`SynthesisNetwork`."""
+        planes = self.backbone.synthesis(ws, noise_mode=noise_mode, block_hook=block_hook)
         return planes.view(len(planes), 3, PLANE_CHANNELS, planes.shape[-2], planes.shape[-1])
 
     def synthesis(self, ws: Tensor, c: Tensor, neural_rendering_resolution: int | None = None,
                   noise_mode: str = "random", deterministic_sampling: bool | None = None,
-                  planes: Tensor | None = None) -> dict[str, Tensor]:
+                  planes: Tensor | None = None, block_hook: BlockHook | None = None,
+                  sr_ws: Tensor | None = None) -> dict[str, Tensor]:
         """Render ws ``(N, num_ws, w_dim)`` from cameras c ``(N, 25)``.
 
         Returns ``image`` ``(N, 3, img_resolution, img_resolution)``, ``image_raw`` ``(N, 3, r, r)`` and
         ``image_depth`` ``(N, 1, r, r)`` with ``r = neural_rendering_resolution`` (default: the
         generator's; giving one makes it the generator's, as in EG3D), plus ``planes``. Precomputed
         ``planes`` skip the backbone (several views of one sample). ``deterministic_sampling``
-        overrides the rendering option of that name.
+        overrides the rendering option of that name. ``block_hook`` runs after each backbone block
+        (:class:`SynthesisNetwork`); ``sr_ws`` replaces ws for the super-resolution (it uses the last w).
         """
         check_noise_mode(noise_mode)
         check_camera_labels("c", c, ws.shape[0])
@@ -107,7 +109,7 @@ class TriPlaneGenerator(nn.Module):
         cam2world, intrinsics = split_camera_labels(c)
         ray_origins, ray_directions = camera_rays(cam2world, intrinsics, resolution)
         if planes is None:
-            planes = self.planes(ws, noise_mode)
+            planes = self.planes(ws, noise_mode, block_hook)
         options = self.rendering_kwargs
         if deterministic_sampling is not None:
             options = {**options, "deterministic_sampling": deterministic_sampling}
@@ -117,7 +119,8 @@ class TriPlaneGenerator(nn.Module):
         depth_image = depth.permute(0, 2, 1).reshape(batch, 1, resolution, resolution)
         rgb_image = feature_image[:, :3]
         sr_noise_mode = self.rendering_kwargs.get("superresolution_noise_mode", "none")
-        image = self.superresolution(rgb_image, feature_image.contiguous(), ws, noise_mode=sr_noise_mode)
+        image = self.superresolution(rgb_image, feature_image.contiguous(), ws if sr_ws is None else sr_ws,
+                                     noise_mode=sr_noise_mode)
         return {"image": image, "image_raw": rgb_image, "image_depth": depth_image, "planes": planes}
 
     def sample(self, coordinates: Tensor, z: Tensor, c: Tensor, truncation_psi: float = 1.0,

@@ -1,0 +1,187 @@
+"""Text encoder, condition adapters, 3D-aware cross-attention and the text-conditioned generator."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import write_tiny_clip
+
+from dreamportrait.models import build_generator, camera_labels, fov_to_intrinsics, orbit_poses
+from dreamportrait.models.renderer import TRIPLANE_AXES
+from dreamportrait.models.text_conditioning import TextConditionedGenerator, line_features
+from dreamportrait.models.text_encoder import TextEncoder, TextFeatures
+
+PROMPTS = ["a portrait of a bald man with glasses", "a portrait of a woman with red hair"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    return TextEncoder(clip_dir)
+
+
+def conditioned(encoder, **kwargs):
+    base = build_generator("tiny").eval()
+    options = {"attention_resolutions": (16, 32), "attention_heads": 2, "attention_head_dim": 8, **kwargs}
+    return TextConditionedGenerator(base, encoder.dim, text_encoder=encoder, **options)
+
+
+def inputs(batch=2):
+    yaw = math.pi / 2 + (torch.rand(batch) - 0.5)
+    return torch.randn(batch, 64), camera_labels(orbit_poses(yaw, torch.full((batch,), math.pi / 2)),
+                                                 fov_to_intrinsics(18.837))
+
+
+def render(generator, z, c, **kwargs):
+    return generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=8, **kwargs)
+
+
+def open_everything(generator):
+    """Give the zero-initialised paths random values, as training would."""
+    with torch.no_grad():
+        for block in generator.cross_attention.values():
+            block.gate.normal_()
+        for mlp in generator.adapters.groups.values():
+            mlp[2].weight.normal_(std=0.1)
+
+
+def test_text_encoder_batches_caches_and_truncates(clip_dir, encoder, monkeypatch):
+    features = encoder(PROMPTS + [""])
+    assert features.tokens.shape == (3, 77, 32) and features.pooled.shape == (3, 32)
+    lengths = [len(ids) for ids in encoder.tokenizer(PROMPTS + [""])["input_ids"]]  # start + words + end
+    assert features.mask.sum(1).tolist() == lengths and lengths[0] == 10 and lengths[2] == 2
+    assert not any(p.requires_grad for p in encoder.parameters())
+    calls = []
+    original = encoder.model.forward
+    monkeypatch.setattr(encoder.model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = encoder([PROMPTS[1], PROMPTS[0]])
+    assert not calls  # both cached
+    torch.testing.assert_close(again.tokens[0], features.tokens[1], rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="truncated"):
+        long = encoder(["bald " * 100])
+    assert long.mask.all()
+    # The Stable Diffusion layout (tokenizer/ and text_encoder/ subfolders) loads the same way.
+    sd_layout = TextEncoder(write_tiny_clip(clip_dir.parent / "sd", layout="stable-diffusion"))
+    assert sd_layout(PROMPTS).tokens.shape == (2, 77, 32)
+
+
+def test_text_encoder_bad_input(encoder, tmp_path):
+    with pytest.raises(ValueError, match="list of strings"):
+        encoder("a bald man")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        encoder([])
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        TextEncoder(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("axes", ["eg3d", "orthogonal"])
+def test_line_features_average_each_texels_3d_line(axes):
+    order = TRIPLANE_AXES[axes]
+    resolution = 5
+    planes = torch.randn(2, 3, 4, resolution, resolution, dtype=torch.float64)
+    result = line_features(planes, order)
+    assert result.shape == (2, 3, 8, resolution, resolution)
+    for p in range(3):
+        u, v = order[2 * p], order[2 * p + 1]
+        missing = 3 - u - v
+        for i in range(resolution):  # row: coordinate along v
+            for j in range(resolution):  # column: coordinate along u
+                others = []
+                for q in (q for q in range(3) if q != p):
+                    samples = []
+                    for k in range(resolution):  # walk the 3D line through the texel
+                        point = [0, 0, 0]
+                        point[u], point[v], point[missing] = j, i, k
+                        samples.append(planes[:, q, :, point[order[2 * q + 1]], point[order[2 * q]]])
+                    others.append(torch.stack(samples).mean(0))
+                torch.testing.assert_close(result[:, p, :, i, j], torch.cat(others, dim=1))
+
+
+def test_identity_at_initialisation(encoder):
+    generator = conditioned(encoder)
+    z, c = inputs()
+    with torch.no_grad():
+        expected = render(generator.base, z, c)
+        for prompts in (PROMPTS, ["", "a bald man"]):
+            out = render(generator, z, c, prompts=prompts)
+            for key in ("image", "image_raw", "image_depth"):
+                assert torch.equal(out[key], expected[key]), key
+
+
+def test_gradients_reach_adapters_and_gates(encoder):
+    generator = conditioned(encoder)
+    z, c = inputs()
+    out = render(generator, z, c, prompts=PROMPTS)
+    (out["image"].square().mean() + out["image_raw"].mean()).backward()
+    for name, mlp in generator.adapters.groups.items():
+        assert mlp[2].weight.grad.abs().sum() > 0, name
+    for res, block in generator.cross_attention.items():
+        assert block.gate.grad.abs().sum() > 0, res
+    groups = generator.parameter_groups()
+    assert {id(p) for p in groups["base"]} == {id(p) for p in generator.base.parameters()}
+    assert sum(map(len, groups.values())) == len(list(generator.parameters()))
+
+
+def test_padding_mask_is_honoured(encoder):
+    generator = conditioned(encoder)
+    open_everything(generator)
+    z, c = inputs()
+    text = encoder(PROMPTS)
+    scrambled = torch.where(text.mask[..., None], text.tokens, torch.randn_like(text.tokens) * 10)
+    with torch.no_grad():
+        a = render(generator, z, c, text=text)
+        b = render(generator, z, c, text=TextFeatures(scrambled, text.mask, text.pooled))
+        other = render(generator, z, c, text=encoder(PROMPTS[::-1]))
+    assert_close = torch.testing.assert_close
+    assert_close(b["image"], a["image"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other["image"], a["image"], atol=1e-4)
+
+
+def test_training_separates_two_prompts(encoder):
+    generator = conditioned(encoder)
+    groups = generator.parameter_groups()
+    optimiser = torch.optim.Adam([{"params": groups["adapters"], "lr": 3e-3},
+                                  {"params": groups["cross_attention"], "lr": 3e-3}])
+    z, c = inputs(1)
+    z, c = z.expand(2, -1), c.expand(2, -1)
+    target = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # prompt 0: brighter, prompt 1: darker
+
+    def loss():
+        out = render(generator, z, c, prompts=PROMPTS)
+        return (out["image_raw"].mean(dim=(1, 2, 3), keepdim=True) - target).square().mean(), out
+
+    first, out = loss()
+    torch.testing.assert_close(out["image_raw"][0], out["image_raw"][1])  # the same at init
+    for _ in range(8):
+        optimiser.zero_grad()
+        value, _ = loss()
+        value.backward()
+        optimiser.step()
+    last, out = loss()
+    assert last < first
+    brightness = out["image_raw"].mean(dim=(1, 2, 3))
+    assert brightness[0] > brightness[1]
+
+
+def test_ablations_and_bad_input(encoder):
+    z, c = inputs()
+    without_attention = conditioned(encoder, use_cross_attention=False)
+    without_adapters = conditioned(encoder, use_adapters=False)
+    assert not len(without_attention.cross_attention) and without_adapters.adapters is None
+    for generator in (without_attention, without_adapters):
+        assert render(generator, z, c, prompts=PROMPTS)["image"].shape == (2, 3, 64, 64)
+    generator = conditioned(encoder)
+    with pytest.raises(ValueError, match="exactly one of prompts"):
+        render(generator, z, c)
+    with pytest.raises(ValueError, match="1 prompts/text features for a batch of 2"):
+        render(generator, z, c, prompts=PROMPTS[:1])
+    with pytest.raises(ValueError, match="attention_resolutions: 12"):
+        conditioned(encoder, attention_resolutions=(12,))
+    base = build_generator("tiny")
+    generator.load_base_state_dict(base.state_dict())
+    with pytest.raises(ValueError, match="missing keys: decoder.net.0.bias"):
+        generator.load_base_state_dict({k: v for k, v in base.state_dict().items() if k != "decoder.net.0.bias"})

@@ -1,0 +1,54 @@
+"""Tiny models built from configs with the real transformers classes, saved with
+``save_pretrained`` so tests load them through the same path as a user's model directory."""
+
+import json
+from pathlib import Path
+
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = ["a", "portrait", "of", "bald", "man", "woman", "with", "red", "blond", "black", "hair", "glasses", "hat",
+         "beard", "and", "smiling"]
+
+
+def byte_symbols() -> list[str]:
+    """The printable stand-in of each byte used by byte-level BPE (GPT-2 / CLIP): printable Latin-1
+    bytes stand for themselves, the others for code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_clip_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with a small vocabulary: all single bytes (inside and at the end of a
+    word) plus merges spelling out WORDS, so those words are single tokens."""
+    symbols = byte_symbols()
+    vocab = {token: index for index, token in enumerate(symbols + [s + "</w>" for s in symbols])}
+    merges = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat") -> Path:
+    """A tiny CLIP text model + tokenizer in ``directory`` (``layout="flat"``) or in its
+    ``tokenizer/`` and ``text_encoder/`` subfolders, as in a Stable Diffusion checkpoint."""
+    tokenizer_dir = directory if layout == "flat" else directory / "tokenizer"
+    model_dir = directory if layout == "flat" else directory / "text_encoder"
+    tokenizer = write_clip_tokenizer(tokenizer_dir)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    CLIPTextModel(config).save_pretrained(model_dir)
+    return directory
