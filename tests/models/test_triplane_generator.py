@@ -4,18 +4,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from eg3d_formulation import eg3d_decode, eg3d_rays, published_ray_march
 from support import assert_close_scaled, kernel_backends
 
 from dreamportrait.models import (TriPlaneGenerator, build_generator, camera_labels, fov_to_intrinsics, orbit_poses,
                                   preset_kwargs, sample_orbit_poses)
 from dreamportrait.rendering import importance_depths
-
-# EG3D's generate_planes(): each plane's three axis vectors; points project through the inverse.
-EG3D_PLANE_AXES = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-                                [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
-                                [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
-
 
 def tiny_generator(**overrides):
     generator = build_generator("tiny", **overrides)
@@ -34,47 +28,6 @@ def random_inputs(generator, batch=2):
     return z, camera_labels(orbit_poses(yaw, pitch), fov_to_intrinsics(18.837))
 
 
-# --- EG3D's formulation, written out independently of the package -----------------------------
-
-def eg3d_rays(c, resolution):
-    cam2world, intrinsics = c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3)
-    batch = c.shape[0]
-    uv = torch.stack(torch.meshgrid(torch.arange(resolution, dtype=torch.float32),
-                                    torch.arange(resolution, dtype=torch.float32), indexing="ij")) / resolution + 0.5 / resolution
-    uv = uv.flip(0).reshape(2, -1).transpose(1, 0).unsqueeze(0).repeat(batch, 1, 1)
-    x_cam, y_cam = uv[..., 0], uv[..., 1]
-    fx, fy, cx, cy, sk = (intrinsics[:, i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2), (0, 1)))
-    x_lift = (x_cam - cx + cy * sk / fy - sk * y_cam / fy) / fx
-    y_lift = (y_cam - cy) / fy
-    points = torch.stack((x_lift, y_lift, torch.ones_like(x_lift), torch.ones_like(x_lift)), dim=-1)
-    world = torch.bmm(cam2world, points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
-    directions = F.normalize(world - cam2world[:, None, :3, 3], dim=2)
-    return cam2world[:, None, :3, 3].repeat(1, directions.shape[1], 1), directions
-
-
-def eg3d_decode(generator, planes, points, box_warp):
-    batch, _, channels, height, width = planes.shape
-    projected = (2 / box_warp * points)[:, None] @ torch.linalg.inv(EG3D_PLANE_AXES)  # (N, 3, M, 3)
-    sampled = F.grid_sample(planes.reshape(batch * 3, channels, height, width),
-                            projected[..., :2].reshape(batch * 3, 1, -1, 2), align_corners=False)
-    features = sampled.reshape(batch, 3, channels, -1).permute(0, 1, 3, 2).mean(1)
-    x = generator.decoder.net(features.reshape(-1, channels)).reshape(batch, features.shape[1], -1)
-    return torch.sigmoid(x[..., 1:]) * 1.002 - 0.001, x[..., :1]
-
-
-def eg3d_march(colors, densities, depths):
-    deltas = depths[:, :, 1:] - depths[:, :, :-1]
-    colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
-    densities_mid = F.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
-    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-    alpha = 1 - torch.exp(-densities_mid * deltas)
-    shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
-    weights = alpha * torch.cumprod(shifted, -2)[:, :, :-1]
-    rgb = (weights * colors_mid).sum(2)
-    depth = torch.nan_to_num((weights * depths_mid).sum(2) / weights.sum(2), float("inf"))
-    return rgb * 2 - 1, torch.clamp(depth, depths.min(), depths.max()), weights
-
-
 def eg3d_render(generator, ws, c, resolution):
     """EG3D's TriPlaneGenerator.synthesis with deterministic sampling, const noise."""
     options = generator.rendering_kwargs
@@ -91,14 +44,14 @@ def eg3d_render(generator, ws, c, resolution):
     samples = options["depth_resolution"]
     depths = torch.linspace(options["ray_start"], options["ray_end"], samples).reshape(1, 1, samples, 1).repeat(batch, rays, 1, 1)
     colors, densities = decode(depths)
-    _, _, weights = eg3d_march(colors, densities, depths)
+    _, _, weights = published_ray_march(colors, densities, depths, {})
     fine = importance_depths(depths, weights, options["depth_resolution_importance"], deterministic=True)
     fine_colors, fine_densities = decode(fine)
     all_depths = torch.cat([depths, fine], -2)
     order = torch.sort(all_depths, dim=-2).indices
     all_colors = torch.gather(torch.cat([colors, fine_colors], -2), -2, order.expand(-1, -1, -1, colors.shape[-1]))
     all_densities = torch.gather(torch.cat([densities, fine_densities], -2), -2, order)
-    rgb, depth, _ = eg3d_march(all_colors, all_densities, torch.gather(all_depths, -2, order))
+    rgb, depth, _ = published_ray_march(all_colors, all_densities, torch.gather(all_depths, -2, order), {})
     feature_image = rgb.permute(0, 2, 1).reshape(batch, -1, resolution, resolution)
     image = generator.superresolution(feature_image[:, :3], feature_image, ws, noise_mode="none")
     return image, feature_image[:, :3], depth.permute(0, 2, 1).reshape(batch, 1, resolution, resolution)

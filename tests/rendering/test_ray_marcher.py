@@ -2,28 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from eg3d_formulation import published_ray_march
 from support import kernel_backends
 
 from dreamportrait.rendering import eg3d_ray_march
-
-
-def published_ray_march(colors, densities, depths, options):
-    """EG3D's formulation (cumprod transmittance with its 1e-10 term), written from its equations."""
-    deltas = depths[:, :, 1:] - depths[:, :, :-1]
-    colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
-    densities_mid = F.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
-    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-    alpha = 1 - torch.exp(-densities_mid * deltas)
-    shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
-    weights = alpha * torch.cumprod(shifted, -2)[:, :, :-1]
-    rgb = (weights * colors_mid).sum(-2)
-    total = weights.sum(2)
-    depth = torch.nan_to_num((weights * depths_mid).sum(-2) / total, float("inf"))
-    depth = torch.clamp(depth, depths.min(), depths.max())
-    if options.get("white_back", False):
-        rgb = rgb + 1 - total
-    return rgb * 2 - 1, depth, weights
 
 
 def make_samples(batch=2, rays=50, samples=24, channels=32, dtype=torch.float64, device="cpu"):
