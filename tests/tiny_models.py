@@ -52,3 +52,27 @@ def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat"
                             pad_token_id=tokenizer.pad_token_id)
     CLIPTextModel(config).save_pretrained(model_dir)
     return directory
+
+
+def write_tiny_stable_diffusion(directory: Path, latent: bool = True, prediction_type: str = "epsilon") -> Path:
+    """A Stable Diffusion-layout directory (unet/, scheduler/, tokenizer/, text_encoder/, and vae/
+    when ``latent``) of tiny models: 32² images, 16² x 4 latents (or 32² x 3 pixels)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    write_tiny_clip(directory, layout="stable-diffusion")
+    channels = 4 if latent else 3
+    UNet2DConditionModel(
+        sample_size=16 if latent else 32, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
+    ).save_pretrained(directory / "unet")
+    if latent:
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=32,
+        ).save_pretrained(directory / "vae")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type=prediction_type).save_pretrained(directory / "scheduler")
+    return directory
