@@ -5,8 +5,10 @@ Layout of a pretrained directory::
 
     config.json                  {"format": "dreamportrait.triplane-gan", "version": 1,
                                   "generator": {TriPlaneGenerator kwargs},
+                                  "text_conditioning": {TextConditionedGenerator kwargs,
+                                                        "text_encoder": its source} (optional),
                                   "discriminator": {DualDiscriminator kwargs} (optional)}
-    generator.safetensors
+    generator.safetensors        (the text-conditioned generator's, base included, when conditioned)
     discriminator.safetensors    (when the config has a discriminator)
 """
 
@@ -25,6 +27,8 @@ from torch import nn
 from .._atomic import atomic_path
 from .discriminator import DualDiscriminator
 from .safe_pickle import PickledObject, load_network_pickle
+from .text_conditioning import TextConditionedGenerator
+from .text_encoder import TextEncoder
 from .triplane_generator import TriPlaneGenerator
 
 FORMAT = "dreamportrait.triplane-gan"
@@ -49,20 +53,23 @@ def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], source:
     module.load_state_dict(dict(tensors), strict=True)
 
 
-def save_pretrained(directory: str | Path, generator: TriPlaneGenerator,
+def save_pretrained(directory: str | Path, generator: TriPlaneGenerator | TextConditionedGenerator,
                     discriminator: DualDiscriminator | None = None) -> Path:
     """Write ``generator`` (and ``discriminator``) to ``directory``; every file is written atomically,
     the config last, so an interrupted save leaves no config pointing at missing weights."""
     directory = Path(directory)
+    base = generator.base if isinstance(generator, TextConditionedGenerator) else generator
+    config = {"format": FORMAT, "version": VERSION,
+              "generator": {**base.init_kwargs, "neural_rendering_resolution": base.neural_rendering_resolution}}
+    if isinstance(generator, TextConditionedGenerator):
+        source = getattr(generator.text_encoder, "source", None)
+        config["text_conditioning"] = {**generator.init_kwargs, "text_encoder": source}
     networks = {"generator": generator, "discriminator": discriminator}
-    config = {"format": FORMAT, "version": VERSION}
     for role, network in networks.items():
         if network is None:
             continue
-        kwargs = dict(network.init_kwargs)
-        if role == "generator":
-            kwargs["neural_rendering_resolution"] = network.neural_rendering_resolution
-        config[role] = kwargs
+        if role == "discriminator":
+            config[role] = dict(network.init_kwargs)
         tensors = {key: value.detach().cpu().contiguous().clone() for key, value in network.state_dict().items()}
         with atomic_path(directory / WEIGHT_FILES[role]) as temporary:
             save_file(tensors, str(temporary), metadata={"format": FORMAT, "role": role})
@@ -71,12 +78,9 @@ def save_pretrained(directory: str | Path, generator: TriPlaneGenerator,
     return directory
 
 
-def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
-                    backend: str | None = None) -> tuple[TriPlaneGenerator, DualDiscriminator | None]:
-    """The generator (in eval mode) and the discriminator (None when not saved) of a pretrained
-    directory; ``backend`` selects the generator's rendering ops."""
-    directory = Path(directory)
-    config_path = directory / CONFIG_FILE
+def read_config(directory: str | Path) -> dict:
+    """A pretrained directory's checked ``config.json``."""
+    config_path = Path(directory) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not a pretrained model directory: {CONFIG_FILE} is missing")
     try:
@@ -85,29 +89,55 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or "generator" not in config:
         raise ValueError(f"{config_path}: not a {FORMAT} config (needs 'format': {FORMAT!r} and a 'generator' entry)")
-    unknown = sorted(set(config) - {"format", "version", *NETWORK_CLASSES})
+    unknown = sorted(set(config) - {"format", "version", "text_conditioning", *NETWORK_CLASSES})
     if unknown:
         raise ValueError(f"{config_path}: unknown entries {unknown}")
-    networks = {}
-    for role, cls in NETWORK_CLASSES.items():
-        if role not in config:
-            networks[role] = None
-            continue
-        extra = {"backend": backend} if role == "generator" else {}
-        try:
-            network = cls(**config[role], **extra)
-        except TypeError as error:
-            raise ValueError(f"{config_path}: the {role} config does not fit {cls.__name__}: {error}") from None
-        weights_path = directory / WEIGHT_FILES[role]
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"{weights_path} is missing")
-        try:
-            tensors = load_file(str(weights_path))
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
-        load_weights(network, tensors, str(weights_path))
-        networks[role] = network.to(device).eval()
-    return networks["generator"], networks["discriminator"]
+    return config
+
+
+def _construct(cls, kwargs: dict, what: str, **extra):
+    try:
+        return cls(**kwargs, **extra)
+    except TypeError as error:
+        raise ValueError(f"{what} does not fit {cls.__name__}: {error}") from None
+
+
+def _read_weights(module: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    load_weights(module, tensors, str(path))
+
+
+def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", backend: str | None = None,
+                    text_encoder: TextEncoder | str | Path | None = None,
+                    ) -> tuple[TriPlaneGenerator | TextConditionedGenerator, DualDiscriminator | None]:
+    """The generator (in eval mode) and the discriminator (None when not saved) of a pretrained
+    directory; ``backend`` selects the generator's rendering ops. A text-conditioned generator gets
+    ``text_encoder`` (an encoder or its source; default: the source recorded when it was saved)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    what = f"{directory / CONFIG_FILE}: the generator config"
+    generator = _construct(TriPlaneGenerator, config["generator"], what, backend=backend)
+    if "text_conditioning" in config:
+        kwargs = dict(config["text_conditioning"])
+        source = kwargs.pop("text_encoder", None)
+        encoder = text_encoder if text_encoder is not None else source
+        if encoder is not None and not isinstance(encoder, TextEncoder):
+            encoder = TextEncoder(encoder, device=device)
+        generator = _construct(TextConditionedGenerator, kwargs, f"{directory / CONFIG_FILE}: text_conditioning",
+                               base=generator, text_encoder=encoder)
+    _read_weights(generator, directory / WEIGHT_FILES["generator"])
+    discriminator = None
+    if "discriminator" in config:
+        discriminator = _construct(DualDiscriminator, config["discriminator"],
+                                   f"{directory / CONFIG_FILE}: the discriminator config")
+        _read_weights(discriminator, directory / WEIGHT_FILES["discriminator"])
+        discriminator = discriminator.to(device).eval()
+    return generator.to(device).eval(), discriminator
 
 
 def plain_config(value, where: str = "init_kwargs"):

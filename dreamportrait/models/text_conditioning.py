@@ -162,6 +162,11 @@ class TextConditionedGenerator(nn.Module):
                  attention_resolutions: Sequence[int] = (32, 64), attention_heads: int = 4,
                  attention_head_dim: int = 32, use_adapters: bool = True, use_cross_attention: bool = True):
         super().__init__()
+        self.init_kwargs = dict(text_dim=text_dim, adapter_boundaries=list(adapter_boundaries),
+                                adapter_hidden=adapter_hidden, attention_resolutions=list(attention_resolutions),
+                                attention_heads=attention_heads, attention_head_dim=attention_head_dim,
+                                use_adapters=use_adapters, use_cross_attention=use_cross_attention)
+        """The constructor's arguments besides base and text_encoder: what a checkpoint records."""
         self.base = base
         object.__setattr__(self, "text_encoder", text_encoder)  # not a submodule: its weights are not ours
         self.text_dim = text_dim

@@ -64,6 +64,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        self.source = str(source)
         name, tokenizer_kwargs = _resolve(source, "tokenizer")
         self.tokenizer = CLIPTokenizer.from_pretrained(name, **tokenizer_kwargs)
         name, model_kwargs = _resolve(source, "text_encoder")

@@ -185,3 +185,18 @@ def test_ablations_and_bad_input(encoder):
     generator.load_base_state_dict(base.state_dict())
     with pytest.raises(ValueError, match="missing keys: decoder.net.0.bias"):
         generator.load_base_state_dict({k: v for k, v in base.state_dict().items() if k != "decoder.net.0.bias"})
+
+
+def test_text_conditioned_checkpoint_round_trip(encoder, tmp_path):
+    from dreamportrait.models import load_pretrained, save_pretrained
+
+    generator = conditioned(encoder, adapter_boundaries=(8, 32))
+    open_everything(generator)
+    save_pretrained(tmp_path, generator)
+    loaded, discriminator = load_pretrained(tmp_path)
+    assert isinstance(loaded, TextConditionedGenerator) and discriminator is None
+    assert loaded.init_kwargs == generator.init_kwargs and loaded.text_encoder.source == encoder.source
+    z, c = inputs()
+    with torch.no_grad():
+        expected, actual = render(generator, z, c, prompts=PROMPTS), render(loaded, z, c, prompts=PROMPTS)
+    torch.testing.assert_close(actual["image"], expected["image"], rtol=0, atol=0)
