@@ -2,6 +2,7 @@
 
     dreamportrait info                          versions, usable backends, CUDA architectures
     dreamportrait import-eg3d NETWORK.pkl OUT   convert an EG3D network pickle (no code from it runs)
+    dreamportrait train CONFIG.yaml [k=v ...]   SDS-on-distribution training (torchrun for several GPUs)
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def _import_eg3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dreamportrait.training import Trainer, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait train: {error}", file=sys.stderr)
+        return 2
+    trainer = Trainer(config)
+    if config.resume and trainer.resume():
+        print(f"resumed at step {trainer.step} from {config.out_dir}")
+    trainer.train()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("network", metavar="NETWORK.pkl", help="EG3D network pickle, e.g. ffhq512-128.pkl")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
     convert.set_defaults(run=_import_eg3d)
+    train = commands.add_parser(
+        "train", help="train the text-conditioned generator by SDS on a distribution + GAN regulariser",
+        description="Reads CONFIG.yaml (see configs/), applies key=value overrides (e.g. optim.lr_base=0 "
+                    "guidance.source=DIR), resumes from the run's newest checkpoint unless resume=false, and "
+                    "trains with progress bars, TensorBoard logs and atomic checkpoints in out_dir. Under "
+                    "torchrun it trains with DistributedDataParallel.")
+    train.add_argument("config", metavar="CONFIG.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(run=_train)
     return parser
 
 

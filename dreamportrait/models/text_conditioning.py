@@ -142,6 +142,17 @@ def ws_groups(generator: TriPlaneGenerator, middle_from: int, fine_from: int) ->
     return groups + ["fine"] * (generator.num_ws - len(groups))
 
 
+class _Shared:
+    """Holds a reference that copies of the module share (``copy.deepcopy`` of a generator, e.g.
+    its EMA, must not duplicate the frozen text encoder)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class TextConditionedGenerator(nn.Module):
     """``G(z, c, prompts)``: a :class:`TriPlaneGenerator` (``base``) conditioned on text.
 
@@ -168,7 +179,7 @@ class TextConditionedGenerator(nn.Module):
                                 use_adapters=use_adapters, use_cross_attention=use_cross_attention)
         """The constructor's arguments besides base and text_encoder: what a checkpoint records."""
         self.base = base
-        object.__setattr__(self, "text_encoder", text_encoder)  # not a submodule: its weights are not ours
+        self._text_encoder = _Shared(text_encoder)  # not a submodule: its weights are not ours
         self.text_dim = text_dim
         synthesis = base.backbone.synthesis
         self.adapters = None
@@ -184,6 +195,10 @@ class TextConditionedGenerator(nn.Module):
                 channels = getattr(synthesis, f"b{res}").conv1.out_channels
                 self.cross_attention[str(res)] = TriplaneCrossAttention(channels, text_dim, axes, attention_heads,
                                                                         attention_head_dim)
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        return self._text_encoder.value
 
     def encode(self, prompts: Sequence[str]) -> TextFeatures:
         if self.text_encoder is None:

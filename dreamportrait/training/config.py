@@ -1,0 +1,204 @@
+"""Training configuration: YAML files (``configs/``) with ``key=value`` overrides.
+
+Every key is declared here with its default; an unknown key, a missing required one or a value of
+the wrong type is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Generator/discriminator preset used when ``pretrained`` is null (random initialisation)."""
+    pretrained: str | None = None
+    """Directory of a pretrained tri-plane GAN (``import-eg3d`` / ``save_pretrained``: G and D)."""
+    neural_rendering_resolution: int | None = None
+    """Rendering resolution while training (null: the generator's)."""
+    attention_resolutions: list[int] = field(default_factory=lambda: [16, 32])
+    attention_heads: int = 4
+    attention_head_dim: int = 32
+    adapter_boundaries: list[int] = field(default_factory=lambda: [16, 64])
+    use_adapters: bool = True
+    use_cross_attention: bool = True
+    backend: str | None = None
+    """Rendering ops backend (null: by device)."""
+
+
+@dataclass
+class GuidanceConfig:
+    source: str = ""
+    """Diffusers model directory or hub id (required)."""
+    guidance_scale: float = 7.5
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_max_final: float | None = None
+    weighting: str = "sds"
+    grad_clip: float | None = None
+    view_dependent_prompts: bool = True
+    attention_slicing: bool = False
+    channels_last: bool = False
+    weight: float = 1.0
+    """Multiplier of the SDS loss."""
+
+
+@dataclass
+class CameraConfig:
+    yaw_range_degrees: float = 45.0
+    pitch_range_degrees: float = 20.0
+    radius: float = 2.7
+    fov_degrees: float = 18.837
+    pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
+
+
+@dataclass
+class GanConfig:
+    weight: float = 0.1
+    """λ_gan: weight of the generator's adversarial loss; 0 disables the GAN regulariser."""
+    real: str = "pretrained"
+    """"pretrained": samples of the frozen initial generator are real; "images": image_dir is."""
+    image_dir: str | None = None
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    lr: float = 0.002
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+
+
+@dataclass
+class OptimConfig:
+    lr_adapters: float = 1e-3
+    lr_cross_attention: float = 1e-3
+    lr_base: float = 1e-4
+    """Learning rate of the pretrained generator's own parameters (0 freezes them)."""
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    ema_half_life_steps: float = 100.0
+    """Half-life of the generator's exponential moving average, in steps (0: no EMA)."""
+    amp: bool = True
+    """Mixed precision on CUDA (bfloat16 autocast); ignored on CPU."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    image_every: int = 100
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/dreamportrait"
+    steps: int = 1000
+    batch_size: int = 4
+    """Per process."""
+    seed: int = 0
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    """A text file with one prompt per line, added to ``prompts``."""
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient after which training stops."""
+    resume: bool = True
+    """Continue from the newest checkpoint in out_dir when there is one."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def all_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if self.prompt_file:
+            path = Path(self.prompt_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompt_file {path} does not exist")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError("the prompt list is empty: set prompts (a list) or prompt_file")
+        return prompts
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(value, annotation, key: str):
+    """``value`` checked against the dataclass field type ``annotation``."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in arguments:
+            return None
+        annotation = next(a for a in arguments if a is not type(None))
+        origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        return [_convert(item, arguments[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and
+                                                     not (annotation is int and isinstance(value, bool))):
+        raise ValueError(f"config key {key!r} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys under "
+                         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Apply ``"a.b.c=value"`` (value parsed as YAML) to nested ``values`` in place."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value (e.g. optim.lr_base=0)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    target = values
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"override {override!r}: {part!r} is not a section")
+    target[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or the defaults) and ``key=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of config keys")
+    for override in overrides:
+        apply_override(values, override)
+    config = _build(TrainConfig, values)
+    if not config.guidance.source:
+        raise ValueError("config key 'guidance.source' is required: a diffusers model directory or hub id")
+    if config.gan.real not in ("pretrained", "images"):
+        raise ValueError(f"config key 'gan.real' must be 'pretrained' or 'images', got {config.gan.real!r}")
+    if config.gan.real == "images" and not config.gan.image_dir:
+        raise ValueError("config key 'gan.image_dir' is required when gan.real is 'images'")
+    if config.batch_size < 1 or config.steps < 0:
+        raise ValueError("config keys 'batch_size' must be >= 1 and 'steps' >= 0")
+    return config

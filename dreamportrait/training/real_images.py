@@ -1,0 +1,59 @@
+"""Real portraits for the GAN regulariser: an image folder with EG3D's ``dataset.json`` labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.cameras import CAMERA_LABEL_SIZE
+
+
+class ImageFolder:
+    """Images of a folder with their camera labels, EG3D's dataset layout::
+
+        dataset.json   {"labels": [["00000/img00000000.png", [25 numbers]], ...]}
+
+    ``sample(n, generator)`` returns ``{"image": (n, 3, R, R), "image_raw": (n, 3, r, r)}`` in
+    [-1, 1] (R = ``resolution``, r = ``raw_resolution``, antialiased resizes) and labels ``(n, 25)``.
+    """
+
+    def __init__(self, directory: str | Path, resolution: int, raw_resolution: int):
+        self.directory = Path(directory)
+        labels_path = self.directory / "dataset.json"
+        if not labels_path.is_file():
+            raise FileNotFoundError(f"gan.image_dir {self.directory}: dataset.json is missing")
+        entries = json.loads(labels_path.read_text()).get("labels")
+        if not entries:
+            raise ValueError(f"{labels_path}: 'labels' must list [file name, 25-number camera label] pairs")
+        self.files, labels = [], []
+        for name, label in entries:
+            if len(label) != CAMERA_LABEL_SIZE:
+                raise ValueError(f"{labels_path}: the label of {name} has {len(label)} numbers, expected 25")
+            if not (self.directory / name).is_file():
+                raise FileNotFoundError(f"{labels_path} lists {name}, which does not exist")
+            self.files.append(self.directory / name)
+            labels.append(label)
+        self.labels = torch.tensor(labels, dtype=torch.float32)
+        self.resolution, self.raw_resolution = resolution, raw_resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> Tensor:
+        pixels = torch.from_numpy(iio.imread(self.files[index])).float()
+        if pixels.dim() == 2:
+            pixels = pixels[..., None].expand(-1, -1, 3)
+        image = pixels[..., :3].permute(2, 0, 1)[None] / 127.5 - 1
+        return F.interpolate(image, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+
+    def sample(self, count: int, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        indices = torch.randint(len(self), (count,), generator=generator)
+        images = torch.stack([self._load(int(i)) for i in indices])
+        raw = F.interpolate(images, size=(self.raw_resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        return {"image": images, "image_raw": raw}, self.labels[indices]

@@ -1,0 +1,330 @@
+"""SDS on distribution with a GAN regulariser: the DreamPortrait trainer.
+
+Each step draws a batch of (z, camera, prompt), renders it with the text-conditioned generator,
+and updates the generator with the SDS loss of the renders (the expectation is over the
+generator's whole distribution) plus ``λ_gan`` times the non-saturating adversarial loss; the
+discriminator (from the pretrained one) learns to tell those renders from "real" portraits:
+samples of the frozen pretrained generator, or an image folder. One process or ``torchrun``
+(DistributedDataParallel, gloo on CPU, NCCL on GPUs) run the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..guidance import StableDiffusionGuidance
+from ..models import TextConditionedGenerator, build_discriminator, build_generator, camera_labels
+from ..models import fov_to_intrinsics, load_pretrained, orbit_poses
+from ..models.cameras import FRONTAL
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty
+from .real_images import ImageFolder
+
+
+@dataclass
+class Batch:
+    """One step's random draws: latents z ``(B, z_dim)``, cameras ``(B, 25)`` and their yaws, prompts,
+    the SDS timesteps and noise, and the cameras/latents of the "real" samples."""
+
+    z: Tensor
+    c: Tensor
+    yaws: Tensor
+    prompts: list[str]
+    t: Tensor
+    noise: Tensor
+    real_z: Tensor
+    real_c: Tensor
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def image_grid(images: Tensor, columns: int) -> Tensor:
+    """``(N, 3, H, W)`` in [-1, 1] -> one ``(3, rows * H, columns * W)`` image in [0, 1]."""
+    count, channels, height, width = images.shape
+    rows = math.ceil(count / columns)
+    padded = torch.cat([images, images.new_full((rows * columns - count, channels, height, width), -1)])
+    grid = padded.view(rows, columns, channels, height, width).permute(2, 0, 3, 1, 4)
+    return ((grid.reshape(channels, rows * height, columns * width) + 1) / 2).clamp(0, 1)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs :meth:`train`."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.rank, self.world = _distributed()
+        if config.device == "auto":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        else:
+            device = torch.device(config.device)
+        self.device = device
+        torch.manual_seed(config.seed)  # every process builds the same initial models
+        self.sampler = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.prompts = config.all_prompts()
+
+        self.guidance = StableDiffusionGuidance(
+            config.guidance.source, guidance_scale=config.guidance.guidance_scale,
+            t_range=(config.guidance.t_min, config.guidance.t_max), t_max_final=config.guidance.t_max_final,
+            weighting=config.guidance.weighting, grad_clip=config.guidance.grad_clip,
+            view_dependent_prompts=config.guidance.view_dependent_prompts,
+            attention_slicing=config.guidance.attention_slicing, channels_last=config.guidance.channels_last,
+            device=device)
+        model = config.model
+        if model.pretrained:
+            base, discriminator = load_pretrained(model.pretrained, backend=model.backend)
+            if discriminator is None and config.gan.weight > 0:
+                raise ValueError(f"model.pretrained {model.pretrained} has no discriminator; the GAN regulariser needs one")
+        else:
+            base, discriminator = build_generator(model.preset, backend=model.backend), build_discriminator(model.preset)
+        if model.neural_rendering_resolution:
+            base.neural_rendering_resolution = model.neural_rendering_resolution
+        self.frozen = copy.deepcopy(base).requires_grad_(False).eval().to(device)  # the "real" distribution
+        self.generator = TextConditionedGenerator(
+            base.train(), self.guidance.text_encoder.dim, text_encoder=self.guidance.text_encoder,
+            adapter_boundaries=tuple(model.adapter_boundaries), attention_resolutions=model.attention_resolutions,
+            attention_heads=model.attention_heads, attention_head_dim=model.attention_head_dim,
+            use_adapters=model.use_adapters, use_cross_attention=model.use_cross_attention).to(device)
+        self.discriminator = discriminator.train().to(device)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.real_images = None
+        if config.gan.real == "images":
+            self.real_images = ImageFolder(config.gan.image_dir, base.img_resolution, base.neural_rendering_resolution)
+
+        groups = self.generator.parameter_groups()
+        rates = {"adapters": config.optim.lr_adapters, "cross_attention": config.optim.lr_cross_attention,
+                 "base": config.optim.lr_base}
+        if rates["base"] == 0:
+            self.generator.base.requires_grad_(False)
+        self.g_optimizer = torch.optim.Adam(
+            [{"params": groups[name], "lr": rate, "name": name} for name, rate in rates.items() if rate > 0 and groups[name]],
+            betas=tuple(config.optim.betas), eps=1e-8)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=config.gan.lr,
+                                            betas=tuple(config.gan.betas), eps=1e-8)
+        # The generator runs one forward and one backward per step: DistributedDataParallel. The
+        # discriminator runs several forwards per backward (fake, real, R1), which DDP does not
+        # allow: its gradients are averaged across processes by hand (_average_gradients).
+        self.g_module = self.generator
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.g_module = DistributedDataParallel(self.generator, device_ids=ids, find_unused_parameters=True)
+        torch.manual_seed(config.seed * 1000 + self.rank)  # rendering jitter and noise differ per process
+        self.ema_beta = 0.5 ** (1 / config.optim.ema_half_life_steps) if config.optim.ema_half_life_steps > 0 else 0.0
+        self.step = 0
+        self.bad_steps = 0
+        self.writer = None
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def sample_batch(self) -> Batch:
+        """Draw one step's randomness from the trainer's own generator (saved in checkpoints)."""
+        cfg, size = self.config, self.config.batch_size
+        z = torch.randn(size, self.generator.base.z_dim, generator=self.sampler)
+        yaws, c = self._cameras(size)
+        prompts = [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (size,), generator=self.sampler)]
+        low, high = self.guidance.timestep_range(self.step / max(cfg.steps, 1))
+        t = torch.randint(low, high + 1, (size,), generator=self.sampler)
+        unet = self.guidance.unet.config
+        noise = torch.randn(size, unet.in_channels, unet.sample_size, unet.sample_size, generator=self.sampler)
+        real_z = torch.randn(size, self.generator.base.z_dim, generator=self.sampler)
+        _, real_c = self._cameras(size)
+        return Batch(z, c, yaws, prompts, t, noise, real_z, real_c)
+
+    def _cameras(self, size: int) -> tuple[Tensor, Tensor]:
+        cams = self.config.cameras
+        offsets = torch.rand(2, size, generator=self.sampler) * 2 - 1
+        yaws = FRONTAL + offsets[0] * math.radians(cams.yaw_range_degrees)
+        pitches = FRONTAL + offsets[1] * math.radians(cams.pitch_range_degrees)
+        poses = orbit_poses(yaws, pitches, cams.radius, cams.pivot)
+        return yaws, camera_labels(poses, fov_to_intrinsics(cams.fov_degrees))
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.optim.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float], dict[str, Tensor]]:
+        """The generator's loss on ``batch`` (SDS + λ_gan · adversarial) and its renders."""
+        cfg = self.config
+        device = self.device
+        text = self.generator.encode(batch.prompts)
+        with self._autocast():
+            out = self.g_module(batch.z.to(device), batch.c.to(device), text=text)
+        sds = self.guidance.sds_loss(out["image"].float(), batch.prompts, yaws=batch.yaws, t=batch.t, noise=batch.noise)
+        loss = cfg.guidance.weight * sds.loss
+        logs = {"loss/sds": sds.loss.item(), "sds/grad_norm": sds.grad.flatten(1).norm(dim=1).mean().item()}
+        if cfg.gan.weight > 0:
+            adversarial = generator_adversarial_loss(self.discriminator({"image": out["image"].float(),
+                                                                         "image_raw": out["image_raw"].float()},
+                                                                        batch.c.to(device)))
+            loss = loss + cfg.gan.weight * adversarial
+            logs["loss/g_adversarial"] = adversarial.item()
+        return loss, logs, out
+
+    def discriminator_loss(self, batch: Batch, fake: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Fake renders vs real portraits, with lazy R1 every ``r1_interval`` steps."""
+        cfg, device = self.config.gan, self.device
+        if self.real_images is not None:
+            real, real_c = self.real_images.sample(self.config.batch_size, self.sampler)
+        else:
+            real_c = batch.real_c
+            with torch.no_grad():
+                real = self.frozen(batch.real_z.to(device), real_c.to(device))
+        real = {key: real[key].detach().float().to(device) for key in ("image", "image_raw")}
+        real_c = real_c.to(device)
+        fake = {key: fake[key].detach().float() for key in ("image", "image_raw")}
+        loss = discriminator_loss(self.discriminator(fake, batch.c.to(device)), self.discriminator(real, real_c))
+        logs = {"loss/d": loss.item()}
+        if cfg.r1_gamma > 0 and self.step % cfg.r1_interval == 0:
+            inputs = {key: value.requires_grad_(True) for key, value in real.items()}
+            penalty = r1_penalty(self.discriminator(inputs, real_c), list(inputs.values()))
+            loss = loss + penalty * (cfg.r1_gamma / 2) * cfg.r1_interval
+            logs["loss/r1"] = penalty.item()
+        return loss, logs
+
+    def _finite(self, loss: Tensor, parameters) -> bool:
+        ok = torch.tensor(float(torch.isfinite(loss).item() and all(
+            torch.isfinite(p.grad).all().item() for p in parameters if p.grad is not None)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def train_step(self) -> dict[str, float]:
+        """One generator (and discriminator) update; a non-finite step is skipped."""
+        batch = self.sample_batch()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        loss, logs, out = self.generator_loss(batch)
+        loss.backward()
+        parameters = [p for group in self.g_optimizer.param_groups for p in group["params"]]
+        if not self._finite(loss, parameters):
+            return self._skip("generator", logs)
+        self.g_optimizer.step()
+        self._update_ema()
+        if self.config.gan.weight > 0:
+            self.d_optimizer.zero_grad(set_to_none=True)
+            d_loss, d_logs = self.discriminator_loss(batch, out)
+            d_loss.backward()
+            self._average_gradients(self.discriminator.parameters())
+            if not self._finite(d_loss, self.discriminator.parameters()):
+                return self._skip("discriminator", {**logs, **d_logs})
+            self.d_optimizer.step()
+            logs.update(d_logs)
+        self.bad_steps = 0
+        self.step += 1
+        return logs
+
+    def _average_gradients(self, parameters) -> None:
+        if self.world > 1:
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad /= self.world
+
+    def _skip(self, network: str, logs: dict[str, float]) -> dict[str, float]:
+        self.g_optimizer.zero_grad(set_to_none=True)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        tqdm.write(f"step {self.step}: non-finite {network} loss or gradient ({logs}); step skipped "
+                   f"({self.bad_steps} in a row)")
+        if self.writer is not None:
+            self.writer.add_scalar("skipped_steps", self.bad_steps, self.step)
+        if self.bad_steps > self.config.max_bad_steps:
+            raise RuntimeError(f"training stopped: {self.bad_steps} consecutive steps had a non-finite {network} loss "
+                               f"or gradient (max_bad_steps={self.config.max_bad_steps}); lower the learning rates "
+                               f"or guidance_scale, or set guidance.grad_clip")
+        self.step += 1
+        return {**logs, "skipped": 1.0}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for ema, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            ema.lerp_(current, 1 - self.ema_beta)
+        for ema, current in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            ema.copy_(current)
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def training_state(self) -> dict:
+        return {
+            "step": self.step, "bad_steps": self.bad_steps,
+            "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "sampler": self.sampler.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.config.out_dir, self.step, self.generator, self.generator_ema, self.discriminator,
+                               self.training_state(), self.config.to_dict(), keep=self.config.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``path`` or the run's latest checkpoint; False when there is none."""
+        path = Path(path) if path is not None else latest_checkpoint(self.config.out_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.generator, self.generator_ema, self.discriminator)
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.sampler.set_state(state["rng"]["sampler"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return True
+
+    def train(self, steps: int | None = None) -> None:
+        """Run until ``steps`` (default: the config's) steps are done, logging and checkpointing."""
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        main = self.rank == 0
+        if main and cfg.log.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(cfg.out_dir) / "tensorboard"))
+        with tqdm(total=steps, initial=self.step, desc="training", disable=not main, dynamic_ncols=True) as progress:
+            while self.step < steps:
+                logs = self.train_step()
+                progress.update(1)
+                progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()})
+                if main and self.writer is not None and self.step % cfg.log.every == 0:
+                    for key, value in logs.items():
+                        self.writer.add_scalar(key, value, self.step)
+                if main and self.writer is not None and self.step % cfg.log.image_every == 0:
+                    self.log_images()
+                if self.step % cfg.checkpoint_every == 0 or self.step == steps:
+                    if main:
+                        self.save()
+                    if self.world > 1:
+                        dist.barrier()
+        if self.writer is not None:
+            self.writer.flush()
+
+    @torch.no_grad()
+    def log_images(self) -> None:
+        """A grid of EMA renders: one row per prompt (up to 4), one column per camera."""
+        prompts = self.prompts[:4]
+        yaws = torch.linspace(-1, 1, 4) * math.radians(self.config.cameras.yaw_range_degrees) + FRONTAL
+        poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL), self.config.cameras.radius, self.config.cameras.pivot)
+        c = camera_labels(poses, fov_to_intrinsics(self.config.cameras.fov_degrees)).to(self.device)
+        z = torch.randn(1, self.generator.base.z_dim, generator=torch.Generator().manual_seed(0)).to(self.device)
+        rows = []
+        for prompt in prompts:
+            out = self.generator_ema(z.expand(4, -1), c, prompts=[prompt] * 4, noise_mode="const")
+            rows.append(out["image"])
+        self.writer.add_image("samples/ema", image_grid(torch.cat(rows).float().cpu(), 4), self.step)
