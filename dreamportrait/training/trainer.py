@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,7 +243,7 @@ class Trainer:
         self.d_optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         tqdm.write(f"step {self.step}: non-finite {network} loss or gradient ({logs}); step skipped "
-                   f"({self.bad_steps} in a row)")
+                   f"({self.bad_steps} in a row)", file=sys.stderr)
         if self.writer is not None:
             self.writer.add_scalar("skipped_steps", self.bad_steps, self.step)
         if self.bad_steps > self.config.max_bad_steps:

@@ -1,0 +1,194 @@
+"""The SDS-D trainer on CPU with tiny diffusers/transformers models."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from support import assert_close_scaled
+from tiny_models import write_tiny_stable_diffusion
+
+from dreamportrait.cli import main
+from dreamportrait.training import Batch, Trainer, latest_checkpoint, load_config
+from dreamportrait.training import checkpoint as checkpoint_module
+
+PROMPTS = '["a portrait of a bald man", "a portrait of a woman with red hair", "a man with glasses"]'
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def pixel_dir(tmp_path_factory):
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("pixel"), latent=False)  # no VAE sampling
+
+
+def make_config(sd_dir, out_dir, *overrides):
+    return load_config(None, [
+        f"guidance.source={sd_dir}", f"out_dir={out_dir}", f"prompts={PROMPTS}", "steps=4", "batch_size=2",
+        "checkpoint_every=2", "model.neural_rendering_resolution=16", "model.attention_head_dim=8",
+        "model.attention_heads=2", "log.tensorboard=false", "gan.r1_interval=2", "device=cpu", *overrides])
+
+
+def parameters(module):
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def test_training_steps_reduce_the_sds_objective_on_a_fixed_batch(pixel_dir, tmp_path):
+    # SDS minimises 0.5 |x - sg(x - g)|² with g recomputed at every step: each step must bring the
+    # renders closer to the target it was given. Pixel-space guidance and deterministic renders
+    # make the batch the only randomness.
+    trainer = deterministic(Trainer(make_config(pixel_dir, tmp_path, "gan.weight=0", "optim.lr_adapters=0.0003",
+                                                "optim.lr_cross_attention=0.0003", "optim.lr_base=0.00003")))
+    batch = trainer.sample_batch()
+    trainer.sample_batch = lambda: batch
+
+    def renders():
+        return trainer.generator(batch.z, batch.c, prompts=batch.prompts)["image"]
+
+    for _ in range(3):
+        sds = trainer.guidance.sds_loss(renders(), batch.prompts, yaws=batch.yaws, t=batch.t, noise=batch.noise)
+        target = (sds.latents - sds.grad).detach()
+        before = 0.5 * sds.grad.square().sum().item()
+        trainer.train_step()
+        with torch.no_grad():
+            after = 0.5 * (trainer.guidance.encode_images(renders()) - target).square().sum().item()
+        assert after < before
+
+
+def test_resume_gives_the_uninterrupted_state(sd_dir, tmp_path):
+    straight = Trainer(make_config(sd_dir, tmp_path / "straight"))
+    straight.train()
+    interrupted = Trainer(make_config(sd_dir, tmp_path / "interrupted"))
+    interrupted.train(steps=2)  # "killed" after the checkpoint at step 2
+    del interrupted
+    resumed = Trainer(make_config(sd_dir, tmp_path / "interrupted"))
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    for module in ("generator", "generator_ema", "discriminator"):
+        expected, actual = parameters(getattr(straight, module)), parameters(getattr(resumed, module))
+        for name in expected:
+            assert torch.equal(actual[name], expected[name]), f"{module}.{name}"
+    assert torch.equal(straight.sampler.get_state(), resumed.sampler.get_state())
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("step-*")) == \
+        ["step-0000002", "step-0000004"]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(sd_dir, tmp_path, monkeypatch, capsys):
+    trainer = Trainer(make_config(sd_dir, tmp_path, "max_bad_steps=2"))
+    before = parameters(trainer.generator)
+    real_loss = trainer.guidance.sds_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.guidance, "sds_loss", poisoned)
+    assert trainer.train_step()["skipped"] == 1.0
+    assert "non-finite generator loss" in capsys.readouterr().err
+    assert all(torch.equal(v, before[k]) for k, v in parameters(trainer.generator).items())
+    trainer.train_step()
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite generator loss"):
+        trainer.train_step()
+
+
+def test_checkpoints_are_atomic_and_damage_is_named(sd_dir, tmp_path, monkeypatch):
+    trainer = Trainer(make_config(sd_dir, tmp_path))
+    trainer.train(steps=2)
+    saved = latest_checkpoint(tmp_path)
+    assert saved.name == "step-0000002"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    trainer.step = 3
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+    state = saved / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match="training_state.pt is damaged"):
+        trainer.resume(saved)
+    (saved / "generator_raw.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="generator_raw.safetensors is damaged"):
+        trainer.resume(saved)
+    (saved / "generator_raw.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete: generator_raw.safetensors is missing"):
+        trainer.resume(saved)
+
+
+def test_config_errors_are_named(sd_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown config key 'optim.lr_decoder'"):
+        make_config(sd_dir, tmp_path, "optim.lr_decoder=1")
+    with pytest.raises(ValueError, match="'steps' must be int"):
+        make_config(sd_dir, tmp_path, "steps=many")
+    with pytest.raises(ValueError, match="guidance.source' is required"):
+        load_config(None, [])
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        Trainer(make_config(sd_dir, tmp_path, "prompts=[]"))
+    with pytest.raises(FileNotFoundError, match="no-such-model is not a directory"):
+        Trainer(make_config(sd_dir, tmp_path, f"guidance.source={tmp_path / 'no-such-model'}"))
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+
+
+def test_train_cli_writes_checkpoints_and_logs(sd_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"guidance:\n  source: {sd_dir}\nprompts: {PROMPTS}\nmodel:\n  neural_rendering_resolution: 16\n")
+    assert main(["train", str(config), f"out_dir={tmp_path / 'run'}", "steps=2", "checkpoint_every=1",
+                 "log.every=1", "log.image_every=1", "batch_size=2", "device=cpu"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "generator.safetensors").is_file()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def deterministic(trainer):
+    """Renders that do not depend on the RNG (no jitter, noise scaled to 0): runs with different
+    random streams then compute the same thing."""
+    trainer.generator.base.rendering_kwargs["deterministic_sampling"] = True
+    with torch.no_grad():
+        for name, parameter in trainer.generator.named_parameters():
+            if name.endswith("noise_strength"):
+                parameter.zero_()
+    return trainer
+
+
+def generator_gradients(trainer, batch):
+    loss, _, _ = trainer.generator_loss(batch)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in trainer.generator.named_parameters()
+            if p.grad is not None and not name.endswith("noise_strength")}
+
+
+def _ddp_worker(rank, world, port, sd_dir, out_dir, batch, result_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = deterministic(Trainer(make_config(sd_dir, out_dir, "gan.weight=0")))
+    assert trainer.world == world
+    half = batch.z.shape[0] // world
+    part = Batch(**{key: value[rank * half : (rank + 1) * half] for key, value in vars(batch).items()})
+    gradients = generator_gradients(trainer, part)
+    if rank == 0:
+        torch.save(gradients, result_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_matches_the_single_process_gradient(pixel_dir, tmp_path):
+    single = deterministic(Trainer(make_config(pixel_dir, tmp_path / "single", "gan.weight=0", "batch_size=4")))
+    batch = single.sample_batch()
+    expected = generator_gradients(single, batch)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, port, pixel_dir, tmp_path / "ddp", batch, result), nprocs=2, join=True)
+    actual = torch.load(result, weights_only=True)
+    assert actual.keys() == expected.keys()
+    for name, gradient in expected.items():
+        assert_close_scaled(actual[name], gradient, 1e-3, name)  # float32 sums in another order
