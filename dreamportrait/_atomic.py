@@ -15,7 +15,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (atomic on POSIX), and if the block fails it is removed, leaving any old ``path`` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name keeps the extension: writers such as ffmpeg choose the format by it.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)

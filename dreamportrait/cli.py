@@ -3,6 +3,8 @@
     dreamportrait info                          versions, usable backends, CUDA architectures
     dreamportrait import-eg3d NETWORK.pkl OUT   convert an EG3D network pickle (no code from it runs)
     dreamportrait train CONFIG.yaml [k=v ...]   SDS-on-distribution training (torchrun for several GPUs)
+    dreamportrait generate --checkpoint C ...   a 3D portrait per prompt and seed: views, depth, video, mesh
+    dreamportrait baseline --prompt P ...       the per-prompt SDS baseline (one scene optimised per prompt)
 """
 
 from __future__ import annotations
@@ -75,6 +77,78 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_checkpoint(path: str):
+    from pathlib import Path
+
+    from dreamportrait.training import latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"--checkpoint {path}: neither a model directory (config.json) nor a training run "
+                                f"with checkpoints")
+    return latest
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dreamportrait.generation import generate, parse_seeds
+    from dreamportrait.models import load_pretrained
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        checkpoint = _resolve_checkpoint(args.checkpoint)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        generator, _ = load_pretrained(checkpoint, device=device, text_encoder=args.text_encoder)
+        result = generate(generator, args.prompt, seeds, args.out, views=args.views, video=args.video, mesh=args.mesh,
+                          truncation_psi=args.truncation, mesh_level=args.mesh_level,
+                          mesh_resolution=args.mesh_resolution)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait generate: {error}", file=sys.stderr)
+        return 2
+    seconds = sum(result.seconds_per_sample) / len(result.seconds_per_sample)
+    print(f"wrote {len(result.files)} files to {args.out}; {seconds:.3f} s per (prompt, seed) forward pass "
+          f"with {args.views} views")
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene, save_scene
+    from dreamportrait.generation import view_cameras
+    from dreamportrait.guidance import StableDiffusionGuidance
+    from dreamportrait.outputs import grid, to_uint8, write_image
+
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        guidance = StableDiffusionGuidance(args.guidance, guidance_scale=args.guidance_scale, device=device)
+        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        result = optimise_scene(guidance, args.prompt, steps=args.steps, batch_size=args.batch_size,
+                                render_resolution=args.resolution, lr=args.lr, seed=args.seed)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait baseline: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    save_scene(result.scene, out / "scene.safetensors")
+    with torch.no_grad():
+        views = result.scene(view_cameras(args.views, 0.6, 2.7, (0, 0, 0.2), 18.837).to(device), args.resolution)
+    for index, image in enumerate(views["image"]):
+        write_image(out / f"view{index:02d}.png", to_uint8(image))
+    write_image(out / "grid.png", to_uint8(grid(views["image"], args.views)))
+    (out / "timing.json").write_text(json.dumps({"prompt": args.prompt, "steps": args.steps,
+                                                 "seconds": result.seconds, "final_sds_loss": result.losses[-1]
+                                                 if result.losses else None}, indent=2) + "\n")
+    print(f"optimised {args.steps} steps in {result.seconds:.1f} s; wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +171,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", metavar="CONFIG.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.set_defaults(run=_train)
+
+    gen = commands.add_parser(
+        "generate", help="generate 3D portraits for prompts: multi-view grid, views, depth maps, video, mesh",
+        description="One forward pass of the text-conditioned generator per (prompt, seed), then renders of its "
+                    "tri-planes from --views cameras (grid.png, viewNN.png, viewNN_depth.png), optionally a "
+                    "turntable video (--video) and a mesh (--mesh), under OUT/<prompt>/seedNNNN/.")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a model directory (config.json) or a training run directory (its newest checkpoint)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    gen.add_argument("--seeds", default="0-3", help="seeds, e.g. 0-3 or 0,5,9 (default 0-3)")
+    gen.add_argument("--views", type=int, default=8, help="views per sample in the grid (default 8)")
+    gen.add_argument("--video", action="store_true", help="also write a turntable MP4 per sample")
+    gen.add_argument("--mesh", action="store_true", help="also write a PLY mesh per sample (marching cubes)")
+    gen.add_argument("--mesh-level", type=float, default=10.0, help="density of the mesh surface (default 10, EG3D's)")
+    gen.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid size (default 128)")
+    gen.add_argument("--truncation", type=float, default=0.7, help="truncation psi (default 0.7; 1 = none)")
+    gen.add_argument("--text-encoder", default=None, help="text encoder source, if not the one the model recorded")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.set_defaults(run=_generate)
+
+    base = commands.add_parser(
+        "baseline", help="per-prompt SDS baseline: optimise one tri-plane scene for one prompt",
+        description="DreamFusion-style optimisation of one scene (tri-planes + decoder) with the same renderer and "
+                    "guidance; writes scene.safetensors, views and timing.json to OUT.")
+    base.add_argument("--prompt", required=True)
+    base.add_argument("--guidance", required=True, help="diffusers model directory or hub id")
+    base.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the baseline's, 1000)")
+    base.add_argument("--batch-size", type=int, default=1, help="views per step (default 1)")
+    base.add_argument("--resolution", type=int, default=32, help="render resolution (default 32)")
+    base.add_argument("--lr", type=float, default=0.01)
+    base.add_argument("--guidance-scale", type=float, default=7.5)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--views", type=int, default=8)
+    base.add_argument("--device", default=None)
+    base.add_argument("--out", required=True)
+    base.set_defaults(run=_baseline)
     return parser
 
 

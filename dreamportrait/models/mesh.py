@@ -14,10 +14,11 @@ from .triplane_generator import TriPlaneGenerator
 
 @torch.no_grad()
 def density_grid(G: TriPlaneGenerator, ws: Tensor, resolution: int = 128, chunk: int = 1 << 18,
-                 noise_mode: str = "const", progress: bool = True) -> Tensor:
+                 noise_mode: str = "const", progress: bool = True, planes: Tensor | None = None) -> Tensor:
     """Raw density ``sigma`` of the sample ``ws`` ``(1, num_ws, w_dim)`` at the centres of a
     ``resolution``³ grid over the tri-planes' box ``[-box_warp/2, box_warp/2]³``, ``(D, H, W)``
-    indexed ``[z, y, x]``. Points are decoded ``chunk`` at a time to bound memory."""
+    indexed ``[z, y, x]``. Points are decoded ``chunk`` at a time to bound memory. ``planes``
+    (the sample's, e.g. from a text-conditioned synthesis) replace the synthesis from ws."""
     if ws.dim() != 3 or ws.shape[0] != 1:
         raise ValueError(f"ws must have shape (1, num_ws, w_dim) (one sample), got {tuple(ws.shape)}")
     if resolution < 2:
@@ -26,7 +27,7 @@ def density_grid(G: TriPlaneGenerator, ws: Tensor, resolution: int = 128, chunk:
     axis = (torch.arange(resolution, device=ws.device, dtype=torch.float32) + 0.5) / resolution * 2 * half - half
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
     points = torch.stack((x, y, z), dim=-1).reshape(1, -1, 3)
-    planes = G.planes(ws, noise_mode)
+    planes = G.planes(ws, noise_mode) if planes is None else planes
     sigma = torch.empty(points.shape[1], device=ws.device)
     for start in tqdm(range(0, points.shape[1], chunk), desc="density grid", disable=not progress, leave=False):
         part = points[:, start : start + chunk]
@@ -35,14 +36,15 @@ def density_grid(G: TriPlaneGenerator, ws: Tensor, resolution: int = 128, chunk:
 
 
 def extract_mesh(G: TriPlaneGenerator, ws: Tensor, resolution: int = 128, level: float = 10.0,
-                 noise_mode: str = "const", progress: bool = True) -> trimesh.Trimesh:
+                 noise_mode: str = "const", progress: bool = True, planes: Tensor | None = None) -> trimesh.Trimesh:
     """The ``sigma = level`` iso-surface of the sample ``ws`` ``(1, num_ws, w_dim)`` by marching
     cubes (scikit-image), as a ``trimesh.Trimesh`` in world coordinates (EG3D's shape extraction
     uses level 10). Export with ``mesh.export("head.ply")`` (or ``.obj``, ``.glb``).
 
-    Raises ValueError when the density never crosses ``level`` (no surface in the box).
+    Raises ValueError when the density never crosses ``level`` (no surface in the box). ``planes``:
+    see :func:`density_grid`.
     """
-    sigma = density_grid(G, ws, resolution, noise_mode=noise_mode, progress=progress).cpu().numpy()
+    sigma = density_grid(G, ws, resolution, noise_mode=noise_mode, progress=progress, planes=planes).cpu().numpy()
     if not sigma.min() < level < sigma.max():
         raise ValueError(f"extract_mesh: density ranges over [{sigma.min():.3g}, {sigma.max():.3g}] and never "
                          f"crosses level={level}; choose a level inside that range")

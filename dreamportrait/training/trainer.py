@@ -28,6 +28,7 @@ from ..guidance import StableDiffusionGuidance
 from ..models import TextConditionedGenerator, build_discriminator, build_generator, camera_labels
 from ..models import fov_to_intrinsics, load_pretrained, orbit_poses
 from ..models.cameras import FRONTAL
+from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty
@@ -55,15 +56,6 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def image_grid(images: Tensor, columns: int) -> Tensor:
-    """``(N, 3, H, W)`` in [-1, 1] -> one ``(3, rows * H, columns * W)`` image in [0, 1]."""
-    count, channels, height, width = images.shape
-    rows = math.ceil(count / columns)
-    padded = torch.cat([images, images.new_full((rows * columns - count, channels, height, width), -1)])
-    grid = padded.view(rows, columns, channels, height, width).permute(2, 0, 3, 1, 4)
-    return ((grid.reshape(channels, rows * height, columns * width) + 1) / 2).clamp(0, 1)
 
 
 class Trainer:
@@ -328,4 +320,4 @@ class Trainer:
         for prompt in prompts:
             out = self.generator_ema(z.expand(4, -1), c, prompts=[prompt] * 4, noise_mode="const")
             rows.append(out["image"])
-        self.writer.add_image("samples/ema", image_grid(torch.cat(rows).float().cpu(), 4), self.step)
+        self.writer.add_image("samples/ema", (grid(torch.cat(rows).float().cpu(), 4) + 1) / 2, self.step)

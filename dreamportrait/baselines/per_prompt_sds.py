@@ -1,0 +1,101 @@
+"""The per-prompt SDS baseline (DreamFusion-style): optimise one tri-plane scene for one prompt.
+
+The scene is what one sample of the generator is: three feature planes and an OSG decoder, rendered
+by the same importance renderer; it is optimised from scratch with the same SDS guidance, at
+random cameras of the same portrait prior. DreamPortrait replaces this whole optimisation by one
+forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._atomic import atomic_path
+from ..guidance import StableDiffusionGuidance
+from ..models import camera_labels, camera_rays, fov_to_intrinsics, orbit_poses, split_camera_labels
+from ..models.cameras import FRONTAL
+from ..models.presets import preset_kwargs
+from ..models.renderer import ImportanceRenderer, OSGDecoder
+from ..models.triplane_generator import PLANE_CHANNELS
+
+DEFAULT_STEPS = 1000
+
+
+class TriplaneScene(nn.Module):
+    """One radiance field: planes ``(1, 3, 32, R, R)`` (small random init) + an OSG decoder."""
+
+    def __init__(self, resolution: int = 64, rendering_kwargs: Mapping | None = None, backend: str | None = None):
+        super().__init__()
+        self.rendering_kwargs = copy.deepcopy(dict(rendering_kwargs or preset_kwargs("tiny", "generator")["rendering_kwargs"]))
+        self.planes = nn.Parameter(torch.randn(1, 3, PLANE_CHANNELS, resolution, resolution) * 0.1)
+        self.decoder = OSGDecoder(PLANE_CHANNELS, {"decoder_lr_mul": 1, "decoder_output_dim": PLANE_CHANNELS})
+        self.renderer = ImportanceRenderer(backend)
+
+    def forward(self, c: Tensor, resolution: int) -> dict[str, Tensor]:
+        """Render cameras ``c`` ``(N, 25)``: ``image`` ``(N, 3, r, r)`` in [-1, 1] and ``image_depth``."""
+        count = c.shape[0]
+        origins, directions = camera_rays(*split_camera_labels(c), resolution)
+        features, depth, _ = self.renderer(self.planes.expand(count, -1, -1, -1, -1), self.decoder, origins,
+                                           directions, self.rendering_kwargs)
+        image = features[..., :3].permute(0, 2, 1).reshape(count, 3, resolution, resolution)
+        return {"image": image, "image_depth": depth.permute(0, 2, 1).reshape(count, 1, resolution, resolution)}
+
+
+@dataclass
+class BaselineResult:
+    scene: TriplaneScene
+    seconds: float
+    losses: list[float]
+
+
+def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = DEFAULT_STEPS, batch_size: int = 1,
+                   render_resolution: int = 32, lr: float = 0.01, yaw_range_degrees: float = 45.0,
+                   pitch_range_degrees: float = 20.0, radius: float = 2.7, pivot=(0.0, 0.0, 0.2),
+                   fov_degrees: float = 18.837, seed: int = 0, backend: str | None = None,
+                   progress: bool = True, callback=None) -> BaselineResult:
+    """Optimise a :class:`TriplaneScene` for ``prompt`` with SDS for ``steps`` steps of
+    ``batch_size`` random views. ``callback(step, scene)`` (optional) runs after each step."""
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+    sampler = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    device = guidance.device
+    scene = TriplaneScene(backend=backend).to(device)
+    optimiser = torch.optim.Adam(scene.parameters(), lr=lr, betas=(0.9, 0.99))
+    intrinsics = fov_to_intrinsics(fov_degrees)
+    losses, start = [], time.perf_counter()
+    for step in tqdm(range(steps), desc=f"per-prompt SDS: {prompt[:40]}", disable=not progress):
+        offsets = torch.rand(2, batch_size, generator=sampler) * 2 - 1
+        yaws = FRONTAL + offsets[0] * math.radians(yaw_range_degrees)
+        pitches = FRONTAL + offsets[1] * math.radians(pitch_range_degrees)
+        c = camera_labels(orbit_poses(yaws, pitches, radius, pivot), intrinsics).to(device)
+        images = scene(c, render_resolution)["image"]
+        sds = guidance.sds_loss(images, [prompt] * batch_size, yaws=yaws, step_ratio=step / max(steps, 1),
+                                generator=sampler)
+        optimiser.zero_grad(set_to_none=True)
+        sds.loss.backward()
+        optimiser.step()
+        losses.append(sds.loss.item())
+        if callback is not None:
+            callback(step, scene)
+    return BaselineResult(scene, time.perf_counter() - start, losses)
+
+
+def save_scene(scene: TriplaneScene, path: str | Path) -> Path:
+    """The scene's planes and decoder as safetensors, written atomically."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in scene.state_dict().items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary))
+    return Path(path)

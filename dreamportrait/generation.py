@@ -1,0 +1,123 @@
+"""``dreamportrait generate``: a 3D portrait per (prompt, seed) in one forward pass, then views,
+depth maps, a turntable video and a mesh of it.
+
+Layout of the output directory, per prompt (``<slug>/``)::
+
+    grid.png                       rows: seeds, columns: views
+    seed0000/view00.png ...        each view
+    seed0000/view00_depth.png ...  its depth (near = white)
+    seed0000/turntable.mp4         with --video
+    seed0000/mesh.ply              with --mesh
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses
+from .models.cameras import FRONTAL
+from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` wrote and how long the forward passes took."""
+
+    files: list[Path] = field(default_factory=list)
+    seconds_per_sample: list[float] = field(default_factory=list)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if high < low:
+                    raise ValueError
+                seeds += range(low, high + 1)
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds must look like 0-3,7 (non-negative integers and ranges), got {text!r}") from None
+    return seeds
+
+
+def view_cameras(count: int, yaw_range: float, radius: float, pivot: Sequence[float], fov_degrees: float,
+                 pitch: float = 0.0) -> Tensor:
+    """``count`` camera labels sweeping yaw over ``±yaw_range`` radians around the frontal view."""
+    yaws = FRONTAL + (torch.linspace(-1, 1, count) if count > 1 else torch.zeros(1)) * yaw_range
+    poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL + pitch), radius, pivot)
+    return camera_labels(poses, fov_to_intrinsics(fov_degrees))
+
+
+@torch.no_grad()
+def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
+             views: int = 8, video: bool = False, mesh: bool = False, truncation_psi: float = 0.7,
+             yaw_range_degrees: float = 35.0, radius: float = 2.7, pivot: Sequence[float] = (0, 0, 0.2),
+             fov_degrees: float = 18.837, video_frames: int = 72, mesh_resolution: int = 128,
+             mesh_level: float = 10.0, progress: bool = True) -> GenerationResult:
+    """Generate every (prompt, seed) and write its outputs (module docstring) under ``out_dir``."""
+    if not isinstance(generator, TextConditionedGenerator):
+        raise ValueError("generate needs a text-conditioned generator (a DreamPortrait checkpoint)")
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not seeds:
+        raise ValueError("seeds is empty")
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    device = next(generator.parameters()).device
+    out_dir, result = Path(out_dir), GenerationResult()
+    cameras = view_cameras(views, math.radians(yaw_range_degrees), radius, pivot, fov_degrees).to(device)
+    turntable = None
+    if video:  # one full sweep left-right-left
+        sweep = torch.sin(torch.linspace(0, 2 * math.pi, video_frames + 1)[:-1])
+        yaws = FRONTAL + sweep * math.radians(yaw_range_degrees)
+        pitches = FRONTAL + 0.1 * torch.cos(torch.linspace(0, 2 * math.pi, video_frames + 1)[:-1])
+        turntable = camera_labels(orbit_poses(yaws, pitches, radius, pivot), fov_to_intrinsics(fov_degrees)).to(device)
+    work = [(prompt, seed) for prompt in prompts for seed in seeds]
+    rows: dict[str, list[Tensor]] = {}
+    for prompt, seed in tqdm(work, desc="generating", disable=not progress):
+        folder = out_dir / slug(prompt) / f"seed{seed:04d}"
+        z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+        start = time.perf_counter()
+        text = generator.encode([prompt])
+        ws, sr_ws = generator.mapping(z, cameras[:1], text, truncation_psi=truncation_psi)
+        planes = generator.base.planes(ws, "const", generator.block_hook(text))  # the one forward pass
+        out = _render(generator, ws, sr_ws, planes, cameras)
+        result.seconds_per_sample.append(time.perf_counter() - start)
+        rows.setdefault(prompt, []).append(out["image"])
+        for index in range(views):
+            result.files.append(write_image(folder / f"view{index:02d}.png", to_uint8(out["image"][index])))
+            result.files.append(write_image(folder / f"view{index:02d}_depth.png",
+                                            depth_to_uint8(out["image_depth"][index])))
+        if turntable is not None:
+            frames = [to_uint8(image) for chunk in turntable.split(8)
+                      for image in _render(generator, ws, sr_ws, planes, chunk)["image"]]
+            result.files.append(write_video(folder / "turntable.mp4", frames))
+        if mesh:
+            shape = extract_mesh(generator.base, ws, resolution=mesh_resolution, level=mesh_level, planes=planes,
+                                 progress=False)
+            path = folder / "mesh.ply"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shape.export(path)
+            result.files.append(path)
+    for prompt, images in rows.items():
+        result.files.append(write_image(out_dir / slug(prompt) / "grid.png", to_uint8(grid(torch.cat(images), views))))
+    return result
+
+
+def _render(generator, ws, sr_ws, planes, cameras) -> dict[str, Tensor]:
+    count = cameras.shape[0]
+    return generator.base.synthesis(ws.expand(count, -1, -1), cameras, noise_mode="const", deterministic_sampling=True,
+                                    planes=planes.expand(count, -1, -1, -1, -1), sr_ws=sr_ws.expand(count, -1, -1))
