@@ -79,6 +79,7 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     device = next(generator.parameters()).device
     out_dir, result = Path(out_dir), GenerationResult()
     cameras = view_cameras(views, math.radians(yaw_range_degrees), radius, pivot, fov_degrees).to(device)
+    conditioning = view_cameras(1, 0.0, radius, pivot, fov_degrees).to(device)
     turntable = None
     if video:  # one full sweep left-right-left
         sweep = torch.sin(torch.linspace(0, 2 * math.pi, video_frames + 1)[:-1])
@@ -89,11 +90,8 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     rows: dict[str, list[Tensor]] = {}
     for prompt, seed in tqdm(work, desc="generating", disable=not progress):
         folder = out_dir / slug(prompt) / f"seed{seed:04d}"
-        z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
         start = time.perf_counter()
-        text = generator.encode([prompt])
-        ws, sr_ws = generator.mapping(z, cameras[:1], text, truncation_psi=truncation_psi)
-        planes = generator.base.planes(ws, "const", generator.block_hook(text))  # the one forward pass
+        ws, sr_ws, planes = sample(generator, prompt, seed, truncation_psi, conditioning)
         out = _render(generator, ws, sr_ws, planes, cameras)
         result.seconds_per_sample.append(time.perf_counter() - start)
         rows.setdefault(prompt, []).append(out["image"])
@@ -115,6 +113,20 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     for prompt, images in rows.items():
         result.files.append(write_image(out_dir / slug(prompt) / "grid.png", to_uint8(grid(torch.cat(images), views))))
     return result
+
+
+def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = 0.7,
+           conditioning: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The one forward pass of (prompt, seed): ws ``(1, num_ws, w_dim)``, the super-resolution's ws
+    and the tri-planes ``(1, 3, 32, R, R)``. The mapping is conditioned on the frontal camera
+    (``conditioning``, default: EG3D's FFHQ frontal camera), as EG3D's generation scripts do."""
+    device = next(generator.parameters()).device
+    if conditioning is None:
+        conditioning = view_cameras(1, 0.0, 2.7, (0, 0, 0.2), 18.837).to(device)
+    z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    text = generator.encode([prompt])
+    ws, sr_ws = generator.mapping(z, conditioning, text, truncation_psi=truncation_psi)
+    return ws, sr_ws, generator.base.planes(ws, "const", generator.block_hook(text))
 
 
 def _render(generator, ws, sr_ws, planes, cameras) -> dict[str, Tensor]:
