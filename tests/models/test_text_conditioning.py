@@ -144,27 +144,25 @@ def test_padding_mask_is_honoured(encoder):
 def test_training_separates_two_prompts(encoder):
     generator = conditioned(encoder)
     groups = generator.parameter_groups()
-    optimiser = torch.optim.Adam([{"params": groups["adapters"], "lr": 3e-3},
-                                  {"params": groups["cross_attention"], "lr": 3e-3}])
+    optimiser = torch.optim.Adam([{"params": groups["adapters"], "lr": 1e-2},
+                                  {"params": groups["cross_attention"], "lr": 1e-2}])
     z, c = inputs(1)
     z, c = z.expand(2, -1), c.expand(2, -1)
-    target = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # prompt 0: brighter, prompt 1: darker
 
-    def loss():
-        out = render(generator, z, c, prompts=PROMPTS)
-        return (out["image_raw"].mean(dim=(1, 2, 3), keepdim=True) - target).square().mean(), out
+    def contrast():  # toy objective: prompt 0's render brighter than prompt 1's, by 1
+        out = render(generator, z, c, prompts=PROMPTS)["image"]
+        return out[0].mean() - out[1].mean(), out
 
-    first, out = loss()
-    torch.testing.assert_close(out["image_raw"][0], out["image_raw"][1])  # the same at init
-    for _ in range(8):
+    start, out = contrast()
+    torch.testing.assert_close(out[0], out[1])  # the same at init
+    for _ in range(10):
         optimiser.zero_grad()
-        value, _ = loss()
-        value.backward()
+        value, _ = contrast()
+        (value - 1).square().backward()
         optimiser.step()
-    last, out = loss()
-    assert last < first
-    brightness = out["image_raw"].mean(dim=(1, 2, 3))
-    assert brightness[0] > brightness[1]
+    end, out = contrast()
+    assert end > start + 0.05
+    assert (out[0] - out[1]).abs().max() > 0.05
 
 
 def test_ablations_and_bad_input(encoder):
