@@ -127,3 +127,45 @@ def test_renderer_in_training_step(benchmark, record, guidance_dir, tmp_path, ba
 
     benchmark.pedantic(render, rounds=5, warmup_rounds=1, iterations=1)
     record("tiny renderer fwd+bwd at a training step's shapes", backend, benchmark)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ops_in_training_step(benchmark, record, guidance_dir, tmp_path, backend, monkeypatch):
+    """The rendering ops alone (every triplane_sample and composite_rays call of one training
+    step's render, forward+backward), on the inputs they received."""
+    from dreamportrait.models import camera_rays, split_camera_labels
+    from dreamportrait.models import renderer as renderer_module
+    from dreamportrait.ops import composite_rays, triplane_sample
+    from dreamportrait.rendering import ray_marcher
+
+    trainer = make_trainer(guidance_dir, tmp_path, backend)
+    base = trainer.generator.base
+    batch = trainer.sample_batch()
+    calls = []
+
+    def recorder(op):
+        def wrapper(*args, **kwargs):
+            calls.append((op, [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            return op(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(renderer_module, "triplane_sample", recorder(triplane_sample))
+    monkeypatch.setattr(ray_marcher, "composite_rays", recorder(composite_rays))
+    with torch.no_grad():
+        planes = base.planes(base.mapping(batch.z, batch.c))
+        base.renderer(planes, base.decoder, *camera_rays(*split_camera_labels(batch.c), base.neural_rendering_resolution),
+                      base.rendering_kwargs)
+    assert len(calls) == 4  # two passes of sampling, two of compositing
+    for _, args in calls:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                a.requires_grad_(True)
+
+    def run_ops():
+        for op, args in calls:
+            out = op(*args, backend=backend)
+            outputs = out if isinstance(out, tuple) else (out,)
+            sum(o.sum() for o in outputs).backward()
+
+    benchmark.pedantic(run_ops, rounds=5, warmup_rounds=1, iterations=1)
+    record("tiny rendering ops fwd+bwd in a training step", backend, benchmark)

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "guidance; writes scene.safetensors, views and timing.json to OUT.")
     base.add_argument("--prompt", required=True)
     base.add_argument("--guidance", required=True, help="diffusers model directory or hub id")
-    base.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the baseline's, 1000)")
+    base.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the baseline's, 10000)")
     base.add_argument("--batch-size", type=int, default=1, help="views per step (default 1)")
     base.add_argument("--resolution", type=int, default=32, help="render resolution (default 32)")
     base.add_argument("--lr", type=float, default=0.01)

@@ -28,7 +28,8 @@ from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
 
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 10_000
+"""threestudio's DreamFusion default (the paper optimises 15,000 steps)."""
 
 
 class TriplaneScene(nn.Module):
