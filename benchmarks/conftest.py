@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 _results: dict[tuple[str, str], dict] = {}
-BASELINES = ("reference", "unconditioned")
-"""What a group's other implementations are compared with: the reference ops, or for the text
-conditioning benchmark the generator without text."""
+BASELINES = ("reference", "unconditioned", "baseline")
+"""What a group's other implementations are compared with: the reference ops, the generator without
+text (text conditioning), or the per-prompt SDS baseline (generation)."""
 
 
 @pytest.fixture
@@ -48,6 +48,6 @@ def pytest_terminal_summary(terminalreporter):
                     f"{sdpa['seconds'] * 1e3:8.1f} ms: {sdpa['seconds'] / result['seconds']:5.2f}x"
                 )
     if rows:
-        terminalreporter.section("speed-up over the baseline: reference ops, or the unconditioned generator (best of rounds)")
+        terminalreporter.section("speed-up over the baseline of each group (best of rounds)")
         for row in rows:
             terminalreporter.write_line(row)

@@ -73,7 +73,13 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config)
     if config.resume and trainer.resume():
         print(f"resumed at step {trainer.step} from {config.out_dir}")
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .._atomic import atomic_path
 from ..guidance import StableDiffusionGuidance
 from ..models import camera_labels, camera_rays, fov_to_intrinsics, orbit_poses, split_camera_labels
-from ..models.cameras import FRONTAL
+from ..models.cameras import sample_orbit_angles
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
@@ -78,9 +78,8 @@ def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = 
     intrinsics = fov_to_intrinsics(fov_degrees)
     losses, start = [], time.perf_counter()
     for step in tqdm(range(steps), desc=f"per-prompt SDS: {prompt[:40]}", disable=not progress):
-        offsets = torch.rand(2, batch_size, generator=sampler) * 2 - 1
-        yaws = FRONTAL + offsets[0] * math.radians(yaw_range_degrees)
-        pitches = FRONTAL + offsets[1] * math.radians(pitch_range_degrees)
+        yaws, pitches = sample_orbit_angles(batch_size, math.radians(yaw_range_degrees),
+                                            math.radians(pitch_range_degrees), generator=sampler)
         c = camera_labels(orbit_poses(yaws, pitches, radius, pivot), intrinsics).to(device)
         images = scene(c, render_resolution)["image"]
         sds = guidance.sds_loss(images, [prompt] * batch_size, yaws=yaws, step_ratio=step / max(steps, 1),

@@ -66,6 +66,24 @@ def orbit_poses(yaw: Tensor, pitch: Tensor, radius: float = 2.7, pivot: Sequence
     return look_at(origins, pivot_tensor.expand_as(origins))
 
 
+def sample_orbit_angles(
+    batch_size: int,
+    yaw_range: float = math.radians(45),
+    pitch_range: float = math.radians(20),
+    distribution: str = "uniform",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``batch_size`` random (yaw, pitch) ``(N,)`` around the frontal view: offsets uniform in
+    ``±range`` (``distribution="uniform"``) or normal with that standard deviation (``"gaussian"``)."""
+    if distribution not in ("uniform", "gaussian"):
+        raise ValueError(f"sample_orbit_angles: distribution must be 'uniform' or 'gaussian', got {distribution!r}")
+    if distribution == "uniform":
+        offsets = torch.rand(2, batch_size, generator=generator) * 2 - 1
+    else:
+        offsets = torch.randn(2, batch_size, generator=generator)
+    return FRONTAL + offsets[0] * yaw_range, FRONTAL + offsets[1] * pitch_range
+
+
 def sample_orbit_poses(
     batch_size: int,
     yaw_range: float = math.radians(45),
@@ -76,16 +94,9 @@ def sample_orbit_poses(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """``batch_size`` random portrait poses ``(N, 4, 4)`` around the frontal view: yaw and pitch
-    offsets uniform in ``±range`` (``distribution="uniform"``) or normal with that standard
-    deviation (``"gaussian"``)."""
-    if distribution not in ("uniform", "gaussian"):
-        raise ValueError(f"sample_orbit_poses: distribution must be 'uniform' or 'gaussian', got {distribution!r}")
-    if distribution == "uniform":
-        offsets = torch.rand(2, batch_size, generator=generator, device=device) * 2 - 1
-    else:
-        offsets = torch.randn(2, batch_size, generator=generator, device=device)
-    return orbit_poses(FRONTAL + offsets[0] * yaw_range, FRONTAL + offsets[1] * pitch_range, radius, pivot)
+    """``batch_size`` random portrait poses ``(N, 4, 4)`` (:func:`sample_orbit_angles`)."""
+    yaws, pitches = sample_orbit_angles(batch_size, yaw_range, pitch_range, distribution, generator)
+    return orbit_poses(yaws.to(device), pitches.to(device), radius, pivot)
 
 
 def camera_labels(cam2world: Tensor, intrinsics: Tensor) -> Tensor:

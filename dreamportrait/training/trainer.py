@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..guidance import StableDiffusionGuidance
 from ..models import TextConditionedGenerator, build_discriminator, build_generator, camera_labels
 from ..models import fov_to_intrinsics, load_pretrained, orbit_poses
-from ..models.cameras import FRONTAL
+from ..models.cameras import FRONTAL, sample_orbit_angles
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -142,9 +142,8 @@ class Trainer:
 
     def _cameras(self, size: int) -> tuple[Tensor, Tensor]:
         cams = self.config.cameras
-        offsets = torch.rand(2, size, generator=self.sampler) * 2 - 1
-        yaws = FRONTAL + offsets[0] * math.radians(cams.yaw_range_degrees)
-        pitches = FRONTAL + offsets[1] * math.radians(cams.pitch_range_degrees)
+        yaws, pitches = sample_orbit_angles(size, math.radians(cams.yaw_range_degrees),
+                                            math.radians(cams.pitch_range_degrees), generator=self.sampler)
         poses = orbit_poses(yaws, pitches, cams.radius, cams.pivot)
         return yaws, camera_labels(poses, fov_to_intrinsics(cams.fov_degrees))
 
