@@ -192,3 +192,40 @@ def test_two_process_ddp_matches_the_single_process_gradient(pixel_dir, tmp_path
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
         assert_close_scaled(actual[name], gradient, 1e-3, name)  # float32 sums in another order
+
+
+def write_image_folder(directory, count=3, size=40):
+    import json
+
+    import imageio.v3 as iio
+
+    from dreamportrait.models import camera_labels, fov_to_intrinsics, sample_orbit_poses
+
+    labels = camera_labels(sample_orbit_poses(count), fov_to_intrinsics(18.837)).tolist()
+    entries = []
+    for index in range(count):
+        name = f"00000/img{index:08d}.png"
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(directory / name, torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy())
+        entries.append([name, labels[index]])
+    (directory / "dataset.json").write_text(json.dumps({"labels": entries}))
+    return entries
+
+
+def test_real_images_from_an_eg3d_style_folder(sd_dir, tmp_path):
+    from dreamportrait.training.real_images import ImageFolder
+
+    entries = write_image_folder(tmp_path / "faces")
+    folder = ImageFolder(tmp_path / "faces", resolution=64, raw_resolution=16)
+    images, labels = folder.sample(5, torch.Generator().manual_seed(0))
+    assert images["image"].shape == (5, 3, 64, 64) and images["image_raw"].shape == (5, 3, 16, 16)
+    assert images["image"].min() >= -1 and images["image"].max() <= 1
+    assert any(torch.allclose(labels[0], torch.tensor(entry[1])) for entry in entries)
+    trainer = Trainer(make_config(sd_dir, tmp_path / "run", "gan.real=images", f"gan.image_dir={tmp_path / 'faces'}"))
+    logs = trainer.train_step()
+    assert "loss/d" in logs and "loss/r1" in logs
+    with pytest.raises(ValueError, match="gan.image_dir' is required"):
+        make_config(sd_dir, tmp_path, "gan.real=images")
+    (tmp_path / "faces" / entries[0][0]).unlink()
+    with pytest.raises(FileNotFoundError, match="lists 00000/img00000000.png, which does not exist"):
+        ImageFolder(tmp_path / "faces", 64, 16)
