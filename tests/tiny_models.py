@@ -1,43 +1,19 @@
 """Tiny models built from configs with the real transformers classes, saved with
 ``save_pretrained`` so tests load them through the same path as a user's model directory."""
 
-import json
 from pathlib import Path
 
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreamportrait.world.tokenizer import write_clip_tokenizer as write_words_tokenizer
 
 WORDS = ["a", "portrait", "of", "bald", "man", "woman", "with", "red", "blond", "black", "hair", "glasses", "hat",
          "beard", "and", "smiling"]
 
 
-def byte_symbols() -> list[str]:
-    """The printable stand-in of each byte used by byte-level BPE (GPT-2 / CLIP): printable Latin-1
-    bytes stand for themselves, the others for code points from 256 up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def write_clip_tokenizer(directory: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with a small vocabulary: all single bytes (inside and at the end of a
-    word) plus merges spelling out WORDS, so those words are single tokens."""
-    symbols = byte_symbols()
-    vocab = {token: index for index, token in enumerate(symbols + [s + "</w>" for s in symbols])}
-    merges = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+def write_clip_tokenizer(directory: Path):
+    """A CLIP BPE tokenizer whose small vocabulary spells WORDS as single tokens."""
+    return write_words_tokenizer(directory, WORDS)
 
 
 def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat") -> Path:

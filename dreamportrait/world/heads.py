@@ -150,7 +150,7 @@ def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 96, backend: str | None = None
+def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64, backend: str | None = None
                  ) -> tuple[Tensor, Tensor]:
     """Images ``(B, 3, R, R)`` in [-1, 1] (on the world's grey background) and depth ``(B, 1, R, R)``
     of the heads seen from camera labels c ``(B, 25)``."""

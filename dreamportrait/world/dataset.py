@@ -1,0 +1,93 @@
+"""Rendered datasets of the world: images, camera labels, attributes and captions, on disk in
+shards so that a long build resumes where it stopped."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._atomic import atomic_path
+from .attributes import ATTRIBUTES, HeadAttributes, caption
+from .heads import HeadBatch, render_heads, sample_world_cameras
+
+SHARD_SIZE = 512
+ATTRIBUTE_CLASSES = {name: values + (("none",) if name == "hair_color" else ()) for name, values in ATTRIBUTES.items()}
+"""The judge's classes per attribute (hair colour has a "none" class for bald, beardless heads)."""
+
+
+def attribute_indices(heads: Sequence[HeadAttributes]) -> Tensor:
+    """``(B, 6)`` class indices (:data:`ATTRIBUTE_CLASSES` order) of ``heads``."""
+    return torch.tensor([[ATTRIBUTE_CLASSES[name].index(getattr(h, name)) for name in ATTRIBUTE_CLASSES] for h in heads])
+
+
+def heads_from_indices(indices: Tensor) -> list[HeadAttributes]:
+    return [HeadAttributes(**{name: ATTRIBUTE_CLASSES[name][int(i)] for name, i in zip(ATTRIBUTE_CLASSES, row)})
+            for row in indices]
+
+
+@dataclass
+class WorldSamples:
+    """images ``(N, 3, R, R)`` uint8, labels ``(N, 25)``, attributes ``(N, 6)`` class indices, captions."""
+
+    images: Tensor
+    labels: Tensor
+    attributes: Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def float_images(self) -> Tensor:
+        """The images in [-1, 1], float32."""
+        return self.images.float() / 127.5 - 1
+
+
+def render_samples(combinations: Sequence[HeadAttributes], count: int, resolution: int, seed: int,
+                   batch_size: int = 64) -> WorldSamples:
+    """``count`` heads drawn uniformly from ``combinations``, each from a random camera of the pose
+    prior, captioned in a random phrasing; deterministic given ``seed``."""
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    images, labels, heads, captions = [], [], [], []
+    for start in range(0, count, batch_size):
+        chunk = [rng.choice(list(combinations)) for _ in range(min(batch_size, count - start))]
+        batch = HeadBatch.from_attributes(chunk, generator)
+        c, _ = sample_world_cameras(len(chunk), generator)
+        rendered, _ = render_heads(batch, c, resolution)
+        images.append(((rendered + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        labels.append(c)
+        heads += chunk
+        captions += [caption(h, rng=rng) for h in chunk]
+    return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), captions)
+
+
+def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes], count: int, resolution: int,
+                  seed: int, progress: bool = True) -> WorldSamples:
+    """Render (or finish rendering) a dataset of ``count`` samples into ``directory`` as shards of
+    :data:`SHARD_SIZE`; each shard is written atomically and skipped when present, so an
+    interrupted build resumes. Returns the whole dataset."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = range((count + SHARD_SIZE - 1) // SHARD_SIZE)
+    for shard in tqdm(shards, desc=f"rendering {directory.name}", disable=not progress):
+        path = directory / f"shard-{shard:05d}.pt"
+        if path.is_file():
+            continue
+        size = min(SHARD_SIZE, count - shard * SHARD_SIZE)
+        samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard)
+        with atomic_path(path) as temporary:
+            torch.save(vars(samples), temporary)
+    return load_dataset(directory)
+
+
+def load_dataset(directory: str | Path) -> WorldSamples:
+    parts = [torch.load(path, weights_only=True) for path in sorted(Path(directory).glob("shard-*.pt"))]
+    if not parts:
+        raise FileNotFoundError(f"{directory} holds no dataset shards")
+    return WorldSamples(torch.cat([p["images"] for p in parts]), torch.cat([p["labels"] for p in parts]),
+                        torch.cat([p["attributes"] for p in parts]), [c for p in parts for c in p["captions"]])

@@ -1,0 +1,172 @@
+"""The world's text-to-image teacher: a pixel-space diffusion model trained from scratch on
+captioned renders, with the classes real Stable Diffusion checkpoints use (diffusers
+``UNet2DConditionModel`` + ``DDPMScheduler``, transformers ``CLIPTextModel`` + ``CLIPTokenizer``),
+saved in the Stable Diffusion directory layout so :class:`StableDiffusionGuidance` loads it like
+any other model::
+
+    model_index.json  scheduler/  text_encoder/  tokenizer/  unet/
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._atomic import atomic_path
+from .attributes import ATTRIBUTES, PHRASINGS
+from .dataset import WorldSamples
+from .tokenizer import write_clip_tokenizer
+
+VIEW_WORDS = ("front", "side", "back", "view")
+
+
+def caption_words() -> list[str]:
+    """Every word a world caption (with a view suffix) can contain."""
+    words = {"bald", "head", "beard", "glasses", "hat", "hair", "skin", "skinned", "with", "and", "a", *VIEW_WORDS}
+    for phrasing in PHRASINGS:
+        words.update(w for w in phrasing.replace(",", " ").replace("-", " ").split() if not w.startswith("{"))
+    for values in ATTRIBUTES.values():
+        words.update(values)
+    return sorted(words - {"no", "yes", "none"})
+
+
+@dataclass
+class TeacherConfig:
+    """Sizes of the teacher (the defaults: ~2 M UNet parameters, a 4-layer, 64-wide text encoder)."""
+
+    resolution: int = 32
+    channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    text_width: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    attention_head_dim: int = 32
+    train_timesteps: int = 1000
+
+
+def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:
+    """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).save_pretrained(directory / "text_encoder")
+    levels = len(config.channels)
+    UNet2DConditionModel(
+        sample_size=config.resolution, in_channels=3, out_channels=3, layers_per_block=config.layers_per_block,
+        block_out_channels=config.channels, cross_attention_dim=config.text_width,
+        attention_head_dim=config.attention_head_dim, norm_num_groups=32,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+    ).save_pretrained(directory / "unet")
+    DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                  prediction_type="epsilon").save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "DreamPortraitWorldTeacher", "teacher_config": asdict(config),
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"]}, indent=2) + "\n")
+    return directory
+
+
+class Teacher:
+    """A teacher directory's models, for training and sampling."""
+
+    def __init__(self, directory: str | Path, device: str | torch.device = "cpu"):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.directory = Path(directory)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.directory / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(self.directory / "text_encoder").to(device)
+        self.unet = UNet2DConditionModel.from_pretrained(self.directory / "unet").to(device)
+        self.scheduler = DDPMScheduler.from_pretrained(self.directory / "scheduler")
+        self.device = torch.device(device)
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt")["input_ids"].to(self.device)
+        return self.text_encoder(input_ids=ids).last_hidden_state
+
+    def denoising_loss(self, images: Tensor, prompts: list[str], generator: torch.Generator) -> Tensor:
+        """DDPM's ε-prediction loss on images ``(N, 3, R, R)`` in [-1, 1]."""
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        noisy = self.scheduler.add_noise(images, noise, t)
+        prediction = self.unet(noisy.to(self.device), t.to(self.device), encoder_hidden_states=self.encode(prompts)).sample
+        return F.mse_loss(prediction, noise.to(self.device))
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], steps: int = 50, guidance_scale: float = 3.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """DDIM samples ``(N, 3, R, R)`` in [-1, 1] with classifier-free guidance."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        size = self.unet.config.sample_size
+        x = torch.randn(len(prompts), 3, size, size, generator=generator).to(self.device)
+        context = torch.cat([self.encode(list(prompts)), self.encode([""] * len(prompts))])
+        for t in scheduler.timesteps:
+            eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+            conditional, unconditional = eps.chunk(2)
+            x = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, x).prev_sample
+        return x.clamp(-1, 1)
+
+    def save(self) -> None:
+        self.unet.save_pretrained(self.directory / "unet")
+        self.text_encoder.save_pretrained(self.directory / "text_encoder")
+
+
+def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: int = 64, lr: float = 3e-4,
+                  caption_dropout: float = 0.1, seed: int = 0, checkpoint_every: int = 500,
+                  progress: bool = True) -> list[float]:
+    """Train the UNet and the text encoder jointly on ``data`` (captions dropped to "" with
+    probability ``caption_dropout``, for classifier-free guidance); resumes from and saves to
+    ``teacher.directory/training_state.pt`` every ``checkpoint_every`` steps. Returns the losses."""
+    state_path = teacher.directory / "training_state.pt"
+    parameters = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
+    generator, rng, step = torch.Generator().manual_seed(seed), random.Random(seed), 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)  # written by this function: optimiser + RNG states
+        optimiser.load_state_dict(state["optimiser"])
+        generator.set_state(state["generator"])
+        rng.setstate(state["rng"])
+        step = state["step"]
+    images, losses = data.float_images(), []
+    teacher.unet.train()
+    teacher.text_encoder.train()
+    with tqdm(total=steps, initial=step, desc="training the teacher", disable=not progress) as bar:
+        while step < steps:
+            index = torch.randint(len(data), (batch_size,), generator=generator)
+            prompts = ["" if rng.random() < caption_dropout else data.captions[int(i)] for i in index]
+            loss = teacher.denoising_loss(images[index], prompts, generator)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimiser.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % checkpoint_every == 0 or step == steps:
+                teacher.save()
+                with atomic_path(state_path) as temporary:
+                    torch.save({"optimiser": optimiser.state_dict(), "generator": generator.get_state(),
+                                "rng": rng.getstate(), "step": step}, temporary)
+    teacher.unet.eval()
+    teacher.text_encoder.eval()
+    return losses

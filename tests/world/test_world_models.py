@@ -1,0 +1,59 @@
+"""World datasets, the judge and the teacher at tiny sizes."""
+
+import pytest
+import torch
+
+from dreamportrait.guidance import StableDiffusionGuidance
+from dreamportrait.world import training_combinations
+from dreamportrait.world import dataset as dataset_module
+from dreamportrait.world.dataset import attribute_indices, build_dataset, heads_from_indices, render_samples
+from dreamportrait.world.judge import accuracy, load_judge, save_judge, train_judge
+from dreamportrait.world.teacher import Teacher, TeacherConfig, build_teacher, caption_words, train_teacher
+
+TINY_TEACHER = TeacherConfig(channels=(32, 32), text_width=32, text_layers=2, text_heads=2, attention_head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return render_samples(training_combinations(), 48, 32, seed=3)
+
+
+def test_datasets_are_deterministic_and_resume(tmp_path, samples, monkeypatch):
+    again = render_samples(training_combinations(), 48, 32, seed=3)
+    assert torch.equal(again.images, samples.images) and again.captions == samples.captions
+    assert samples.images.dtype == torch.uint8 and samples.images.shape == (48, 3, 32, 32)
+    assert heads_from_indices(samples.attributes) == heads_from_indices(attribute_indices(heads_from_indices(samples.attributes)))
+    built = build_dataset(tmp_path, training_combinations(), 20, 32, seed=1, progress=False)
+    monkeypatch.setattr(dataset_module, "render_samples", lambda *a, **k: pytest.fail("re-rendered a finished shard"))
+    resumed = build_dataset(tmp_path, training_combinations(), 20, 32, seed=1, progress=False)
+    assert torch.equal(resumed.images, built.images) and len(resumed) == 20
+
+
+def test_judge_trains_saves_and_loads(tmp_path, samples):
+    judge = train_judge(samples, steps=3, batch_size=16, progress=False)
+    scores = accuracy(judge, samples)
+    assert set(scores) == {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
+    assert all(0 <= value <= 1 for value in scores.values())
+    save_judge(judge, tmp_path)
+    loaded = load_judge(tmp_path)
+    assert torch.equal(loaded.predict(samples.float_images()), judge.predict(samples.float_images()))
+    assert judge.features(samples.float_images()[:4]).shape == (4, 128)
+
+
+def test_teacher_trains_resumes_samples_and_guides(tmp_path, samples):
+    directory = build_teacher(tmp_path, TINY_TEACHER)
+    teacher = Teacher(directory)
+    words = teacher.tokenizer.tokenize("a portrait of a dark-skinned person with long blond hair, front view")
+    assert all(token.endswith("</w>") for token in words)  # every caption word is one token
+    losses = train_teacher(teacher, samples, steps=2, batch_size=8, checkpoint_every=1, progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    resumed = Teacher(directory)
+    assert len(train_teacher(resumed, samples, steps=3, batch_size=8, progress=False)) == 1  # continues at step 2
+    images = resumed.sample(["a portrait of a light-skinned person with short red hair"], steps=3,
+                            generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 32, 32) and images.abs().max() <= 1
+    guidance = StableDiffusionGuidance(directory)  # loads like any diffusers model directory
+    assert guidance.vae is None and guidance.image_resolution == 32
+    out = guidance.sds_loss(torch.rand(2, 3, 64, 64) * 2 - 1, ["a portrait of a person with a bald head, light skin"] * 2)
+    assert torch.isfinite(out.loss)
+    assert "skinned" in caption_words() and "view" in caption_words()
