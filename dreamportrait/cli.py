@@ -5,6 +5,7 @@
     dreamportrait train CONFIG.yaml [k=v ...]   SDS-on-distribution training (torchrun for several GPUs)
     dreamportrait generate --checkpoint C ...   a 3D portrait per prompt and seed: views, depth, video, mesh
     dreamportrait baseline --prompt P ...       the per-prompt SDS baseline (one scene optimised per prompt)
+    dreamportrait world build --out DIR         the synthetic world's datasets, judge and teacher
 """
 
 from __future__ import annotations
@@ -155,6 +156,21 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world_build(args: argparse.Namespace) -> int:
+    import json
+
+    from dreamportrait.world.build import build_world
+
+    try:
+        report = build_world(args.out, setting=args.setting, seed=args.seed)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait world build: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report["judge_accuracy_held_out"], indent=2))
+    print(f"wrote {args.out}/report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--device", default=None)
     base.add_argument("--out", required=True)
     base.set_defaults(run=_baseline)
+
+    world = commands.add_parser("world", help="the synthetic portrait world").add_subparsers(dest="world_command",
+                                                                                             required=True)
+    build = world.add_parser(
+        "build", help="render datasets, train the judge and the teacher (resumable)",
+        description="Renders the world's datasets, trains the attribute judge and the text-to-image teacher into "
+                    "OUT (each stage resumes where an interrupted build stopped) and writes OUT/report.json.")
+    build.add_argument("--out", required=True)
+    build.add_argument("--setting", default="default", choices=["default", "tiny"],
+                       help="'tiny' takes a minute (tests); 'default' is the full build")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(run=_world_build)
     return parser
 
 

@@ -1,5 +1,7 @@
 """World datasets, the judge and the teacher at tiny sizes."""
 
+import json
+
 import pytest
 import torch
 
@@ -57,3 +59,18 @@ def test_teacher_trains_resumes_samples_and_guides(tmp_path, samples):
     out = guidance.sds_loss(torch.rand(2, 3, 64, 64) * 2 - 1, ["a portrait of a person with a bald head, light skin"] * 2)
     assert torch.isfinite(out.loss)
     assert "skinned" in caption_words() and "view" in caption_words()
+
+
+def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
+    from dreamportrait.cli import main
+
+    assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["judge_accuracy_held_out"]) == {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
+    assert (tmp_path / "teacher/unet/config.json").is_file() and (tmp_path / "judge/judge.safetensors").is_file()
+    state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=False)
+    assert state["step"] == 2
+    assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0  # everything done: quick
+    with pytest.raises(SystemExit):
+        main(["world", "build", "--out", str(tmp_path), "--setting", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""``dreamportrait world build``: datasets, judge and teacher of the synthetic world, resumable.
+
+Stages, each skipped when its output exists (a dataset shard, the judge, the teacher's training
+state), so an interrupted build continues where it stopped::
+
+    OUT/data/judge-train    renders of training combinations (judge)
+    OUT/data/judge-test     renders of the held-out combinations (judge accuracy)
+    OUT/data/teacher-train  captioned renders of training combinations (teacher)
+    OUT/judge/              judge.safetensors + judge.json
+    OUT/teacher/            the teacher, Stable Diffusion layout (+ training_state.pt while training)
+    OUT/report.json         judge accuracy per attribute and seconds per stage
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .._atomic import atomic_path
+from .attributes import held_out_combinations, training_combinations
+from .dataset import build_dataset
+from .judge import accuracy, load_judge, save_judge, train_judge
+from .teacher import Teacher, TeacherConfig, build_teacher, train_teacher
+
+
+@dataclass
+class BuildSetting:
+    resolution: int = 32
+    judge_train: int = 8192
+    judge_test: int = 1024
+    judge_steps: int = 3000
+    teacher_train: int = 16384
+    teacher_steps: int = 8000
+    teacher_batch: int = 64
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(channels=(32, 64, 64), attention_head_dim=16))
+
+
+SETTINGS = {
+    "default": BuildSetting(),
+    "tiny": BuildSetting(judge_train=128, judge_test=64, judge_steps=5, teacher_train=64, teacher_steps=2,
+                         teacher_batch=8, teacher=TeacherConfig(channels=(32, 32), text_width=32, text_layers=2,
+                                                                text_heads=2, attention_head_dim=16)),
+}
+
+
+def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, progress: bool = True) -> dict:
+    """Run (or resume) every stage; returns the report also written to ``OUT/report.json``."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
+    config, out = SETTINGS[setting], Path(out_dir)
+    report: dict = {"setting": setting, "config": asdict(config), "seconds": {}}
+
+    start = time.perf_counter()
+    judge_train = build_dataset(out / "data/judge-train", training_combinations(), config.judge_train,
+                                config.resolution, seed=seed * 10 + 1, progress=progress)
+    judge_test = build_dataset(out / "data/judge-test", held_out_combinations(), config.judge_test,
+                               config.resolution, seed=seed * 10 + 2, progress=progress)
+    teacher_train = build_dataset(out / "data/teacher-train", training_combinations(), config.teacher_train,
+                                  config.resolution, seed=seed * 10 + 3, progress=progress)
+    report["seconds"]["data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if (out / "judge/judge.json").is_file():
+        judge = load_judge(out / "judge")
+    else:
+        judge = train_judge(judge_train, steps=config.judge_steps, seed=seed, progress=progress)
+        save_judge(judge, out / "judge")
+    report["judge_accuracy_held_out"] = accuracy(judge, judge_test)
+    report["seconds"]["judge"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not (out / "teacher/model_index.json").is_file():
+        build_teacher(out / "teacher", config.teacher, seed=seed)
+    train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
+                  seed=seed, progress=progress)
+    report["seconds"]["teacher"] = time.perf_counter() - start
+
+    with atomic_path(out / "report.json") as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+    return report
