@@ -71,7 +71,7 @@ class HeadBatch:
             center=torch.tensor([0.0, 0.03, 0.0]) + jitter(count, 3, scale=0.01),
             radii=torch.tensor([0.19, 0.245, 0.21]) * (1 + jitter(count, 1, scale=0.05)) * (1 + jitter(count, 3, scale=0.03)),
             skin=colors(SKIN, "skin_tone"), hair=colors(HAIR, "hair_color"), hat_color=colors(HAT, "hat"),
-            hairline=0.07 + jitter(count, scale=0.02), hair_length=-0.27 + jitter(count, scale=0.04),
+            hairline=0.1 + jitter(count, scale=0.015), hair_length=-0.27 + jitter(count, scale=0.04),
             has_hair=flag(lambda h: h.hair_style != "bald"), long_hair=flag(lambda h: h.hair_style == "long"),
             beard=flag(lambda h: h.beard == "yes"), glasses=flag(lambda h: h.glasses == "yes"),
             hat=flag(lambda h: h.hat != "none"),
@@ -111,13 +111,18 @@ def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
     parts["mouth"] = _ellipsoid(p, mouth_center, torch.tensor([0.055, 0.016, 0.03]).expand_as(r))
     shell = lambda scale: _ellipsoid(p, c, r * scale)  # noqa: E731
     parts["beard"] = torch.maximum(shell(1.07), torch.maximum(y - (cy - 0.06), (cz + 0.03) - z))
-    hair = torch.maximum(shell(1.08), torch.minimum(heads.hairline[:, None] + cy - y, z - (cz - 0.03)))
+    # Hair covers the skull above the hairline, the back of the head and the temples (which stay
+    # visible under a cap, so hair colour shows whatever the hat).
+    temples = torch.maximum(0.6 * r[:, 0:1] - x.abs(), (cy - 0.03) - y)
+    hair_region = torch.minimum(torch.minimum(heads.hairline[:, None] + cy - y, z - (cz - 0.03)), temples)
+    hair = torch.maximum(shell(1.08), hair_region)
     curtain = _box(p, torch.stack([-r[:, 0] - 0.04, heads.hair_length, cz[:, 0] - r[:, 2] - 0.05], -1),
                    torch.stack([r[:, 0] + 0.04, cy[:, 0] + 0.1, cz[:, 0] - 0.02], -1))
     parts["hair"] = torch.where(heads.long_hair[:, None] > 0, torch.minimum(hair, curtain), hair)
-    brim = _box(p, torch.stack([-0.17 * torch.ones_like(cz[:, 0]), cy[:, 0] + r[:, 1] * 0.45, cz[:, 0]], -1),
-                torch.stack([0.17 * torch.ones_like(cz[:, 0]), cy[:, 0] + r[:, 1] * 0.45 + 0.025, front[:, 0] + 0.12], -1))
-    parts["hat"] = torch.minimum(torch.maximum(shell(1.13), cy + r[:, 1:2] * 0.45 - y), brim)
+    cap_bottom = cy + r[:, 1:2] * 0.68  # the cap sits on the crown, leaving a band of hair above the brow
+    brim = _box(p, torch.stack([-0.15 * torch.ones_like(cz[:, 0]), cap_bottom[:, 0], cz[:, 0]], -1),
+                torch.stack([0.15 * torch.ones_like(cz[:, 0]), cap_bottom[:, 0] + 0.025, front[:, 0] + 0.1], -1))
+    parts["hat"] = torch.minimum(torch.maximum(shell(1.13), cap_bottom - y), brim)
     lens_z = front + 0.03
     lenses, frames = [], []
     for side in (-1, 1):
