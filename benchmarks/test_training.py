@@ -45,7 +45,7 @@ def make_trainer(guidance_dir, out_dir, backend):
 
 
 def test_generation_per_prompt(benchmark, record, guidance_dir, tmp_path):
-    from dreamportrait.generation import _render, sample, view_cameras
+    from dreamportrait.generation import render_views, sample, view_cameras
 
     trainer = make_trainer(guidance_dir, tmp_path, "cpu")
     generator = trainer.generator_ema
@@ -56,7 +56,7 @@ def test_generation_per_prompt(benchmark, record, guidance_dir, tmp_path):
     def generate_one():  # a new prompt each time: the text encoder's cache does not help
         seed = next(seeds)
         ws, sr_ws, planes = sample(generator, f"{PROMPT} {seed}", seed)
-        return _render(generator, ws, sr_ws, planes, cameras)
+        return render_views(generator, ws, sr_ws, planes, cameras)
 
     benchmark.pedantic(generate_one, rounds=10, warmup_rounds=2, iterations=1)
     record("per prompt: generation (4 views) vs per-prompt SDS", "dreamportrait", benchmark)

@@ -6,6 +6,7 @@
     dreamportrait generate --checkpoint C ...   a 3D portrait per prompt and seed: views, depth, video, mesh
     dreamportrait baseline --prompt P ...       the per-prompt SDS baseline (one scene optimised per prompt)
     dreamportrait world build --out DIR         the synthetic world's datasets, judge and teacher
+    dreamportrait evaluate --method M ...       text alignment, consistency, diversity, world-FID, speed
 """
 
 from __future__ import annotations
@@ -171,6 +172,53 @@ def _world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dreamportrait.generation import parse_seeds
+    from dreamportrait.world.attributes import caption, held_out_combinations
+    from dreamportrait.world.dataset import load_dataset
+    from dreamportrait.world.evaluate import baseline_method, evaluate, generator_method, markdown_table
+    from dreamportrait.world.judge import load_judge
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        prompts = list(args.prompt or [])
+        if args.held_out:
+            prompts += [caption(head, 0) for head in held_out_combinations()[: args.held_out]]
+        if not prompts:
+            raise ValueError("give prompts with --prompt or --held-out N")
+        judge, real = load_judge(args.judge), load_dataset(args.real)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.method == "generator":
+            if not args.checkpoint:
+                raise ValueError("--method generator needs --checkpoint")
+            from dreamportrait.models import load_pretrained
+
+            method = generator_method(load_pretrained(_resolve_checkpoint(args.checkpoint), device=device)[0], args.views)
+        else:
+            if not args.guidance:
+                raise ValueError("--method baseline needs --guidance")
+            from dreamportrait.guidance import StableDiffusionGuidance
+
+            method = baseline_method(StableDiffusionGuidance(args.guidance, device=device), args.views,
+                                     args.baseline_steps)
+        name = args.name or args.method
+        result = evaluate(method, prompts, seeds, judge, real, name=name, out_dir=args.out)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait evaluate: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown_table([result])
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'tiny' takes a minute (tests); 'default' is the full build")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_world_build)
+
+    ev = commands.add_parser(
+        "evaluate", help="measure a prompt -> 3D method in the synthetic world with the judge",
+        description="Renders --views views per (prompt, seed) with the method, judges them and writes "
+                    "OUT/NAME.json, OUT/NAME.md (a Markdown table row) and an image grid per prompt.")
+    ev.add_argument("--method", choices=["generator", "baseline"], required=True)
+    ev.add_argument("--checkpoint", help="the generator's model directory or training run (--method generator)")
+    ev.add_argument("--guidance", help="the guidance model of the per-prompt baseline (--method baseline)")
+    ev.add_argument("--baseline-steps", type=int, default=10_000, help="baseline steps per prompt (default 10000)")
+    ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    ev.add_argument("--held-out", type=int, default=0, help="add captions of the first N held-out combinations")
+    ev.add_argument("--seeds", default="0-3")
+    ev.add_argument("--views", type=int, default=4)
+    ev.add_argument("--judge", required=True, help="the judge's directory (world build: OUT/judge)")
+    ev.add_argument("--real", required=True, help="a rendered dataset directory: the real renders for world-FID")
+    ev.add_argument("--name", default=None, help="the method's name in the table (default: --method)")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(run=_evaluate)
     return parser
 
 

@@ -92,7 +92,7 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
         folder = out_dir / slug(prompt) / f"seed{seed:04d}"
         start = time.perf_counter()
         ws, sr_ws, planes = sample(generator, prompt, seed, truncation_psi, conditioning)
-        out = _render(generator, ws, sr_ws, planes, cameras)
+        out = render_views(generator, ws, sr_ws, planes, cameras)
         result.seconds_per_sample.append(time.perf_counter() - start)
         rows.setdefault(prompt, []).append(out["image"])
         for index in range(views):
@@ -101,7 +101,7 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
                                             depth_to_uint8(out["image_depth"][index])))
         if turntable is not None:
             frames = [to_uint8(image) for chunk in turntable.split(8)
-                      for image in _render(generator, ws, sr_ws, planes, chunk)["image"]]
+                      for image in render_views(generator, ws, sr_ws, planes, chunk)["image"]]
             result.files.append(write_video(folder / "turntable.mp4", frames))
         if mesh:
             shape = extract_mesh(generator.base, ws, resolution=mesh_resolution, level=mesh_level, planes=planes,
@@ -129,7 +129,8 @@ def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncati
     return ws, sr_ws, generator.base.planes(ws, "const", generator.block_hook(text))
 
 
-def _render(generator, ws, sr_ws, planes, cameras) -> dict[str, Tensor]:
+def render_views(generator, ws, sr_ws, planes, cameras) -> dict[str, Tensor]:
+    """Render one sample (ws, its super-resolution ws and planes) from cameras ``(V, 25)``."""
     count = cameras.shape[0]
     return generator.base.synthesis(ws.expand(count, -1, -1), cameras, noise_mode="const", deterministic_sampling=True,
                                     planes=planes.expand(count, -1, -1, -1, -1), sr_ws=sr_ws.expand(count, -1, -1))

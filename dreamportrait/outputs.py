@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -53,5 +54,9 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 24) -> Pa
 
 
 def slug(text: str, limit: int = 60) -> str:
-    """A file-name-safe version of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty-prompt"
+    """A file-name-safe version of a prompt; a long one is cut and ends with a hash of the whole
+    text, so prompts sharing a beginning get different names."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "empty-prompt"
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9].rstrip('-')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"

@@ -1,0 +1,142 @@
+"""The evaluation harness: any prompt -> 3D method, measured in the synthetic world by the judge.
+
+A *method* maps (prompt, seed) to V rendered views ``(V, 3, R, R)`` in [-1, 1] from the fixed
+evaluation cameras (:func:`evaluation_cameras`). For a prompt set and seeds it reports:
+
+- **text alignment**: per attribute, the fraction of views whose judged attribute is the prompt's;
+- **multi-view consistency**: the fraction of samples whose views are all judged alike (all six
+  attributes);
+- **diversity**: the mean pairwise distance of judge features between seeds of a prompt (frontal
+  view), averaged over prompts;
+- **world-FID**: the Fréchet distance between judge features of all views and of real renders;
+- **seconds per prompt**: wall-clock of the method for one (prompt, seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..models import camera_labels, fov_to_intrinsics, orbit_poses
+from ..models.cameras import FRONTAL
+from ..outputs import grid, slug, to_uint8, write_image
+from .attributes import parse_caption
+from .dataset import ATTRIBUTE_CLASSES, WorldSamples, attribute_indices
+from .heads import WORLD_CAMERAS
+from .judge import AttributeJudge
+
+Method = Callable[[str, int], Tensor]
+
+
+def evaluation_cameras(views: int) -> Tensor:
+    """``views`` camera labels ``(V, 25)`` sweeping yaw over ±30° at frontal pitch; the middle one
+    (or the one nearest it) is the frontal view."""
+    yaws = FRONTAL + (torch.linspace(-1, 1, views) if views > 1 else torch.zeros(1)) * math.radians(30)
+    poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL), WORLD_CAMERAS["radius"], WORLD_CAMERAS["pivot"])
+    return camera_labels(poses, fov_to_intrinsics(WORLD_CAMERAS["fov_degrees"]))
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a ``(N, D)`` and b ``(M, D)``."""
+    a, b = a.double(), b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+
+    def sqrt_psd(matrix: Tensor) -> Tensor:
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        return vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrt_psd(cov_a)
+    cross = sqrt_psd(root_a @ cov_b @ root_a)
+    return float((mean_a - mean_b).square().sum() + torch.trace(cov_a + cov_b - 2 * cross))
+
+
+@torch.no_grad()
+def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge: AttributeJudge, real: WorldSamples,
+             name: str = "method", out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Measure ``method`` (module docstring); with ``out_dir``, write a grid per prompt (rows: seeds,
+    columns: views) under ``out_dir/<name>/``. Returns the metrics."""
+    if not prompts or not seeds:
+        raise ValueError("evaluate needs at least one prompt and one seed")
+    judge.eval()
+    expected = attribute_indices([parse_caption(p) for p in prompts])  # (P, 6)
+    correct = torch.zeros(len(ATTRIBUTE_CLASSES))
+    judged_views = consistent = 0
+    features, seconds, diversity = [], [], []
+    for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
+        frontal_features, rows = [], []
+        for seed in seeds:
+            start = time.perf_counter()
+            views = method(prompt, seed)
+            seconds.append(time.perf_counter() - start)
+            predicted = judge.predict(views)  # (V, 6)
+            correct += (predicted == expected[p]).float().sum(0)
+            judged_views += views.shape[0]
+            consistent += int((predicted == predicted[0]).all())
+            view_features = judge.features(views)
+            features.append(view_features)
+            frontal_features.append(view_features[views.shape[0] // 2])
+            rows.append(views)
+        if len(seeds) > 1:
+            stacked = torch.stack(frontal_features)
+            distances = torch.cdist(stacked, stacked)
+            diversity.append((distances.sum() / (len(seeds) * (len(seeds) - 1))).item())
+        if out_dir is not None:
+            write_image(Path(out_dir) / slug(name) / f"{slug(prompt)}.png", to_uint8(grid(torch.cat(rows), rows[0].shape[0])))
+    real_features = torch.cat([judge.features(chunk) for chunk in real.float_images().split(256)])
+    return {
+        "method": name,
+        "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
+        "multi_view_consistency": consistent / (len(prompts) * len(seeds)),
+        "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
+        "world_fid": frechet_distance(torch.cat(features), real_features),
+        "seconds_per_prompt": sum(seconds) / len(seconds),
+    }
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """One row per method: alignment per attribute, consistency, diversity, world-FID, seconds."""
+    attributes = list(ATTRIBUTE_CLASSES)
+    header = ["method", *attributes, "consistency", "diversity", "world-FID", "s / prompt"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        cells = [result["method"], *(f"{100 * result['text_alignment'][a]:.1f} %" for a in attributes),
+                 f"{100 * result['multi_view_consistency']:.1f} %", f"{result['diversity']:.3f}",
+                 f"{result['world_fid']:.2f}", f"{result['seconds_per_prompt']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
+    """DreamPortrait: one forward pass per (prompt, seed), then the views."""
+    from ..generation import render_views, sample
+
+    device = next(generator.parameters()).device
+    cameras, frontal = evaluation_cameras(views).to(device), evaluation_cameras(1).to(device)
+
+    def run(prompt: str, seed: int) -> Tensor:
+        ws, sr_ws, planes = sample(generator, prompt, seed, truncation_psi, frontal)
+        return render_views(generator, ws, sr_ws, planes, cameras)["image"].float().cpu()
+
+    return run
+
+
+def baseline_method(guidance, views: int, steps: int, resolution: int = 32) -> Method:
+    """The per-prompt SDS baseline: one scene optimised for ``steps`` per (prompt, seed)."""
+    from ..baselines import optimise_scene
+
+    cameras = evaluation_cameras(views).to(guidance.device)
+
+    def run(prompt: str, seed: int) -> Tensor:
+        with torch.enable_grad():
+            scene = optimise_scene(guidance, prompt, steps=steps, render_resolution=resolution, seed=seed,
+                                   progress=False).scene
+        return scene(cameras, resolution)["image"].float().cpu()
+
+    return run
