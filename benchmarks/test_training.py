@@ -45,7 +45,8 @@ def make_trainer(guidance_dir, out_dir, backend):
 
 
 def test_generation_per_prompt(benchmark, record, guidance_dir, tmp_path):
-    from dreamportrait.generation import render_views, sample, view_cameras
+    from dreamportrait.generation import render_views, sample
+    from dreamportrait.models import view_cameras
 
     trainer = make_trainer(guidance_dir, tmp_path, "cpu")
     generator = trainer.generator_ema

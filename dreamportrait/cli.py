@@ -130,7 +130,7 @@ def _baseline(args: argparse.Namespace) -> int:
     import torch
 
     from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene, save_scene
-    from dreamportrait.generation import view_cameras
+    from dreamportrait.models import view_cameras
     from dreamportrait.guidance import StableDiffusionGuidance
     from dreamportrait.outputs import grid, to_uint8, write_image
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses
+from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
 from .models.cameras import FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
 
@@ -51,14 +51,6 @@ def parse_seeds(text: str) -> list[int]:
         except ValueError:
             raise ValueError(f"--seeds must look like 0-3,7 (non-negative integers and ranges), got {text!r}") from None
     return seeds
-
-
-def view_cameras(count: int, yaw_range: float, radius: float, pivot: Sequence[float], fov_degrees: float,
-                 pitch: float = 0.0) -> Tensor:
-    """``count`` camera labels sweeping yaw over ``±yaw_range`` radians around the frontal view."""
-    yaws = FRONTAL + (torch.linspace(-1, 1, count) if count > 1 else torch.zeros(1)) * yaw_range
-    poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL + pitch), radius, pivot)
-    return camera_labels(poses, fov_to_intrinsics(fov_degrees))
 
 
 @torch.no_grad()

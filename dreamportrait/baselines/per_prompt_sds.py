@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from ..guidance import StableDiffusionGuidance
-from ..models import camera_labels, camera_rays, fov_to_intrinsics, orbit_poses, split_camera_labels
-from ..models.cameras import sample_orbit_angles
+from ..models import camera_rays, sample_camera_labels, split_camera_labels
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
@@ -75,12 +74,11 @@ def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = 
     device = guidance.device
     scene = TriplaneScene(backend=backend).to(device)
     optimiser = torch.optim.Adam(scene.parameters(), lr=lr, betas=(0.9, 0.99))
-    intrinsics = fov_to_intrinsics(fov_degrees)
     losses, start = [], time.perf_counter()
     for step in tqdm(range(steps), desc=f"per-prompt SDS: {prompt[:40]}", disable=not progress):
-        yaws, pitches = sample_orbit_angles(batch_size, math.radians(yaw_range_degrees),
-                                            math.radians(pitch_range_degrees), generator=sampler)
-        c = camera_labels(orbit_poses(yaws, pitches, radius, pivot), intrinsics).to(device)
+        c, yaws = sample_camera_labels(batch_size, math.radians(yaw_range_degrees), math.radians(pitch_range_degrees),
+                                       radius, pivot, fov_degrees, sampler)
+        c = c.to(device)
         images = scene(c, render_resolution)["image"]
         sds = guidance.sds_loss(images, [prompt] * batch_size, yaws=yaws, step_ratio=step / max(steps, 1),
                                 generator=sampler)

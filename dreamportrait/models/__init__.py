@@ -3,7 +3,8 @@ renderer and super-resolution, the dual discriminator, cameras, presets, checkpo
 shape extraction."""
 
 from .cameras import (CAMERA_LABEL_SIZE, camera_labels, camera_rays, fov_to_intrinsics, look_at, orbit_poses,
-                      sample_orbit_angles, sample_orbit_poses, split_camera_labels)
+                      sample_camera_labels, sample_orbit_angles, sample_orbit_poses, split_camera_labels,
+                      view_cameras)
 from .discriminator import DualDiscriminator
 from .mesh import density_grid, extract_mesh
 from .pretrained import import_eg3d, load_pretrained, save_pretrained
@@ -23,5 +24,5 @@ __all__ = [
     "TriPlaneGenerator", "TriplaneCrossAttention", "ConditionAdapters", "build_discriminator", "build_generator",
     "camera_labels", "camera_rays", "density_grid", "extract_mesh", "import_eg3d", "load_pretrained",
     "save_pretrained", "fov_to_intrinsics", "look_at", "orbit_poses", "preset_kwargs",
-    "sample_orbit_angles", "sample_orbit_poses", "split_camera_labels",
+    "sample_camera_labels", "sample_orbit_angles", "sample_orbit_poses", "split_camera_labels", "view_cameras",
 ]

@@ -99,6 +99,24 @@ def sample_orbit_poses(
     return orbit_poses(yaws.to(device), pitches.to(device), radius, pivot)
 
 
+def sample_camera_labels(count: int, yaw_range: float, pitch_range: float, radius: float = 2.7,
+                         pivot: Sequence[float] = (0.0, 0.0, 0.2), fov_degrees: float = 18.837,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``count`` random camera labels ``(N, 25)`` of the portrait prior (uniform yaw/pitch offsets
+    within ``±range`` radians) and their yaws ``(N,)`` (for view-dependent prompts)."""
+    yaws, pitches = sample_orbit_angles(count, yaw_range, pitch_range, generator=generator)
+    return camera_labels(orbit_poses(yaws, pitches, radius, pivot), fov_to_intrinsics(fov_degrees)), yaws
+
+
+def view_cameras(count: int, yaw_range: float, radius: float = 2.7, pivot: Sequence[float] = (0.0, 0.0, 0.2),
+                 fov_degrees: float = 18.837, pitch: float = 0.0) -> Tensor:
+    """``count`` camera labels ``(N, 25)`` sweeping yaw evenly over ``±yaw_range`` radians around the
+    frontal view (one camera: the frontal one), at ``pitch`` radians from frontal."""
+    yaws = FRONTAL + (torch.linspace(-1, 1, count) if count > 1 else torch.zeros(1)) * yaw_range
+    poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL + pitch), radius, pivot)
+    return camera_labels(poses, fov_to_intrinsics(fov_degrees))
+
+
 def camera_labels(cam2world: Tensor, intrinsics: Tensor) -> Tensor:
     """The 25-value labels ``(N, 25)`` of cameras ``(N, 4, 4)`` with intrinsics ``(3, 3)`` or ``(N, 3, 3)``."""
     if cam2world.dim() != 3 or cam2world.shape[1:] != (4, 4):

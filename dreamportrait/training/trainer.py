@@ -25,9 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..guidance import StableDiffusionGuidance
-from ..models import TextConditionedGenerator, build_discriminator, build_generator, camera_labels
-from ..models import fov_to_intrinsics, load_pretrained, orbit_poses
-from ..models.cameras import FRONTAL, sample_orbit_angles
+from ..models import TextConditionedGenerator, build_discriminator, build_generator, load_pretrained
+from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -142,10 +141,10 @@ class Trainer:
 
     def _cameras(self, size: int) -> tuple[Tensor, Tensor]:
         cams = self.config.cameras
-        yaws, pitches = sample_orbit_angles(size, math.radians(cams.yaw_range_degrees),
-                                            math.radians(cams.pitch_range_degrees), generator=self.sampler)
-        poses = orbit_poses(yaws, pitches, cams.radius, cams.pivot)
-        return yaws, camera_labels(poses, fov_to_intrinsics(cams.fov_degrees))
+        labels, yaws = sample_camera_labels(size, math.radians(cams.yaw_range_degrees),
+                                            math.radians(cams.pitch_range_degrees), cams.radius, cams.pivot,
+                                            cams.fov_degrees, self.sampler)
+        return yaws, labels
 
     def _autocast(self):
         if self.device.type == "cuda" and self.config.optim.amp:
@@ -311,9 +310,8 @@ class Trainer:
     def log_images(self) -> None:
         """A grid of EMA renders: one row per prompt (up to 4), one column per camera."""
         prompts = self.prompts[:4]
-        yaws = torch.linspace(-1, 1, 4) * math.radians(self.config.cameras.yaw_range_degrees) + FRONTAL
-        poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL), self.config.cameras.radius, self.config.cameras.pivot)
-        c = camera_labels(poses, fov_to_intrinsics(self.config.cameras.fov_degrees)).to(self.device)
+        cams = self.config.cameras
+        c = view_cameras(4, math.radians(cams.yaw_range_degrees), cams.radius, cams.pivot, cams.fov_degrees).to(self.device)
         z = torch.randn(1, self.generator.base.z_dim, generator=torch.Generator().manual_seed(0)).to(self.device)
         rows = []
         for prompt in prompts:

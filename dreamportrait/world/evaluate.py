@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..models import camera_labels, fov_to_intrinsics, orbit_poses
-from ..models.cameras import FRONTAL
+from ..models import view_cameras
 from ..outputs import grid, slug, to_uint8, write_image
 from .attributes import parse_caption
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples, attribute_indices
@@ -35,11 +34,10 @@ Method = Callable[[str, int], Tensor]
 
 
 def evaluation_cameras(views: int) -> Tensor:
-    """``views`` camera labels ``(V, 25)`` sweeping yaw over ±30° at frontal pitch; the middle one
-    (or the one nearest it) is the frontal view."""
-    yaws = FRONTAL + (torch.linspace(-1, 1, views) if views > 1 else torch.zeros(1)) * math.radians(30)
-    poses = orbit_poses(yaws, torch.full_like(yaws, FRONTAL), WORLD_CAMERAS["radius"], WORLD_CAMERAS["pivot"])
-    return camera_labels(poses, fov_to_intrinsics(WORLD_CAMERAS["fov_degrees"]))
+    """``views`` camera labels ``(V, 25)`` sweeping yaw over ±30° in the world's orbit; the middle
+    one (or the one nearest it) is the frontal view."""
+    cams = WORLD_CAMERAS
+    return view_cameras(views, math.radians(30), cams["radius"], cams["pivot"], cams["fov_degrees"])
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.cameras import camera_labels, camera_rays, fov_to_intrinsics, orbit_poses, sample_orbit_angles
-from ..models.cameras import split_camera_labels
+from ..models.cameras import camera_rays, sample_camera_labels, split_camera_labels
 from ..ops import composite_rays
 from .attributes import HeadAttributes
 
@@ -179,7 +178,5 @@ def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64
 def sample_world_cameras(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Camera labels ``(B, 25)`` from the world's pose prior, and their yaws ``(B,)``."""
     cams = WORLD_CAMERAS
-    yaws, pitches = sample_orbit_angles(count, math.radians(cams["yaw_range_degrees"]),
-                                        math.radians(cams["pitch_range_degrees"]), generator=generator)
-    poses = orbit_poses(yaws, pitches, cams["radius"], cams["pivot"])
-    return camera_labels(poses, fov_to_intrinsics(cams["fov_degrees"])), yaws
+    return sample_camera_labels(count, math.radians(cams["yaw_range_degrees"]), math.radians(cams["pitch_range_degrees"]),
+                                cams["radius"], cams["pivot"], cams["fov_degrees"], generator)
