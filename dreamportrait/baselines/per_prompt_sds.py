@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._atomic import atomic_path
 from ..guidance import StableDiffusionGuidance
 from ..models import camera_rays, sample_camera_labels, split_camera_labels
+from ..models.pretrained import save_weights
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
@@ -93,7 +92,4 @@ def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = 
 
 def save_scene(scene: TriplaneScene, path: str | Path) -> Path:
     """The scene's planes and decoder as safetensors, written atomically."""
-    tensors = {key: value.detach().cpu().contiguous() for key, value in scene.state_dict().items()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary))
-    return Path(path)
+    return save_weights(scene, path)

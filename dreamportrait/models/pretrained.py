@@ -70,9 +70,7 @@ def save_pretrained(directory: str | Path, generator: TriPlaneGenerator | TextCo
             continue
         if role == "discriminator":
             config[role] = dict(network.init_kwargs)
-        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in network.state_dict().items()}
-        with atomic_path(directory / WEIGHT_FILES[role]) as temporary:
-            save_file(tensors, str(temporary), metadata={"format": FORMAT, "role": role})
+        save_weights(network, directory / WEIGHT_FILES[role], metadata={"format": FORMAT, "role": role})
     with atomic_path(directory / CONFIG_FILE) as temporary:
         temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
@@ -102,13 +100,24 @@ def _construct(cls, kwargs: dict, what: str, **extra):
         raise ValueError(f"{what} does not fit {cls.__name__}: {error}") from None
 
 
-def _read_weights(module: nn.Module, path: Path) -> None:
+def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``module``'s state dict as a safetensors file, written atomically."""
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in module.state_dict().items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return Path(path)
+
+
+def read_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into ``module`` strictly (:func:`load_weights`); a missing file
+    raises FileNotFoundError, a damaged one ValueError, both naming it."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+        raise ValueError(f"{path} is damaged (not a readable safetensors file): {error}") from None
     load_weights(module, tensors, str(path))
 
 
@@ -130,12 +139,12 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
             encoder = TextEncoder(encoder, device=device)
         generator = _construct(TextConditionedGenerator, kwargs, f"{directory / CONFIG_FILE}: text_conditioning",
                                base=generator, text_encoder=encoder)
-    _read_weights(generator, directory / WEIGHT_FILES["generator"])
+    read_weights(generator, directory / WEIGHT_FILES["generator"])
     discriminator = None
     if "discriminator" in config:
         discriminator = _construct(DualDiscriminator, config["discriminator"],
                                    f"{directory / CONFIG_FILE}: the discriminator config")
-        _read_weights(discriminator, directory / WEIGHT_FILES["discriminator"])
+        read_weights(discriminator, directory / WEIGHT_FILES["discriminator"])
         discriminator = discriminator.to(device).eval()
     return generator.to(device).eval(), discriminator
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_path
-from ..models.pretrained import load_weights, save_pretrained
+from ..models.pretrained import read_weights, save_pretrained, save_weights
 
 RAW_WEIGHTS = "generator_raw.safetensors"
 STATE_FILE = "training_state.pt"
@@ -46,8 +45,7 @@ def save_checkpoint(out_dir: str | Path, step: int, generator, generator_ema, di
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         save_pretrained(temporary, generator_ema, discriminator)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in generator.state_dict().items()}
-        save_file(tensors, str(temporary / RAW_WEIGHTS))
+        save_weights(generator, temporary / RAW_WEIGHTS)
         torch.save(state, temporary / STATE_FILE)
         (temporary / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         if final.exists():
@@ -86,13 +84,8 @@ def load_checkpoint(path: str | Path, generator, generator_ema, discriminator) -
             raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
     for module, name in ((generator, RAW_WEIGHTS), (generator_ema, "generator.safetensors"),
                          (discriminator, "discriminator.safetensors")):
-        if module is None:
-            continue
-        try:
-            tensors = load_file(str(path / name))
-        except Exception as error:  # safetensors' own error types
-            raise ValueError(f"checkpoint file {path / name} is damaged: {error}") from None
-        load_weights(module, tensors, str(path / name))
+        if module is not None:
+            read_weights(module, path / name)
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, unpickling errors

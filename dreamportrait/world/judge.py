@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
+from ..models.pretrained import read_weights, save_weights
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples
 
 INPUT_RESOLUTION = 32
@@ -89,8 +89,7 @@ def train_judge(train: WorldSamples, steps: int = 2000, batch_size: int = 128, l
 
 def save_judge(judge: AttributeJudge, directory: str | Path) -> Path:
     directory = Path(directory)
-    with atomic_path(directory / "judge.safetensors") as temporary:
-        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(temporary))
+    save_weights(judge, directory / "judge.safetensors")
     with atomic_path(directory / "judge.json") as temporary:
         temporary.write_text(json.dumps({"width": judge.width, "classes": ATTRIBUTE_CLASSES}, indent=2) + "\n")
     return directory
@@ -105,7 +104,5 @@ def load_judge(directory: str | Path) -> AttributeJudge:
     if {k: tuple(v) for k, v in config["classes"].items()} != ATTRIBUTE_CLASSES:
         raise ValueError(f"{config_path}: the judge was trained for other attribute classes")
     judge = AttributeJudge(config["width"])
-    from ..models.pretrained import load_weights
-
-    load_weights(judge, load_file(str(directory / "judge.safetensors")), str(directory / "judge.safetensors"))
+    read_weights(judge, directory / "judge.safetensors")
     return judge.eval()
