@@ -88,7 +88,9 @@ class Trainer:
             base, discriminator = build_generator(model.preset, backend=model.backend), build_discriminator(model.preset)
         if model.neural_rendering_resolution:
             base.neural_rendering_resolution = model.neural_rendering_resolution
-        self.frozen = copy.deepcopy(base).requires_grad_(False).eval().to(device)  # the "real" distribution
+        self.frozen = None  # the "real" distribution: a frozen copy of the pretrained generator
+        if config.gan.weight > 0 and config.gan.real == "pretrained":
+            self.frozen = copy.deepcopy(base).requires_grad_(False).eval().to(device)
         self.generator = TextConditionedGenerator(
             base.train(), self.guidance.text_encoder.dim, text_encoder=self.guidance.text_encoder,
             adapter_boundaries=tuple(model.adapter_boundaries), attention_resolutions=model.attention_resolutions,
@@ -162,9 +164,11 @@ class Trainer:
         loss = cfg.guidance.weight * sds.loss
         logs = {"loss/sds": sds.loss.item(), "sds/grad_norm": sds.grad.flatten(1).norm(dim=1).mean().item()}
         if cfg.gan.weight > 0:
+            self.discriminator.requires_grad_(False)  # only the generator learns from this term
             adversarial = generator_adversarial_loss(self.discriminator({"image": out["image"].float(),
                                                                          "image_raw": out["image_raw"].float()},
                                                                         batch.c.to(device)))
+            self.discriminator.requires_grad_(True)
             loss = loss + cfg.gan.weight * adversarial
             logs["loss/g_adversarial"] = adversarial.item()
         return loss, logs, out
@@ -191,8 +195,9 @@ class Trainer:
         return loss, logs
 
     def _finite(self, loss: Tensor, parameters) -> bool:
-        ok = torch.tensor(float(torch.isfinite(loss).item() and all(
-            torch.isfinite(p.grad).all().item() for p in parameters if p.grad is not None)), device=self.device)
+        # One device-side reduction and one host sync per check, not one per parameter.
+        flags = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+        ok = torch.stack(flags).all().float()
         if self.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
