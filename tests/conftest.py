@@ -21,6 +21,21 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny_latent_sd(tmp_path_factory):
+    """A tiny latent Stable Diffusion directory (unet, vae, scheduler, tokenizer, text encoder)."""
+    from tiny_models import write_tiny_stable_diffusion
+
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("latent-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_sd(tmp_path_factory):
+    """The same without a VAE: a pixel-space diffusion model (no VAE sampling noise)."""
+    from tiny_models import write_tiny_stable_diffusion
+
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("pixel-sd"), latent=False)
+
 
 @pytest.fixture(autouse=True)
 def seed(request):

@@ -7,6 +7,7 @@ the wrong type is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,7 @@ class TrainConfig:
 def _convert(value, annotation, key: str):
     """``value`` checked against the dataclass field type ``annotation``."""
     origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in arguments:
             return None
         annotation = next(a for a in arguments if a is not type(None))

@@ -141,7 +141,7 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     generator, rng, step = torch.Generator().manual_seed(seed), random.Random(seed), 0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)  # written by this function: optimiser + RNG states
+        state = torch.load(state_path, weights_only=True)
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
         rng.setstate(state["rng"])

@@ -12,16 +12,6 @@ from dreamportrait.guidance import StableDiffusionGuidance, view_of_yaw, with_vi
 PROMPTS = ["a portrait of a bald man", "a portrait of a woman with red hair"]
 
 
-@pytest.fixture(scope="module")
-def latent_dir(tmp_path_factory):
-    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("pixel"), latent=False)
-
-
 def expected_gradient(guidance, latents, noise, t, prompts, scale, weighting="sds"):
     """w(t) (ε̂ - ε), each UNet call separate, noise added from the scheduler's ᾱ by hand."""
     alpha_bar = guidance.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -40,8 +30,8 @@ def expected_gradient(guidance, latents, noise, t, prompts, scale, weighting="sd
 
 
 @pytest.mark.parametrize("weighting", ["sds", "uniform", "fantasia3d"])
-def test_pixel_space_gradient_is_weighted_noise_residual(pixel_dir, weighting):
-    guidance = StableDiffusionGuidance(pixel_dir, guidance_scale=7.5, weighting=weighting,
+def test_pixel_space_gradient_is_weighted_noise_residual(tiny_pixel_sd, weighting):
+    guidance = StableDiffusionGuidance(tiny_pixel_sd, guidance_scale=7.5, weighting=weighting,
                                        view_dependent_prompts=False)
     images = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
     t, noise = torch.tensor([120, 800]), torch.randn(2, 3, 32, 32)
@@ -53,8 +43,8 @@ def test_pixel_space_gradient_is_weighted_noise_residual(pixel_dir, weighting):
     assert_close_scaled(images.grad, expected / 2, 1e-5, "images.grad")
 
 
-def test_latent_gradient_goes_through_the_vae(latent_dir):
-    guidance = StableDiffusionGuidance(latent_dir, guidance_scale=1.0, view_dependent_prompts=False)
+def test_latent_gradient_goes_through_the_vae(tiny_latent_sd):
+    guidance = StableDiffusionGuidance(tiny_latent_sd, guidance_scale=1.0, view_dependent_prompts=False)
     images = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)  # resized to 32² first
     t, noise = torch.tensor([500, 30]), torch.randn(2, 4, 16, 16)
     out = guidance.sds_loss(images, PROMPTS, t=t, noise=noise, generator=torch.Generator().manual_seed(3))
@@ -77,8 +67,8 @@ def test_v_prediction_models_are_converted_to_noise(tmp_path):
     torch.testing.assert_close(out.grad, expected_gradient(guidance, images, noise, t, PROMPTS, 3.0), rtol=1e-4, atol=1e-5)
 
 
-def test_timesteps_clipping_and_annealing(pixel_dir):
-    guidance = StableDiffusionGuidance(pixel_dir, t_range=(0.2, 0.6), t_max_final=0.3, grad_clip=0.01,
+def test_timesteps_clipping_and_annealing(tiny_pixel_sd):
+    guidance = StableDiffusionGuidance(tiny_pixel_sd, t_range=(0.2, 0.6), t_max_final=0.3, grad_clip=0.01,
                                        view_dependent_prompts=False)
     images = torch.rand(8, 3, 32, 32) * 2 - 1
     generator = torch.Generator().manual_seed(0)
@@ -88,15 +78,15 @@ def test_timesteps_clipping_and_annealing(pixel_dir):
     assert late.t.min() >= 200 and late.t.max() <= 300
     assert early.grad.abs().max() <= 0.01 + 1e-7
     with pytest.raises(ValueError, match="t_range"):
-        StableDiffusionGuidance(pixel_dir, t_range=(0.5, 0.4))
+        StableDiffusionGuidance(tiny_pixel_sd, t_range=(0.5, 0.4))
 
 
-def test_view_dependent_prompts(pixel_dir, monkeypatch):
+def test_view_dependent_prompts(tiny_pixel_sd, monkeypatch):
     frontal = math.pi / 2
     assert view_of_yaw(torch.tensor([frontal, frontal + 0.5, frontal - 1.2, frontal + math.pi])) == \
         ["front", "front", "side", "back"]
     assert with_view_suffix(["a man", ""], ["side", "front"]) == ["a man, side view", ""]
-    guidance = StableDiffusionGuidance(pixel_dir)
+    guidance = StableDiffusionGuidance(tiny_pixel_sd)
     seen = []
     encode = guidance.text_encoder.forward
     monkeypatch.setattr(guidance.text_encoder, "forward", lambda prompts: seen.append(list(prompts)) or encode(prompts))
@@ -104,14 +94,14 @@ def test_view_dependent_prompts(pixel_dir, monkeypatch):
     assert seen[0] == [f"{PROMPTS[0]}, front view", f"{PROMPTS[1]}, side view"] and seen[1] == ["", ""]
 
 
-def test_bad_input_is_named(pixel_dir, tmp_path):
+def test_bad_input_is_named(tiny_pixel_sd, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing-model is not a directory"):
         StableDiffusionGuidance(tmp_path / "missing-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no unet/ directory"):
         StableDiffusionGuidance(tmp_path / "empty")
-    guidance = StableDiffusionGuidance(pixel_dir)
+    guidance = StableDiffusionGuidance(tiny_pixel_sd)
     with pytest.raises(ValueError, match="list of 2 strings"):
         guidance.sds_loss(torch.rand(2, 3, 32, 32), PROMPTS[:1])
     with pytest.raises(ValueError, match="weighting"):
-        StableDiffusionGuidance(pixel_dir, weighting="linear")
+        StableDiffusionGuidance(tiny_pixel_sd, weighting="linear")

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from support import assert_close_scaled
-from tiny_models import write_tiny_stable_diffusion
 
 from dreamportrait.cli import main
 from dreamportrait.training import Batch, Trainer, latest_checkpoint, load_config
@@ -16,19 +15,9 @@ from dreamportrait.training import checkpoint as checkpoint_module
 PROMPTS = '["a portrait of a bald man", "a portrait of a woman with red hair", "a man with glasses"]'
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
-    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("pixel"), latent=False)  # no VAE sampling
-
-
-def make_config(sd_dir, out_dir, *overrides):
+def make_config(tiny_latent_sd, out_dir, *overrides):
     return load_config(None, [
-        f"guidance.source={sd_dir}", f"out_dir={out_dir}", f"prompts={PROMPTS}", "steps=4", "batch_size=2",
+        f"guidance.source={tiny_latent_sd}", f"out_dir={out_dir}", f"prompts={PROMPTS}", "steps=4", "batch_size=2",
         "checkpoint_every=2", "model.neural_rendering_resolution=16", "model.attention_head_dim=8",
         "model.attention_heads=2", "log.tensorboard=false", "gan.r1_interval=2", "device=cpu", *overrides])
 
@@ -37,11 +26,11 @@ def parameters(module):
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
-def test_training_steps_reduce_the_sds_objective_on_a_fixed_batch(pixel_dir, tmp_path):
+def test_training_steps_reduce_the_sds_objective_on_a_fixed_batch(tiny_pixel_sd, tmp_path):
     # SDS minimises 0.5 |x - sg(x - g)|² with g recomputed at every step: each step must bring the
     # renders closer to the target it was given. Pixel-space guidance and deterministic renders
     # make the batch the only randomness.
-    trainer = deterministic(Trainer(make_config(pixel_dir, tmp_path, "gan.weight=0", "optim.lr_adapters=0.0003",
+    trainer = deterministic(Trainer(make_config(tiny_pixel_sd, tmp_path, "gan.weight=0", "optim.lr_adapters=0.0003",
                                                 "optim.lr_cross_attention=0.0003", "optim.lr_base=0.00003")))
     batch = trainer.sample_batch()
     trainer.sample_batch = lambda: batch
@@ -59,13 +48,13 @@ def test_training_steps_reduce_the_sds_objective_on_a_fixed_batch(pixel_dir, tmp
         assert after < before
 
 
-def test_resume_gives_the_uninterrupted_state(sd_dir, tmp_path):
-    straight = Trainer(make_config(sd_dir, tmp_path / "straight"))
+def test_resume_gives_the_uninterrupted_state(tiny_latent_sd, tmp_path):
+    straight = Trainer(make_config(tiny_latent_sd, tmp_path / "straight"))
     straight.train()
-    interrupted = Trainer(make_config(sd_dir, tmp_path / "interrupted"))
+    interrupted = Trainer(make_config(tiny_latent_sd, tmp_path / "interrupted"))
     interrupted.train(steps=2)  # "killed" after the checkpoint at step 2
     del interrupted
-    resumed = Trainer(make_config(sd_dir, tmp_path / "interrupted"))
+    resumed = Trainer(make_config(tiny_latent_sd, tmp_path / "interrupted"))
     assert resumed.resume() and resumed.step == 2
     resumed.train()
     for module in ("generator", "generator_ema", "discriminator"):
@@ -77,8 +66,8 @@ def test_resume_gives_the_uninterrupted_state(sd_dir, tmp_path):
         ["step-0000002", "step-0000004"]
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(sd_dir, tmp_path, monkeypatch, capsys):
-    trainer = Trainer(make_config(sd_dir, tmp_path, "max_bad_steps=2"))
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_latent_sd, tmp_path, monkeypatch, capsys):
+    trainer = Trainer(make_config(tiny_latent_sd, tmp_path, "max_bad_steps=2"))
     before = parameters(trainer.generator)
     real_loss = trainer.guidance.sds_loss
 
@@ -96,8 +85,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(sd_dir, tmp_path, monkey
         trainer.train_step()
 
 
-def test_checkpoints_are_atomic_and_damage_is_named(sd_dir, tmp_path, monkeypatch):
-    trainer = Trainer(make_config(sd_dir, tmp_path))
+def test_checkpoints_are_atomic_and_damage_is_named(tiny_latent_sd, tmp_path, monkeypatch):
+    trainer = Trainer(make_config(tiny_latent_sd, tmp_path))
     trainer.train(steps=2)
     saved = latest_checkpoint(tmp_path)
     assert saved.name == "step-0000002"
@@ -123,24 +112,24 @@ def test_checkpoints_are_atomic_and_damage_is_named(sd_dir, tmp_path, monkeypatc
         trainer.resume(saved)
 
 
-def test_config_errors_are_named(sd_dir, tmp_path, capsys):
+def test_config_errors_are_named(tiny_latent_sd, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown config key 'optim.lr_decoder'"):
-        make_config(sd_dir, tmp_path, "optim.lr_decoder=1")
+        make_config(tiny_latent_sd, tmp_path, "optim.lr_decoder=1")
     with pytest.raises(ValueError, match="'steps' must be int"):
-        make_config(sd_dir, tmp_path, "steps=many")
+        make_config(tiny_latent_sd, tmp_path, "steps=many")
     with pytest.raises(ValueError, match="guidance.source' is required"):
         load_config(None, [])
     with pytest.raises(ValueError, match="prompt list is empty"):
-        Trainer(make_config(sd_dir, tmp_path, "prompts=[]"))
+        Trainer(make_config(tiny_latent_sd, tmp_path, "prompts=[]"))
     with pytest.raises(FileNotFoundError, match="no-such-model is not a directory"):
-        Trainer(make_config(sd_dir, tmp_path, f"guidance.source={tmp_path / 'no-such-model'}"))
+        Trainer(make_config(tiny_latent_sd, tmp_path, f"guidance.source={tmp_path / 'no-such-model'}"))
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file" in capsys.readouterr().err
 
 
-def test_train_cli_writes_checkpoints_and_logs(sd_dir, tmp_path):
+def test_train_cli_writes_checkpoints_and_logs(tiny_latent_sd, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"guidance:\n  source: {sd_dir}\nprompts: {PROMPTS}\nmodel:\n  neural_rendering_resolution: 16\n")
+    config.write_text(f"guidance:\n  source: {tiny_latent_sd}\nprompts: {PROMPTS}\nmodel:\n  neural_rendering_resolution: 16\n")
     assert main(["train", str(config), f"out_dir={tmp_path / 'run'}", "steps=2", "checkpoint_every=1",
                  "log.every=1", "log.image_every=1", "batch_size=2", "device=cpu"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "generator.safetensors").is_file()
@@ -165,11 +154,11 @@ def generator_gradients(trainer, batch):
             if p.grad is not None and not name.endswith("noise_strength")}
 
 
-def _ddp_worker(rank, world, port, sd_dir, out_dir, batch, result_path):
+def _ddp_worker(rank, world, port, tiny_latent_sd, out_dir, batch, result_path):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = deterministic(Trainer(make_config(sd_dir, out_dir, "gan.weight=0")))
+    trainer = deterministic(Trainer(make_config(tiny_latent_sd, out_dir, "gan.weight=0")))
     assert trainer.world == world
     half = batch.z.shape[0] // world
     part = Batch(**{key: value[rank * half : (rank + 1) * half] for key, value in vars(batch).items()})
@@ -179,15 +168,15 @@ def _ddp_worker(rank, world, port, sd_dir, out_dir, batch, result_path):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_matches_the_single_process_gradient(pixel_dir, tmp_path):
-    single = deterministic(Trainer(make_config(pixel_dir, tmp_path / "single", "gan.weight=0", "batch_size=4")))
+def test_two_process_ddp_matches_the_single_process_gradient(tiny_pixel_sd, tmp_path):
+    single = deterministic(Trainer(make_config(tiny_pixel_sd, tmp_path / "single", "gan.weight=0", "batch_size=4")))
     batch = single.sample_batch()
     expected = generator_gradients(single, batch)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, port, pixel_dir, tmp_path / "ddp", batch, result), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, tiny_pixel_sd, tmp_path / "ddp", batch, result), nprocs=2, join=True)
     actual = torch.load(result, weights_only=True)
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
@@ -212,7 +201,7 @@ def write_image_folder(directory, count=3, size=40):
     return entries
 
 
-def test_real_images_from_an_eg3d_style_folder(sd_dir, tmp_path):
+def test_real_images_from_an_eg3d_style_folder(tiny_latent_sd, tmp_path):
     from dreamportrait.training.real_images import ImageFolder
 
     entries = write_image_folder(tmp_path / "faces")
@@ -221,11 +210,11 @@ def test_real_images_from_an_eg3d_style_folder(sd_dir, tmp_path):
     assert images["image"].shape == (5, 3, 64, 64) and images["image_raw"].shape == (5, 3, 16, 16)
     assert images["image"].min() >= -1 and images["image"].max() <= 1
     assert any(torch.allclose(labels[0], torch.tensor(entry[1])) for entry in entries)
-    trainer = Trainer(make_config(sd_dir, tmp_path / "run", "gan.real=images", f"gan.image_dir={tmp_path / 'faces'}"))
+    trainer = Trainer(make_config(tiny_latent_sd, tmp_path / "run", "gan.real=images", f"gan.image_dir={tmp_path / 'faces'}"))
     logs = trainer.train_step()
     assert "loss/d" in logs and "loss/r1" in logs
     with pytest.raises(ValueError, match="gan.image_dir' is required"):
-        make_config(sd_dir, tmp_path, "gan.real=images")
+        make_config(tiny_latent_sd, tmp_path, "gan.real=images")
     (tmp_path / "faces" / entries[0][0]).unlink()
     with pytest.raises(FileNotFoundError, match="lists 00000/img00000000.png, which does not exist"):
         ImageFolder(tmp_path / "faces", 64, 16)

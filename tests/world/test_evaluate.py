@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import write_tiny_stable_diffusion
 
 from dreamportrait.cli import main
 from dreamportrait.world import caption, held_out_combinations, training_combinations
@@ -51,8 +50,8 @@ def test_harness_measures_a_method(world):
     assert table.splitlines()[2].startswith("| constant | ")
 
 
-def test_evaluate_cli_on_the_per_prompt_baseline(world, tmp_path):
-    guidance = write_tiny_stable_diffusion(tmp_path / "sd", latent=False)
+def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path):
+    guidance = tiny_pixel_sd
     assert main(["evaluate", "--method", "baseline", "--guidance", str(guidance), "--baseline-steps", "2",
                  "--held-out", "2", "--seeds", "0-1", "--views", "2", "--judge", str(world / "judge"),
                  "--real", str(world / "real"), "--out", str(tmp_path / "out")]) == 0

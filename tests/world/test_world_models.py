@@ -68,7 +68,7 @@ def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["judge_accuracy_held_out"]) == {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
     assert (tmp_path / "teacher/unet/config.json").is_file() and (tmp_path / "judge/judge.safetensors").is_file()
-    state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=True)
     assert state["step"] == 2
     assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0  # everything done: quick
     with pytest.raises(SystemExit):
