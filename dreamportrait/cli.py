@@ -3,9 +3,10 @@
     dreamportrait info                          versions, usable backends, CUDA architectures
     dreamportrait import-eg3d NETWORK.pkl OUT   convert an EG3D network pickle (no code from it runs)
     dreamportrait train CONFIG.yaml [k=v ...]   SDS-on-distribution training (torchrun for several GPUs)
-    dreamportrait generate --checkpoint C ...   a 3D portrait per prompt and seed: views, depth, video, mesh
+    dreamportrait generate --prompt P ...       a 3D portrait per prompt and seed: views, depth, video, mesh
     dreamportrait baseline --prompt P ...       the per-prompt SDS baseline (one scene optimised per prompt)
     dreamportrait world build --out DIR         the synthetic world's datasets, judge and teacher
+    dreamportrait world train --out DIR         its 3D GAN, then DreamPortrait trained from it
     dreamportrait evaluate --method M ...       text alignment, consistency, diversity, world-FID, speed
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -86,8 +88,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resolve_checkpoint(path: str):
-    from pathlib import Path
-
     from dreamportrait.training import latest_checkpoint
 
     path = Path(path)
@@ -108,9 +108,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         seeds = parse_seeds(args.seeds)
-        checkpoint = _resolve_checkpoint(args.checkpoint)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        generator, _ = load_pretrained(checkpoint, device=device, text_encoder=args.text_encoder)
+        if args.checkpoint:
+            generator, _ = load_pretrained(_resolve_checkpoint(args.checkpoint), device=device,
+                                           text_encoder=args.text_encoder)
+        else:
+            from dreamportrait.world.assets import load_default_generator
+
+            generator = load_default_generator(device)
         result = generate(generator, args.prompt, seeds, args.out, views=args.views, video=args.video, mesh=args.mesh,
                           truncation_psi=args.truncation, mesh_level=args.mesh_level,
                           mesh_resolution=args.mesh_resolution)
@@ -125,8 +130,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _baseline(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
-
     import torch
 
     from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene, save_scene
@@ -172,50 +175,90 @@ def _world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dreamportrait.training import Trainer, load_config
+    from dreamportrait.world.assets import asset_dir
+    from dreamportrait.world.train import SETTINGS, dreamportrait_overrides, train_gan_stage
+
+    try:
+        setting = SETTINGS[args.setting]
+        if args.gan_steps is not None:
+            setting = dataclasses.replace(setting, gan=dataclasses.replace(setting.gan, steps=args.gan_steps))
+        teacher = args.teacher or asset_dir("teacher")
+        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides))
+        train_gan_stage(args.out, setting, seed=args.seed)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait world train: {error}", file=sys.stderr)
+        return 2
+    trainer = Trainer(config)
+    if config.resume and trainer.resume():
+        print(f"resumed at step {trainer.step} from {config.out_dir}")
+    trainer.train()
+    print(f"trained {config.out_dir}; generate with --checkpoint {config.out_dir}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import torch
 
     from dreamportrait.generation import parse_seeds
-    from dreamportrait.world.attributes import caption, held_out_combinations
-    from dreamportrait.world.dataset import load_dataset
-    from dreamportrait.world.evaluate import baseline_method, evaluate, generator_method, markdown_table
+    from dreamportrait.world import evaluate as harness
+    from dreamportrait.world.assets import asset_dir
+    from dreamportrait.world.attributes import caption, held_out_combinations, parse_caption
+    from dreamportrait.world.dataset import load_dataset, render_samples
     from dreamportrait.world.judge import load_judge
 
+    out, name = Path(args.out), args.name or args.method
     try:
         seeds = parse_seeds(args.seeds)
         prompts = list(args.prompt or [])
         if args.held_out:
-            prompts += [caption(head, 0) for head in held_out_combinations()[: args.held_out]]
+            prompts += [caption(head, 0) for head in harness.spread(held_out_combinations(), args.held_out)]
         if not prompts:
             raise ValueError("give prompts with --prompt or --held-out N")
-        judge, real = load_judge(args.judge), load_dataset(args.real)
+        judge = load_judge(args.judge or asset_dir("judge"))
+        if args.real:
+            real = load_dataset(args.real)
+        else:  # renders of the evaluated prompts' attribute combinations, the same for every method
+            real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if args.method == "generator":
-            if not args.checkpoint:
-                raise ValueError("--method generator needs --checkpoint")
-            from dreamportrait.models import load_pretrained
-
-            method = generator_method(load_pretrained(_resolve_checkpoint(args.checkpoint), device=device)[0], args.views)
-        else:
-            if not args.guidance:
-                raise ValueError("--method baseline needs --guidance")
+        if args.method == "baseline":
             from dreamportrait.guidance import StableDiffusionGuidance
 
-            method = baseline_method(StableDiffusionGuidance(args.guidance, device=device), args.views,
-                                     args.baseline_steps)
-        name = args.name or args.method
-        result = evaluate(method, prompts, seeds, judge, real, name=name, out_dir=args.out)
+            guidance = StableDiffusionGuidance(args.guidance or asset_dir("teacher"), view_dependent_prompts=False,
+                                               device=device)
+            method = harness.baseline_method(guidance, args.views, args.baseline_steps)
+        elif args.checkpoint:
+            from dreamportrait.models import TextConditionedGenerator, load_pretrained
+
+            generator = load_pretrained(_resolve_checkpoint(args.checkpoint), device=device)[0]
+            if isinstance(generator, TextConditionedGenerator) != (args.method == "generator"):
+                wanted = "a text-conditioned" if args.method == "generator" else "a text-free"
+                raise ValueError(f"--method {args.method} needs {wanted} generator; {args.checkpoint} holds the other kind")
+            factory = harness.generator_method if args.method == "generator" else harness.gan_method
+            method = factory(generator, args.views)
+        elif args.method == "generator":
+            from dreamportrait.world.assets import load_default_generator
+
+            method = harness.generator_method(load_default_generator(device), args.views)
+        else:
+            raise ValueError("--method gan needs --checkpoint")
+        result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
+        if args.method == "baseline" and args.baseline_checkpoints:
+            checkpoints = [int(step) for step in args.baseline_checkpoints.split(",")]
+            result["progress"] = harness.baseline_progress(guidance, prompts, seeds, judge, checkpoints, args.views)
     except (OSError, ValueError) as error:
         print(f"dreamportrait evaluate: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown_table([result])
-    (out / f"{name}.md").write_text(table)
-    print(table)
+    rows = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
+    (out / "results.md").write_text(harness.markdown_table(rows))
+    print(harness.markdown_table([result]))
+    print(f"wrote {out / (name + '.json')}; {out / 'results.md'} tabulates every method in {out}")
     return 0
 
 
@@ -247,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="One forward pass of the text-conditioned generator per (prompt, seed), then renders of its "
                     "tri-planes from --views cameras (grid.png, viewNN.png, viewNN_depth.png), optionally a "
                     "turntable video (--video) and a mesh (--mesh), under OUT/<prompt>/seedNNNN/.")
-    gen.add_argument("--checkpoint", required=True,
-                     help="a model directory (config.json) or a training run directory (its newest checkpoint)")
+    gen.add_argument("--checkpoint", default=None,
+                     help="a model directory (config.json) or a training run directory (its newest checkpoint); "
+                          "default: the packaged generator trained in the synthetic world")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     gen.add_argument("--seeds", default="0-3", help="seeds, e.g. 0-3 or 0,5,9 (default 0-3)")
     gen.add_argument("--views", type=int, default=8, help="views per sample in the grid (default 8)")
@@ -291,20 +335,49 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_world_build)
 
+    wtrain = world.add_parser(
+        "train", help="train the world's 3D GAN, then DreamPortrait from it with the world teacher (resumable)",
+        description="Renders 64² training images, trains the text-free 3D GAN on them (OUT/gan/final), writes the "
+                    "training captions (OUT/prompts.txt) and trains DreamPortrait from the GAN by SDS with the "
+                    "teacher + GAN regularisation (OUT/dreamportrait, a `dreamportrait train` run). Every stage "
+                    "resumes. KEY=VALUE overrides apply to CONFIG (e.g. gan.weight=0 out_dir=OUT/no-gan for an "
+                    "ablation that reuses the GAN).")
+    wtrain.add_argument("--out", required=True)
+    wtrain.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml"),
+                        help="the DreamPortrait config (default: configs/world.yaml)")
+    wtrain.add_argument("--teacher", default=None, help="the teacher's directory (default: the packaged teacher)")
+    wtrain.add_argument("--setting", default="default", choices=["default", "tiny"],
+                        help="'tiny' runs every stage for a step or two (tests)")
+    wtrain.add_argument("--gan-steps", type=int, default=None,
+                        help="steps of the 3D GAN stage (default: the setting's; 2000); giving the step a run has "
+                             "reached ends that stage there")
+    wtrain.add_argument("--seed", type=int, default=0)
+    wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    wtrain.set_defaults(run=_world_train)
+
     ev = commands.add_parser(
         "evaluate", help="measure a prompt -> 3D method in the synthetic world with the judge",
         description="Renders --views views per (prompt, seed) with the method, judges them and writes "
-                    "OUT/NAME.json, OUT/NAME.md (a Markdown table row) and an image grid per prompt.")
-    ev.add_argument("--method", choices=["generator", "baseline"], required=True)
-    ev.add_argument("--checkpoint", help="the generator's model directory or training run (--method generator)")
-    ev.add_argument("--guidance", help="the guidance model of the per-prompt baseline (--method baseline)")
+                    "OUT/NAME.json, an image grid per prompt under OUT/NAME/, and OUT/results.md: a Markdown table "
+                    "of every method evaluated into OUT.")
+    ev.add_argument("--method", choices=["generator", "gan", "baseline"], required=True,
+                    help="generator: DreamPortrait (--checkpoint, default the packaged one); gan: a text-free 3D GAN "
+                         "(--checkpoint; text alignment is then chance level); baseline: per-prompt SDS")
+    ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
+    ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
     ev.add_argument("--baseline-steps", type=int, default=10_000, help="baseline steps per prompt (default 10000)")
+    ev.add_argument("--baseline-checkpoints", default=None,
+                    help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
     ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    ev.add_argument("--held-out", type=int, default=0, help="add captions of the first N held-out combinations")
+    ev.add_argument("--held-out", type=int, default=0,
+                    help="add captions of N held-out combinations spread over the list (74 = all)")
     ev.add_argument("--seeds", default="0-3")
     ev.add_argument("--views", type=int, default=4)
-    ev.add_argument("--judge", required=True, help="the judge's directory (world build: OUT/judge)")
-    ev.add_argument("--real", required=True, help="a rendered dataset directory: the real renders for world-FID")
+    ev.add_argument("--judge", default=None, help="the judge's directory (default: the packaged judge)")
+    ev.add_argument("--real", default=None,
+                    help="a rendered dataset directory for world-FID (default: --real-count renders of the prompts' "
+                         "attribute combinations)")
+    ev.add_argument("--real-count", type=int, default=1024, help="renders for world-FID without --real (1024)")
     ev.add_argument("--name", default=None, help="the method's name in the table (default: --method)")
     ev.add_argument("--device", default=None)
     ev.add_argument("--out", required=True)

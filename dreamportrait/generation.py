@@ -56,10 +56,10 @@ def parse_seeds(text: str) -> list[int]:
 @torch.no_grad()
 def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
              views: int = 8, video: bool = False, mesh: bool = False, truncation_psi: float = 0.7,
-             yaw_range_degrees: float = 35.0, radius: float = 2.7, pivot: Sequence[float] = (0, 0, 0.2),
-             fov_degrees: float = 18.837, video_frames: int = 72, mesh_resolution: int = 128,
-             mesh_level: float = 10.0, progress: bool = True) -> GenerationResult:
-    """Generate every (prompt, seed) and write its outputs (module docstring) under ``out_dir``."""
+             yaw_range_degrees: float = 35.0, fov_degrees: float = 18.837, video_frames: int = 72,
+             mesh_resolution: int = 128, mesh_level: float = 10.0, progress: bool = True) -> GenerationResult:
+    """Generate every (prompt, seed) and write its outputs (module docstring) under ``out_dir``.
+    Cameras orbit the generator's own average camera (:func:`orbit`)."""
     if not isinstance(generator, TextConditionedGenerator):
         raise ValueError("generate needs a text-conditioned generator (a DreamPortrait checkpoint)")
     if not prompts or any(not isinstance(p, str) for p in prompts):
@@ -70,6 +70,7 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
         raise ValueError(f"views must be at least 1, got {views}")
     device = next(generator.parameters()).device
     out_dir, result = Path(out_dir), GenerationResult()
+    radius, pivot = orbit(generator)
     cameras = view_cameras(views, math.radians(yaw_range_degrees), radius, pivot, fov_degrees).to(device)
     conditioning = view_cameras(1, 0.0, radius, pivot, fov_degrees).to(device)
     turntable = None
@@ -107,14 +108,22 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     return result
 
 
+def orbit(generator: TextConditionedGenerator) -> tuple[float, tuple[float, ...]]:
+    """(radius, pivot) of the camera orbit the generator was trained on: EG3D's
+    ``avg_camera_radius`` / ``avg_camera_pivot`` rendering options (FFHQ's when absent)."""
+    options = generator.base.rendering_kwargs
+    return float(options.get("avg_camera_radius", 2.7)), tuple(options.get("avg_camera_pivot", (0, 0, 0.2)))
+
+
 def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = 0.7,
            conditioning: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The one forward pass of (prompt, seed): ws ``(1, num_ws, w_dim)``, the super-resolution's ws
     and the tri-planes ``(1, 3, 32, R, R)``. The mapping is conditioned on the frontal camera
-    (``conditioning``, default: EG3D's FFHQ frontal camera), as EG3D's generation scripts do."""
+    (``conditioning``, default: the frontal camera of the generator's :func:`orbit`), as EG3D's
+    generation scripts do."""
     device = next(generator.parameters()).device
     if conditioning is None:
-        conditioning = view_cameras(1, 0.0, 2.7, (0, 0, 0.2), 18.837).to(device)
+        conditioning = view_cameras(1, 0.0, *orbit(generator), 18.837).to(device)
     z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     text = generator.encode([prompt])
     ws, sr_ws = generator.mapping(z, conditioning, text, truncation_psi=truncation_psi)

@@ -3,7 +3,9 @@
 
 ``ffhq512-128`` is the published EG3D FFHQ 512² checkpoint (``ffhq512-128.pkl``): its training
 configuration (``train.py --cfg=ffhq --gen_pose_cond=True``, final neural rendering 128²). ``tiny``
-keeps the architecture at a few hundred thousand parameters per network for CPU tests and demos.
+keeps the architecture at a few hundred thousand parameters per network for CPU tests and demos;
+``world`` is ``tiny`` with the synthetic world's camera orbit (pivot at the origin, where the
+world's heads are centred; :mod:`dreamportrait.world`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ PRESETS = {
         },
     },
 }
+
+
+PRESETS["world"] = copy.deepcopy(PRESETS["tiny"])
+PRESETS["world"]["generator"]["rendering_kwargs"]["avg_camera_pivot"] = [0, 0, 0]
 
 
 def preset_kwargs(name: str, network: str) -> dict:

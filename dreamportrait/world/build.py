@@ -8,7 +8,9 @@ state), so an interrupted build continues where it stopped::
     OUT/data/teacher-train  captioned renders of training combinations (teacher)
     OUT/judge/              judge.safetensors + judge.json
     OUT/teacher/            the teacher, Stable Diffusion layout (+ training_state.pt while training)
-    OUT/report.json         judge accuracy per attribute and seconds per stage
+    OUT/teacher_samples.png teacher samples of held-out captions (two combinations per row)
+    OUT/report.json         judge accuracy, the judge's accuracy on teacher samples of held-out
+                            captions (per attribute), and seconds per stage
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .._atomic import atomic_path
+from ..outputs import grid, to_uint8, write_image
 from .attributes import held_out_combinations, training_combinations
 from .dataset import build_dataset
 from .judge import accuracy, load_judge, save_judge, train_judge
-from .teacher import Teacher, TeacherConfig, build_teacher, train_teacher
+from .teacher import Teacher, TeacherConfig, build_teacher, judge_teacher, train_teacher
 
 
 @dataclass
@@ -32,16 +35,20 @@ class BuildSetting:
     judge_test: int = 1024
     judge_steps: int = 3000
     teacher_train: int = 16384
-    teacher_steps: int = 8000
-    teacher_batch: int = 64
-    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(channels=(32, 64, 64), attention_head_dim=16))
+    teacher_steps: int = 3000
+    teacher_batch: int = 32
+    teacher_lr: float = 5e-4
+    teacher_samples_per_head: int = 4
+    teacher_sample_steps: int = 50
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 SETTINGS = {
     "default": BuildSetting(),
     "tiny": BuildSetting(judge_train=128, judge_test=64, judge_steps=5, teacher_train=64, teacher_steps=2,
-                         teacher_batch=8, teacher=TeacherConfig(channels=(32, 32), text_width=32, text_layers=2,
-                                                                text_heads=2, attention_head_dim=16)),
+                         teacher_batch=8, teacher_samples_per_head=1, teacher_sample_steps=2,
+                         teacher=TeacherConfig(channels=(32, 32), text_width=32, text_layers=2, text_heads=2,
+                                               attention_head_dim=16)),
 }
 
 
@@ -74,8 +81,15 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     if not (out / "teacher/model_index.json").is_file():
         build_teacher(out / "teacher", config.teacher, seed=seed)
     train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
-                  seed=seed, progress=progress)
+                  lr=config.teacher_lr, seed=seed, progress=progress)
     report["seconds"]["teacher"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report["teacher_accuracy_held_out"], samples = judge_teacher(
+        Teacher(out / "teacher"), judge, held_out_combinations(), config.teacher_samples_per_head, steps=config.teacher_sample_steps,
+        seed=seed)
+    write_image(out / "teacher_samples.png", to_uint8(grid(samples, 2 * config.teacher_samples_per_head)))
+    report["seconds"]["teacher_evaluation"] = time.perf_counter() - start
 
     with atomic_path(out / "report.json") as temporary:
         temporary.write_text(json.dumps(report, indent=2) + "\n")

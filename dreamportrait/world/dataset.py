@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -46,6 +47,15 @@ class WorldSamples:
     def float_images(self) -> Tensor:
         """The images in [-1, 1], float32."""
         return self.images.float() / 127.5 - 1
+
+    def sample(self, count: int, generator: torch.Generator | None = None,
+               raw_resolution: int = 32) -> tuple[dict[str, Tensor], Tensor]:
+        """Random real images for GAN training (:class:`~dreamportrait.training.gan.PosedImages`):
+        ``{"image": (n, 3, R, R), "image_raw": (n, 3, raw, raw)}`` in [-1, 1] and labels ``(n, 25)``."""
+        index = torch.randint(len(self), (count,), generator=generator)
+        image = self.images[index].float() / 127.5 - 1
+        raw = F.interpolate(image, size=(raw_resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        return {"image": image, "image_raw": raw}, self.labels[index]
 
 
 def render_samples(combinations: Sequence[HeadAttributes], count: int, resolution: int, seed: int,

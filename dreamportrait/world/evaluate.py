@@ -111,6 +111,13 @@ def markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spread(items: Sequence, count: int) -> list:
+    """``count`` items evenly spread over ``items`` (all of them when count >= len)."""
+    if count >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // count] for i in range(count)]
+
+
 def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
     """DreamPortrait: one forward pass per (prompt, seed), then the views."""
     from ..generation import render_views, sample
@@ -125,8 +132,22 @@ def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Meth
     return run
 
 
+def gan_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
+    """A text-free 3D GAN (the pretrained generator): the prompt is ignored, the seed picks z."""
+    device = next(generator.parameters()).device
+    cameras, frontal = evaluation_cameras(views).to(device), evaluation_cameras(1).to(device)
+
+    def run(prompt: str, seed: int) -> Tensor:
+        z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+        ws = generator.mapping(z, frontal, truncation_psi=truncation_psi).expand(views, -1, -1)
+        return generator.synthesis(ws, cameras, noise_mode="const", deterministic_sampling=True)["image"].float().cpu()
+
+    return run
+
+
 def baseline_method(guidance, views: int, steps: int, resolution: int = 32) -> Method:
-    """The per-prompt SDS baseline: one scene optimised for ``steps`` per (prompt, seed)."""
+    """The per-prompt SDS baseline: one scene optimised for ``steps`` per (prompt, seed), from the
+    world's camera prior."""
     from ..baselines import optimise_scene
 
     cameras = evaluation_cameras(views).to(guidance.device)
@@ -134,7 +155,56 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32) -> M
     def run(prompt: str, seed: int) -> Tensor:
         with torch.enable_grad():
             scene = optimise_scene(guidance, prompt, steps=steps, render_resolution=resolution, seed=seed,
-                                   progress=False).scene
+                                   progress=False, **_world_orbit()).scene
         return scene(cameras, resolution)["image"].float().cpu()
 
     return run
+
+
+def _world_orbit() -> dict:
+    cams = WORLD_CAMERAS
+    return {"radius": cams["radius"], "pivot": cams["pivot"], "fov_degrees": cams["fov_degrees"],
+            "yaw_range_degrees": cams["yaw_range_degrees"], "pitch_range_degrees": cams["pitch_range_degrees"]}
+
+
+def baseline_progress(guidance, prompts: Sequence[str], seeds: Sequence[int], judge: AttributeJudge,
+                      checkpoints: Sequence[int], views: int = 4, resolution: int = 32,
+                      progress: bool = True) -> list[dict]:
+    """The per-prompt baseline's text alignment after each of ``checkpoints`` optimisation steps and
+    the seconds of optimisation it took to get there (judging excluded): one run of
+    ``max(checkpoints)`` steps per (prompt, seed). Returns one row per checkpoint:
+    ``{"steps", "seconds_per_prompt", "text_alignment": {attribute: accuracy}, "mean_alignment"}``."""
+    from ..baselines import optimise_scene
+
+    if not checkpoints or min(checkpoints) < 1:
+        raise ValueError(f"checkpoints must be positive step counts, got {list(checkpoints)}")
+    checkpoints = sorted(set(checkpoints))
+    cameras = evaluation_cameras(views).to(guidance.device)
+    expected = attribute_indices([parse_caption(p) for p in prompts])
+    correct = {step: torch.zeros(len(ATTRIBUTE_CLASSES)) for step in checkpoints}
+    seconds = {step: 0.0 for step in checkpoints}
+    work = [(p, seed) for p in range(len(prompts)) for seed in seeds]
+    for p, seed in tqdm(work, desc="per-prompt baseline", disable=not progress):
+        start, judging = time.perf_counter(), 0.0
+
+        def judge_checkpoint(step: int, scene) -> None:
+            nonlocal judging
+            if step + 1 not in correct:
+                return
+            begin = time.perf_counter()
+            seconds[step + 1] += begin - start - judging
+            with torch.no_grad():
+                predicted = judge.predict(scene(cameras, resolution)["image"].float().cpu())
+            correct[step + 1] += (predicted == expected[p]).float().sum(0)
+            judging += time.perf_counter() - begin
+
+        with torch.enable_grad():
+            optimise_scene(guidance, prompts[p], steps=checkpoints[-1], render_resolution=resolution, seed=seed,
+                           progress=False, callback=judge_checkpoint, **_world_orbit())
+    rows = []
+    for step in checkpoints:
+        alignment = correct[step] / (len(work) * views)
+        rows.append({"steps": step, "seconds_per_prompt": seconds[step] / len(work),
+                     "text_alignment": {a: alignment[i].item() for i, a in enumerate(ATTRIBUTE_CLASSES)},
+                     "mean_alignment": alignment.mean().item()})
+    return rows

@@ -53,11 +53,18 @@ def test_harness_measures_a_method(world):
 def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path):
     guidance = tiny_pixel_sd
     assert main(["evaluate", "--method", "baseline", "--guidance", str(guidance), "--baseline-steps", "2",
-                 "--held-out", "2", "--seeds", "0-1", "--views", "2", "--judge", str(world / "judge"),
-                 "--real", str(world / "real"), "--out", str(tmp_path / "out")]) == 0
+                 "--baseline-checkpoints", "1,2", "--held-out", "2", "--seeds", "0-1", "--views", "2",
+                 "--judge", str(world / "judge"), "--real", str(world / "real"), "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "baseline.json").read_text())
     assert 0 <= result["multi_view_consistency"] <= 1 and result["diversity"] > 0
-    assert (tmp_path / "out" / "baseline.md").read_text().count("| baseline |") == 1
+    assert [row["steps"] for row in result["progress"]] == [1, 2]
+    assert all(0 <= row["mean_alignment"] <= 1 and row["seconds_per_prompt"] > 0 for row in result["progress"])
     assert len(list((tmp_path / "out" / "baseline").glob("*.png"))) == 2
-    assert main(["evaluate", "--method", "generator", "--judge", str(world / "judge"), "--real", str(world / "real"),
+    # A second method into the same directory: results.md tabulates both.
+    assert main(["evaluate", "--method", "baseline", "--guidance", str(guidance), "--baseline-steps", "1",
+                 "--held-out", "1", "--seeds", "0", "--views", "2", "--judge", str(world / "judge"),
+                 "--real-count", "16", "--name", "short-baseline", "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.count("| baseline |") == 1 and table.count("| short-baseline |") == 1
+    assert main(["evaluate", "--method", "gan", "--judge", str(world / "judge"), "--real", str(world / "real"),
                  "--held-out", "1", "--out", str(tmp_path / "x")]) == 2

@@ -2,6 +2,7 @@
 
 import json
 
+import imageio.v3 as iio
 import pytest
 import torch
 
@@ -66,7 +67,11 @@ def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
 
     assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["judge_accuracy_held_out"]) == {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
+    attributes = {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
+    assert set(report["judge_accuracy_held_out"]) == attributes
+    assert set(report["teacher_accuracy_held_out"]) == attributes
+    assert all(0 <= value <= 1 for value in report["teacher_accuracy_held_out"].values())
+    assert iio.imread(tmp_path / "teacher_samples.png").shape[1] == 2 * 32  # two held-out captions per row
     assert (tmp_path / "teacher/unet/config.json").is_file() and (tmp_path / "judge/judge.safetensors").is_file()
     state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=True)
     assert state["step"] == 2

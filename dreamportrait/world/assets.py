@@ -1,0 +1,70 @@
+"""The trained world models that ship inside the package (``dreamportrait/assets/world/``), so
+nothing has to be trained or downloaded before generating or evaluating::
+
+    teacher/     the text-to-image teacher (Stable Diffusion layout; ``world build``)
+    judge/       the attribute judge (``world build``)
+    generator/   the DreamPortrait generator trained in the world (``world train``); its text
+                 encoder is the teacher's
+
+Each is a copy of a build's output (:func:`publish` writes them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from ..models.pretrained import CONFIG_FILE, WEIGHT_FILES, read_config
+
+NAMES = ("teacher", "judge", "generator")
+
+
+def asset_dir(name: str) -> Path:
+    """The packaged directory ``name`` (one of :data:`NAMES`); FileNotFoundError if it is absent."""
+    if name not in NAMES:
+        raise ValueError(f"name must be one of {NAMES}, got {name!r}")
+    path = Path(str(resources.files("dreamportrait") / "assets" / "world" / name))
+    if not path.is_dir():
+        raise FileNotFoundError(f"the packaged world {name} is missing ({path}); reinstall dreamportrait or build it "
+                                f"with `dreamportrait world build` / `dreamportrait world train`")
+    return path
+
+
+def load_default_generator(device="cpu", backend: str | None = None):
+    """The packaged DreamPortrait generator with the packaged teacher's text encoder."""
+    from ..models import load_pretrained
+
+    generator, _ = load_pretrained(asset_dir("generator"), device=device, backend=backend,
+                                   text_encoder=asset_dir("teacher"))
+    return generator
+
+
+def publish(name: str, source: str | Path, assets_root: str | Path | None = None) -> Path:
+    """Copy a trained model directory into the package's assets as ``name``, leaving out what is for
+    resuming rather than using (training state, raw weights, logs). A generator is published
+    without its discriminator and without a recorded text-encoder path (the packaged teacher's is
+    given when loading: :func:`load_default_generator`)."""
+    if name not in NAMES:
+        raise ValueError(f"name must be one of {NAMES}, got {name!r}")
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is not a directory")
+    root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
+    target, temporary = root / name, root / f".{name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    if name == "generator":
+        config = read_config(source)
+        config.pop("discriminator", None)
+        if "text_conditioning" not in config:
+            raise ValueError(f"{source} holds no text-conditioned generator")
+        config["text_conditioning"]["text_encoder"] = None
+        temporary.mkdir(parents=True)
+        shutil.copy2(source / WEIGHT_FILES["generator"], temporary / WEIGHT_FILES["generator"])
+        (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    else:
+        shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("training_state.pt", "tensorboard"))
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)
+    return target

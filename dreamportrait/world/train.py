@@ -1,0 +1,69 @@
+"""``dreamportrait world train``: the whole method in the synthetic world, resumable.
+
+Stages, each continuing where an interrupted run stopped::
+
+    OUT/data/gan-train      64² renders of training combinations with camera labels
+    OUT/gan/                the 3D GAN (no text) trained adversarially on them, EG3D-style;
+                            OUT/gan/final is its pretrained directory (EMA G + D)
+    OUT/prompts.txt         captions of the training combinations, every phrasing
+    OUT/dreamportrait/      DreamPortrait trained from OUT/gan/final by SDS with the teacher + GAN
+                            regulariser (a ``dreamportrait train`` run: checkpoints, TensorBoard)
+
+The held-out combinations (:mod:`~dreamportrait.world.attributes`) appear in no stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._atomic import atomic_path
+from ..training.gan import GanConfig, GanTrainer
+from .attributes import PHRASINGS, caption, training_combinations
+from .dataset import build_dataset
+
+
+@dataclass
+class WorldTrainSetting:
+    gan_images: int = 4096
+    gan: GanConfig = field(default_factory=lambda: GanConfig(preset="world"))
+    overrides: tuple[str, ...] = ()
+    """Overrides of the DreamPortrait config applied before the user's."""
+
+
+SETTINGS = {
+    "default": WorldTrainSetting(),
+    "tiny": WorldTrainSetting(gan_images=16, gan=GanConfig(preset="world", steps=2, batch_size=4, checkpoint_every=1),
+                              overrides=("steps=2", "batch_size=2", "checkpoint_every=1", "log.image_every=1")),
+}
+
+
+def training_prompts() -> list[str]:
+    """Every phrasing of every training combination's caption."""
+    return [caption(head, phrasing) for head in training_combinations() for phrasing in range(len(PHRASINGS))]
+
+
+def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
+    """Render the GAN's data and train the 3D GAN; returns its pretrained directory."""
+    out = Path(out_dir)
+    data = build_dataset(out / "data/gan-train", training_combinations(), setting.gan_images, 64, seed=seed * 10 + 4,
+                         progress=progress)
+    final = out / "gan/final"
+    if (final / "config.json").is_file():
+        return final
+    trainer = GanTrainer(setting.gan, data, out / "gan")
+    trainer.resume()
+    return trainer.train(progress=progress)
+
+
+def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: WorldTrainSetting,
+                            overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Write ``OUT/prompts.txt`` and return the config overrides that point the DreamPortrait run at
+    the GAN, the teacher and the prompts (the user's ``overrides`` last, so they win)."""
+    out = Path(out_dir)
+    prompts = out / "prompts.txt"
+    if not prompts.is_file():
+        with atomic_path(prompts) as temporary:
+            temporary.write_text("\n".join(training_prompts()) + "\n")
+    return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={out / 'gan/final'}", f"guidance.source={teacher}",
+            f"prompt_file={prompts}", *setting.overrides, *overrides]
