@@ -231,7 +231,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
             guidance = StableDiffusionGuidance(args.guidance or asset_dir("teacher"), view_dependent_prompts=False,
                                                device=device)
-            method = harness.baseline_method(guidance, args.views, args.baseline_steps)
+            checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
+            method = harness.baseline_method(guidance, args.views, args.baseline_steps, checkpoints=checkpoints)
         elif args.checkpoint:
             from dreamportrait.models import TextConditionedGenerator, load_pretrained
 
@@ -248,15 +249,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             raise ValueError("--method gan needs --checkpoint")
         result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
-        if args.method == "baseline" and args.baseline_checkpoints:
-            checkpoints = [int(step) for step in args.baseline_checkpoints.split(",")]
-            result["progress"] = harness.baseline_progress(guidance, prompts, seeds, judge, checkpoints, args.views)
+        if args.method == "baseline" and checkpoints:
+            result["progress"] = harness.baseline_progress(method.snapshots, judge)
     except (OSError, ValueError) as error:
         print(f"dreamportrait evaluate: {error}", file=sys.stderr)
         return 2
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    (out / "results.md").write_text(harness.markdown_table(rows))
+    tables = [harness.markdown_table(rows)] + [harness.progress_table(row) for row in rows if "progress" in row]
+    (out / "results.md").write_text("\n".join(tables))
     print(harness.markdown_table([result]))
     print(f"wrote {out / (name + '.json')}; {out / 'results.md'} tabulates every method in {out}")
     return 0

@@ -30,3 +30,14 @@ def test_both_commands_set_up_from_scratch():
     """Each command works alone on a fresh machine: both start with the whole installation."""
     setup = "pip install torch==2.14.1 setuptools wheel ninja && pip install --no-build-isolation -e "
     assert all(command.startswith(setup) for command in readme_commands().values())
+
+
+def test_the_main_job_generates_with_valid_arguments():
+    import shlex
+
+    from dreamportrait.cli import build_parser
+
+    command = readme_commands()["main job"].split(" && ")[-1]
+    assert command.startswith("dreamportrait generate ")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.checkpoint is None and args.video and args.mesh  # the packaged model, every output kind

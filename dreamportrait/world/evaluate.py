@@ -111,6 +111,18 @@ def markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress_table(result: dict) -> str:
+    """The per-prompt baseline's progress (:func:`baseline_progress`) as a Markdown table."""
+    attributes = list(ATTRIBUTE_CLASSES)
+    lines = [f"{result['method']}: text alignment after N optimisation steps", "",
+             "| steps | " + " | ".join(attributes) + " | mean | s / prompt |", "|" + "---|" * (len(attributes) + 3)]
+    for row in result["progress"]:
+        cells = [str(row["steps"]), *(f"{100 * row['text_alignment'][a]:.1f} %" for a in attributes),
+                 f"{100 * row['mean_alignment']:.1f} %", f"{row['seconds_per_prompt']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def spread(items: Sequence, count: int) -> list:
     """``count`` items evenly spread over ``items`` (all of them when count >= len)."""
     if count >= len(items):
@@ -145,19 +157,36 @@ def gan_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
     return run
 
 
-def baseline_method(guidance, views: int, steps: int, resolution: int = 32) -> Method:
+def baseline_method(guidance, views: int, steps: int, resolution: int = 32, checkpoints: Sequence[int] = ()) -> Method:
     """The per-prompt SDS baseline: one scene optimised for ``steps`` per (prompt, seed), from the
-    world's camera prior."""
+    world's camera prior. After each step count in ``checkpoints`` the views are also rendered and
+    kept, with the optimisation seconds so far, in ``method.snapshots[step]`` as
+    ``(prompt, seconds, views)`` (for :func:`baseline_progress`)."""
     from ..baselines import optimise_scene
 
+    if any(step < 1 or step > steps for step in checkpoints):
+        raise ValueError(f"checkpoints must lie in [1, {steps}] (the baseline's steps), got {list(checkpoints)}")
     cameras = evaluation_cameras(views).to(guidance.device)
+    snapshots: dict[int, list] = {step: [] for step in sorted(set(checkpoints))}
 
     def run(prompt: str, seed: int) -> Tensor:
+        start, rendering = time.perf_counter(), 0.0
+
+        def snapshot(step: int, scene) -> None:
+            nonlocal rendering
+            if step + 1 in snapshots:
+                begin = time.perf_counter()
+                with torch.no_grad():
+                    images = scene(cameras, resolution)["image"].float().cpu()
+                snapshots[step + 1].append((prompt, begin - start - rendering, images))
+                rendering += time.perf_counter() - begin
+
         with torch.enable_grad():
             scene = optimise_scene(guidance, prompt, steps=steps, render_resolution=resolution, seed=seed,
-                                   progress=False, **_world_orbit()).scene
+                                   progress=False, callback=snapshot, **_world_orbit()).scene
         return scene(cameras, resolution)["image"].float().cpu()
 
+    run.snapshots = snapshots
     return run
 
 
@@ -167,44 +196,23 @@ def _world_orbit() -> dict:
             "yaw_range_degrees": cams["yaw_range_degrees"], "pitch_range_degrees": cams["pitch_range_degrees"]}
 
 
-def baseline_progress(guidance, prompts: Sequence[str], seeds: Sequence[int], judge: AttributeJudge,
-                      checkpoints: Sequence[int], views: int = 4, resolution: int = 32,
-                      progress: bool = True) -> list[dict]:
-    """The per-prompt baseline's text alignment after each of ``checkpoints`` optimisation steps and
-    the seconds of optimisation it took to get there (judging excluded): one run of
-    ``max(checkpoints)`` steps per (prompt, seed). Returns one row per checkpoint:
-    ``{"steps", "seconds_per_prompt", "text_alignment": {attribute: accuracy}, "mean_alignment"}``."""
-    from ..baselines import optimise_scene
-
-    if not checkpoints or min(checkpoints) < 1:
-        raise ValueError(f"checkpoints must be positive step counts, got {list(checkpoints)}")
-    checkpoints = sorted(set(checkpoints))
-    cameras = evaluation_cameras(views).to(guidance.device)
-    expected = attribute_indices([parse_caption(p) for p in prompts])
-    correct = {step: torch.zeros(len(ATTRIBUTE_CLASSES)) for step in checkpoints}
-    seconds = {step: 0.0 for step in checkpoints}
-    work = [(p, seed) for p in range(len(prompts)) for seed in seeds]
-    for p, seed in tqdm(work, desc="per-prompt baseline", disable=not progress):
-        start, judging = time.perf_counter(), 0.0
-
-        def judge_checkpoint(step: int, scene) -> None:
-            nonlocal judging
-            if step + 1 not in correct:
-                return
-            begin = time.perf_counter()
-            seconds[step + 1] += begin - start - judging
-            with torch.no_grad():
-                predicted = judge.predict(scene(cameras, resolution)["image"].float().cpu())
-            correct[step + 1] += (predicted == expected[p]).float().sum(0)
-            judging += time.perf_counter() - begin
-
-        with torch.enable_grad():
-            optimise_scene(guidance, prompts[p], steps=checkpoints[-1], render_resolution=resolution, seed=seed,
-                           progress=False, callback=judge_checkpoint, **_world_orbit())
+@torch.no_grad()
+def baseline_progress(snapshots: dict[int, list], judge: AttributeJudge) -> list[dict]:
+    """The baseline's text alignment after each checkpoint of :func:`baseline_method` and the
+    optimisation seconds it took to get there (snapshot rendering excluded). One row per
+    checkpoint: ``{"steps", "seconds_per_prompt", "text_alignment": {attribute: accuracy},
+    "mean_alignment"}``."""
     rows = []
-    for step in checkpoints:
-        alignment = correct[step] / (len(work) * views)
-        rows.append({"steps": step, "seconds_per_prompt": seconds[step] / len(work),
+    for step, entries in sorted(snapshots.items()):
+        if not entries:
+            continue
+        correct, views = torch.zeros(len(ATTRIBUTE_CLASSES)), 0
+        for prompt, _, images in entries:
+            expected = attribute_indices([parse_caption(prompt)])[0]
+            correct += (judge.predict(images) == expected).float().sum(0)
+            views += images.shape[0]
+        alignment = correct / views
+        rows.append({"steps": step, "seconds_per_prompt": sum(e[1] for e in entries) / len(entries),
                      "text_alignment": {a: alignment[i].item() for i, a in enumerate(ATTRIBUTE_CLASSES)},
                      "mean_alignment": alignment.mean().item()})
     return rows

@@ -8,7 +8,7 @@ import torch
 from dreamportrait.cli import main
 from dreamportrait.world import caption, held_out_combinations, training_combinations
 from dreamportrait.world.dataset import build_dataset
-from dreamportrait.world.evaluate import evaluate, frechet_distance, markdown_table
+from dreamportrait.world.evaluate import evaluate, frechet_distance, markdown_table, spread
 from dreamportrait.world.judge import save_judge, train_judge
 
 
@@ -19,6 +19,14 @@ def test_frechet_distance():
     assert shifted == pytest.approx(1.0, rel=1e-6)
     wider = frechet_distance(a[:, :1], 2 * a[:, :1])  # 1-D: (s1 - s2)² = 1 for stds 1 and 2
     assert wider == pytest.approx((a[:, 0].std() - 2 * a[:, 0].std()).item() ** 2, rel=1e-3)
+
+
+def test_spread_picks_evenly():
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread([1, 2], 5) == [1, 2]
+    held_out = held_out_combinations()
+    picked = spread(held_out, 6)
+    assert len(set(picked)) == 6 and picked[0] == held_out[0] and picked[-1] != held_out[5]
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +74,6 @@ def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path)
                  "--real-count", "16", "--name", "short-baseline", "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.count("| baseline |") == 1 and table.count("| short-baseline |") == 1
+    assert "baseline: text alignment after N optimisation steps" in table and table.count("\n| 2 | ") == 1
     assert main(["evaluate", "--method", "gan", "--judge", str(world / "judge"), "--real", str(world / "real"),
                  "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
