@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 
+WORLD_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml")
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -227,10 +230,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.method == "baseline":
-            from dreamportrait.guidance import StableDiffusionGuidance
+            from dreamportrait.training import load_config
+            from dreamportrait.training.trainer import build_guidance
 
-            guidance = StableDiffusionGuidance(args.guidance or asset_dir("teacher"), view_dependent_prompts=False,
-                                               device=device)
+            # The same guidance settings as the DreamPortrait run it is compared with.
+            source = args.guidance or asset_dir("teacher")
+            guidance = build_guidance(load_config(args.config, [f"guidance.source={source}"]).guidance, device)
             checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
             method = harness.baseline_method(guidance, args.views, args.baseline_steps, checkpoints=checkpoints)
         elif args.checkpoint:
@@ -344,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "resumes. KEY=VALUE overrides apply to CONFIG (e.g. gan.weight=0 out_dir=OUT/no-gan for an "
                     "ablation that reuses the GAN).")
     wtrain.add_argument("--out", required=True)
-    wtrain.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml"),
-                        help="the DreamPortrait config (default: configs/world.yaml)")
+    wtrain.add_argument("--config", default=WORLD_CONFIG, help="the DreamPortrait config (default: configs/world.yaml)")
     wtrain.add_argument("--teacher", default=None, help="the teacher's directory (default: the packaged teacher)")
     wtrain.add_argument("--setting", default="default", choices=["default", "tiny"],
                         help="'tiny' runs every stage for a step or two (tests)")
@@ -366,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(--checkpoint; text alignment is then chance level); baseline: per-prompt SDS")
     ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
+    ev.add_argument("--config", default=WORLD_CONFIG,
+                    help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")
     ev.add_argument("--baseline-steps", type=int, default=10_000, help="baseline steps per prompt (default 10000)")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")

@@ -29,7 +29,7 @@ from ..models import TextConditionedGenerator, build_discriminator, build_genera
 from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import GuidanceConfig, TrainConfig
 from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty
 from .real_images import ImageFolder
 
@@ -47,6 +47,15 @@ class Batch:
     noise: Tensor
     real_z: Tensor
     real_c: Tensor
+
+
+def build_guidance(config: GuidanceConfig, device: torch.device | str = "cpu") -> StableDiffusionGuidance:
+    """The SDS guidance a config's ``guidance`` section describes (its ``weight`` is the trainer's)."""
+    return StableDiffusionGuidance(
+        config.source, guidance_scale=config.guidance_scale, t_range=(config.t_min, config.t_max),
+        t_max_final=config.t_max_final, weighting=config.weighting, grad_clip=config.grad_clip,
+        view_dependent_prompts=config.view_dependent_prompts, attention_slicing=config.attention_slicing,
+        channels_last=config.channels_last, device=device)
 
 
 def _distributed() -> tuple[int, int]:
@@ -72,13 +81,7 @@ class Trainer:
         self.sampler = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.prompts = config.all_prompts()
 
-        self.guidance = StableDiffusionGuidance(
-            config.guidance.source, guidance_scale=config.guidance.guidance_scale,
-            t_range=(config.guidance.t_min, config.guidance.t_max), t_max_final=config.guidance.t_max_final,
-            weighting=config.guidance.weighting, grad_clip=config.guidance.grad_clip,
-            view_dependent_prompts=config.guidance.view_dependent_prompts,
-            attention_slicing=config.guidance.attention_slicing, channels_last=config.guidance.channels_last,
-            device=device)
+        self.guidance = build_guidance(config.guidance, device)
         model = config.model
         if model.pretrained:
             base, discriminator = load_pretrained(model.pretrained, backend=model.backend)

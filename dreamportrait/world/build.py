@@ -35,7 +35,7 @@ class BuildSetting:
     judge_test: int = 1024
     judge_steps: int = 3000
     teacher_train: int = 16384
-    teacher_steps: int = 3000
+    teacher_steps: int = 2400
     teacher_batch: int = 32
     teacher_lr: float = 5e-4
     teacher_samples_per_head: int = 4
