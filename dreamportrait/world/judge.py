@@ -1,8 +1,8 @@
 """The judge: an attribute classifier of world renders, used only for evaluation.
 
-A small CNN (32² input; other sizes are resized) with one classification head per attribute
-(:data:`~dreamportrait.world.dataset.ATTRIBUTE_CLASSES`); its pooled features serve the
-evaluation's diversity and world-FID measures.
+A small CNN (32² input; other sizes are resized) with one attention-pooled classification head per
+attribute (:data:`~dreamportrait.world.dataset.ATTRIBUTE_CLASSES`); its globally pooled features
+serve the evaluation's diversity and world-FID measures.
 """
 
 from __future__ import annotations
@@ -28,24 +28,35 @@ def _block(inputs: int, outputs: int) -> nn.Sequential:
 
 
 class AttributeJudge(nn.Module):
-    """images ``(N, 3, H, W)`` in [-1, 1] -> logits per attribute."""
+    """images ``(N, 3, H, W)`` in [-1, 1] -> logits per attribute.
+
+    Each attribute pools the final feature map with its own learned spatial attention before its
+    classifier: a global average would mix, say, the hat's pixels with the hair's, and a judge
+    that has never seen red hair under a blue hat then reads the red as the hat's colour."""
 
     def __init__(self, width: int = 32):
         super().__init__()
         self.width = width
         self.body = nn.Sequential(_block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width))
+        self.attention = nn.Conv2d(4 * width, len(ATTRIBUTE_CLASSES), 1)
         self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(values)) for name, values in ATTRIBUTE_CLASSES.items()})
 
-    def features(self, images: Tensor) -> Tensor:
-        """Pooled features ``(N, 4 * width)``."""
+    def feature_map(self, images: Tensor) -> Tensor:
+        """``(N, 4 * width, h, w)`` features of images resized to 32²."""
         if images.shape[-1] != INPUT_RESOLUTION:
             images = F.interpolate(images, size=(INPUT_RESOLUTION,) * 2, mode="bilinear", align_corners=False,
                                    antialias=True)
-        return self.body(images).mean(dim=(2, 3))
+        return self.body(images)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Globally pooled features ``(N, 4 * width)`` (for diversity and world-FID)."""
+        return self.feature_map(images).mean(dim=(2, 3))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        features = self.features(images)
-        return {name: head(features) for name, head in self.heads.items()}
+        maps = self.feature_map(images).flatten(2)  # (N, C, h * w)
+        weights = self.attention.weight.flatten(1) @ maps + self.attention.bias[:, None]  # (N, A, h * w)
+        pooled = weights.softmax(-1) @ maps.transpose(1, 2)  # (N, A, C)
+        return {name: head(pooled[:, i]) for i, (name, head) in enumerate(self.heads.items())}
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
