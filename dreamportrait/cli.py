@@ -70,13 +70,21 @@ def _import_eg3d(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dreamportrait.training import Trainer, load_config
+    from dreamportrait.training import load_config
 
     try:
         config = load_config(args.config, args.overrides)
     except (OSError, ValueError) as error:
         print(f"dreamportrait train: {error}", file=sys.stderr)
         return 2
+    _run_training(config)
+    return 0
+
+
+def _run_training(config) -> None:
+    """Train (resuming the run's newest checkpoint unless resume=false); tear down torchrun's group."""
+    from dreamportrait.training import Trainer
+
     trainer = Trainer(config)
     if config.resume and trainer.resume():
         print(f"resumed at step {trainer.step} from {config.out_dir}")
@@ -87,7 +95,6 @@ def _train(args: argparse.Namespace) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def _resolve_checkpoint(path: str):
@@ -181,7 +188,7 @@ def _world_build(args: argparse.Namespace) -> int:
 def _world_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from dreamportrait.training import Trainer, load_config
+    from dreamportrait.training import load_config
     from dreamportrait.world.assets import asset_dir
     from dreamportrait.world.train import SETTINGS, dreamportrait_overrides, train_gan_stage
 
@@ -195,10 +202,7 @@ def _world_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2
-    trainer = Trainer(config)
-    if config.resume and trainer.resume():
-        print(f"resumed at step {trainer.step} from {config.out_dir}")
-    trainer.train()
+    _run_training(config)
     print(f"trained {config.out_dir}; generate with --checkpoint {config.out_dir}")
     return 0
 
