@@ -27,7 +27,7 @@ def test_real_images_have_the_discriminators_shapes(renders):
 
 
 def test_each_network_improves_its_objective_on_a_fixed_batch(renders, tmp_path):
-    trainer = GanTrainer(config(lr_g=0.003, lr_d=0.003, r1_gamma=0.0), renders, tmp_path)
+    trainer = GanTrainer(config(lr_g=1e-4, lr_d=1e-4, r1_gamma=0.0), renders, tmp_path)  # small: a first-order step
     G, D = trainer.generator, trainer.discriminator
     real, c = renders.sample(2, torch.Generator().manual_seed(1))
     z = torch.randn(2, G.z_dim)
