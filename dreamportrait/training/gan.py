@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..models import build_discriminator, build_generator, save_pretrained, view_cameras
 from ..outputs import grid, to_uint8, write_image
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty
+from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty, update_ema
 
 
 class PosedImages(Protocol):
@@ -91,11 +91,7 @@ class GanTrainer:
         loss.backward()
         self.g_optimizer.step()
         self.discriminator.requires_grad_(True)
-        with torch.no_grad():
-            for ema, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
-                ema.lerp_(current, 1 - self.ema_beta)
-            for ema, current in zip(self.generator_ema.buffers(), self.generator.buffers()):
-                ema.copy_(current)
+        update_ema(self.generator_ema, self.generator, self.ema_beta)
         return loss.item(), {key: fake[key].detach() for key in ("image", "image_raw")}
 
     def discriminator_step(self, fake: dict[str, Tensor], real: dict[str, Tensor], c: Tensor) -> dict[str, float]:

@@ -22,3 +22,12 @@ def r1_penalty(real_logits: Tensor, real_inputs: list[Tensor]) -> Tensor:
     averaged; differentiable (for the discriminator's update)."""
     gradients = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
     return sum(g.square().flatten(1).sum(1) for g in gradients).mean()
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, current: torch.nn.Module, beta: float) -> None:
+    """``ema <- beta * ema + (1 - beta) * current`` for parameters; buffers are copied."""
+    for average, value in zip(ema.parameters(), current.parameters()):
+        average.lerp_(value, 1 - beta)
+    for average, value in zip(ema.buffers(), current.buffers()):
+        average.copy_(value)

@@ -30,7 +30,7 @@ from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GuidanceConfig, TrainConfig
-from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty
+from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty, update_ema
 from .real_images import ImageFolder
 
 
@@ -251,12 +251,8 @@ class Trainer:
         self.step += 1
         return {**logs, "skipped": 1.0}
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        for ema, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
-            ema.lerp_(current, 1 - self.ema_beta)
-        for ema, current in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            ema.copy_(current)
+        update_ema(self.generator_ema, self.generator, self.ema_beta)
 
     # --- the run -------------------------------------------------------------------------------
 
