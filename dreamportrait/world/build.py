@@ -35,9 +35,10 @@ class BuildSetting:
     judge_test: int = 1024
     judge_steps: int = 3000
     teacher_train: int = 16384
-    teacher_steps: int = 2400
+    teacher_steps: int = 3000
     teacher_batch: int = 32
     teacher_lr: float = 5e-4
+    teacher_snr_gamma: float | None = 5.0
     teacher_samples_per_head: int = 4
     teacher_sample_steps: int = 50
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -81,7 +82,7 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     if not (out / "teacher/model_index.json").is_file():
         build_teacher(out / "teacher", config.teacher, seed=seed)
     train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
-                  lr=config.teacher_lr, seed=seed, progress=progress)
+                  lr=config.teacher_lr, snr_gamma=config.teacher_snr_gamma, seed=seed, progress=progress)
     report["seconds"]["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()

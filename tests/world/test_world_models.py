@@ -62,6 +62,29 @@ def test_teacher_trains_resumes_samples_and_guides(tmp_path, samples):
     assert "skinned" in caption_words() and "view" in caption_words()
 
 
+def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_path, samples):
+    teacher = Teacher(build_teacher(tmp_path, TINY_TEACHER))
+    images, prompts = samples.float_images()[:6], samples.captions[:6]
+    weighted = teacher.denoising_loss(images, prompts, torch.Generator().manual_seed(5), snr_gamma=2.0)
+    weighted.backward()
+    # the caption also enters through the pooled-text timestep embedding, which is trained
+    assert teacher.unet.config.addition_embed_type == "text"
+    assert teacher.unet.add_embedding.proj.weight.grad.abs().sum() > 0
+
+    generator = torch.Generator().manual_seed(5)  # the same draws, weighted by hand
+    t = torch.randint(0, teacher.scheduler.config.num_train_timesteps, (6,), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    with torch.no_grad():
+        prediction = teacher.unet(teacher.scheduler.add_noise(images, noise, t), t,
+                                  encoder_hidden_states=teacher.encode(prompts)).sample
+    per_sample = (prediction - noise).square().mean(dim=(1, 2, 3))
+    snr = teacher.scheduler.alphas_cumprod[t] / (1 - teacher.scheduler.alphas_cumprod[t])
+    assert (snr > 2.0).any() and (snr < 2.0).any()  # the draws exercise both sides of the clamp
+    torch.testing.assert_close(weighted.detach(), (per_sample * snr.clamp(max=2.0) / snr).mean())
+    plain = teacher.denoising_loss(images, prompts, torch.Generator().manual_seed(5), snr_gamma=None)
+    torch.testing.assert_close(plain.detach(), per_sample.mean())
+
+
 def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
     from dreamportrait.cli import main
 
