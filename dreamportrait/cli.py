@@ -197,8 +197,12 @@ def _world_train(args: argparse.Namespace) -> int:
         if args.gan_steps is not None:
             setting = dataclasses.replace(setting, gan=dataclasses.replace(setting.gan, steps=args.gan_steps))
         teacher = args.teacher or asset_dir("teacher")
-        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides))
-        train_gan_stage(args.out, setting, seed=args.seed)
+        gan = asset_dir("gan") if args.gan == "packaged" else args.gan
+        if gan is not None and not Path(gan, "config.json").is_file():
+            raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {args.gan!r}")
+        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides, gan))
+        if gan is None:
+            train_gan_stage(args.out, setting, seed=args.seed)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2
@@ -242,6 +246,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             guidance = build_guidance(load_config(args.config, [f"guidance.source={source}"]).guidance, device)
             checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
             method = harness.baseline_method(guidance, args.views, args.baseline_steps, checkpoints=checkpoints)
+        elif args.method == "world":
+            method = harness.world_method(args.views)
         elif args.checkpoint:
             from dreamportrait.models import TextConditionedGenerator, load_pretrained
 
@@ -256,7 +262,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
             method = harness.generator_method(load_default_generator(device), args.views)
         else:
-            raise ValueError("--method gan needs --checkpoint")
+            from dreamportrait.models import load_pretrained
+
+            method = harness.gan_method(load_pretrained(asset_dir("gan"), device=device)[0], args.views)
         result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
         if args.method == "baseline" and checkpoints:
             result["progress"] = harness.baseline_progress(method.snapshots, judge)
@@ -358,8 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--setting", default="default", choices=["default", "tiny"],
                         help="'tiny' runs every stage for a step or two (tests)")
     wtrain.add_argument("--gan-steps", type=int, default=None,
-                        help="steps of the 3D GAN stage (default: the setting's; 2000); giving the step a run has "
+                        help="steps of the 3D GAN stage (default: the setting's; 3000); giving the step a run has "
                              "reached ends that stage there")
+    wtrain.add_argument("--gan", default=None,
+                        help="start DreamPortrait from this pretrained 3D GAN directory instead of training one "
+                             "('packaged': the GAN that ships in the package, from which the packaged generator was "
+                             "trained)")
     wtrain.add_argument("--seed", type=int, default=0)
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)
@@ -369,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Renders --views views per (prompt, seed) with the method, judges them and writes "
                     "OUT/NAME.json, an image grid per prompt under OUT/NAME/, and OUT/results.md: a Markdown table "
                     "of every method evaluated into OUT.")
-    ev.add_argument("--method", choices=["generator", "gan", "baseline"], required=True,
+    ev.add_argument("--method", choices=["generator", "gan", "baseline", "world"], required=True,
                     help="generator: DreamPortrait (--checkpoint, default the packaged one); gan: a text-free 3D GAN "
-                         "(--checkpoint; text alignment is then chance level); baseline: per-prompt SDS")
+                         "(--checkpoint, default the packaged one; text alignment is then chance level); baseline: per-prompt SDS; world: the "
+                         "world's own renders of each prompt's head (a perfect method: the ceiling of every metric)")
     ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
     ev.add_argument("--config", default=WORLD_CONFIG,

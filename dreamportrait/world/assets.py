@@ -3,6 +3,8 @@ nothing has to be trained or downloaded before generating or evaluating::
 
     teacher/     the text-to-image teacher (Stable Diffusion layout; ``world build``)
     judge/       the attribute judge (``world build``)
+    gan/         the text-free 3D GAN (EMA generator + discriminator) the generator was trained
+                 from (``world train``; ``world train --gan packaged`` starts from it)
     generator/   the DreamPortrait generator trained in the world (``world train``); its text
                  encoder is the teacher's
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ..models.pretrained import CONFIG_FILE, WEIGHT_FILES, read_config
 
-NAMES = ("teacher", "judge", "generator")
+NAMES = ("teacher", "judge", "gan", "generator")
 
 
 def asset_dir(name: str) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from ..models import view_cameras
 from ..outputs import grid, slug, to_uint8, write_image
 from .attributes import parse_caption
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples, attribute_indices
-from .heads import WORLD_CAMERAS
+from .heads import WORLD_CAMERAS, HeadBatch, render_heads
 from .judge import AttributeJudge
 
 Method = Callable[[str, int], Tensor]
@@ -153,6 +154,21 @@ def gan_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
         z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
         ws = generator.mapping(z, frontal, truncation_psi=truncation_psi).expand(views, -1, -1)
         return generator.synthesis(ws, cameras, noise_mode="const", deterministic_sampling=True)["image"].float().cpu()
+
+    return run
+
+
+def world_method(views: int, resolution: int = 64) -> Method:
+    """The world itself: the prompt's own head (its small random variations drawn from the seed)
+    rendered from the evaluation cameras. What a perfect prompt -> 3D method would return, so its
+    row is the ceiling of every metric (the judge's own errors included)."""
+    cameras = evaluation_cameras(views)
+
+    def run(prompt: str, seed: int) -> Tensor:
+        head = HeadBatch.from_attributes([parse_caption(prompt)], torch.Generator().manual_seed(seed))
+        repeated = HeadBatch(**{f.name: getattr(head, f.name).expand(views, *getattr(head, f.name).shape[1:])
+                                for f in fields(HeadBatch)})
+        return render_heads(repeated, cameras, resolution)[0]
 
     return run
 

@@ -4,7 +4,8 @@ Stages, each continuing where an interrupted run stopped::
 
     OUT/data/gan-train      64² renders of training combinations with camera labels
     OUT/gan/                the 3D GAN (no text) trained adversarially on them, EG3D-style;
-                            OUT/gan/final is its pretrained directory (EMA G + D)
+                            OUT/gan/final is its pretrained directory (EMA G + D); skipped when
+                            a pretrained GAN is given (e.g. the packaged one, ``asset_dir("gan")``)
     OUT/prompts.txt         captions of the training combinations, every phrasing
     OUT/dreamportrait/      DreamPortrait trained from OUT/gan/final by SDS with the teacher + GAN
                             regulariser (a ``dreamportrait train`` run: checkpoints, TensorBoard)
@@ -26,7 +27,7 @@ from .dataset import build_dataset
 @dataclass
 class WorldTrainSetting:
     gan_images: int = 4096
-    gan: GanConfig = field(default_factory=lambda: GanConfig(preset="world"))
+    gan: GanConfig = field(default_factory=lambda: GanConfig(preset="world", steps=3000))
     overrides: tuple[str, ...] = ()
     """Overrides of the DreamPortrait config applied before the user's."""
 
@@ -57,13 +58,15 @@ def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int =
 
 
 def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: WorldTrainSetting,
-                            overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+                            overrides: list[str] | tuple[str, ...] = (), gan: str | Path | None = None) -> list[str]:
     """Write ``OUT/prompts.txt`` and return the config overrides that point the DreamPortrait run at
-    the GAN, the teacher and the prompts (the user's ``overrides`` last, so they win)."""
+    the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher and the prompts (the
+    user's ``overrides`` last, so they win)."""
     out = Path(out_dir)
+    gan = Path(gan) if gan is not None else out / "gan/final"
     prompts = out / "prompts.txt"
     if not prompts.is_file():
         with atomic_path(prompts) as temporary:
             temporary.write_text("\n".join(training_prompts()) + "\n")
-    return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={out / 'gan/final'}", f"guidance.source={teacher}",
+    return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={gan}", f"guidance.source={teacher}",
             f"prompt_file={prompts}", *setting.overrides, *overrides]

@@ -75,5 +75,13 @@ def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path)
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.count("| baseline |") == 1 and table.count("| short-baseline |") == 1
     assert "baseline: text alignment after N optimisation steps" in table and table.count("\n| 2 | ") == 1
-    assert main(["evaluate", "--method", "gan", "--judge", str(world / "judge"), "--real", str(world / "real"),
-                 "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["evaluate", "--method", "gan", "--checkpoint", str(tmp_path / "nothing"), "--judge",
+                 str(world / "judge"), "--real", str(world / "real"), "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluate_cli_on_the_world_itself(world, tmp_path):
+    assert main(["evaluate", "--method", "world", "--held-out", "2", "--seeds", "0-1", "--views", "2",
+                 "--judge", str(world / "judge"), "--real", str(world / "real"), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "world.json").read_text())
+    assert result["method"] == "world" and result["diversity"] > 0
+    assert len(list((tmp_path / "world").glob("*.png"))) == 2

@@ -57,8 +57,18 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(command + ["gan.weight=0", f"out_dir={ablation}"]) == 0  # reuses the GAN stage
     assert latest_checkpoint(ablation).name == "step-0000002"
 
+    # A run that starts from a given GAN (as `--gan packaged` does) renders no GAN data, trains no GAN.
+    other = tmp_path / "from-gan"
+    assert main(command[:3] + [str(other)] + command[4:] + ["--gan", str(out / "gan/final")]) == 0
+    assert latest_checkpoint(other / "dreamportrait").name == "step-0000002" and not (other / "gan").exists()
+    assert not (other / "data").exists()
+    published = publish("gan", out / "gan/final", assets_root=tmp_path / "assets")
+    assert load_pretrained(published)[1] is not None  # the discriminator ships with the GAN
+
 
 def test_world_train_errors_are_named(tmp_path, capsys):
     assert main(["world", "train", "--out", str(tmp_path), "--setting", "tiny", "--teacher", str(tmp_path / "none"),
                  "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    assert main(["world", "train", "--out", str(tmp_path), "--setting", "tiny", "--gan", str(tmp_path)]) == 2
+    assert "--gan must be a pretrained 3D GAN directory" in capsys.readouterr().err
