@@ -370,8 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "reached ends that stage there")
     wtrain.add_argument("--gan", default=None,
                         help="start DreamPortrait from this pretrained 3D GAN directory instead of training one "
-                             "('packaged': the GAN that ships in the package, from which the packaged generator was "
-                             "trained)")
+                             "('packaged': the 3D GAN that ships in the package)")
     wtrain.add_argument("--seed", type=int, default=0)
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)

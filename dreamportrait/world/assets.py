@@ -3,8 +3,8 @@ nothing has to be trained or downloaded before generating or evaluating::
 
     teacher/     the text-to-image teacher (Stable Diffusion layout; ``world build``)
     judge/       the attribute judge (``world build``)
-    gan/         the text-free 3D GAN (EMA generator + discriminator) the generator was trained
-                 from (``world train``; ``world train --gan packaged`` starts from it)
+    gan/         the text-free 3D GAN of ``world train`` (EMA generator + discriminator);
+                 ``world train --gan packaged`` starts DreamPortrait from it
     generator/   the DreamPortrait generator trained in the world (``world train``); its text
                  encoder is the teacher's
 

@@ -62,7 +62,7 @@ def test_the_world_method_is_the_ceiling_of_the_metrics():
 
 
 def test_the_shipped_gan_is_evaluated_and_trained_from(tmp_path):
-    # The text-free 3D GAN the shipped generator was distilled from: evaluated without --checkpoint,
+    # The shipped text-free 3D GAN: evaluated without --checkpoint,
     # and `world train --gan packaged` starts DreamPortrait from it without training a GAN.
     assert main(["evaluate", "--method", "gan", "--held-out", "1", "--seeds", "0-1", "--views", "2",
                  "--real-count", "16", "--out", str(tmp_path / "eval")]) == 0
