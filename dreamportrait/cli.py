@@ -197,6 +197,8 @@ def _world_train(args: argparse.Namespace) -> int:
         if args.gan_steps is not None:
             setting = dataclasses.replace(setting, gan=dataclasses.replace(setting.gan, steps=args.gan_steps))
         teacher = args.teacher or asset_dir("teacher")
+        if args.gan is not None and args.gan_steps is not None:
+            raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
         gan = asset_dir("gan") if args.gan == "packaged" else args.gan
         if gan is not None and not Path(gan, "config.json").is_file():
             raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {args.gan!r}")
@@ -247,6 +249,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
             method = harness.baseline_method(guidance, args.views, args.baseline_steps, checkpoints=checkpoints)
         elif args.method == "world":
+            if args.checkpoint:
+                raise ValueError("--method world renders the world itself and takes no --checkpoint")
             method = harness.world_method(args.views)
         elif args.checkpoint:
             from dreamportrait.models import TextConditionedGenerator, load_pretrained

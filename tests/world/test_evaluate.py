@@ -85,3 +85,5 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
     result = json.loads((tmp_path / "world.json").read_text())
     assert result["method"] == "world" and result["diversity"] > 0
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
+    assert main(["evaluate", "--method", "world", "--checkpoint", str(tmp_path), "--held-out", "1",
+                 "--judge", str(world / "judge"), "--real", str(world / "real"), "--out", str(tmp_path)]) == 2

@@ -72,3 +72,6 @@ def test_world_train_errors_are_named(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["world", "train", "--out", str(tmp_path), "--setting", "tiny", "--gan", str(tmp_path)]) == 2
     assert "--gan must be a pretrained 3D GAN directory" in capsys.readouterr().err
+    assert main(["world", "train", "--out", str(tmp_path), "--setting", "tiny", "--gan", str(tmp_path),
+                 "--gan-steps", "5"]) == 2
+    assert "--gan-steps trains a GAN and --gan skips that stage" in capsys.readouterr().err
