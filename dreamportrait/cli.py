@@ -193,12 +193,12 @@ def _world_train(args: argparse.Namespace) -> int:
     from dreamportrait.world.train import SETTINGS, dreamportrait_overrides, train_gan_stage
 
     try:
+        if args.gan is not None and args.gan_steps is not None:
+            raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
         setting = SETTINGS[args.setting]
         if args.gan_steps is not None:
             setting = dataclasses.replace(setting, gan=dataclasses.replace(setting.gan, steps=args.gan_steps))
         teacher = args.teacher or asset_dir("teacher")
-        if args.gan is not None and args.gan_steps is not None:
-            raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
         gan = asset_dir("gan") if args.gan == "packaged" else args.gan
         if gan is not None and not Path(gan, "config.json").is_file():
             raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {args.gan!r}")
@@ -252,23 +252,20 @@ def _evaluate(args: argparse.Namespace) -> int:
             if args.checkpoint:
                 raise ValueError("--method world renders the world itself and takes no --checkpoint")
             method = harness.world_method(args.views)
-        elif args.checkpoint:
+        elif args.checkpoint or args.method == "gan":
             from dreamportrait.models import TextConditionedGenerator, load_pretrained
 
-            generator = load_pretrained(_resolve_checkpoint(args.checkpoint), device=device)[0]
+            source = _resolve_checkpoint(args.checkpoint) if args.checkpoint else asset_dir("gan")
+            generator = load_pretrained(source, device=device)[0]
             if isinstance(generator, TextConditionedGenerator) != (args.method == "generator"):
                 wanted = "a text-conditioned" if args.method == "generator" else "a text-free"
-                raise ValueError(f"--method {args.method} needs {wanted} generator; {args.checkpoint} holds the other kind")
+                raise ValueError(f"--method {args.method} needs {wanted} generator; {source} holds the other kind")
             factory = harness.generator_method if args.method == "generator" else harness.gan_method
             method = factory(generator, args.views)
-        elif args.method == "generator":
+        else:  # --method generator without --checkpoint
             from dreamportrait.world.assets import load_default_generator
 
             method = harness.generator_method(load_default_generator(device), args.views)
-        else:
-            from dreamportrait.models import load_pretrained
-
-            method = harness.gan_method(load_pretrained(asset_dir("gan"), device=device)[0], args.views)
         result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
         if args.method == "baseline" and checkpoints:
             result["progress"] = harness.baseline_progress(method.snapshots, judge)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -166,9 +165,7 @@ def world_method(views: int, resolution: int = 64) -> Method:
 
     def run(prompt: str, seed: int) -> Tensor:
         head = HeadBatch.from_attributes([parse_caption(prompt)], torch.Generator().manual_seed(seed))
-        repeated = HeadBatch(**{f.name: getattr(head, f.name).expand(views, *getattr(head, f.name).shape[1:])
-                                for f in fields(HeadBatch)})
-        return render_heads(repeated, cameras, resolution)[0]
+        return render_heads(head.repeat_interleave(views), cameras, resolution)[0]
 
     return run
 

@@ -14,7 +14,7 @@ World coordinates follow EG3D: y up, the face looks along +z, the head fills the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -53,6 +53,11 @@ class HeadBatch:
     beard: Tensor
     glasses: Tensor
     hat: Tensor
+
+    def repeat_interleave(self, count: int) -> HeadBatch:
+        """Each head ``count`` times in a row ``(B * count, ...)``: the same heads, to be seen from
+        several cameras."""
+        return HeadBatch(**{f.name: getattr(self, f.name).repeat_interleave(count, dim=0) for f in fields(self)})
 
     @staticmethod
     def from_attributes(heads: list[HeadAttributes], generator: torch.Generator) -> HeadBatch:

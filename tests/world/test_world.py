@@ -56,6 +56,16 @@ def test_renders_are_deterministic_given_a_seed():
     assert (yaws - math.pi / 2).abs().max() <= math.radians(45) + 1e-6
 
 
+def test_a_repeated_head_batch_renders_each_head_again():
+    heads = training_combinations()[:2]
+    batch = HeadBatch.from_attributes(heads, torch.Generator().manual_seed(int(torch.randint(1 << 30, ()))))
+    repeated = batch.repeat_interleave(3)
+    assert repeated.radii.shape == (6, 3) and repeated.hat.shape == (6,)
+    images = render_heads(repeated, frontal(6), 32)[0]
+    once = render_heads(batch, frontal(2), 32)[0]
+    torch.testing.assert_close(images, once.repeat_interleave(3, dim=0), rtol=0, atol=1e-6)
+
+
 def test_attributes_change_the_expected_pixels():
     base = HeadAttributes("black", "medium", "short", "no", "no", "none")
     variants = {
