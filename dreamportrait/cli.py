@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 WORLD_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml")
+BASELINE_STEPS = 10_000  # the per-prompt baseline's default optimisation steps per prompt (DreamFusion-like)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -213,6 +214,19 @@ def _world_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Arguments that only some evaluated methods read; given with another method they are refused,
+# not ignored (a checkpoint passed to the baseline would otherwise be silently unused).
+_EVALUATE_METHOD_ARGUMENTS = {"checkpoint": ("generator", "gan"), "guidance": ("baseline",), "config": ("baseline",),
+                              "baseline_steps": ("baseline",), "baseline_checkpoints": ("baseline",)}
+
+
+def _check_evaluate_arguments(args: argparse.Namespace) -> None:
+    for dest, methods in _EVALUATE_METHOD_ARGUMENTS.items():
+        if getattr(args, dest) is not None and args.method not in methods:
+            raise ValueError(f"--{dest.replace('_', '-')} applies only to --method {' or '.join(methods)}, "
+                             f"not --method {args.method}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -227,6 +241,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     out, name = Path(args.out), args.name or args.method
     try:
+        _check_evaluate_arguments(args)
         seeds = parse_seeds(args.seeds)
         prompts = list(args.prompt or [])
         if args.held_out:
@@ -245,12 +260,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
             # The same guidance settings as the DreamPortrait run it is compared with.
             source = args.guidance or asset_dir("teacher")
-            guidance = build_guidance(load_config(args.config, [f"guidance.source={source}"]).guidance, device)
+            guidance = build_guidance(load_config(args.config or WORLD_CONFIG, [f"guidance.source={source}"]).guidance,
+                                      device)
             checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
-            method = harness.baseline_method(guidance, args.views, args.baseline_steps, checkpoints=checkpoints)
+            steps = BASELINE_STEPS if args.baseline_steps is None else args.baseline_steps
+            method = harness.baseline_method(guidance, args.views, steps, checkpoints=checkpoints)
         elif args.method == "world":
-            if args.checkpoint:
-                raise ValueError("--method world renders the world itself and takes no --checkpoint")
             method = harness.world_method(args.views)
         elif args.checkpoint or args.method == "gan":
             from dreamportrait.models import TextConditionedGenerator, load_pretrained
@@ -387,9 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "world's own renders of each prompt's head (a perfect method: the ceiling of every metric)")
     ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
-    ev.add_argument("--config", default=WORLD_CONFIG,
+    ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")
-    ev.add_argument("--baseline-steps", type=int, default=10_000, help="baseline steps per prompt (default 10000)")
+    ev.add_argument("--baseline-steps", type=int, default=None,
+                    help=f"baseline steps per prompt (default {BASELINE_STEPS})")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
     ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")

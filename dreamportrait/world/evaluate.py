@@ -177,6 +177,8 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32, chec
     ``(prompt, seconds, views)`` (for :func:`baseline_progress`)."""
     from ..baselines import optimise_scene
 
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     if any(step < 1 or step > steps for step in checkpoints):
         raise ValueError(f"checkpoints must lie in [1, {steps}] (the baseline's steps), got {list(checkpoints)}")
     cameras = evaluation_cameras(views).to(guidance.device)
@@ -196,14 +198,17 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32, chec
 
         with torch.enable_grad():
             scene = optimise_scene(guidance, prompt, steps=steps, render_resolution=resolution, seed=seed,
-                                   progress=False, callback=snapshot, **_world_orbit()).scene
+                                   progress=False, callback=snapshot, **world_orbit()).scene
         return scene(cameras, resolution)["image"].float().cpu()
 
     run.snapshots = snapshots
     return run
 
 
-def _world_orbit() -> dict:
+def world_orbit() -> dict:
+    """:func:`~dreamportrait.baselines.optimise_scene`'s camera keyword arguments for the world's
+    pose prior (:data:`~dreamportrait.world.heads.WORLD_CAMERAS`): the per-prompt baseline sees
+    the same views DreamPortrait is trained on."""
     cams = WORLD_CAMERAS
     return {"radius": cams["radius"], "pivot": cams["pivot"], "fov_degrees": cams["fov_degrees"],
             "yaw_range_degrees": cams["yaw_range_degrees"], "pitch_range_degrees": cams["pitch_range_degrees"]}

@@ -85,5 +85,14 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
     result = json.loads((tmp_path / "world.json").read_text())
     assert result["method"] == "world" and result["diversity"] > 0
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
-    assert main(["evaluate", "--method", "world", "--checkpoint", str(tmp_path), "--held-out", "1",
-                 "--judge", str(world / "judge"), "--real", str(world / "real"), "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("method, argument", [("world", ["--checkpoint", "run"]), ("baseline", ["--checkpoint", "run"]),
+                                              ("generator", ["--guidance", "teacher"]),
+                                              ("gan", ["--baseline-steps", "5"]), ("world", ["--baseline-checkpoints", "1"]),
+                                              ("generator", ["--config", "configs/world.yaml"])])
+def test_evaluate_refuses_an_argument_its_method_ignores(method, argument, tmp_path, capsys):
+    assert main(["evaluate", "--method", method, *argument, "--held-out", "1", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{argument[0]} applies only to --method" in error and f"not --method {method}" in error
+    assert not list(tmp_path.iterdir())  # refused before anything ran or was written
