@@ -5,8 +5,9 @@ nothing has to be trained or downloaded before generating or evaluating::
     judge/       the attribute judge (``world build``)
     gan/         the text-free 3D GAN of ``world train`` (EMA generator + discriminator);
                  ``world train --gan packaged`` starts DreamPortrait from it
-    generator/   the DreamPortrait generator trained in the world (``world train``); its text
-                 encoder is the teacher's
+    generator/   the DreamPortrait generator trained in the world (``world train``), with its own
+                 copy of the text encoder it was trained with (``tokenizer/``, ``text_encoder/``),
+                 so a rebuilt teacher cannot change what its prompts mean
 
 Each is a copy of a build's output (:func:`publish` writes them).
 """
@@ -35,24 +36,33 @@ def asset_dir(name: str) -> Path:
 
 
 def load_default_generator(device="cpu", backend: str | None = None):
-    """The packaged DreamPortrait generator with the packaged teacher's text encoder."""
+    """The packaged DreamPortrait generator with the text encoder packaged beside it."""
     from ..models import load_pretrained
 
-    generator, _ = load_pretrained(asset_dir("generator"), device=device, backend=backend,
-                                   text_encoder=asset_dir("teacher"))
+    directory = asset_dir("generator")
+    generator, _ = load_pretrained(directory, device=device, backend=backend, text_encoder=directory)
     return generator
 
 
-def publish(name: str, source: str | Path, assets_root: str | Path | None = None) -> Path:
+def publish(name: str, source: str | Path, assets_root: str | Path | None = None,
+            text_encoder: str | Path | None = None) -> Path:
     """Copy a trained model directory into the package's assets as ``name``, leaving out what is for
     resuming rather than using (training state, raw weights, logs). A generator is published
-    without its discriminator and without a recorded text-encoder path (the packaged teacher's is
-    given when loading: :func:`load_default_generator`)."""
+    without its discriminator, with the ``tokenizer/`` and ``text_encoder/`` of ``text_encoder``
+    (the teacher directory it was trained with; required) and without a recorded text-encoder
+    path (:func:`load_default_generator` gives the copy)."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a directory")
+    if (name == "generator") != (text_encoder is not None):
+        raise ValueError("text_encoder (the teacher directory the generator was trained with) is required for "
+                         f"a generator and only for a generator, got {text_encoder!r} for {name!r}")
+    if text_encoder is not None:
+        missing = [part for part in ("tokenizer", "text_encoder") if not (Path(text_encoder) / part).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"text_encoder {text_encoder} lacks {' and '.join(missing)}/")
     root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
     target, temporary = root / name, root / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -65,6 +75,8 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
         temporary.mkdir(parents=True)
         shutil.copy2(source / WEIGHT_FILES["generator"], temporary / WEIGHT_FILES["generator"])
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for part in ("tokenizer", "text_encoder"):
+            shutil.copytree(Path(text_encoder) / part, temporary / part)
     else:
         shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("training_state.pt", "tensorboard"))
     shutil.rmtree(target, ignore_errors=True)

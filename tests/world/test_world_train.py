@@ -3,6 +3,7 @@
 import json
 
 import imageio.v3 as iio
+import pytest
 import torch
 
 from dreamportrait.cli import main
@@ -32,12 +33,17 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert isinstance(generator, TextConditionedGenerator)
 
     # Publishing into (a stand-in for) the package's assets keeps what using the model needs.
-    published = publish("generator", checkpoint, assets_root=tmp_path / "assets")
-    assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors"]
-    copy, discriminator = load_pretrained(published, text_encoder=teacher)
-    assert discriminator is None and copy.text_encoder.source == str(teacher)
-    for key, value in generator.state_dict().items():
+    published = publish("generator", checkpoint, assets_root=tmp_path / "assets", text_encoder=teacher)
+    assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors", "text_encoder",
+                                                           "tokenizer"]
+    copy, discriminator = load_pretrained(published, text_encoder=published)  # self-contained
+    assert discriminator is None and copy.text_encoder.source == str(published)
+    for key, value in generator.state_dict().items():  # the text encoder's weights included
         assert torch.equal(copy.state_dict()[key], value)
+    probe = ["a portrait of a dark-skinned person with a bald head"]
+    torch.testing.assert_close(copy.text_encoder(probe).tokens, generator.text_encoder(probe).tokens)
+    with pytest.raises(ValueError, match="text_encoder .* is required for a generator"):
+        publish("generator", checkpoint, assets_root=tmp_path / "assets")
     (teacher / "training_state.pt").write_bytes(b"resume-only")
     assert not (publish("teacher", teacher, assets_root=tmp_path / "assets") / "training_state.pt").exists()
 
