@@ -17,8 +17,10 @@ def test_frechet_distance():
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
     shifted = frechet_distance(a, a + torch.tensor([1.0, 0, 0]))
     assert shifted == pytest.approx(1.0, rel=1e-6)
-    wider = frechet_distance(a[:, :1], 2 * a[:, :1])  # 1-D: (s1 - s2)² = 1 for stds 1 and 2
-    assert wider == pytest.approx((a[:, 0].std() - 2 * a[:, 0].std()).item() ** 2, rel=1e-3)
+    # 1-D, b = 2a: (m - 2m)² + (s - 2s)² = m² + s² (the sample mean m is not exactly 0)
+    wider = frechet_distance(a[:, :1], 2 * a[:, :1])
+    x = a[:, 0].double()
+    assert wider == pytest.approx((x.mean() ** 2 + x.var()).item(), rel=1e-9)
 
 
 def test_spread_picks_evenly():
