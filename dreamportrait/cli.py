@@ -18,7 +18,6 @@ from pathlib import Path
 
 
 WORLD_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml")
-BASELINE_STEPS = 10_000  # the per-prompt baseline's default optimisation steps per prompt (DreamFusion-like)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -255,6 +254,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.method == "baseline":
+            from dreamportrait.baselines import DEFAULT_STEPS
             from dreamportrait.training import load_config
             from dreamportrait.training.trainer import build_guidance
 
@@ -263,7 +263,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             guidance = build_guidance(load_config(args.config or WORLD_CONFIG, [f"guidance.source={source}"]).guidance,
                                       device)
             checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
-            steps = BASELINE_STEPS if args.baseline_steps is None else args.baseline_steps
+            steps = DEFAULT_STEPS if args.baseline_steps is None else args.baseline_steps
             method = harness.baseline_method(guidance, args.views, steps, checkpoints=checkpoints)
         elif args.method == "world":
             method = harness.world_method(args.views)
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")
     ev.add_argument("--baseline-steps", type=int, default=None,
-                    help=f"baseline steps per prompt (default {BASELINE_STEPS})")
+                    help="baseline steps per prompt (default: the baseline's, 10000)")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
     ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..models.pretrained import CONFIG_FILE, WEIGHT_FILES, read_config
 
 NAMES = ("teacher", "judge", "gan", "generator")
+TEXT_ENCODER_PARTS = ("tokenizer", "text_encoder")  # a Stable Diffusion layout's text half, copied beside a generator
 
 
 def asset_dir(name: str) -> Path:
@@ -48,37 +49,46 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
             text_encoder: str | Path | None = None) -> Path:
     """Copy a trained model directory into the package's assets as ``name``, leaving out what is for
     resuming rather than using (training state, raw weights, logs). A generator is published
-    without its discriminator, with the ``tokenizer/`` and ``text_encoder/`` of ``text_encoder``
-    (the teacher directory it was trained with; required) and without a recorded text-encoder
-    path (:func:`load_default_generator` gives the copy)."""
+    without its discriminator, with the ``tokenizer/`` and ``text_encoder/`` it was trained with
+    (from ``text_encoder``, default the directory its config records: the run's teacher) and
+    without a recorded text-encoder path (:func:`load_default_generator` gives the copy)."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a directory")
-    if (name == "generator") != (text_encoder is not None):
-        raise ValueError("text_encoder (the teacher directory the generator was trained with) is required for "
-                         f"a generator and only for a generator, got {text_encoder!r} for {name!r}")
-    if text_encoder is not None:
-        missing = [part for part in ("tokenizer", "text_encoder") if not (Path(text_encoder) / part).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"text_encoder {text_encoder} lacks {' and '.join(missing)}/")
-    root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
-    target, temporary = root / name, root / f".{name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
+    if text_encoder is not None and name != "generator":
+        raise ValueError(f"text_encoder applies only to a generator, got {text_encoder!r} for {name!r}")
     if name == "generator":
         config = read_config(source)
         config.pop("discriminator", None)
         if "text_conditioning" not in config:
             raise ValueError(f"{source} holds no text-conditioned generator")
+        encoder = _text_encoder_directory(text_encoder or config["text_conditioning"]["text_encoder"], source)
         config["text_conditioning"]["text_encoder"] = None
+    root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
+    target, temporary = root / name, root / f".{name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    if name == "generator":
         temporary.mkdir(parents=True)
         shutil.copy2(source / WEIGHT_FILES["generator"], temporary / WEIGHT_FILES["generator"])
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for part in ("tokenizer", "text_encoder"):
-            shutil.copytree(Path(text_encoder) / part, temporary / part)
+        for part in TEXT_ENCODER_PARTS:
+            shutil.copytree(encoder / part, temporary / part)
     else:
         shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("training_state.pt", "tensorboard"))
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
     return target
+
+
+def _text_encoder_directory(text_encoder: str | Path | None, source: Path) -> Path:
+    """The local directory holding :data:`TEXT_ENCODER_PARTS` that a generator from ``source`` uses."""
+    if text_encoder is None:
+        raise ValueError(f"{source} records no text encoder: give text_encoder (the teacher directory it was "
+                         f"trained with)")
+    missing = [part for part in TEXT_ENCODER_PARTS if not (Path(text_encoder) / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"text encoder {text_encoder} lacks {' and '.join(missing)}/ (a local directory "
+                                f"is needed)")
+    return Path(text_encoder)

@@ -177,8 +177,6 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32, chec
     ``(prompt, seconds, views)`` (for :func:`baseline_progress`)."""
     from ..baselines import optimise_scene
 
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
     if any(step < 1 or step > steps for step in checkpoints):
         raise ValueError(f"checkpoints must lie in [1, {steps}] (the baseline's steps), got {list(checkpoints)}")
     cameras = evaluation_cameras(views).to(guidance.device)

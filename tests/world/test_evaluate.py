@@ -89,10 +89,11 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
 
 
-@pytest.mark.parametrize("method, argument", [("world", ["--checkpoint", "run"]), ("baseline", ["--checkpoint", "run"]),
-                                              ("generator", ["--guidance", "teacher"]),
-                                              ("gan", ["--baseline-steps", "5"]), ("world", ["--baseline-checkpoints", "1"]),
-                                              ("generator", ["--config", "configs/world.yaml"])])
+@pytest.mark.parametrize("method, argument", [
+    ("world", ["--checkpoint", "run"]), ("baseline", ["--checkpoint", "run"]), ("generator", ["--guidance", "teacher"]),
+    ("gan", ["--baseline-steps", "5"]), ("world", ["--baseline-checkpoints", "1"]),
+    ("generator", ["--config", "configs/world.yaml"]),
+])
 def test_evaluate_refuses_an_argument_its_method_ignores(method, argument, tmp_path, capsys):
     assert main(["evaluate", "--method", method, *argument, "--held-out", "1", "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert isinstance(generator, TextConditionedGenerator)
 
     # Publishing into (a stand-in for) the package's assets keeps what using the model needs.
-    published = publish("generator", checkpoint, assets_root=tmp_path / "assets", text_encoder=teacher)
+    published = publish("generator", checkpoint, assets_root=tmp_path / "assets")  # the teacher it records
     assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors", "text_encoder",
                                                            "tokenizer"]
     copy, discriminator = load_pretrained(published, text_encoder=published)  # self-contained
@@ -42,8 +42,10 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
         assert torch.equal(copy.state_dict()[key], value)
     probe = ["a portrait of a dark-skinned person with a bald head"]
     torch.testing.assert_close(copy.text_encoder(probe).tokens, generator.text_encoder(probe).tokens)
-    with pytest.raises(ValueError, match="text_encoder .* is required for a generator"):
-        publish("generator", checkpoint, assets_root=tmp_path / "assets")
+    with pytest.raises(ValueError, match="records no text encoder"):
+        publish("generator", published, assets_root=tmp_path / "again")  # a published copy records none
+    with pytest.raises(ValueError, match="text_encoder applies only to a generator"):
+        publish("teacher", teacher, assets_root=tmp_path / "assets", text_encoder=teacher)
     (teacher / "training_state.pt").write_bytes(b"resume-only")
     assert not (publish("teacher", teacher, assets_root=tmp_path / "assets") / "training_state.pt").exists()
 
