@@ -180,7 +180,10 @@ def test_two_process_ddp_matches_the_single_process_gradient(tiny_pixel_sd, tmp_
     actual = torch.load(result, weights_only=True)
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
-        assert_close_scaled(actual[name], gradient, 1e-3, name)  # float32 sums in another order
+        # float32 sums in another order (two half batches, all-reduced) drift by up to ~1.4e-3 of the
+        # largest gradient (CI, DREAMPORTRAIT_TEST_SEED=1494368912); a DDP mistake (gradients summed
+        # rather than averaged, or one rank's half lost) differs by tens of percent
+        assert_close_scaled(actual[name], gradient, 5e-3, name)
 
 
 def write_image_folder(directory, count=3, size=40):
