@@ -59,6 +59,9 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
         raise FileNotFoundError(f"{source} is not a directory")
     if text_encoder is not None and name != "generator":
         raise ValueError(f"text_encoder applies only to a generator, got {text_encoder!r} for {name!r}")
+    root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
+    target, temporary = root / name, root / f".{name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
     if name == "generator":
         config = read_config(source)
         config.pop("discriminator", None)
@@ -66,10 +69,6 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
             raise ValueError(f"{source} holds no text-conditioned generator")
         encoder = _text_encoder_directory(text_encoder or config["text_conditioning"]["text_encoder"], source)
         config["text_conditioning"]["text_encoder"] = None
-    root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
-    target, temporary = root / name, root / f".{name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    if name == "generator":
         temporary.mkdir(parents=True)
         shutil.copy2(source / WEIGHT_FILES["generator"], temporary / WEIGHT_FILES["generator"])
         (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
