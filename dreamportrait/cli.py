@@ -190,7 +190,8 @@ def _world_train(args: argparse.Namespace) -> int:
 
     from dreamportrait.training import load_config
     from dreamportrait.world.assets import asset_dir
-    from dreamportrait.world.train import SETTINGS, dreamportrait_overrides, train_gan_stage
+    from dreamportrait.world.train import (SETTINGS, dreamportrait_overrides, real_images_dir, real_images_stage,
+                                           train_gan_stage)
 
     try:
         if args.gan is not None and args.gan_steps is not None:
@@ -202,9 +203,12 @@ def _world_train(args: argparse.Namespace) -> int:
         gan = asset_dir("gan") if args.gan == "packaged" else args.gan
         if gan is not None and not Path(gan, "config.json").is_file():
             raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {args.gan!r}")
-        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides, gan))
+        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides, gan,
+                                                                  gan_real=args.gan_real))
         if gan is None:
             train_gan_stage(args.out, setting, seed=args.seed)
+        if config.gan.real == "images" and Path(config.gan.image_dir) == real_images_dir(args.out):
+            real_images_stage(args.out, setting, seed=args.seed)  # unless overrides point the regulariser elsewhere
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2
@@ -387,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--gan", default=None,
                         help="start DreamPortrait from this pretrained 3D GAN directory instead of training one "
                              "('packaged': the 3D GAN that ships in the package)")
+    wtrain.add_argument("--gan-real", choices=["pretrained", "renders"], default=None,
+                        help="what the GAN regulariser takes as real portraits: samples of the pretrained 3D GAN or "
+                             "the GAN stage's 64² world renders, exported as an EG3D image folder to "
+                             "OUT/data/gan-train-images (default: the config's gan.real)")
     wtrain.add_argument("--seed", type=int, default=0)
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)

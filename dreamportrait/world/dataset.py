@@ -3,13 +3,18 @@ shards so that a long build resumes where it stopped."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import imageio.v3 as iio
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -101,3 +106,34 @@ def load_dataset(directory: str | Path) -> WorldSamples:
         raise FileNotFoundError(f"{directory} holds no dataset shards")
     return WorldSamples(torch.cat([p["images"] for p in parts]), torch.cat([p["labels"] for p in parts]),
                         torch.cat([p["attributes"] for p in parts]), [c for p in parts for c in p["captions"]])
+
+
+def export_image_folder(samples: WorldSamples, directory: str | Path, progress: bool = True) -> Path:
+    """Write ``samples`` as EG3D's image-folder dataset (what ``gan.real: images`` reads, and what
+    EG3D's own training reads)::
+
+        directory/00000/img00000000.png ...   1,000 PNGs per folder
+        directory/dataset.json                {"labels": [["00000/img00000000.png", [25 numbers]], ...]}
+
+    The folder is filled under a temporary name and renamed when complete, so it is either whole or
+    absent; when ``directory/dataset.json`` already exists the export is skipped."""
+    directory = Path(directory)
+    if (directory / "dataset.json").is_file():
+        return directory
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists but holds no dataset.json; remove it or choose another directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        labels = []
+        for index in tqdm(range(len(samples)), desc=f"exporting {directory.name}", disable=not progress):
+            name = f"{index // 1000:05d}/img{index:08d}.png"
+            (temporary / name).parent.mkdir(exist_ok=True)
+            iio.imwrite(temporary / name, samples.images[index].permute(1, 2, 0).numpy())
+            labels.append([name, samples.labels[index].tolist()])
+        (temporary / "dataset.json").write_text(json.dumps({"labels": labels}))
+        os.replace(temporary, directory)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return directory

@@ -3,6 +3,9 @@
 Stages, each continuing where an interrupted run stopped::
 
     OUT/data/gan-train      64² renders of training combinations with camera labels
+    OUT/data/gan-train-images
+                            the same renders as an EG3D image folder, only when the GAN
+                            regulariser's "real" portraits are renders (``--gan-real renders``)
     OUT/gan/                the 3D GAN (no text) trained adversarially on them, EG3D-style;
                             OUT/gan/final is its pretrained directory (EMA G + D); skipped when
                             a pretrained GAN is given (e.g. the packaged one, ``asset_dir("gan")``)
@@ -21,7 +24,7 @@ from pathlib import Path
 from .._atomic import atomic_path
 from ..training.gan import GanConfig, GanTrainer
 from .attributes import PHRASINGS, caption, training_combinations
-from .dataset import build_dataset
+from .dataset import WorldSamples, build_dataset, export_image_folder
 
 
 @dataclass
@@ -44,11 +47,25 @@ def training_prompts() -> list[str]:
     return [caption(head, phrasing) for head in training_combinations() for phrasing in range(len(PHRASINGS))]
 
 
+def gan_data(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> WorldSamples:
+    """The 64² renders of training combinations the 3D GAN learns from (``OUT/data/gan-train``)."""
+    return build_dataset(Path(out_dir) / "data/gan-train", training_combinations(), setting.gan_images, 64,
+                         seed=seed * 10 + 4, progress=progress)
+
+
+def real_images_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "data/gan-train-images"
+
+
+def real_images_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
+    """Export the GAN's data as the EG3D image folder the regulariser reads with ``gan.real: images``."""
+    return export_image_folder(gan_data(out_dir, setting, seed, progress), real_images_dir(out_dir), progress)
+
+
 def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
     """Render the GAN's data and train the 3D GAN; returns its pretrained directory."""
     out = Path(out_dir)
-    data = build_dataset(out / "data/gan-train", training_combinations(), setting.gan_images, 64, seed=seed * 10 + 4,
-                         progress=progress)
+    data = gan_data(out, setting, seed, progress)
     final = out / "gan/final"
     if (final / "config.json").is_file():
         return final
@@ -58,15 +75,20 @@ def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int =
 
 
 def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: WorldTrainSetting,
-                            overrides: list[str] | tuple[str, ...] = (), gan: str | Path | None = None) -> list[str]:
+                            overrides: list[str] | tuple[str, ...] = (), gan: str | Path | None = None,
+                            gan_real: str | None = None) -> list[str]:
     """Write ``OUT/prompts.txt`` and return the config overrides that point the DreamPortrait run at
-    the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher and the prompts (the
-    user's ``overrides`` last, so they win)."""
+    the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher and the prompts, and the
+    regulariser's real portraits when ``gan_real`` is given: ``"pretrained"`` (the GAN's samples) or
+    ``"renders"`` (the world's renders, :func:`real_images_stage`). The user's ``overrides`` come
+    last, so they win."""
     out = Path(out_dir)
     gan = Path(gan) if gan is not None else out / "gan/final"
     prompts = out / "prompts.txt"
     if not prompts.is_file():
         with atomic_path(prompts) as temporary:
             temporary.write_text("\n".join(training_prompts()) + "\n")
+    real = {None: [], "pretrained": ["gan.real=pretrained"],
+            "renders": ["gan.real=images", f"gan.image_dir={real_images_dir(out)}"]}[gan_real]
     return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={gan}", f"guidance.source={teacher}",
-            f"prompt_file={prompts}", *setting.overrides, *overrides]
+            f"prompt_file={prompts}", *real, *setting.overrides, *overrides]

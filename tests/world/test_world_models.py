@@ -9,7 +9,9 @@ import torch
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.world import training_combinations
 from dreamportrait.world import dataset as dataset_module
-from dreamportrait.world.dataset import attribute_indices, build_dataset, heads_from_indices, render_samples
+from dreamportrait.training.real_images import ImageFolder
+from dreamportrait.world.dataset import (attribute_indices, build_dataset, export_image_folder, heads_from_indices,
+                                        render_samples)
 from dreamportrait.world.judge import accuracy, load_judge, save_judge, train_judge
 from dreamportrait.world.teacher import Teacher, TeacherConfig, build_teacher, caption_words, train_teacher
 
@@ -30,6 +32,35 @@ def test_datasets_are_deterministic_and_resume(tmp_path, samples, monkeypatch):
     monkeypatch.setattr(dataset_module, "render_samples", lambda *a, **k: pytest.fail("re-rendered a finished shard"))
     resumed = build_dataset(tmp_path, training_combinations(), 20, 32, seed=1, progress=False)
     assert torch.equal(resumed.images, built.images) and len(resumed) == 20
+
+
+def test_datasets_export_as_an_eg3d_image_folder(tmp_path, samples, monkeypatch):
+    folder = export_image_folder(samples, tmp_path / "images", progress=False)
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    assert [name for name, _ in labels] == [f"00000/img{i:08d}.png" for i in range(len(samples))]
+    for index in (0, len(samples) - 1):  # lossless PNGs, each with its own camera label
+        assert torch.equal(torch.from_numpy(iio.imread(folder / labels[index][0])).permute(2, 0, 1),
+                           samples.images[index])
+        assert labels[index][1] == samples.labels[index].tolist()
+    images, cameras = ImageFolder(folder, resolution=32, raw_resolution=16).sample(4)  # what gan.real: images reads
+    assert images["image"].shape == (4, 3, 32, 32) and cameras.shape == (4, 25)
+
+    monkeypatch.setattr(dataset_module.iio, "imwrite", lambda *a, **k: pytest.fail("re-exported a finished folder"))
+    assert export_image_folder(samples, folder, progress=False) == folder
+    writes = []
+
+    def fail_on_the_third(*args, **kwargs):
+        writes.append(args)
+        if len(writes) == 3:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(dataset_module.iio, "imwrite", fail_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        export_image_folder(samples, tmp_path / "interrupted", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing half-written left behind
+    (tmp_path / "stray").mkdir()
+    with pytest.raises(FileExistsError, match="stray exists but holds no dataset.json"):
+        export_image_folder(samples, tmp_path / "stray", progress=False)
 
 
 def test_judge_trains_saves_and_loads(tmp_path, samples):

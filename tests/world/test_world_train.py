@@ -5,6 +5,7 @@ import json
 import imageio.v3 as iio
 import pytest
 import torch
+import yaml
 
 from dreamportrait.cli import main
 from dreamportrait.models import TextConditionedGenerator, load_pretrained
@@ -64,6 +65,16 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     ablation = out / "no-gan"
     assert main(command + ["gan.weight=0", f"out_dir={ablation}"]) == 0  # reuses the GAN stage
     assert latest_checkpoint(ablation).name == "step-0000002"
+
+    # The regulariser's real portraits can be the GAN stage's renders, exported as an EG3D folder.
+    renders = out / "real-renders"
+    assert main(command[:2] + ["--gan-real", "renders"] + command[2:] + [f"out_dir={renders}"]) == 0
+    config = yaml.safe_load((latest_checkpoint(renders) / "train_config.yaml").read_text())
+    assert config["gan"]["real"] == "images" and config["gan"]["image_dir"] == str(out / "data/gan-train-images")
+    labels = json.loads((out / "data/gan-train-images/dataset.json").read_text())["labels"]
+    assert len(labels) == 16  # the tiny setting's GAN images
+    with pytest.raises(FileNotFoundError, match="gan.image_dir elsewhere: dataset.json is missing"):
+        main(command[:2] + ["--gan-real", "renders"] + command[2:] + ["gan.image_dir=elsewhere", f"out_dir={out / 'elsewhere'}"])
 
     # A run that starts from a given GAN (as `--gan packaged` does) renders no GAN data, trains no GAN.
     other = tmp_path / "from-gan"
