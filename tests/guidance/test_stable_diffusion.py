@@ -37,10 +37,13 @@ def test_pixel_space_gradient_is_weighted_noise_residual(tiny_pixel_sd, weightin
     t, noise = torch.tensor([120, 800]), torch.randn(2, 3, 32, 32)
     out = guidance.sds_loss(images, PROMPTS, t=t, noise=noise)
     expected = expected_gradient(guidance, images.detach(), noise, t, PROMPTS, 7.5, weighting)
-    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-5)
+    # The guidance runs both branches as one UNet batch, the reference as two calls: float32 rounding
+    # then differs by up to ~3e-6 of the residual's scale (measured over 60 draws), so the tolerance is
+    # relative to that scale, 10x above it and far below any real error (a wrong weight is O(1)).
+    assert_close_scaled(out.grad, expected, 3e-5, "grad")
     out.loss.backward()
     # The target trick: d/dx 0.5 |x - sg(x - g)|² / B = g / B, up to float32 rounding of x - g.
-    assert_close_scaled(images.grad, expected / 2, 1e-5, "images.grad")
+    assert_close_scaled(images.grad, out.grad / 2, 1e-5, "images.grad")
 
 
 def test_latent_gradient_goes_through_the_vae(tiny_latent_sd):
@@ -51,7 +54,7 @@ def test_latent_gradient_goes_through_the_vae(tiny_latent_sd):
     latents = guidance.encode_images(images.detach(), torch.Generator().manual_seed(3))
     torch.testing.assert_close(out.latents.detach(), latents)
     # Scale 1: classifier-free guidance reduces to the conditional prediction.
-    torch.testing.assert_close(out.grad, expected_gradient(guidance, latents, noise, t, PROMPTS, 1.0), rtol=1e-4, atol=1e-5)
+    assert_close_scaled(out.grad, expected_gradient(guidance, latents, noise, t, PROMPTS, 1.0), 3e-5, "grad")
     out.loss.backward()
     assert images.grad.abs().sum() > 0
     expected = torch.autograd.grad((guidance.encode_images(images, torch.Generator().manual_seed(3)) * out.grad / 2).sum(), images)[0]
@@ -64,7 +67,7 @@ def test_v_prediction_models_are_converted_to_noise(tmp_path):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     t, noise = torch.tensor([200, 700]), torch.randn(2, 3, 32, 32)
     out = guidance.sds_loss(images, PROMPTS, t=t, noise=noise)
-    torch.testing.assert_close(out.grad, expected_gradient(guidance, images, noise, t, PROMPTS, 3.0), rtol=1e-4, atol=1e-5)
+    assert_close_scaled(out.grad, expected_gradient(guidance, images, noise, t, PROMPTS, 3.0), 3e-5, "grad")
 
 
 def test_timesteps_clipping_and_annealing(tiny_pixel_sd):
