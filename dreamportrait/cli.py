@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 
-WORLD_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "world.yaml")
+# Inside the package (``configs/`` at the repository root links here), so an installed copy finds it too.
+WORLD_CONFIG = str(Path(__file__).resolve().parent / "configs" / "world.yaml")
 
 
 def _info(args: argparse.Namespace) -> int:
