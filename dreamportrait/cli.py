@@ -294,7 +294,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    tables = [harness.markdown_table(rows)] + [harness.progress_table(row) for row in rows if "progress" in row]
+    tables = [harness.markdown_table(rows), harness.consistency_table(rows)]
+    tables += [harness.progress_table(row) for row in rows if "progress" in row]
     (out / "results.md").write_text("\n".join(tables))
     print(harness.markdown_table([result]))
     print(f"wrote {out / (name + '.json')}; {out / 'results.md'} tabulates every method in {out}")

@@ -5,7 +5,7 @@ evaluation cameras (:func:`evaluation_cameras`). For a prompt set and seeds it r
 
 - **text alignment**: per attribute, the fraction of views whose judged attribute is the prompt's;
 - **multi-view consistency**: the fraction of samples whose views are all judged alike (all six
-  attributes);
+  attributes), and per attribute (which attribute changes with the view);
 - **diversity**: the mean pairwise distance of judge features between seeds of a prompt (frontal
   view), averaged over prompts;
 - **world-FID**: the Fréchet distance between judge features of all views and of real renders;
@@ -65,6 +65,7 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     judge.eval()
     expected = attribute_indices([parse_caption(p) for p in prompts])  # (P, 6)
     correct = torch.zeros(len(ATTRIBUTE_CLASSES))
+    consistent_per_attribute = torch.zeros(len(ATTRIBUTE_CLASSES))
     judged_views = consistent = 0
     features, seconds, diversity = [], [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
@@ -76,7 +77,9 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
             predicted = judge.predict(views)  # (V, 6)
             correct += (predicted == expected[p]).float().sum(0)
             judged_views += views.shape[0]
-            consistent += int((predicted == predicted[0]).all())
+            alike = (predicted == predicted[0]).all(0)  # (6,): this attribute is judged alike in every view
+            consistent_per_attribute += alike.float()
+            consistent += int(alike.all())
             view_features = judge.features(views)
             features.append(view_features)
             frontal_features.append(view_features[views.shape[0] // 2])
@@ -92,6 +95,8 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
         "multi_view_consistency": consistent / (len(prompts) * len(seeds)),
+        "consistency_per_attribute": {attr: (consistent_per_attribute[i] / (len(prompts) * len(seeds))).item()
+                                      for i, attr in enumerate(ATTRIBUTE_CLASSES)},
         "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
         "world_fid": frechet_distance(torch.cat(features), real_features),
         "seconds_per_prompt": sum(seconds) / len(seconds),
@@ -108,6 +113,19 @@ def markdown_table(results: Sequence[dict]) -> str:
                  f"{100 * result['multi_view_consistency']:.1f} %", f"{result['diversity']:.3f}",
                  f"{result['world_fid']:.2f}", f"{result['seconds_per_prompt']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def consistency_table(results: Sequence[dict]) -> str:
+    """Multi-view consistency per attribute, one row per method that reports it."""
+    attributes = list(ATTRIBUTE_CLASSES)
+    lines = ["multi-view consistency per attribute (samples whose views all agree on it)", "",
+             "| method | " + " | ".join(attributes) + " | all |", "|" + "---|" * (len(attributes) + 2)]
+    for result in results:
+        if "consistency_per_attribute" in result:
+            cells = [result["method"], *(f"{100 * result['consistency_per_attribute'][a]:.1f} %" for a in attributes),
+                     f"{100 * result['multi_view_consistency']:.1f} %"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

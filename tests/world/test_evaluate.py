@@ -8,7 +8,7 @@ import torch
 from dreamportrait.cli import main
 from dreamportrait.world import caption, held_out_combinations, training_combinations
 from dreamportrait.world.dataset import build_dataset
-from dreamportrait.world.evaluate import evaluate, frechet_distance, markdown_table, spread
+from dreamportrait.world.evaluate import consistency_table, evaluate, frechet_distance, markdown_table, spread
 from dreamportrait.world.judge import save_judge, train_judge
 
 
@@ -58,6 +58,10 @@ def test_harness_measures_a_method(world):
     assert result["world_fid"] > 0 and result["seconds_per_prompt"] >= 0
     table = markdown_table([result])
     assert table.splitlines()[2].startswith("| constant | ")
+    # Results written before per-attribute consistency existed are left out of that table only.
+    older = {key: value for key, value in result.items() if key != "consistency_per_attribute"} | {"method": "older"}
+    table = consistency_table([result, older])
+    assert table.splitlines()[-1] == "| constant |" + " 100.0 % |" * 7 and "older" not in table
 
 
 def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path):
@@ -75,8 +79,9 @@ def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path)
                  "--held-out", "1", "--seeds", "0", "--views", "2", "--judge", str(world / "judge"),
                  "--real-count", "16", "--name", "short-baseline", "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.count("| baseline |") == 1 and table.count("| short-baseline |") == 1
+    assert table.count("| short-baseline |") == 2
     assert "baseline: text alignment after N optimisation steps" in table and table.count("\n| 2 | ") == 1
+    assert "multi-view consistency per attribute" in table and table.count("| baseline |") == 2
     assert main(["evaluate", "--method", "gan", "--checkpoint", str(tmp_path / "nothing"), "--judge",
                  str(world / "judge"), "--real", str(world / "real"), "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
 
@@ -87,6 +92,40 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
     result = json.loads((tmp_path / "world.json").read_text())
     assert result["method"] == "world" and result["diversity"] > 0
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
+
+
+class ScriptedJudge:
+    """Judges view v of call c as ``verdicts[c][v]`` (6 class indices), with random features."""
+
+    def __init__(self, verdicts):
+        self.verdicts = iter(verdicts)
+
+    def eval(self):
+        return self
+
+    def predict(self, views):
+        return torch.tensor(next(self.verdicts))
+
+    def features(self, views):
+        return torch.randn(views.shape[0], 5)
+
+
+def test_consistency_counts_samples_whose_views_agree_overall_and_per_attribute(world):
+    from dreamportrait.world.attributes import parse_caption
+    from dreamportrait.world.dataset import attribute_indices, load_dataset
+
+    prompt = caption(held_out_combinations()[0], 0)
+    right = attribute_indices([parse_caption(prompt)])[0].tolist()
+    other = [(c + 1) % 2 for c in right]  # a different class for every attribute (each has >= 2)
+    flip_hat = right[:5] + other[5:]
+    flip_beard_and_hat = right[:3] + other[3:4] + right[4:5] + other[5:]
+    verdicts = [[right, right, right], [right, flip_hat, right], [flip_beard_and_hat, right, right], [other] * 3]
+    result = evaluate(lambda p, s: torch.rand(3, 3, 32, 32) * 2 - 1, [prompt], [0, 1, 2, 3], ScriptedJudge(verdicts),
+                      load_dataset(world / "real"), progress=False)
+    assert result["multi_view_consistency"] == 2 / 4  # the first and the last (consistently wrong)
+    assert result["consistency_per_attribute"] == {"hair_color": 1.0, "skin_tone": 1.0, "hair_style": 1.0,
+                                                   "beard": 3 / 4, "glasses": 1.0, "hat": 2 / 4}
+    assert result["text_alignment"]["hat"] == pytest.approx(7 / 12) and result["text_alignment"]["beard"] == pytest.approx(8 / 12)
 
 
 @pytest.mark.parametrize("method, argument", [
