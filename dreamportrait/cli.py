@@ -393,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--gan", default=None,
                         help="start DreamPortrait from this pretrained 3D GAN directory instead of training one "
                              "('packaged': the 3D GAN that ships in the package)")
-    wtrain.add_argument("--gan-real", choices=["pretrained", "renders"], default=None,
-                        help="what the GAN regulariser takes as real portraits: samples of the pretrained 3D GAN or "
-                             "the GAN stage's 64² world renders, exported as an EG3D image folder to "
-                             "OUT/data/gan-train-images (default: the config's gan.real)")
+    wtrain.add_argument("--gan-real", choices=["pretrained", "renders"], default="renders",
+                        help="what the GAN regulariser takes as real portraits: the GAN stage's 64² world renders, "
+                             "exported as an EG3D image folder to OUT/data/gan-train-images (default; how the "
+                             "packaged generator was trained), or samples of the pretrained 3D GAN")
     wtrain.add_argument("--seed", type=int, default=0)
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)

@@ -4,8 +4,8 @@ Stages, each continuing where an interrupted run stopped::
 
     OUT/data/gan-train      64² renders of training combinations with camera labels
     OUT/data/gan-train-images
-                            the same renders as an EG3D image folder, only when the GAN
-                            regulariser's "real" portraits are renders (``--gan-real renders``)
+                            the same renders as an EG3D image folder: the GAN regulariser's
+                            "real" portraits (``--gan-real renders``, the default)
     OUT/gan/                the 3D GAN (no text) trained adversarially on them, EG3D-style;
                             OUT/gan/final is its pretrained directory (EMA G + D); skipped when
                             a pretrained GAN is given (e.g. the packaged one, ``asset_dir("gan")``)

@@ -66,21 +66,23 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(command + ["gan.weight=0", f"out_dir={ablation}"]) == 0  # reuses the GAN stage
     assert latest_checkpoint(ablation).name == "step-0000002"
 
-    # The regulariser's real portraits can be the GAN stage's renders, exported as an EG3D folder.
-    renders = out / "real-renders"
-    assert main(command[:2] + ["--gan-real", "renders"] + command[2:] + [f"out_dir={renders}"]) == 0
-    config = yaml.safe_load((latest_checkpoint(renders) / "train_config.yaml").read_text())
+    # By default the regulariser's real portraits are the GAN stage's renders, exported as an EG3D folder.
+    config = yaml.safe_load((checkpoint / "train_config.yaml").read_text())
     assert config["gan"]["real"] == "images" and config["gan"]["image_dir"] == str(out / "data/gan-train-images")
     labels = json.loads((out / "data/gan-train-images/dataset.json").read_text())["labels"]
     assert len(labels) == 16  # the tiny setting's GAN images
     with pytest.raises(FileNotFoundError, match="gan.image_dir elsewhere: dataset.json is missing"):
-        main(command[:2] + ["--gan-real", "renders"] + command[2:] + ["gan.image_dir=elsewhere", f"out_dir={out / 'elsewhere'}"])
+        main(command + ["gan.image_dir=elsewhere", f"out_dir={out / 'elsewhere'}"])
 
-    # A run that starts from a given GAN (as `--gan packaged` does) renders no GAN data, trains no GAN.
+    # A run that starts from a given GAN (as `--gan packaged` does) trains no GAN; with the GAN's own
+    # samples as real portraits it renders no GAN data either.
     other = tmp_path / "from-gan"
-    assert main(command[:3] + [str(other)] + command[4:] + ["--gan", str(out / "gan/final")]) == 0
-    assert latest_checkpoint(other / "dreamportrait").name == "step-0000002" and not (other / "gan").exists()
+    given = command[:2] + ["--gan-real", "pretrained"] + command[2:3] + [str(other)] + command[4:]
+    assert main(given + ["--gan", str(out / "gan/final")]) == 0
+    checkpoint = latest_checkpoint(other / "dreamportrait")
+    assert checkpoint.name == "step-0000002" and not (other / "gan").exists()
     assert not (other / "data").exists()
+    assert yaml.safe_load((checkpoint / "train_config.yaml").read_text())["gan"]["real"] == "pretrained"
     published = publish("gan", out / "gan/final", assets_root=tmp_path / "assets")
     assert load_pretrained(published)[1] is not None  # the discriminator ships with the GAN
 
