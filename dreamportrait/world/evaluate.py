@@ -67,6 +67,7 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     correct = torch.zeros(len(ATTRIBUTE_CLASSES))
     consistent_per_attribute = torch.zeros(len(ATTRIBUTE_CLASSES))
     judged_views = consistent = 0
+    samples = len(prompts) * len(seeds)
     features, seconds, diversity = [], [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
         frontal_features, rows = [], []
@@ -94,8 +95,8 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
-        "multi_view_consistency": consistent / (len(prompts) * len(seeds)),
-        "consistency_per_attribute": {attr: (consistent_per_attribute[i] / (len(prompts) * len(seeds))).item()
+        "multi_view_consistency": consistent / samples,
+        "consistency_per_attribute": {attr: (consistent_per_attribute[i] / samples).item()
                                       for i, attr in enumerate(ATTRIBUTE_CLASSES)},
         "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
         "world_fid": frechet_distance(torch.cat(features), real_features),
@@ -103,42 +104,44 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     }
 
 
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f} %"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> str:
+    """A Markdown table (``title`` and a blank line above it when given)."""
+    lines = [title, ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: Sequence[dict]) -> str:
     """One row per method: alignment per attribute, consistency, diversity, world-FID, seconds."""
     attributes = list(ATTRIBUTE_CLASSES)
-    header = ["method", *attributes, "consistency", "diversity", "world-FID", "s / prompt"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        cells = [result["method"], *(f"{100 * result['text_alignment'][a]:.1f} %" for a in attributes),
-                 f"{100 * result['multi_view_consistency']:.1f} %", f"{result['diversity']:.3f}",
-                 f"{result['world_fid']:.2f}", f"{result['seconds_per_prompt']:.3g}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(["method", *attributes, "consistency", "diversity", "world-FID", "s / prompt"],
+                  [[result["method"], *(_percent(result["text_alignment"][a]) for a in attributes),
+                    _percent(result["multi_view_consistency"]), f"{result['diversity']:.3f}",
+                    f"{result['world_fid']:.2f}", f"{result['seconds_per_prompt']:.3g}"] for result in results])
 
 
 def consistency_table(results: Sequence[dict]) -> str:
     """Multi-view consistency per attribute, one row per method that reports it."""
     attributes = list(ATTRIBUTE_CLASSES)
-    lines = ["multi-view consistency per attribute (samples whose views all agree on it)", "",
-             "| method | " + " | ".join(attributes) + " | all |", "|" + "---|" * (len(attributes) + 2)]
-    for result in results:
-        if "consistency_per_attribute" in result:
-            cells = [result["method"], *(f"{100 * result['consistency_per_attribute'][a]:.1f} %" for a in attributes),
-                     f"{100 * result['multi_view_consistency']:.1f} %"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(["method", *attributes, "all"],
+                  [[result["method"], *(_percent(result["consistency_per_attribute"][a]) for a in attributes),
+                    _percent(result["multi_view_consistency"])]
+                   for result in results if "consistency_per_attribute" in result],
+                  title="multi-view consistency per attribute (samples whose views all agree on it)")
 
 
 def progress_table(result: dict) -> str:
     """The per-prompt baseline's progress (:func:`baseline_progress`) as a Markdown table."""
     attributes = list(ATTRIBUTE_CLASSES)
-    lines = [f"{result['method']}: text alignment after N optimisation steps", "",
-             "| steps | " + " | ".join(attributes) + " | mean | s / prompt |", "|" + "---|" * (len(attributes) + 3)]
-    for row in result["progress"]:
-        cells = [str(row["steps"]), *(f"{100 * row['text_alignment'][a]:.1f} %" for a in attributes),
-                 f"{100 * row['mean_alignment']:.1f} %", f"{row['seconds_per_prompt']:.3g}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(["steps", *attributes, "mean", "s / prompt"],
+                  [[str(row["steps"]), *(_percent(row["text_alignment"][a]) for a in attributes),
+                    _percent(row["mean_alignment"]), f"{row['seconds_per_prompt']:.3g}"] for row in result["progress"]],
+                  title=f"{result['method']}: text alignment after N optimisation steps")
 
 
 def spread(items: Sequence, count: int) -> list:

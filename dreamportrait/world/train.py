@@ -76,19 +76,19 @@ def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int =
 
 def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: WorldTrainSetting,
                             overrides: list[str] | tuple[str, ...] = (), gan: str | Path | None = None,
-                            gan_real: str | None = None) -> list[str]:
+                            gan_real: str = "renders") -> list[str]:
     """Write ``OUT/prompts.txt`` and return the config overrides that point the DreamPortrait run at
-    the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher and the prompts, and the
-    regulariser's real portraits when ``gan_real`` is given: ``"pretrained"`` (the GAN's samples) or
-    ``"renders"`` (the world's renders, :func:`real_images_stage`). The user's ``overrides`` come
-    last, so they win."""
+    the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher, the prompts and the
+    regulariser's real portraits (``gan_real``): ``"renders"`` (the world's renders,
+    :func:`real_images_stage`) or ``"pretrained"`` (the GAN's samples). The user's ``overrides``
+    come last, so they win."""
     out = Path(out_dir)
     gan = Path(gan) if gan is not None else out / "gan/final"
     prompts = out / "prompts.txt"
     if not prompts.is_file():
         with atomic_path(prompts) as temporary:
             temporary.write_text("\n".join(training_prompts()) + "\n")
-    real = {None: [], "pretrained": ["gan.real=pretrained"],
+    real = {"pretrained": ["gan.real=pretrained"],
             "renders": ["gan.real=images", f"gan.image_dir={real_images_dir(out)}"]}[gan_real]
     return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={gan}", f"guidance.source={teacher}",
             f"prompt_file={prompts}", *real, *setting.overrides, *overrides]

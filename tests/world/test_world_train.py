@@ -77,8 +77,8 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     # A run that starts from a given GAN (as `--gan packaged` does) trains no GAN; with the GAN's own
     # samples as real portraits it renders no GAN data either.
     other = tmp_path / "from-gan"
-    given = command[:2] + ["--gan-real", "pretrained"] + command[2:3] + [str(other)] + command[4:]
-    assert main(given + ["--gan", str(out / "gan/final")]) == 0
+    assert main(["world", "train", "--gan-real", "pretrained", "--gan", str(out / "gan/final"), "--out", str(other)]
+                + command[4:]) == 0
     checkpoint = latest_checkpoint(other / "dreamportrait")
     assert checkpoint.name == "step-0000002" and not (other / "gan").exists()
     assert not (other / "data").exists()
