@@ -19,6 +19,9 @@ from pathlib import Path
 
 # Inside the package (``configs/`` at the repository root links here), so an installed copy finds it too.
 WORLD_CONFIG = str(Path(__file__).resolve().parent / "configs" / "world.yaml")
+# dreamportrait.baselines.DEFAULT_STEPS, for --help texts: importing it would import torch for every
+# command's help; tests/test_generation.py checks that the two agree.
+BASELINE_DEFAULT_STEPS = 10_000
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -352,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "guidance; writes scene.safetensors, views and timing.json to OUT.")
     base.add_argument("--prompt", required=True)
     base.add_argument("--guidance", required=True, help="diffusers model directory or hub id")
-    base.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the baseline's, 10000)")
+    base.add_argument("--steps", type=int, default=None,
+                      help=f"optimisation steps (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
     base.add_argument("--batch-size", type=int, default=1, help="views per step (default 1)")
     base.add_argument("--resolution", type=int, default=32, help="render resolution (default 32)")
     base.add_argument("--lr", type=float, default=0.01)
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")
     ev.add_argument("--baseline-steps", type=int, default=None,
-                    help="baseline steps per prompt (default: the baseline's, 10000)")
+                    help=f"baseline steps per prompt (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
     ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")

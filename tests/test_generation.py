@@ -7,8 +7,8 @@ import pytest
 import torch
 import trimesh
 
-from dreamportrait.baselines import optimise_scene
-from dreamportrait.cli import main
+from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene
+from dreamportrait.cli import BASELINE_DEFAULT_STEPS, build_parser, main
 from dreamportrait.generation import parse_seeds, sample
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, density_grid
@@ -87,3 +87,11 @@ def test_per_prompt_baseline_optimises_one_scene(tiny_pixel_sd, tmp_path):
     assert timing["steps"] == 2 and timing["seconds"] > 0
     assert iio.imread(tmp_path / "grid.png").shape == (8, 16, 3)
     assert (tmp_path / "scene.safetensors").is_file()
+
+
+def test_help_names_the_baselines_default_steps(capsys):
+    """The CLI spells the baseline's default step count out (so --help imports no torch): it must be the real one."""
+    assert BASELINE_DEFAULT_STEPS == DEFAULT_STEPS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["baseline", "--help"])
+    assert f"the baseline's, {DEFAULT_STEPS}" in " ".join(capsys.readouterr().out.split())
