@@ -9,6 +9,7 @@ the gradient ``g / B`` with ``g = w(t) (ε̂ - ε)``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..models.text_encoder import TextEncoder, TextFeatures
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+ENCODER_STATES = ("all", "words")
 VIEWS = ("front", "side", "back")
 
 
@@ -58,6 +60,17 @@ def _component(source: str | Path, subfolder: str) -> tuple[str, dict]:
     return str(source), {"subfolder": subfolder}
 
 
+def encoder_states_of(source: str | Path) -> str:
+    """Which text-encoder states a model directory's UNet was trained to read: ``"all"`` 77, as
+    Stable Diffusion (and any hub id), or ``"words"``, the start and word states with the end
+    token's and the padding's zeroed (a world teacher built with
+    ``TeacherConfig(encoder_states="words")``; its ``model_index.json`` records it)."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return "all"
+    return json.loads(index.read_text()).get("teacher_config", {}).get("encoder_states", "all")
+
+
 class StableDiffusionGuidance(nn.Module):
     """SDS guidance from a Stable Diffusion 1.x/2.x checkpoint or a pixel-space diffusion model.
 
@@ -71,6 +84,9 @@ class StableDiffusionGuidance(nn.Module):
         grad_clip: clamp the SDS gradient elementwise to ±grad_clip (None: no clipping).
         view_dependent_prompts: append "front/side/back view" from the camera azimuth.
         half_precision: run the frozen models in float16 (default: on CUDA).
+        encoder_states: which text-encoder states the UNet reads, ``"all"`` or ``"words"``
+            (:meth:`TextFeatures.word_tokens`); default: what the model directory records
+            (:func:`encoder_states_of`).
         attention_slicing, channels_last: memory/speed options of the UNet.
     """
 
@@ -78,12 +94,16 @@ class StableDiffusionGuidance(nn.Module):
                  t_max_final: float | None = None, weighting: str = "sds", grad_clip: float | None = None,
                  view_dependent_prompts: bool = True, half_precision: bool | None = None,
                  attention_slicing: bool = False, channels_last: bool = False, device: torch.device | str = "cpu",
-                 text_encoder: TextEncoder | None = None):
+                 text_encoder: TextEncoder | None = None, encoder_states: str | None = None):
         super().__init__()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        encoder_states = encoder_states_of(source) if encoder_states is None else encoder_states
+        if encoder_states not in ENCODER_STATES:
+            raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {encoder_states!r}")
+        self.encoder_states = encoder_states
         if not 0 <= t_range[0] < t_range[1] <= 1:
             raise ValueError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {tuple(t_range)}")
         device = torch.device(device)
@@ -156,11 +176,15 @@ class StableDiffusionGuidance(nn.Module):
             prompts = with_view_suffix(prompts, view_of_yaw(yaws))
         return self.text_encoder(list(prompts)), self.text_encoder([""] * len(prompts))
 
+    def unet_context(self, text: TextFeatures) -> Tensor:
+        """The ``encoder_hidden_states`` ``(B, L, D)`` the UNet reads for ``text``."""
+        return text.word_tokens() if self.encoder_states == "words" else text.tokens
+
     @torch.no_grad()
     def predict_noise(self, noisy: Tensor, t: Tensor, conditional: TextFeatures, unconditional: TextFeatures) -> Tensor:
         """Classifier-free-guided ε̂ for ``noisy`` latents at timesteps t (both in one UNet call)."""
         model_input = torch.cat([noisy, noisy]).to(self.dtype)
-        context = torch.cat([conditional.tokens, unconditional.tokens]).to(self.dtype)
+        context = torch.cat([self.unet_context(conditional), self.unet_context(unconditional)]).to(self.dtype)
         output = self.unet(model_input, torch.cat([t, t]), encoder_hidden_states=context).sample.float()
         if self.prediction_type == "v_prediction":  # v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0  =>  ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) x_t
             alpha_bar = self.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)

@@ -31,6 +31,14 @@ class TextFeatures:
     def to(self, device) -> TextFeatures:
         return TextFeatures(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
 
+    def word_tokens(self) -> Tensor:
+        """``tokens`` with the end token's and the padding's states set to zero ``(B, L, D)``:
+        in a causal text model only those have seen the whole prompt, so a diffusion model given
+        this reads each word's own state instead of a summary (see ``TeacherConfig.encoder_states``)."""
+        keep = self.mask.clone()
+        keep[torch.arange(keep.shape[0], device=keep.device), keep.sum(1) - 1] = False  # the end token
+        return self.tokens * keep.unsqueeze(-1).to(self.tokens.dtype)
+
 
 def _resolve(source: str | Path, subfolder: str) -> tuple[str, dict]:
     """A local directory (with or without the subfolder) or a hub id, as from_pretrained arguments."""

@@ -20,6 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
+from ..guidance.stable_diffusion import ENCODER_STATES, encoder_states_of
+from ..models.text_encoder import TextFeatures
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
 from .tokenizer import write_clip_tokenizer
@@ -50,7 +52,14 @@ class TeacherConfig:
     (diffusers' ``addition_embed_type="text"``), so every ResNet block at every resolution sees
     it; global attributes (hair and hat colours, skin tone) then no longer have to pass through
     the 8² cross-attention alone. The UNet still takes only ``encoder_hidden_states``, so
-    :class:`StableDiffusionGuidance` drives it unchanged."""
+    :class:`StableDiffusionGuidance` drives it unchanged.
+
+    ``encoder_states``: ``"all"`` hands the UNet all 77 text-encoder states, as Stable Diffusion
+    does; ``"words"`` zeroes the end token's and the padding's (:meth:`TextFeatures.word_tokens`).
+    The text encoder is causal, so only those have seen the whole caption; a teacher reading them
+    learnt each training caption as one summary, in which "red" with "hat" meant a red hat, and
+    drew red hats on held-out *red hair, blue hat* captions. ``model_index.json`` records the
+    choice, and :class:`StableDiffusionGuidance` reads it (README, *the teacher*)."""
 
     resolution: int = 32
     channels: tuple[int, ...] = (32, 64, 96)
@@ -62,6 +71,7 @@ class TeacherConfig:
     attention_head_dim: int = 32
     train_timesteps: int = 1000
     pooled_text: bool = True
+    encoder_states: str = "words"
 
 
 def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:
@@ -69,6 +79,8 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if config.encoder_states not in ENCODER_STATES:
+        raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {config.encoder_states!r}")
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
@@ -109,12 +121,17 @@ class Teacher:
         self.text_encoder = CLIPTextModel.from_pretrained(self.directory / "text_encoder").to(device)
         self.unet = UNet2DConditionModel.from_pretrained(self.directory / "unet").to(device)
         self.scheduler = DDPMScheduler.from_pretrained(self.directory / "scheduler")
+        self.encoder_states = encoder_states_of(self.directory)
         self.device = torch.device(device)
 
     def encode(self, prompts: list[str]) -> Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt")["input_ids"].to(self.device)
-        return self.text_encoder(input_ids=ids).last_hidden_state
+        """The UNet's ``encoder_hidden_states`` ``(N, 77, D)`` for ``prompts`` (with gradients:
+        the text encoder trains with the UNet)."""
+        batch = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
+        output = self.text_encoder(input_ids=ids)
+        text = TextFeatures(output.last_hidden_state, mask, output.pooler_output)
+        return text.word_tokens() if self.encoder_states == "words" else text.tokens
 
     def denoising_loss(self, images: Tensor, prompts: list[str], generator: torch.Generator,
                        snr_gamma: float | None = 5.0) -> Tensor:

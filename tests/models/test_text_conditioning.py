@@ -69,6 +69,18 @@ def test_text_encoder_batches_caches_and_truncates(clip_dir, encoder, monkeypatc
     assert sd_layout(PROMPTS).tokens.shape == (2, 77, 32)
 
 
+def test_word_tokens_hide_the_end_token_and_padding():
+    lengths = torch.randint(2, 12, (5,))  # start + words + end; the shortest is the empty prompt
+    lengths[0] = 2
+    mask = torch.arange(16) < lengths[:, None]
+    features = TextFeatures(torch.randn(5, 16, 8), mask, torch.randn(5, 8))
+    words = features.word_tokens()
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(words[row, :length - 1], features.tokens[row, :length - 1], rtol=0, atol=0)
+        assert (words[row, length - 1:] == 0).all()  # the end token (which saw every word) and the padding
+    assert torch.equal(features.mask, mask)  # the features themselves are unchanged
+
+
 def test_text_encoder_bad_input(encoder, tmp_path):
     with pytest.raises(ValueError, match="list of strings"):
         encoder("a bald man")

@@ -22,6 +22,7 @@ def fresh_seed() -> int:
 
 def test_shipped_teacher_guides_through_the_guidance_class():
     guidance = StableDiffusionGuidance(asset_dir("teacher"), view_dependent_prompts=False)
+    assert guidance.encoder_states == "words"  # trained without the end token's and padding's states
     samples = render_samples(held_out_combinations(), 48, 32, seed=fresh_seed())
     heads = heads_from_indices(samples.attributes)
     own = [caption(head, 0) for head in heads]

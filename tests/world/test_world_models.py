@@ -1,5 +1,6 @@
 """World datasets, the judge and the teacher at tiny sizes."""
 
+import dataclasses
 import json
 
 import imageio.v3 as iio
@@ -91,6 +92,34 @@ def test_teacher_trains_resumes_samples_and_guides(tmp_path, samples):
     out = guidance.sds_loss(torch.rand(2, 3, 64, 64) * 2 - 1, ["a portrait of a person with a bald head, light skin"] * 2)
     assert torch.isfinite(out.loss)
     assert "skinned" in caption_words() and "view" in caption_words()
+
+
+@pytest.mark.parametrize("encoder_states", ["words", "all"])
+def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_states):
+    config = dataclasses.replace(TINY_TEACHER, encoder_states=encoder_states)
+    teacher = Teacher(build_teacher(tmp_path, config, seed=int(torch.randint(1 << 30, ()))))
+    prompts = ["a portrait of a person with long red hair and a blue hat", ""]
+    with torch.no_grad():
+        context = teacher.encode(prompts)
+    lengths = [len(ids) for ids in teacher.tokenizer(prompts)["input_ids"]]  # start + words + end
+    hidden = (context.abs().sum(-1) == 0).tolist()
+    for row, length in enumerate(lengths):  # "words": the end token and padding zeroed, nothing else
+        assert hidden[row] == [encoder_states == "words" and i >= length - 1 for i in range(77)]
+
+    guidance = StableDiffusionGuidance(tmp_path)  # the directory says which states its UNet reads
+    assert guidance.encoder_states == encoder_states
+    torch.testing.assert_close(guidance.unet_context(guidance.text_encoder(prompts)), context)
+    noisy, t = torch.randn(2, 3, 32, 32), torch.tensor([700, 90])  # the guided ε̂ is built on that context
+    with torch.no_grad():
+        conditional = teacher.unet(noisy, t, encoder_hidden_states=context[:1].expand(2, -1, -1)).sample
+        unconditional = teacher.unet(noisy, t, encoder_hidden_states=context[1:].expand(2, -1, -1)).sample
+    guided = guidance.predict_noise(noisy, t, guidance.text_encoder(prompts[:1] * 2), guidance.text_encoder([""] * 2))
+    torch.testing.assert_close(guided, unconditional + guidance.guidance_scale * (conditional - unconditional),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="encoder_states must be one of"):
+        StableDiffusionGuidance(tmp_path, encoder_states="end")
+    with pytest.raises(ValueError, match="encoder_states must be one of"):
+        build_teacher(tmp_path / "bad", dataclasses.replace(TINY_TEACHER, encoder_states="end"))
 
 
 def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_path, samples):
