@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.text_encoder import TextEncoder, TextFeatures
+from ..models.text_encoder import TextEncoder, TextFeatures, check_encoder_states
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
-ENCODER_STATES = ("all", "words")
 VIEWS = ("front", "side", "back")
 
 
@@ -68,7 +67,7 @@ def encoder_states_of(source: str | Path) -> str:
     index = Path(source) / "model_index.json"
     if not index.is_file():
         return "all"
-    return json.loads(index.read_text()).get("teacher_config", {}).get("encoder_states", "all")
+    return check_encoder_states(json.loads(index.read_text()).get("teacher_config", {}).get("encoder_states", "all"))
 
 
 class StableDiffusionGuidance(nn.Module):
@@ -100,10 +99,8 @@ class StableDiffusionGuidance(nn.Module):
 
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        encoder_states = encoder_states_of(source) if encoder_states is None else encoder_states
-        if encoder_states not in ENCODER_STATES:
-            raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {encoder_states!r}")
-        self.encoder_states = encoder_states
+        self.encoder_states = (encoder_states_of(source) if encoder_states is None
+                               else check_encoder_states(encoder_states))
         if not 0 <= t_range[0] < t_range[1] <= 1:
             raise ValueError(f"t_range must satisfy 0 <= t_min < t_max <= 1, got {tuple(t_range)}")
         device = torch.device(device)
@@ -176,15 +173,12 @@ class StableDiffusionGuidance(nn.Module):
             prompts = with_view_suffix(prompts, view_of_yaw(yaws))
         return self.text_encoder(list(prompts)), self.text_encoder([""] * len(prompts))
 
-    def unet_context(self, text: TextFeatures) -> Tensor:
-        """The ``encoder_hidden_states`` ``(B, L, D)`` the UNet reads for ``text``."""
-        return text.word_tokens() if self.encoder_states == "words" else text.tokens
-
     @torch.no_grad()
     def predict_noise(self, noisy: Tensor, t: Tensor, conditional: TextFeatures, unconditional: TextFeatures) -> Tensor:
         """Classifier-free-guided ε̂ for ``noisy`` latents at timesteps t (both in one UNet call)."""
         model_input = torch.cat([noisy, noisy]).to(self.dtype)
-        context = torch.cat([self.unet_context(conditional), self.unet_context(unconditional)]).to(self.dtype)
+        context = torch.cat([text.unet_context(self.encoder_states) for text in (conditional, unconditional)])
+        context = context.to(self.dtype)
         output = self.unet(model_input, torch.cat([t, t]), encoder_hidden_states=context).sample.float()
         if self.prediction_type == "v_prediction":  # v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0  =>  ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) x_t
             alpha_bar = self.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)

@@ -12,6 +12,16 @@ import torch
 from torch import Tensor, nn
 
 
+ENCODER_STATES = ("all", "words")
+
+
+def check_encoder_states(value: str) -> str:
+    """``value`` if it names which encoder states a diffusion UNet reads (:data:`ENCODER_STATES`)."""
+    if value not in ENCODER_STATES:
+        raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TextFeatures:
     """A batch of encoded prompts.
@@ -38,6 +48,11 @@ class TextFeatures:
         keep = self.mask.clone()
         keep[torch.arange(keep.shape[0], device=keep.device), keep.sum(1) - 1] = False  # the end token
         return self.tokens * keep.unsqueeze(-1).to(self.tokens.dtype)
+
+    def unet_context(self, encoder_states: str) -> Tensor:
+        """The ``encoder_hidden_states`` ``(B, L, D)`` of a diffusion UNet trained to read
+        ``encoder_states``: ``"all"`` the tokens (Stable Diffusion), ``"words"`` :meth:`word_tokens`."""
+        return self.word_tokens() if check_encoder_states(encoder_states) == "words" else self.tokens
 
 
 def _resolve(source: str | Path, subfolder: str) -> tuple[str, dict]:

@@ -20,8 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
-from ..guidance.stable_diffusion import ENCODER_STATES, encoder_states_of
-from ..models.text_encoder import TextFeatures
+from ..guidance.stable_diffusion import encoder_states_of
+from ..models.text_encoder import TextFeatures, check_encoder_states
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
 from .tokenizer import write_clip_tokenizer
@@ -79,8 +79,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if config.encoder_states not in ENCODER_STATES:
-        raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {config.encoder_states!r}")
+    check_encoder_states(config.encoder_states)
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
@@ -130,8 +129,7 @@ class Teacher:
         batch = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
         output = self.text_encoder(input_ids=ids)
-        text = TextFeatures(output.last_hidden_state, mask, output.pooler_output)
-        return text.word_tokens() if self.encoder_states == "words" else text.tokens
+        return TextFeatures(output.last_hidden_state, mask, output.pooler_output).unet_context(self.encoder_states)
 
     def denoising_loss(self, images: Tensor, prompts: list[str], generator: torch.Generator,
                        snr_gamma: float | None = 5.0) -> Tensor:

@@ -108,7 +108,7 @@ def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_sta
 
     guidance = StableDiffusionGuidance(tmp_path)  # the directory says which states its UNet reads
     assert guidance.encoder_states == encoder_states
-    torch.testing.assert_close(guidance.unet_context(guidance.text_encoder(prompts)), context)
+    torch.testing.assert_close(guidance.text_encoder(prompts).unet_context(guidance.encoder_states), context)
     noisy, t = torch.randn(2, 3, 32, 32), torch.tensor([700, 90])  # the guided ε̂ is built on that context
     with torch.no_grad():
         conditional = teacher.unet(noisy, t, encoder_hidden_states=context[:1].expand(2, -1, -1)).sample
@@ -120,6 +120,11 @@ def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_sta
         StableDiffusionGuidance(tmp_path, encoder_states="end")
     with pytest.raises(ValueError, match="encoder_states must be one of"):
         build_teacher(tmp_path / "bad", dataclasses.replace(TINY_TEACHER, encoder_states="end"))
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["teacher_config"]["encoder_states"] = "summary"  # a directory recording an unknown choice
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="encoder_states must be one of"):
+        Teacher(tmp_path)
 
 
 def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_path, samples):
