@@ -16,16 +16,17 @@ def write_clip_tokenizer(directory: Path):
     return write_words_tokenizer(directory, WORDS)
 
 
-def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat") -> Path:
+def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat", **config) -> Path:
     """A tiny CLIP text model + tokenizer in ``directory`` (``layout="flat"``) or in its
-    ``tokenizer/`` and ``text_encoder/`` subfolders, as in a Stable Diffusion checkpoint."""
+    ``tokenizer/`` and ``text_encoder/`` subfolders, as in a Stable Diffusion checkpoint;
+    ``config``: further ``CLIPTextConfig`` entries (e.g. ``text_encoding``)."""
     tokenizer_dir = directory if layout == "flat" else directory / "tokenizer"
     model_dir = directory if layout == "flat" else directory / "text_encoder"
     tokenizer = write_clip_tokenizer(tokenizer_dir)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, **config)
     CLIPTextModel(config).save_pretrained(model_dir)
     return directory
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 
 
 ENCODER_STATES = ("all", "words")
+TEXT_ENCODINGS = ("caption", "phrases")
+_PHRASE_BREAK = re.compile(r"\s*(?:,|\bwith\b|\band\b)\s*", re.IGNORECASE)
 
 
 def check_encoder_states(value: str) -> str:
@@ -20,6 +23,27 @@ def check_encoder_states(value: str) -> str:
     if value not in ENCODER_STATES:
         raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {value!r}")
     return value
+
+
+def text_encoding_of(config) -> str:
+    """How a text model's config says prompts are encoded (:func:`encode_text`): ``"caption"``
+    (whole, as CLIP and Stable Diffusion do; what a config without the entry means) or
+    ``"phrases"`` (each phrase alone; world teachers built with ``TeacherConfig(text_encoding=...)``)."""
+    return check_text_encoding(getattr(config, "text_encoding", "caption"))
+
+
+def check_text_encoding(value: str) -> str:
+    """``value`` if it names how prompts are encoded (:data:`TEXT_ENCODINGS`)."""
+    if value not in TEXT_ENCODINGS:
+        raise ValueError(f"text_encoding must be one of {TEXT_ENCODINGS}, got {value!r}")
+    return value
+
+
+def split_phrases(prompt: str) -> list[str]:
+    """The phrases of ``prompt``: its text between commas and the words "with" and "and", which
+    are dropped ("a portrait of a man with red hair, glasses and a blue hat" -> ["a portrait of a
+    man", "red hair", "glasses", "a blue hat"]); ``[]`` for a prompt of only such separators."""
+    return [phrase for phrase in _PHRASE_BREAK.split(prompt.strip()) if phrase]
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,63 @@ class TextFeatures:
         return self.word_tokens() if check_encoder_states(encoder_states) == "words" else self.tokens
 
 
+def context_length(tokenizer, model) -> int:
+    """Tokens per prompt: the tokenizer's limit, capped by the model's positions (77 for CLIP)."""
+    return min(tokenizer.model_max_length, model.config.max_position_embeddings)
+
+
+def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
+    """``prompts`` encoded by a CLIP ``tokenizer`` and text ``model`` (gradients as the caller's
+    context allows), each padded to :func:`context_length` tokens L, as the model's config says
+    (:func:`text_encoding_of`):
+
+    - ``"caption"``: the prompt in one sequence (start, words, end, padding), as Stable Diffusion.
+    - ``"phrases"``: each of :func:`split_phrases` in its own sequence (as Structured Diffusion
+      Guidance, Feng et al. 2023, encodes noun phrases), laid out as start, the words of each
+      phrase in order, one end token holding the mean of the phrases' end states (also
+      ``pooled``), then zeros. A causal text model's state of "hat" in "red hair and a blue hat"
+      has seen "red"; encoded alone, "a blue hat" reads the same in every caption.
+
+    Over-long prompts are truncated to L (keeping the end token) with a warning.
+    """
+    length = context_length(tokenizer, model)
+    device = next(model.parameters()).device
+    by_phrase = text_encoding_of(model.config) == "phrases"
+    sequences = [split_phrases(prompt) or [""] for prompt in prompts] if by_phrase else [[p] for p in prompts]
+    unique = list(dict.fromkeys(text for texts in sequences for text in texts))
+    ids = tokenizer(unique)["input_ids"]  # each: start, words, end (tokenised once, untruncated)
+    words = {text: len(row) - 2 for text, row in zip(unique, ids)}
+    too_long = [p for p, texts in zip(prompts, sequences) if 2 + sum(words[t] for t in texts) > length]
+    if too_long:
+        warnings.warn(f"{len(too_long)} prompt(s) longer than the text model's {length} tokens "
+                      f"were truncated, e.g. {too_long[0][:80]!r}", stacklevel=3)
+    width = length if not by_phrase else min(max(map(len, ids)), length)
+    batch = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    for row, (text, tokens) in enumerate(zip(unique, ids)):
+        tokens = tokens if len(tokens) <= width else tokens[:width - 1] + tokens[-1:]
+        batch[row, :len(tokens)] = torch.tensor(tokens)
+        words[text] = len(tokens) - 2
+    output = model(input_ids=batch.to(device))
+    states, row_of = output.last_hidden_state, {text: row for row, text in enumerate(unique)}
+    if not by_phrase:
+        # CLIP's text model is causal: padding after the end token cannot change real tokens, so
+        # the mask is given to the cross-attention rather than to the text model.
+        rows = torch.tensor([row_of[p] for p in prompts], device=device)
+        mask = torch.arange(length) < torch.tensor([words[p] + 2 for p in prompts])[:, None]
+        return TextFeatures(states[rows], mask.to(device), output.pooler_output[rows])
+    tokens, pooled, lengths = [], [], []
+    for texts in sequences:
+        start = states[row_of[texts[0]], :1]
+        word_states = [states[row_of[t], 1:1 + words[t]] for t in texts]
+        end = torch.stack([states[row_of[t], 1 + words[t]] for t in texts]).mean(0, keepdim=True)
+        real = torch.cat([start, *word_states])[:length - 1]
+        tokens.append(torch.cat([real, end, end.new_zeros(length - 1 - len(real), end.shape[1])]))
+        pooled.append(end[0])
+        lengths.append(len(real) + 1)
+    mask = torch.arange(length) < torch.tensor(lengths)[:, None]
+    return TextFeatures(torch.stack(tokens), mask.to(device), torch.stack(pooled))
+
+
 def _resolve(source: str | Path, subfolder: str) -> tuple[str, dict]:
     """A local directory (with or without the subfolder) or a hub id, as from_pretrained arguments."""
     path = Path(source)
@@ -78,8 +159,10 @@ class TextEncoder(nn.Module):
         cache_size: encodings of this many distinct prompts are kept (frozen encoders only).
         device, dtype: where the text model runs.
 
-    Over-long prompts are truncated to the model's context (77 tokens) with a warning; the empty
-    prompt is allowed (the unconditional embedding of classifier-free guidance).
+    Prompts are encoded as the text model's config says, whole or phrase by phrase
+    (:func:`encode_text`; ``text_encoding``). Over-long prompts are truncated to the model's
+    context (77 tokens) with a warning; the empty prompt is allowed (the unconditional embedding
+    of classifier-free guidance).
     """
 
     def __init__(self, source: str | Path, trainable: bool = False, cache_size: int = 1024,
@@ -92,6 +175,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = CLIPTokenizer.from_pretrained(name, **tokenizer_kwargs)
         name, model_kwargs = _resolve(source, "text_encoder")
         self.model = CLIPTextModel.from_pretrained(name, **model_kwargs).to(device=device, dtype=dtype)
+        self.text_encoding = text_encoding_of(self.model.config)  # how it encodes, checked once here
         self.trainable = trainable
         self.model.requires_grad_(trainable)
         if not trainable:
@@ -101,8 +185,8 @@ class TextEncoder(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """Tokens per prompt: the tokenizer's limit, capped by the model's positions (77 for CLIP)."""
-        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        """Tokens per prompt (:func:`context_length`)."""
+        return context_length(self.tokenizer, self.model)
 
     @property
     def dim(self) -> int:
@@ -135,17 +219,6 @@ class TextEncoder(nn.Module):
         return TextFeatures(tokens, mask, pooled)
 
     def _encode(self, prompts: list[str]) -> list[tuple[Tensor, Tensor, Tensor]]:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        too_long = [prompt for prompt, length in zip(prompts, lengths) if length > self.context_length]
-        if too_long:
-            warnings.warn(f"{len(too_long)} prompt(s) longer than the text model's {self.context_length} tokens "
-                          f"were truncated, e.g. {too_long[0][:80]!r}", stacklevel=3)
-        batch = self.tokenizer(prompts, padding="max_length", max_length=self.context_length, truncation=True,
-                               return_tensors="pt")
-        device = next(self.model.parameters()).device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            # CLIP's text model is causal: padding after the end token cannot change real tokens, so
-            # the mask is given to the cross-attention rather than to the text model.
-            output = self.model(input_ids=ids)
-        return list(zip(output.last_hidden_state, mask, output.pooler_output))
+            features = encode_text(self.tokenizer, self.model, prompts)
+        return list(zip(features.tokens, features.mask, features.pooled))

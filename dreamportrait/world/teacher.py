@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from ..guidance.stable_diffusion import encoder_states_of
-from ..models.text_encoder import TextFeatures, check_encoder_states
+from ..models.text_encoder import check_encoder_states, check_text_encoding, encode_text
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
 from .tokenizer import write_clip_tokenizer
@@ -59,7 +59,13 @@ class TeacherConfig:
     The text encoder is causal, so only those have seen the whole caption; a teacher reading them
     learnt each training caption as one summary, in which "red" with "hat" meant a red hat, and
     drew red hats on held-out *red hair, blue hat* captions. ``model_index.json`` records the
-    choice, and :class:`StableDiffusionGuidance` reads it (README, *the teacher*)."""
+    choice, and :class:`StableDiffusionGuidance` reads it (README, *the teacher*).
+
+    ``text_encoding``: ``"phrases"`` encodes each phrase of a caption on its own
+    (:func:`~dreamportrait.models.text_encoder.encode_text`), so the words of "a blue hat" have
+    not seen the hair's "red"; ``"caption"`` encodes the caption whole. The text encoder's
+    ``config.json`` records it, so every :class:`TextEncoder` of this directory, or of a copy
+    beside a generator, encodes as the teacher was trained."""
 
     resolution: int = 32
     channels: tuple[int, ...] = (32, 64, 96)
@@ -72,6 +78,7 @@ class TeacherConfig:
     train_timesteps: int = 1000
     pooled_text: bool = True
     encoder_states: str = "words"
+    text_encoding: str = "caption"
 
 
 def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:
@@ -80,6 +87,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     from transformers import CLIPTextConfig, CLIPTextModel
 
     check_encoder_states(config.encoder_states)
+    check_text_encoding(config.text_encoding)
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
@@ -87,6 +95,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
         vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        text_encoding=config.text_encoding,
     )).save_pretrained(directory / "text_encoder")
     if not 1 <= config.attention_levels <= len(config.channels):
         raise ValueError(f"attention_levels must be in [1, {len(config.channels)}], got {config.attention_levels}")
@@ -126,10 +135,7 @@ class Teacher:
     def encode(self, prompts: list[str]) -> Tensor:
         """The UNet's ``encoder_hidden_states`` ``(N, 77, D)`` for ``prompts`` (with gradients:
         the text encoder trains with the UNet)."""
-        batch = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
-        output = self.text_encoder(input_ids=ids)
-        return TextFeatures(output.last_hidden_state, mask, output.pooler_output).unet_context(self.encoder_states)
+        return encode_text(self.tokenizer, self.text_encoder, prompts).unet_context(self.encoder_states)
 
     def denoising_loss(self, images: Tensor, prompts: list[str], generator: torch.Generator,
                        snr_gamma: float | None = 5.0) -> Tensor:

@@ -9,7 +9,7 @@ from tiny_models import write_tiny_clip
 from dreamportrait.models import build_generator, camera_labels, fov_to_intrinsics, orbit_poses
 from dreamportrait.models.renderer import TRIPLANE_AXES
 from dreamportrait.models.text_conditioning import TextConditionedGenerator, line_features
-from dreamportrait.models.text_encoder import TextEncoder, TextFeatures
+from dreamportrait.models.text_encoder import TextEncoder, TextFeatures, split_phrases
 
 PROMPTS = ["a portrait of a bald man with glasses", "a portrait of a woman with red hair"]
 
@@ -55,6 +55,12 @@ def test_text_encoder_batches_caches_and_truncates(clip_dir, encoder, monkeypatc
     lengths = [len(ids) for ids in encoder.tokenizer(PROMPTS + [""])["input_ids"]]  # start + words + end
     assert features.mask.sum(1).tolist() == lengths and lengths[0] == 10 and lengths[2] == 2
     assert not any(p.requires_grad for p in encoder.parameters())
+    batch = encoder.tokenizer(PROMPTS + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():  # the whole caption in one sequence, as Stable Diffusion encodes it
+        reference = encoder.model(input_ids=batch["input_ids"])
+    torch.testing.assert_close(features.tokens, reference.last_hidden_state)
+    torch.testing.assert_close(features.pooled, reference.pooler_output)
+    assert torch.equal(features.mask, batch["attention_mask"].bool())
     calls = []
     original = encoder.model.forward
     monkeypatch.setattr(encoder.model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -88,6 +94,42 @@ def test_text_encoder_bad_input(encoder, tmp_path):
         encoder([])
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         TextEncoder(tmp_path / "missing")
+
+
+def test_split_phrases_at_commas_with_and_and():
+    assert split_phrases("a portrait of a man with red hair, glasses and a blue hat") == [
+        "a portrait of a man", "red hair", "glasses", "a blue hat"]
+    assert split_phrases(" A Woman With Black Hair AND a hat, smiling ") == ["A Woman", "Black Hair", "a hat", "smiling"]
+    assert split_phrases("a handsome woman withstanding wind") == ["a handsome woman withstanding wind"]  # whole words
+    assert split_phrases("") == [] and split_phrases(" , and with ") == []
+
+
+def test_phrase_encoding_encodes_each_phrase_alone(tmp_path):
+    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding="phrases"))
+    assert encoder.text_encoding == "phrases"
+    prompts = ["a bald man with red hair and a hat", "a bald man with black hair and a hat", "", "with"]
+    features = encoder(prompts)
+
+    def alone(phrase):  # (start, words..., end) states of the phrase as its own sequence
+        with torch.no_grad():
+            return encoder.model(input_ids=torch.tensor([encoder.tokenizer(phrase)["input_ids"]])).last_hidden_state[0]
+
+    for row, phrases in enumerate([["a bald man", "red hair", "a hat"], ["a bald man", "black hair", "a hat"], [""], [""]]):
+        states = [alone(phrase) for phrase in phrases]
+        end = torch.stack([s[-1] for s in states]).mean(0)
+        real = torch.cat([states[0][:1], *(s[1:-1] for s in states), end[None]])
+        assert features.mask[row].tolist() == [i < len(real) for i in range(77)]
+        torch.testing.assert_close(features.tokens[row, :len(real)], real)
+        assert (features.tokens[row, len(real):] == 0).all()  # padding is zero, not a padding token's state
+        torch.testing.assert_close(features.pooled[row], end)
+    hat = slice(6, 8)  # "a hat" (after start + 3 + 2 words in both) reads the same whatever the hair
+    torch.testing.assert_close(features.tokens[0, hat], features.tokens[1, hat], rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="truncated"):
+        many = encoder(["bald hair, " * 40, "bald " * 100])  # too many phrases; one phrase too long
+    assert many.mask.all()
+    torch.testing.assert_close(many.pooled[0], alone("bald hair")[-1])  # all 40 phrases are the same
+    with pytest.raises(ValueError, match="text_encoding must be one of"):
+        TextEncoder(write_tiny_clip(tmp_path / "bad", text_encoding="sentences"))
 
 
 @pytest.mark.parametrize("axes", ["eg3d", "orthogonal"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dreamportrait.guidance import StableDiffusionGuidance
+from dreamportrait.models.text_encoder import split_phrases
 from dreamportrait.world import training_combinations
 from dreamportrait.world import dataset as dataset_module
 from dreamportrait.training.real_images import ImageFolder
@@ -94,20 +95,24 @@ def test_teacher_trains_resumes_samples_and_guides(tmp_path, samples):
     assert "skinned" in caption_words() and "view" in caption_words()
 
 
-@pytest.mark.parametrize("encoder_states", ["words", "all"])
-def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_states):
-    config = dataclasses.replace(TINY_TEACHER, encoder_states=encoder_states)
+@pytest.mark.parametrize("encoder_states, text_encoding", [("words", "phrases"), ("words", "caption"), ("all", "caption")])
+def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_states, text_encoding):
+    config = dataclasses.replace(TINY_TEACHER, encoder_states=encoder_states, text_encoding=text_encoding)
     teacher = Teacher(build_teacher(tmp_path, config, seed=int(torch.randint(1 << 30, ()))))
     prompts = ["a portrait of a person with long red hair and a blue hat", ""]
     with torch.no_grad():
         context = teacher.encode(prompts)
-    lengths = [len(ids) for ids in teacher.tokenizer(prompts)["input_ids"]]  # start + words + end
+    sequences = [split_phrases(p) for p in prompts] if text_encoding == "phrases" else [[p] for p in prompts]
+    words = [sum(len(teacher.tokenizer(text)["input_ids"]) - 2 for text in texts) for texts in sequences]
     hidden = (context.abs().sum(-1) == 0).tolist()
-    for row, length in enumerate(lengths):  # "words": the end token and padding zeroed, nothing else
-        assert hidden[row] == [encoder_states == "words" and i >= length - 1 for i in range(77)]
+    for row, count in enumerate(words):  # "words": the end token (after start + words) and padding zeroed
+        if encoder_states == "words":
+            assert hidden[row] == [i >= 1 + count for i in range(77)]
+        else:  # "all": the caption's padding tokens have states too
+            assert not any(hidden[row])
 
     guidance = StableDiffusionGuidance(tmp_path)  # the directory says which states its UNet reads
-    assert guidance.encoder_states == encoder_states
+    assert guidance.encoder_states == encoder_states and guidance.text_encoder.text_encoding == text_encoding
     torch.testing.assert_close(guidance.text_encoder(prompts).unet_context(guidance.encoder_states), context)
     noisy, t = torch.randn(2, 3, 32, 32), torch.tensor([700, 90])  # the guided ε̂ is built on that context
     with torch.no_grad():
@@ -120,6 +125,8 @@ def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_sta
         StableDiffusionGuidance(tmp_path, encoder_states="end")
     with pytest.raises(ValueError, match="encoder_states must be one of"):
         build_teacher(tmp_path / "bad", dataclasses.replace(TINY_TEACHER, encoder_states="end"))
+    with pytest.raises(ValueError, match="text_encoding must be one of"):
+        build_teacher(tmp_path / "bad", dataclasses.replace(TINY_TEACHER, text_encoding="words"))
     index = json.loads((tmp_path / "model_index.json").read_text())
     index["teacher_config"]["encoder_states"] = "summary"  # a directory recording an unknown choice
     (tmp_path / "model_index.json").write_text(json.dumps(index))
@@ -135,6 +142,7 @@ def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_pat
     # the caption also enters through the pooled-text timestep embedding, which is trained
     assert teacher.unet.config.addition_embed_type == "text"
     assert teacher.unet.add_embedding.proj.weight.grad.abs().sum() > 0
+    assert teacher.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0  # phrase by phrase, it still trains
 
     generator = torch.Generator().manual_seed(5)  # the same draws, weighted by hand
     t = torch.randint(0, teacher.scheduler.config.num_train_timesteps, (6,), generator=generator)
