@@ -87,6 +87,9 @@ class StableDiffusionGuidance(nn.Module):
             (:meth:`TextFeatures.word_tokens`); default: what the model directory records
             (:func:`encoder_states_of`).
         attention_slicing, channels_last: memory/speed options of the UNet.
+        text_encoder: the prompts' encoder (default: the directory's ``tokenizer/`` and
+            ``text_encoder/``, which encode a prompt whole or phrase by phrase as the text
+            encoder's config records: :func:`~dreamportrait.models.text_encoder.encode_text`).
     """
 
     def __init__(self, source: str | Path, guidance_scale: float = 7.5, t_range: tuple[float, float] = (0.02, 0.98),

@@ -78,7 +78,7 @@ class TeacherConfig:
     train_timesteps: int = 1000
     pooled_text: bool = True
     encoder_states: str = "words"
-    text_encoding: str = "caption"
+    text_encoding: str = "phrases"
 
 
 def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:

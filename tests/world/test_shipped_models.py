@@ -23,6 +23,7 @@ def fresh_seed() -> int:
 def test_shipped_teacher_guides_through_the_guidance_class():
     guidance = StableDiffusionGuidance(asset_dir("teacher"), view_dependent_prompts=False)
     assert guidance.encoder_states == "words"  # trained without the end token's and padding's states
+    assert guidance.text_encoder.text_encoding == "phrases"  # and with each phrase of a caption encoded alone
     samples = render_samples(held_out_combinations(), 48, 32, seed=fresh_seed())
     heads = heads_from_indices(samples.attributes)
     own = [caption(head, 0) for head in heads]
