@@ -18,11 +18,15 @@ TEXT_ENCODINGS = ("caption", "phrases")
 _PHRASE_BREAK = re.compile(r"\s*(?:,|\bwith\b|\band\b)\s*", re.IGNORECASE)
 
 
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_encoder_states(value: str) -> str:
     """``value`` if it names which encoder states a diffusion UNet reads (:data:`ENCODER_STATES`)."""
-    if value not in ENCODER_STATES:
-        raise ValueError(f"encoder_states must be one of {ENCODER_STATES}, got {value!r}")
-    return value
+    return _one_of("encoder_states", value, ENCODER_STATES)
 
 
 def text_encoding_of(config) -> str:
@@ -34,9 +38,7 @@ def text_encoding_of(config) -> str:
 
 def check_text_encoding(value: str) -> str:
     """``value`` if it names how prompts are encoded (:data:`TEXT_ENCODINGS`)."""
-    if value not in TEXT_ENCODINGS:
-        raise ValueError(f"text_encoding must be one of {TEXT_ENCODINGS}, got {value!r}")
-    return value
+    return _one_of("text_encoding", value, TEXT_ENCODINGS)
 
 
 def split_phrases(prompt: str) -> list[str]:
@@ -104,17 +106,17 @@ def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
     sequences = [split_phrases(prompt) or [""] for prompt in prompts] if by_phrase else [[p] for p in prompts]
     unique = list(dict.fromkeys(text for texts in sequences for text in texts))
     ids = tokenizer(unique)["input_ids"]  # each: start, words, end (tokenised once, untruncated)
-    words = {text: len(row) - 2 for text, row in zip(unique, ids)}
-    too_long = [p for p, texts in zip(prompts, sequences) if 2 + sum(words[t] for t in texts) > length]
+    untruncated = {text: len(row) - 2 for text, row in zip(unique, ids)}
+    too_long = [p for p, texts in zip(prompts, sequences) if 2 + sum(untruncated[t] for t in texts) > length]
     if too_long:
         warnings.warn(f"{len(too_long)} prompt(s) longer than the text model's {length} tokens "
                       f"were truncated, e.g. {too_long[0][:80]!r}", stacklevel=3)
     width = length if not by_phrase else min(max(map(len, ids)), length)
+    ids = [row if len(row) <= width else row[:width - 1] + row[-1:] for row in ids]  # keep the end token
+    words = {text: len(row) - 2 for text, row in zip(unique, ids)}  # word tokens kept per sequence
     batch = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    for row, (text, tokens) in enumerate(zip(unique, ids)):
-        tokens = tokens if len(tokens) <= width else tokens[:width - 1] + tokens[-1:]
+    for row, tokens in enumerate(ids):
         batch[row, :len(tokens)] = torch.tensor(tokens)
-        words[text] = len(tokens) - 2
     output = model(input_ids=batch.to(device))
     states, row_of = output.last_hidden_state, {text: row for row, text in enumerate(unique)}
     if not by_phrase:
