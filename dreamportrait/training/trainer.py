@@ -102,7 +102,7 @@ class Trainer:
         self.discriminator = discriminator.train().to(device)
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.real_images = None
-        if config.gan.real == "images":
+        if config.gan.weight > 0 and config.gan.real == "images":
             self.real_images = ImageFolder(config.gan.image_dir, base.img_resolution, base.neural_rendering_resolution)
 
         groups = self.generator.parameter_groups()

@@ -83,6 +83,12 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert checkpoint.name == "step-0000002" and not (other / "gan").exists()
     assert not (other / "data").exists()
     assert yaml.safe_load((checkpoint / "train_config.yaml").read_text())["gan"]["real"] == "pretrained"
+    # Nor does one without the regulariser, though it leaves --gan-real at its default (renders).
+    unregularised = tmp_path / "from-gan-no-regulariser"
+    assert main(["world", "train", "--gan", str(out / "gan/final"), "--out", str(unregularised)] + command[4:]
+                + ["gan.weight=0"]) == 0
+    assert latest_checkpoint(unregularised / "dreamportrait").name == "step-0000002"
+    assert not (unregularised / "data").exists()
     published = publish("gan", out / "gan/final", assets_root=tmp_path / "assets")
     assert load_pretrained(published)[1] is not None  # the discriminator ships with the GAN
 
