@@ -299,7 +299,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    tables = [harness.markdown_table(rows), harness.consistency_table(rows)]
+    tables = [harness.markdown_table(rows), harness.consistency_table(rows), harness.view_turn_table(rows)]
     tables += [harness.progress_table(row) for row in rows if "progress" in row]
     (out / "results.md").write_text("\n".join(tables))
     print(harness.markdown_table([result]))

@@ -9,7 +9,12 @@ evaluation cameras (:func:`evaluation_cameras`). For a prompt set and seeds it r
 - **diversity**: the mean pairwise distance of judge features between seeds of a prompt (frontal
   view), averaged over prompts;
 - **world-FID**: the Fréchet distance between judge features of all views and of real renders;
-- **seconds per prompt**: wall-clock of the method for one (prompt, seed).
+- **seconds per prompt**: wall-clock of the method for one (prompt, seed);
+- **view turn** (two or more views): how far the picture changes between the outermost views
+  (yaw −30° and +30°), as the mean absolute pixel difference (``view_change``) and the same after
+  mirroring one of them (``view_mirror_residual``). The world's heads and the cameras are
+  left-right symmetric, so a head that turns as a 3D object has a residual near 0; the judge's
+  consistency cannot see a head that does not turn at all (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -68,13 +73,17 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     consistent_per_attribute = torch.zeros(len(ATTRIBUTE_CLASSES))
     judged_views = consistent = 0
     samples = len(prompts) * len(seeds)
-    features, seconds, diversity = [], [], []
+    features, seconds, diversity, view_change, mirror_residual = [], [], [], [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
         frontal_features, rows = [], []
         for seed in seeds:
             start = time.perf_counter()
             views = method(prompt, seed)
             seconds.append(time.perf_counter() - start)
+            if views.shape[0] > 1:
+                left, right = views[0], views[-1]
+                view_change.append((left - right).abs().mean().item())
+                mirror_residual.append((left - right.flip(-1)).abs().mean().item())
             predicted = judge.predict(views)  # (V, 6)
             correct += (predicted == expected[p]).float().sum(0)
             judged_views += views.shape[0]
@@ -92,6 +101,8 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         if out_dir is not None:
             write_image(Path(out_dir) / slug(name) / f"{slug(prompt)}.png", to_uint8(grid(torch.cat(rows), rows[0].shape[0])))
     real_features = torch.cat([judge.features(chunk) for chunk in real.float_images().split(256)])
+    turn = {"view_change": sum(view_change) / len(view_change),
+            "view_mirror_residual": sum(mirror_residual) / len(mirror_residual)} if view_change else {}
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
@@ -101,6 +112,7 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
         "world_fid": frechet_distance(torch.cat(features), real_features),
         "seconds_per_prompt": sum(seconds) / len(seconds),
+        **turn,
     }
 
 
@@ -133,6 +145,15 @@ def consistency_table(results: Sequence[dict]) -> str:
                     _percent(result["multi_view_consistency"])]
                    for result in results if "consistency_per_attribute" in result],
                   title="multi-view consistency per attribute (samples whose views all agree on it)")
+
+
+def view_turn_table(results: Sequence[dict]) -> str:
+    """How far the views turn, one row per method that reports it (two or more views)."""
+    return _table(["method", "view change", "mirror residual"],
+                  [[result["method"], f"{result['view_change']:.3f}", f"{result['view_mirror_residual']:.3f}"]
+                   for result in results if "view_change" in result],
+                  title="how far the views turn between yaw −30° and +30° (mean |Δpixel| in [−1, 1]; "
+                        "mirror residual ≈ 0 for a symmetric head turning in 3D)")
 
 
 def progress_table(result: dict) -> str:

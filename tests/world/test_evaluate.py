@@ -8,7 +8,8 @@ import torch
 from dreamportrait.cli import main
 from dreamportrait.world import caption, held_out_combinations, training_combinations
 from dreamportrait.world.dataset import build_dataset
-from dreamportrait.world.evaluate import consistency_table, evaluate, frechet_distance, markdown_table, spread
+from dreamportrait.world.evaluate import (consistency_table, evaluate, frechet_distance, markdown_table, spread,
+                                          view_turn_table)
 from dreamportrait.world.judge import save_judge, train_judge
 
 
@@ -62,6 +63,28 @@ def test_harness_measures_a_method(world):
     older = {key: value for key, value in result.items() if key != "consistency_per_attribute"} | {"method": "older"}
     table = consistency_table([result, older])
     assert table.splitlines()[-1] == "| constant |" + " 100.0 % |" * 7 and "older" not in table
+    assert result["view_change"] == 0 and result["view_mirror_residual"] == 0  # grey views do not move
+    older = {key: value for key, value in result.items() if not key.startswith("view_")} | {"method": "older"}
+    table = view_turn_table([result, older])
+    assert table.splitlines()[-1] == "| constant | 0.000 | 0.000 |" and "older" not in table
+
+
+def test_view_turn_compares_the_outer_views_directly_and_mirrored(world):
+    from dreamportrait.world.dataset import load_dataset
+    from dreamportrait.world.judge import load_judge
+
+    prompt, judge, real = caption(held_out_combinations()[0], 0), load_judge(world / "judge"), load_dataset(world / "real")
+    left = torch.rand(3, 32, 32) * 2 - 1
+    turning = torch.stack([left, torch.rand(3, 32, 32), left.flip(-1)])  # +30° is -30° mirrored: a symmetric head
+    result = evaluate(lambda p, s: turning, [prompt], [0, 1], judge, real, progress=False)
+    assert result["view_mirror_residual"] == 0
+    assert result["view_change"] == pytest.approx((left - left.flip(-1)).abs().mean().item(), rel=1e-6)
+    painted = left.expand(3, -1, -1, -1)  # the same picture from every camera
+    result = evaluate(lambda p, s: painted, [prompt], [0], judge, real, progress=False)
+    assert result["view_change"] == 0
+    assert result["view_mirror_residual"] == pytest.approx((left - left.flip(-1)).abs().mean().item(), rel=1e-6)
+    single = evaluate(lambda p, s: left[None], [prompt], [0], judge, real, progress=False)
+    assert "view_change" not in single and "view_mirror_residual" not in single  # one view: nothing to compare
 
 
 def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path):
@@ -79,9 +102,9 @@ def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path)
                  "--held-out", "1", "--seeds", "0", "--views", "2", "--judge", str(world / "judge"),
                  "--real-count", "16", "--name", "short-baseline", "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.count("| short-baseline |") == 2
+    assert table.count("| short-baseline |") == 3  # alignment, consistency and view-turn tables
     assert "baseline: text alignment after N optimisation steps" in table and table.count("\n| 2 | ") == 1
-    assert "multi-view consistency per attribute" in table and table.count("| baseline |") == 2
+    assert "multi-view consistency per attribute" in table and table.count("| baseline |") == 3
     assert main(["evaluate", "--method", "gan", "--checkpoint", str(tmp_path / "nothing"), "--judge",
                  str(world / "judge"), "--real", str(world / "real"), "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
 
@@ -91,6 +114,8 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
                  "--judge", str(world / "judge"), "--real", str(world / "real"), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "world.json").read_text())
     assert result["method"] == "world" and result["diversity"] > 0
+    assert result["view_change"] > 0.1 and result["view_mirror_residual"] < 0.05  # the world's heads turn in 3D
+    assert "| world | " in (tmp_path / "results.md").read_text().split("how far the views turn")[1]
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
 
 
