@@ -83,7 +83,7 @@ def test_view_turn_compares_the_outer_views_directly_and_mirrored(world):
     result = evaluate(lambda p, s: painted, [prompt], [0], judge, real, progress=False)
     assert result["view_change"] == 0
     assert result["view_mirror_residual"] == pytest.approx((left - left.flip(-1)).abs().mean().item(), rel=1e-6)
-    single = evaluate(lambda p, s: left[None], [prompt], [0], judge, real, progress=False)
+    single = evaluate(lambda p, s: left[None], [prompt], [0, 1], judge, real, progress=False)
     assert "view_change" not in single and "view_mirror_residual" not in single  # one view: nothing to compare
 
 
