@@ -211,9 +211,8 @@ def _world_train(args: argparse.Namespace) -> int:
                                                                   gan_real=args.gan_real))
         if gan is None:
             train_gan_stage(args.out, setting, seed=args.seed)
-        # The regulariser's real portraits are rendered only if it is on and reads the run's own renders.
-        if (config.gan.weight > 0 and config.gan.real == "images"
-                and Path(config.gan.image_dir) == real_images_dir(args.out)):
+        real = config.gan.real_image_dir  # None when the regulariser is off or reads no images
+        if real is not None and Path(real) == real_images_dir(args.out):  # not when overrides point elsewhere
             real_images_stage(args.out, setting, seed=args.seed)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)

@@ -71,6 +71,12 @@ class GanConfig:
     lr: float = 0.002
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
 
+    @property
+    def real_image_dir(self) -> str | None:
+        """The image folder the regulariser reads as real portraits; None when it is off (weight 0)
+        or takes the frozen generator's samples as real."""
+        return self.image_dir if self.weight > 0 and self.real == "images" else None
+
 
 @dataclass
 class OptimConfig:

@@ -102,8 +102,9 @@ class Trainer:
         self.discriminator = discriminator.train().to(device)
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.real_images = None
-        if config.gan.weight > 0 and config.gan.real == "images":
-            self.real_images = ImageFolder(config.gan.image_dir, base.img_resolution, base.neural_rendering_resolution)
+        if config.gan.real_image_dir is not None:
+            self.real_images = ImageFolder(config.gan.real_image_dir, base.img_resolution,
+                                           base.neural_rendering_resolution)
 
         groups = self.generator.parameter_groups()
         rates = {"adapters": config.optim.lr_adapters, "cross_attention": config.optim.lr_cross_attention,
