@@ -5,7 +5,10 @@
 configuration (``train.py --cfg=ffhq --gen_pose_cond=True``, final neural rendering 128²). ``tiny``
 keeps the architecture at a few hundred thousand parameters per network for CPU tests and demos;
 ``world`` is ``tiny`` with the synthetic world's camera orbit (pivot at the origin, where the
-world's heads are centred; :mod:`dreamportrait.world`).
+world's heads are centred; :mod:`dreamportrait.world`) and its grey background: empty space
+renders as the world's background, so the generator need not fill the frustum with a grey card
+to paint it (a flat card at the pivot is what the 3D GAN learned without it: it foreshortens
+with the camera instead of turning).
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ PRESETS = {
 
 
 PRESETS["world"] = copy.deepcopy(PRESETS["tiny"])
-PRESETS["world"]["generator"]["rendering_kwargs"]["avg_camera_pivot"] = [0, 0, 0]
+PRESETS["world"]["generator"]["rendering_kwargs"].update(avg_camera_pivot=[0, 0, 0], background=0.85)
+# background: dreamportrait.world.heads.BACKGROUND (a test keeps them equal; the world imports models)
 
 
 def preset_kwargs(name: str, network: str) -> dict:

@@ -55,7 +55,7 @@ class ImportanceRenderer(nn.Module):
     ``backend`` selects the ops' implementation (None: by device; ``"reference"`` for the
     pure-PyTorch specification). Rendering options (EG3D's ``rendering_kwargs``): ``ray_start``,
     ``ray_end``, ``depth_resolution``, ``depth_resolution_importance``, ``box_warp``,
-    ``disparity_space_sampling``, ``clamp_mode``, ``white_back``, ``density_noise``,
+    ``disparity_space_sampling``, ``clamp_mode``, ``white_back`` (or our ``background``), ``density_noise``,
     ``triplane_axes`` and ``deterministic_sampling`` (evenly spaced coarse depths and evenly
     spaced quantiles for the fine pass: the same image every call).
     """

@@ -28,6 +28,30 @@ def test_matches_published_formulation(backend, device, white_back):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)  # the 1e-10 term, summed over samples
 
 
+def test_background_fills_what_the_rays_leave_empty():
+    colors, densities, depths = make_samples()
+    densities[0, :5] = -20  # nearly empty rays show the background alone
+    background = torch.rand(()).item()
+    rgb, depth, weights = eg3d_ray_march(colors, densities, depths, {"clamp_mode": "softplus", "background": background})
+    rgb_black, depth_black, weights_black = published_ray_march(colors, densities, depths, {"clamp_mode": "softplus"})
+    torch.testing.assert_close(rgb, rgb_black + 2 * background * (1 - weights_black.sum(2)), rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(depth, depth_black, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(weights, weights_black, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(rgb[0, :5], torch.full_like(rgb[0, :5], 2 * background - 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"background": 0.5, "white_back": True}, "not both"),
+    ({"background": 1.5}, r"background'\] must be a number in \[0, 1\], got 1.5"),
+    ({"background": True}, "must be a number"),
+    ({"background": "grey"}, "must be a number"),
+])
+def test_rejects_bad_backgrounds(options, message):
+    colors, densities, depths = make_samples(batch=1, rays=2, samples=4, channels=3)
+    with pytest.raises(ValueError, match=message):
+        eg3d_ray_march(colors, densities, depths, {"clamp_mode": "softplus", **options})
+
+
 def test_gradients_match_published_formulation():
     colors, densities, depths = make_samples(batch=1, rays=8, samples=10, channels=3)
     options = {"clamp_mode": "softplus"}

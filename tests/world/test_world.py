@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from dreamportrait.models import camera_labels, fov_to_intrinsics, orbit_poses
+from dreamportrait.models import build_generator, camera_labels, fov_to_intrinsics, orbit_poses
+from dreamportrait.models.cameras import camera_rays, split_camera_labels
 from dreamportrait.world import (ATTRIBUTES, HELD_OUT_RULES, HeadAttributes, HeadBatch, all_combinations, caption,
                                  held_out_combinations, is_held_out, parse_caption, render_heads,
                                  sample_world_cameras, training_combinations)
 from dreamportrait.world.attributes import PHRASINGS
+from dreamportrait.world.heads import BACKGROUND
 
 
 def frontal(count):
@@ -94,3 +96,19 @@ def test_attributes_change_the_expected_pixels():
     assert mean(changed["dark skin"], face).mean() < mean(reference, face).mean() - 0.4
     assert mean(changed["beard"], chin).mean() < mean(reference, chin).mean() - 0.3  # black beard on the chin
     assert mean(changed["bald"], top).mean() > mean(reference, top).mean() + 0.5  # skin instead of black hair
+
+
+def test_the_world_preset_renders_empty_space_as_the_world_background():
+    """The world's 3D GAN sees the world's background where its rays leave the volume (a generator
+    that had to paint it would fill the frustum with a grey card)."""
+    generator = build_generator("world").eval()
+    assert generator.rendering_kwargs["background"] == BACKGROUND
+    corner = render([all_combinations()[0]])[0][:, 0, 0]  # the world's own render leaves its corner empty
+    torch.testing.assert_close(corner, torch.full((3,), 2 * BACKGROUND - 1), rtol=0, atol=1e-6)
+    with torch.no_grad():  # an empty volume: every raw pixel is the background
+        generator.decoder.net[-1].bias.fill_(-100.0)
+        planes = torch.randn(1, 3, 32, 64, 64)
+        origins, directions = camera_rays(*split_camera_labels(frontal(1)), 8)
+        features, _, _ = generator.renderer(planes, generator.decoder, origins, directions, generator.rendering_kwargs)
+    torch.testing.assert_close(features[..., :3], torch.full_like(features[..., :3], 2 * BACKGROUND - 1),
+                               rtol=0, atol=1e-5)
