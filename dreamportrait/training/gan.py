@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -144,12 +145,17 @@ class GanTrainer:
 
     @torch.no_grad()
     def write_samples(self, path: Path, seeds: int = 4, views: int = 4) -> Path:
-        """A grid of EMA samples (rows: fixed latents, columns: yaws over the data's pose range)."""
+        """A grid of EMA samples (rows: fixed latents, each followed by its depth, nearest white over the
+        ray range so that a flat card shows as one grey; columns: yaws over the data's pose range)."""
         options = self.generator_ema.rendering_kwargs
         cameras = view_cameras(views, math.radians(35), options.get("avg_camera_radius", 2.7),
                                options.get("avg_camera_pivot", (0, 0, 0.2)))
         z = torch.randn(seeds, self.generator_ema.z_dim, generator=torch.Generator().manual_seed(0))
         ws = self.generator_ema.mapping(z.repeat_interleave(views, 0), cameras[views // 2].expand(seeds * views, -1))
-        images = self.generator_ema.synthesis(ws, cameras.repeat(seeds, 1), noise_mode="const",
-                                              deterministic_sampling=True)["image"]  # draws no random numbers
-        return write_image(path, to_uint8(grid(images, views)))
+        out = self.generator_ema.synthesis(ws, cameras.repeat(seeds, 1), noise_mode="const",
+                                           deterministic_sampling=True)  # draws no random numbers
+        images = out["image"]
+        near, far = options["ray_start"], options["ray_end"]
+        depth = F.interpolate((far - out["image_depth"]) / (far - near) * 2 - 1, size=images.shape[-2:], mode="nearest")
+        rows = torch.stack([images.unflatten(0, (seeds, views)), depth.expand_as(images).unflatten(0, (seeds, views))], 1)
+        return write_image(path, to_uint8(grid(rows.flatten(0, 2), views)))

@@ -23,7 +23,10 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     command = ["world", "train", "--out", str(out), "--teacher", str(teacher), "--setting", "tiny",
                "log.tensorboard=false", "model.attention_head_dim=8"]
     assert main(command) == 0
-    assert iio.imread(out / "gan/samples.png").shape == (4 * 64, 4 * 64, 3)
+    samples = iio.imread(out / "gan/samples.png")
+    assert samples.shape == (8 * 64, 4 * 64, 3)  # 4 latents, each followed by its depth in grey
+    depth, image = samples[64:128].astype(int), samples[:64].astype(int)
+    assert (depth == depth[..., :1]).all() and not (image == image[..., :1]).all()
     gan, discriminator = load_pretrained(out / "gan/final")
     assert discriminator is not None and gan.rendering_kwargs["avg_camera_pivot"] == [0, 0, 0]
     prompts = (out / "prompts.txt").read_text().splitlines()
