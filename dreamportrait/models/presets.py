@@ -5,10 +5,11 @@
 configuration (``train.py --cfg=ffhq --gen_pose_cond=True``, final neural rendering 128²). ``tiny``
 keeps the architecture at a few hundred thousand parameters per network for CPU tests and demos;
 ``world`` is ``tiny`` with the synthetic world's camera orbit (pivot at the origin, where the
-world's heads are centred; :mod:`dreamportrait.world`) and its grey background: empty space
+world's heads are centred; :mod:`dreamportrait.world`), its grey background (empty space
 renders as the world's background, so the generator need not fill the frustum with a grey card
-to paint it (a flat card at the pivot is what the 3D GAN learned without it: it foreshortens
-with the camera instead of turning).
+to paint it) and a density prior, a ball the size of the heads that the generator starts from
+(without both, the packaged 3D GAN learned a fog over the frame; with the background alone, a
+thin card at the pivot: either foreshortens with the camera instead of turning).
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ PRESETS = {
 
 
 PRESETS["world"] = copy.deepcopy(PRESETS["tiny"])
-PRESETS["world"]["generator"]["rendering_kwargs"].update(avg_camera_pivot=[0, 0, 0], background=0.85)
-# background: dreamportrait.world.heads.BACKGROUND (a test keeps them equal; the world imports models)
+PRESETS["world"]["generator"]["rendering_kwargs"].update(
+    avg_camera_pivot=[0, 0, 0],
+    background=0.85,  # dreamportrait.world.heads.BACKGROUND (a test keeps them equal; the world imports models)
+    density_prior={"radius": 0.25, "strength": 20.0},  # a ball the size of the world's heads (radii ~0.2-0.3)
+)
 
 
 def preset_kwargs(name: str, network: str) -> dict:

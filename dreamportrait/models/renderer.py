@@ -49,6 +49,21 @@ def triplane_axes(options: Mapping) -> tuple[int, ...]:
     return TRIPLANE_AXES[name]
 
 
+def density_prior(points: Tensor, prior: Mapping) -> Tensor:
+    """A ball of density added to the decoder's raw density at ``points`` ``(N, M, 3)`` -> ``(N, M, 1)``:
+    ``strength * (1 - |p| / radius)``, positive inside the ball around the origin, negative outside.
+
+    Ours, not EG3D's (``rendering_kwargs["density_prior"] = {"radius": r, "strength": s}``): a
+    generator whose density starts as a solid ball is rendered as a 3D object from the first step,
+    where one starting from the decoder's near-uniform density can settle on a flat card that the
+    discriminator at low resolution does not reject."""
+    radius, strength = prior.get("radius"), prior.get("strength")
+    for name, value in (("radius", radius), ("strength", strength)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"rendering_kwargs['density_prior']['{name}'] must be a positive number, got {value!r}")
+    return strength * (1 - points.norm(dim=-1, keepdim=True) / radius)
+
+
 class ImportanceRenderer(nn.Module):
     """Renders rays through tri-planes with a decoder (EG3D's ``ImportanceRenderer``).
 
@@ -56,8 +71,9 @@ class ImportanceRenderer(nn.Module):
     pure-PyTorch specification). Rendering options (EG3D's ``rendering_kwargs``): ``ray_start``,
     ``ray_end``, ``depth_resolution``, ``depth_resolution_importance``, ``box_warp``,
     ``disparity_space_sampling``, ``clamp_mode``, ``white_back`` (or our ``background``), ``density_noise``,
-    ``triplane_axes`` and ``deterministic_sampling`` (evenly spaced coarse depths and evenly
-    spaced quantiles for the fine pass: the same image every call).
+    ``triplane_axes``, ``deterministic_sampling`` (evenly spaced coarse depths and evenly
+    spaced quantiles for the fine pass: the same image every call) and our ``density_prior``
+    (:func:`density_prior`).
     """
 
     def __init__(self, backend: str | None = None):
@@ -92,6 +108,8 @@ class ImportanceRenderer(nn.Module):
         features = triplane_sample(planes, points, options["box_warp"], triplane_axes(options), "mean",
                                    backend=self.backend)
         out = decoder(features)
+        if options.get("density_prior") is not None:
+            out["sigma"] = out["sigma"] + density_prior(points, options["density_prior"])
         if options.get("density_noise", 0) > 0:
             out["sigma"] = out["sigma"] + torch.randn_like(out["sigma"]) * options["density_noise"]
         return out

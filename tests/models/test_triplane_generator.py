@@ -174,6 +174,25 @@ def test_sample_gives_density_at_points():
     assert_close_scaled(out["sigma"], sigma, 1e-5, "sigma")
 
 
+def test_density_prior_adds_a_ball_to_the_decoded_density():
+    prior = {"radius": 0.2 + torch.rand(()).item() * 0.2, "strength": 1 + torch.rand(()).item() * 10}
+    plain = tiny_generator().eval()
+    rendering = {**plain.rendering_kwargs, "density_prior": prior}
+    with_prior = build_generator("tiny", rendering_kwargs=rendering).eval()
+    with_prior.load_state_dict(plain.state_dict())
+    z, c = random_inputs(plain)
+    points = torch.rand(2, 50, 3) - 0.5
+    with torch.no_grad():
+        base, out = (g.sample(points, z, c, noise_mode="const") for g in (plain, with_prior))
+    ball = prior["strength"] * (1 - points.norm(dim=-1, keepdim=True) / prior["radius"])
+    torch.testing.assert_close(out["sigma"], base["sigma"] + ball)
+    torch.testing.assert_close(out["rgb"], base["rgb"])
+    for bad in ({"radius": 0.3}, {"radius": -0.3, "strength": 1.0}, {"radius": 0.3, "strength": True}):
+        broken = build_generator("tiny", rendering_kwargs={**plain.rendering_kwargs, "density_prior": bad})
+        with pytest.raises(ValueError, match=r"density_prior'\]\['(radius|strength)'\] must be a positive number"):
+            broken.sample(points, z, c)
+
+
 def test_camera_rays_match_eg3d_with_skew():
     c = camera_labels(sample_orbit_poses(3), fov_to_intrinsics(18.837))
     c[:, 17] = 0.05  # intrinsics[0, 1]: skew
