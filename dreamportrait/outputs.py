@@ -29,6 +29,12 @@ def depth_to_uint8(depth: Tensor) -> np.ndarray:
     return (scaled * 255).round().byte().numpy()
 
 
+def depth_grey(depth: Tensor, near: float, far: float) -> Tensor:
+    """Depths ``(N, 1, h, w)`` -> grey images ``(N, 3, h, w)`` in [-1, 1], ``near`` white and ``far``
+    black on one fixed scale (unlike :func:`depth_to_uint8`), so a flat card shows as one grey."""
+    return ((far - depth) / (far - near) * 2 - 1).clamp(-1, 1).expand(-1, 3, -1, -1)
+
+
 def grid(images: Tensor, columns: int) -> Tensor:
     """``(N, 3, H, W)`` -> one ``(3, rows * H, columns * W)`` image (missing cells black)."""
     count, channels, height, width = images.shape

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models import build_discriminator, build_generator, save_pretrained, view_cameras
-from ..outputs import grid, to_uint8, write_image
+from ..outputs import depth_grey, grid, to_uint8, write_image
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty, update_ema
 
@@ -155,7 +155,7 @@ class GanTrainer:
         out = self.generator_ema.synthesis(ws, cameras.repeat(seeds, 1), noise_mode="const",
                                            deterministic_sampling=True)  # draws no random numbers
         images = out["image"]
-        near, far = options["ray_start"], options["ray_end"]
-        depth = F.interpolate((far - out["image_depth"]) / (far - near) * 2 - 1, size=images.shape[-2:], mode="nearest")
-        rows = torch.stack([images.unflatten(0, (seeds, views)), depth.expand_as(images).unflatten(0, (seeds, views))], 1)
+        depth = depth_grey(F.interpolate(out["image_depth"], size=images.shape[-2:], mode="nearest"),
+                           options["ray_start"], options["ray_end"])
+        rows = torch.stack([images.unflatten(0, (seeds, views)), depth.unflatten(0, (seeds, views))], 1)
         return write_image(path, to_uint8(grid(rows.flatten(0, 2), views)))

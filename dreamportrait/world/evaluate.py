@@ -45,6 +45,13 @@ def evaluation_cameras(views: int) -> Tensor:
     return view_cameras(views, math.radians(30), cams["radius"], cams["pivot"], cams["fov_degrees"])
 
 
+def view_turn(views: Tensor) -> tuple[float, float]:
+    """Views ``(V, C, H, W)`` ordered by yaw -> the mean absolute difference between the outermost
+    two, and the same after mirroring one of them (≈ 0 for a symmetric head turning in 3D)."""
+    left, right = views[0], views[-1]
+    return (left - right).abs().mean().item(), (left - right.flip(-1)).abs().mean().item()
+
+
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to feature sets a ``(N, D)`` and b ``(M, D)``."""
     a, b = a.double(), b.double()
@@ -81,9 +88,9 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
             views = method(prompt, seed)
             seconds.append(time.perf_counter() - start)
             if views.shape[0] > 1:
-                left, right = views[0], views[-1]
-                view_change.append((left - right).abs().mean().item())
-                mirror_residual.append((left - right.flip(-1)).abs().mean().item())
+                change, residual = view_turn(views)
+                view_change.append(change)
+                mirror_residual.append(residual)
             predicted = judge.predict(views)  # (V, 6)
             correct += (predicted == expected[p]).float().sum(0)
             judged_views += views.shape[0]

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from dreamportrait.models import load_pretrained, view_cameras
 from dreamportrait.models.cameras import camera_rays, split_camera_labels
-from dreamportrait.outputs import grid, to_uint8, write_image
+from dreamportrait.outputs import depth_grey, grid, to_uint8, write_image
 from dreamportrait.rendering import eg3d_ray_march
 from dreamportrait.world.assets import asset_dir
+from dreamportrait.world.evaluate import view_turn
 from dreamportrait.world.heads import WORLD_CAMERAS
 
 directory, out = (sys.argv[1], sys.argv[2]) if len(sys.argv) > 2 else (asset_dir("gan"), sys.argv[1])
@@ -65,9 +66,9 @@ column = [0.0, 0.0]
 for seed in seeds:
     ws, rendered = render(seed, cameras(4, 30))
     for key in change:
-        left, right = rendered[key][0], rendered[key][-1]
-        change[key][0] += (left - right).abs().mean().item() / len(seeds)
-        change[key][1] += (left - right.flip(-1)).abs().mean().item() / len(seeds)
+        difference, mirrored = view_turn(rendered[key])
+        change[key][0] += difference / len(seeds)
+        change[key][1] += mirrored / len(seeds)
     opacity, spread = ray_column(ws)
     column[0] += opacity / len(seeds)
     column[1] += spread / len(seeds)
@@ -79,6 +80,5 @@ rows = []
 for seed in range(4):
     _, rendered = render(seed, cameras(5, 45))
     image = rendered["image"]
-    depth = F.interpolate((far - rendered["image_depth"]) / (far - near) * 2 - 1, size=image.shape[-2:], mode="nearest")
-    rows += [image, depth.expand_as(image)]
+    rows += [image, depth_grey(F.interpolate(rendered["image_depth"], size=image.shape[-2:], mode="nearest"), near, far)]
 write_image(f"{out}.png", to_uint8(grid(torch.cat(rows), 5)))
