@@ -73,7 +73,7 @@ def render_samples(combinations: Sequence[HeadAttributes], count: int, resolutio
         chunk = [rng.choice(list(combinations)) for _ in range(min(batch_size, count - start))]
         batch = HeadBatch.from_attributes(chunk, generator)
         c, _ = sample_world_cameras(len(chunk), generator)
-        rendered, _ = render_heads(batch, c, resolution)
+        rendered = render_heads(batch, c, resolution)[0]
         images.append(((rendered + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         labels.append(c)
         heads += chunk

@@ -1,7 +1,9 @@
 """The evaluation harness: any prompt -> 3D method, measured in the synthetic world by the judge.
 
-A *method* maps (prompt, seed) to V rendered views ``(V, 3, R, R)`` in [-1, 1] from the fixed
-evaluation cameras (:func:`evaluation_cameras`). For a prompt set and seeds it reports:
+A *method* maps (prompt, seed) to its renders from the fixed evaluation cameras
+(:func:`evaluation_cameras`): a dict with ``image``, V views ``(V, 3, R, R)`` in [-1, 1], and, for
+a method that has a 3D shape, ``depth`` ``(V, 1, r, r)`` (distance along each camera ray, any
+resolution r). For a prompt set and seeds it reports:
 
 - **text alignment**: per attribute, the fraction of views whose judged attribute is the prompt's;
 - **multi-view consistency**: the fraction of samples whose views are all judged alike (all six
@@ -14,7 +16,13 @@ evaluation cameras (:func:`evaluation_cameras`). For a prompt set and seeds it r
   (yaw −30° and +30°), as the mean absolute pixel difference (``view_change``) and the same after
   mirroring one of them (``view_mirror_residual``). The world's heads and the cameras are
   left-right symmetric, so a head that turns as a 3D object has a residual near 0; the judge's
-  consistency cannot see a head that does not turn at all (RESULTS.md).
+  consistency cannot see a head that does not turn at all (RESULTS.md);
+- **depth error** (methods that return depth): the mean absolute difference between the method's
+  depth and the depth of the prompt's own world head (the head :func:`world_method` renders for
+  that seed) over the pixels that head covers, in world units (the camera orbits at 2.7; the
+  heads are about 0.5 wide). The world gives every prompt its true shape, so this is EG3D's depth
+  metric (there measured against depth estimated from the image) with the ground truth known: a
+  fog or a card painted with a head scores the head's relief, a head-shaped surface near 0.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ from .dataset import ATTRIBUTE_CLASSES, WorldSamples, attribute_indices
 from .heads import WORLD_CAMERAS, HeadBatch, render_heads
 from .judge import AttributeJudge
 
-Method = Callable[[str, int], Tensor]
+Method = Callable[[str, int], dict[str, Tensor]]
+
+FOREGROUND_OPACITY = 0.5
+"""A pixel belongs to the world head where the head's opacity along the ray exceeds this."""
 
 
 def evaluation_cameras(views: int) -> Tensor:
@@ -50,6 +61,22 @@ def view_turn(views: Tensor) -> tuple[float, float]:
     two, and the same after mirroring one of them (≈ 0 for a symmetric head turning in 3D)."""
     left, right = views[0], views[-1]
     return (left - right).abs().mean().item(), (left - right.flip(-1)).abs().mean().item()
+
+
+def world_head(prompt: str, seed: int) -> HeadBatch:
+    """The prompt's own world head, its small random variations drawn from ``seed``."""
+    return HeadBatch.from_attributes([parse_caption(prompt)], torch.Generator().manual_seed(seed))
+
+
+def depth_error(depth: Tensor, prompt: str, seed: int) -> float:
+    """Depth ``(V, 1, r, r)`` from the V evaluation cameras -> the mean absolute difference from the
+    depth of the prompt's world head (:func:`world_head`, rendered at r²) over the pixels the
+    head covers; what the method renders elsewhere does not count."""
+    views, resolution = depth.shape[0], depth.shape[-1]
+    _, truth, opacity = render_heads(world_head(prompt, seed).repeat_interleave(views), evaluation_cameras(views),
+                                     resolution)
+    covered = opacity > FOREGROUND_OPACITY
+    return (depth.float() - truth).abs()[covered].mean().item()
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -80,13 +107,16 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     consistent_per_attribute = torch.zeros(len(ATTRIBUTE_CLASSES))
     judged_views = consistent = 0
     samples = len(prompts) * len(seeds)
-    features, seconds, diversity, view_change, mirror_residual = [], [], [], [], []
+    features, seconds, diversity, view_change, mirror_residual, depth_errors = [], [], [], [], [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
         frontal_features, rows = [], []
         for seed in seeds:
             start = time.perf_counter()
-            views = method(prompt, seed)
+            rendered = method(prompt, seed)
             seconds.append(time.perf_counter() - start)
+            views = rendered["image"]
+            if "depth" in rendered:
+                depth_errors.append(depth_error(rendered["depth"], prompt, seed))
             if views.shape[0] > 1:
                 change, residual = view_turn(views)
                 view_change.append(change)
@@ -110,6 +140,8 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
     real_features = torch.cat([judge.features(chunk) for chunk in real.float_images().split(256)])
     turn = {"view_change": sum(view_change) / len(view_change),
             "view_mirror_residual": sum(mirror_residual) / len(mirror_residual)} if view_change else {}
+    if depth_errors:
+        turn["depth_error"] = sum(depth_errors) / len(depth_errors)
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
@@ -155,12 +187,16 @@ def consistency_table(results: Sequence[dict]) -> str:
 
 
 def view_turn_table(results: Sequence[dict]) -> str:
-    """How far the views turn, one row per method that reports it (two or more views)."""
-    return _table(["method", "view change", "mirror residual"],
-                  [[result["method"], f"{result['view_change']:.3f}", f"{result['view_mirror_residual']:.3f}"]
+    """How far the views turn and how far the depth is from the world head's, one row per method
+    that reports the turn (two or more views); "–" for a method without depth or measured before
+    the depth error existed."""
+    return _table(["method", "view change", "mirror residual", "depth error"],
+                  [[result["method"], f"{result['view_change']:.3f}", f"{result['view_mirror_residual']:.3f}",
+                    f"{result['depth_error']:.3f}" if "depth_error" in result else "–"]
                    for result in results if "view_change" in result],
                   title="how far the views turn between yaw −30° and +30° (mean |Δpixel| in [−1, 1]; "
-                        "mirror residual ≈ 0 for a symmetric head turning in 3D)")
+                        "mirror residual ≈ 0 for a symmetric head turning in 3D) and the depth error "
+                        "(mean |Δdepth| from the prompt's world head where it covers the frame, world units)")
 
 
 def progress_table(result: dict) -> str:
@@ -186,9 +222,9 @@ def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Meth
     device = next(generator.parameters()).device
     cameras, frontal = evaluation_cameras(views).to(device), evaluation_cameras(1).to(device)
 
-    def run(prompt: str, seed: int) -> Tensor:
+    def run(prompt: str, seed: int) -> dict[str, Tensor]:
         ws, sr_ws, planes = sample(generator, prompt, seed, truncation_psi, frontal)
-        return render_views(generator, ws, sr_ws, planes, cameras)["image"].float().cpu()
+        return _image_and_depth(render_views(generator, ws, sr_ws, planes, cameras))
 
     return run
 
@@ -198,12 +234,17 @@ def gan_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
     device = next(generator.parameters()).device
     cameras, frontal = evaluation_cameras(views).to(device), evaluation_cameras(1).to(device)
 
-    def run(prompt: str, seed: int) -> Tensor:
+    def run(prompt: str, seed: int) -> dict[str, Tensor]:
         z = torch.randn(1, generator.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
         ws = generator.mapping(z, frontal, truncation_psi=truncation_psi).expand(views, -1, -1)
-        return generator.synthesis(ws, cameras, noise_mode="const", deterministic_sampling=True)["image"].float().cpu()
+        return _image_and_depth(generator.synthesis(ws, cameras, noise_mode="const", deterministic_sampling=True))
 
     return run
+
+
+def _image_and_depth(rendered: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A generator's (or scene's) outputs -> a method's result, on the CPU in float32."""
+    return {"image": rendered["image"].float().cpu(), "depth": rendered["image_depth"].float().cpu()}
 
 
 def world_method(views: int, resolution: int = 64) -> Method:
@@ -212,9 +253,9 @@ def world_method(views: int, resolution: int = 64) -> Method:
     row is the ceiling of every metric (the judge's own errors included)."""
     cameras = evaluation_cameras(views)
 
-    def run(prompt: str, seed: int) -> Tensor:
-        head = HeadBatch.from_attributes([parse_caption(prompt)], torch.Generator().manual_seed(seed))
-        return render_heads(head.repeat_interleave(views), cameras, resolution)[0]
+    def run(prompt: str, seed: int) -> dict[str, Tensor]:
+        image, depth, _ = render_heads(world_head(prompt, seed).repeat_interleave(views), cameras, resolution)
+        return {"image": image, "depth": depth}
 
     return run
 
@@ -231,7 +272,7 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32, chec
     cameras = evaluation_cameras(views).to(guidance.device)
     snapshots: dict[int, list] = {step: [] for step in sorted(set(checkpoints))}
 
-    def run(prompt: str, seed: int) -> Tensor:
+    def run(prompt: str, seed: int) -> dict[str, Tensor]:
         start, rendering = time.perf_counter(), 0.0
 
         def snapshot(step: int, scene) -> None:
@@ -246,7 +287,7 @@ def baseline_method(guidance, views: int, steps: int, resolution: int = 32, chec
         with torch.enable_grad():
             scene = optimise_scene(guidance, prompt, steps=steps, render_resolution=resolution, seed=seed,
                                    progress=False, callback=snapshot, **world_orbit()).scene
-        return scene(cameras, resolution)["image"].float().cpu()
+        return _image_and_depth(scene(cameras, resolution))
 
     run.snapshots = snapshots
     return run

@@ -160,9 +160,10 @@ def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64, backend: str | None = None
-                 ) -> tuple[Tensor, Tensor]:
-    """Images ``(B, 3, R, R)`` in [-1, 1] (on the world's grey background) and depth ``(B, 1, R, R)``
-    of the heads seen from camera labels c ``(B, 25)``."""
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Images ``(B, 3, R, R)`` in [-1, 1] (on the world's grey background), depth ``(B, 1, R, R)``
+    (along the ray, where the ray meets the head; meaningless where the opacity is near 0) and
+    opacity ``(B, 1, R, R)`` of the heads seen from camera labels c ``(B, 25)``."""
     count = c.shape[0]
     origins, directions = camera_rays(*split_camera_labels(c), resolution)  # (B, R², 3)
     near, far = WORLD_CAMERAS["near"], WORLD_CAMERAS["far"]
@@ -177,7 +178,7 @@ def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64
     image = rgb + (1 - opacity[:, None]) * BACKGROUND
     image = image.reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2)
     depth = (depth / opacity.clamp_min(1e-6)).reshape(count, 1, resolution, resolution)
-    return image * 2 - 1, depth
+    return image * 2 - 1, depth, opacity.reshape(count, 1, resolution, resolution)
 
 
 def sample_world_cameras(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,7 @@
 """The evaluation harness on the per-prompt baseline and the generator, with tiny models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_harness_measures_a_method(world):
 
     def constant_method(prompt, seed):  # the same grey views whatever the prompt: no diversity
         calls.append((prompt, seed))
-        return torch.zeros(3, 3, 32, 32)
+        return {"image": torch.zeros(3, 3, 32, 32)}
 
     result = evaluate(constant_method, prompts, [0, 1], load_judge(world / "judge"), load_dataset(world / "real"),
                       name="constant", progress=False)
@@ -64,9 +65,10 @@ def test_harness_measures_a_method(world):
     table = consistency_table([result, older])
     assert table.splitlines()[-1] == "| constant |" + " 100.0 % |" * 7 and "older" not in table
     assert result["view_change"] == 0 and result["view_mirror_residual"] == 0  # grey views do not move
+    assert "depth_error" not in result  # a method without depth
     older = {key: value for key, value in result.items() if not key.startswith("view_")} | {"method": "older"}
     table = view_turn_table([result, older])
-    assert table.splitlines()[-1] == "| constant | 0.000 | 0.000 |" and "older" not in table
+    assert table.splitlines()[-1] == "| constant | 0.000 | 0.000 | – |" and "older" not in table
 
 
 def test_view_turn_compares_the_outer_views_directly_and_mirrored(world):
@@ -76,15 +78,42 @@ def test_view_turn_compares_the_outer_views_directly_and_mirrored(world):
     prompt, judge, real = caption(held_out_combinations()[0], 0), load_judge(world / "judge"), load_dataset(world / "real")
     left = torch.rand(3, 32, 32) * 2 - 1
     turning = torch.stack([left, torch.rand(3, 32, 32), left.flip(-1)])  # +30° is -30° mirrored: a symmetric head
-    result = evaluate(lambda p, s: turning, [prompt], [0, 1], judge, real, progress=False)
+    result = evaluate(lambda p, s: {"image": turning}, [prompt], [0, 1], judge, real, progress=False)
     assert result["view_mirror_residual"] == 0
     assert result["view_change"] == pytest.approx((left - left.flip(-1)).abs().mean().item(), rel=1e-6)
     painted = left.expand(3, -1, -1, -1)  # the same picture from every camera
-    result = evaluate(lambda p, s: painted, [prompt], [0], judge, real, progress=False)
+    result = evaluate(lambda p, s: {"image": painted}, [prompt], [0], judge, real, progress=False)
     assert result["view_change"] == 0
     assert result["view_mirror_residual"] == pytest.approx((left - left.flip(-1)).abs().mean().item(), rel=1e-6)
-    single = evaluate(lambda p, s: left[None], [prompt], [0, 1], judge, real, progress=False)
+    single = evaluate(lambda p, s: {"image": left[None]}, [prompt], [0, 1], judge, real, progress=False)
     assert "view_change" not in single and "view_mirror_residual" not in single  # one view: nothing to compare
+
+
+def test_depth_error_is_measured_against_the_prompts_world_head_where_it_covers_the_frame(world):
+    from dreamportrait.world.dataset import load_dataset
+    from dreamportrait.world.evaluate import evaluation_cameras, world_head
+    from dreamportrait.world.heads import render_heads
+    from dreamportrait.world.judge import load_judge
+
+    prompts = [caption(head, 0) for head in held_out_combinations()[:2]]
+    offsets = {(prompt, seed): torch.rand(()).item() for prompt in prompts for seed in (0, 1)}
+
+    def shifted_world(prompt, seed):
+        # The prompt's own head at 16² depth (a coarser grid than its 32² image), moved back by a
+        # random offset; every pixel the head does not cover is poisoned.
+        cameras = evaluation_cameras(3)
+        image = render_heads(world_head(prompt, seed).repeat_interleave(3), cameras, 32)[0]
+        _, depth, opacity = render_heads(world_head(prompt, seed).repeat_interleave(3), cameras, 16)
+        depth = torch.where(opacity > 0.5, depth + offsets[prompt, seed], torch.nan)
+        return {"image": image, "depth": depth}
+
+    result = evaluate(shifted_world, prompts, [0, 1], load_judge(world / "judge"), load_dataset(world / "real"),
+                      progress=False)
+    assert result["depth_error"] == pytest.approx(sum(offsets.values()) / 4, rel=1e-5)
+    other_seed = evaluate(lambda p, s: shifted_world(p, s + 1), prompts, [0], load_judge(world / "judge"),
+                          load_dataset(world / "real"), progress=False)
+    assert math.isnan(other_seed["depth_error"])  # another head: poisoned pixels now count
+    assert view_turn_table([result]).splitlines()[-1].endswith(f" | {result['depth_error']:.3f} |")
 
 
 def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path):
@@ -145,7 +174,8 @@ def test_consistency_counts_samples_whose_views_agree_overall_and_per_attribute(
     flip_hat = right[:5] + other[5:]
     flip_beard_and_hat = right[:3] + other[3:4] + right[4:5] + other[5:]
     verdicts = [[right, right, right], [right, flip_hat, right], [flip_beard_and_hat, right, right], [other] * 3]
-    result = evaluate(lambda p, s: torch.rand(3, 3, 32, 32) * 2 - 1, [prompt], [0, 1, 2, 3], ScriptedJudge(verdicts),
+    result = evaluate(lambda p, s: {"image": torch.rand(3, 3, 32, 32) * 2 - 1}, [prompt], [0, 1, 2, 3],
+                      ScriptedJudge(verdicts),
                       load_dataset(world / "real"), progress=False)
     assert result["multi_view_consistency"] == 2 / 4  # the first and the last (consistently wrong)
     assert result["consistency_per_attribute"] == {"hair_color": 1.0, "skin_tone": 1.0, "hair_style": 1.0,
