@@ -22,7 +22,8 @@ resolution r). For a prompt set and seeds it reports:
   that seed) over the pixels that head covers, in world units (the camera orbits at 2.7; the
   heads are about 0.5 wide). The world gives every prompt its true shape, so this is EG3D's depth
   metric (there measured against depth estimated from the image) with the ground truth known: a
-  fog or a card painted with a head scores the head's relief, a head-shaped surface near 0.
+  flat card through the orbit's pivot scores about 0.125 on the held-out prompts, the world's own
+  renders 0.
 """
 
 from __future__ import annotations
@@ -138,10 +139,10 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         if out_dir is not None:
             write_image(Path(out_dir) / slug(name) / f"{slug(prompt)}.png", to_uint8(grid(torch.cat(rows), rows[0].shape[0])))
     real_features = torch.cat([judge.features(chunk) for chunk in real.float_images().split(256)])
-    turn = {"view_change": sum(view_change) / len(view_change),
-            "view_mirror_residual": sum(mirror_residual) / len(mirror_residual)} if view_change else {}
+    geometry = {"view_change": sum(view_change) / len(view_change),
+                "view_mirror_residual": sum(mirror_residual) / len(mirror_residual)} if view_change else {}
     if depth_errors:
-        turn["depth_error"] = sum(depth_errors) / len(depth_errors)
+        geometry["depth_error"] = sum(depth_errors) / len(depth_errors)
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
@@ -151,7 +152,7 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
         "world_fid": frechet_distance(torch.cat(features), real_features),
         "seconds_per_prompt": sum(seconds) / len(seconds),
-        **turn,
+        **geometry,
     }
 
 
