@@ -20,9 +20,9 @@ resolution r). For a prompt set and seeds it reports:
 - **depth error** (methods that return depth): the mean absolute difference between the method's
   depth and the depth of the prompt's own world head (the head :func:`world_method` renders for
   that seed) over the pixels that head covers, in world units (the camera orbits at 2.7; the
-  heads are about 0.5 wide). The world gives every prompt its true shape, so this is EG3D's depth
+  heads are about 0.4 wide and deep). The world gives every prompt its true shape, so this is EG3D's depth
   metric (there measured against depth estimated from the image) with the ground truth known: a
-  flat card through the orbit's pivot scores about 0.125 on the held-out prompts, the world's own
+  flat card through the orbit's pivot scores 0.127 on the held-out prompts, the world's own
   renders 0.
 """
 
