@@ -91,7 +91,7 @@ def test_view_turn_compares_the_outer_views_directly_and_mirrored(world):
 
 def test_depth_error_is_measured_against_the_prompts_world_head_where_it_covers_the_frame(world):
     from dreamportrait.world.dataset import load_dataset
-    from dreamportrait.world.evaluate import evaluation_cameras, world_head
+    from dreamportrait.world.evaluate import FOREGROUND_OPACITY, evaluation_cameras, world_head
     from dreamportrait.world.heads import render_heads
     from dreamportrait.world.judge import load_judge
 
@@ -104,7 +104,7 @@ def test_depth_error_is_measured_against_the_prompts_world_head_where_it_covers_
         cameras = evaluation_cameras(3)
         image = render_heads(world_head(prompt, seed).repeat_interleave(3), cameras, 32)[0]
         _, depth, opacity = render_heads(world_head(prompt, seed).repeat_interleave(3), cameras, 16)
-        depth = torch.where(opacity > 0.5, depth + offsets[prompt, seed], torch.nan)
+        depth = torch.where(opacity > FOREGROUND_OPACITY, depth + offsets[prompt, seed], torch.nan)
         return {"image": image, "depth": depth}
 
     result = evaluate(shifted_world, prompts, [0, 1], load_judge(world / "judge"), load_dataset(world / "real"),
