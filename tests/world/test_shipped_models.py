@@ -12,7 +12,7 @@ from dreamportrait.training import latest_checkpoint
 from dreamportrait.world import caption, held_out_combinations
 from dreamportrait.world.assets import asset_dir, load_default_generator
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, heads_from_indices, render_samples
-from dreamportrait.world.evaluate import evaluate, generator_method, spread, world_method
+from dreamportrait.world.evaluate import depth_error, evaluate, generator_method, spread, world_method
 from dreamportrait.world.judge import accuracy, load_judge
 
 
@@ -104,3 +104,20 @@ def test_a_held_out_prompt_gets_its_hair_colour():
     hair = judge.predict(views)[:, list(ATTRIBUTE_CLASSES).index("hair_color")]
     red = ATTRIBUTE_CLASSES["hair_color"].index("red")
     assert (hair == red).float().mean() > 0.5
+
+
+def test_the_shipped_generator_draws_solid_heads():
+    # The 3D claim, not only the pictures: on held-out prompts the shipped generator's depth is far
+    # nearer the world head's true depth than a flat card through the orbit's pivot is (RESULTS.md:
+    # 0.062 against 0.127 over every held-out prompt; the fog-GAN generator shipped before it,
+    # 0.131, fails this).
+    generator = generator_method(load_default_generator(), views=4)
+    heads = held_out_combinations()
+    ours, card = [], []
+    for _ in range(4):
+        head = heads[int(torch.randint(len(heads), ()))]
+        prompt, seed = caption(head, int(torch.randint(3, ()))), fresh_seed()
+        depth = generator(prompt, seed)["depth"]
+        ours.append(depth_error(depth, prompt, seed))
+        card.append(depth_error(torch.full_like(depth, 2.7), prompt, seed))
+    assert sum(ours) < 0.75 * sum(card), (ours, card)
