@@ -13,6 +13,7 @@ from dreamportrait.world import caption, held_out_combinations
 from dreamportrait.world.assets import asset_dir, load_default_generator
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, heads_from_indices, render_samples
 from dreamportrait.world.evaluate import depth_error, evaluate, generator_method, spread, world_method
+from dreamportrait.world.heads import WORLD_CAMERAS
 from dreamportrait.world.judge import accuracy, load_judge
 
 
@@ -119,5 +120,5 @@ def test_the_shipped_generator_draws_solid_heads():
         prompt, seed = caption(head, int(torch.randint(3, ()))), fresh_seed()
         depth = generator(prompt, seed)["depth"]
         ours.append(depth_error(depth, prompt, seed))
-        card.append(depth_error(torch.full_like(depth, 2.7), prompt, seed))
+        card.append(depth_error(torch.full_like(depth, WORLD_CAMERAS["radius"]), prompt, seed))  # through the pivot
     assert sum(ours) < 0.75 * sum(card), (ours, card)
