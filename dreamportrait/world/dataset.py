@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from .attributes import ATTRIBUTES, HeadAttributes, caption
-from .heads import HeadBatch, render_heads, sample_world_cameras
+from .heads import HeadBatch, render_heads, render_part_masks, sample_world_cameras
 
 SHARD_SIZE = 512
 ATTRIBUTE_CLASSES = {name: values + (("none",) if name == "hair_color" else ()) for name, values in ATTRIBUTES.items()}
@@ -39,12 +39,15 @@ def heads_from_indices(indices: Tensor) -> list[HeadAttributes]:
 
 @dataclass
 class WorldSamples:
-    """images ``(N, 3, R, R)`` uint8, labels ``(N, 25)``, attributes ``(N, 6)`` class indices, captions."""
+    """images ``(N, 3, R, R)`` uint8, labels ``(N, 25)``, attributes ``(N, 6)`` class indices,
+    captions, and optionally part masks ``(N, len(MASK_PARTS), R, R)`` uint8 (each region's
+    coverage of each pixel, :func:`~dreamportrait.world.heads.render_part_masks`, times 255)."""
 
     images: Tensor
     labels: Tensor
     attributes: Tensor
     captions: list[str]
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -64,28 +67,33 @@ class WorldSamples:
 
 
 def render_samples(combinations: Sequence[HeadAttributes], count: int, resolution: int, seed: int,
-                   batch_size: int = 64) -> WorldSamples:
+                   batch_size: int = 64, part_masks: bool = False) -> WorldSamples:
     """``count`` heads drawn uniformly from ``combinations``, each from a random camera of the pose
-    prior, captioned in a random phrasing; deterministic given ``seed``."""
+    prior, captioned in a random phrasing, with their part masks if ``part_masks``; deterministic
+    given ``seed`` (the masks change no random draw, so the rest is the same either way)."""
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    images, labels, heads, captions = [], [], [], []
+    images, labels, heads, captions, masks = [], [], [], [], []
     for start in range(0, count, batch_size):
         chunk = [rng.choice(list(combinations)) for _ in range(min(batch_size, count - start))]
         batch = HeadBatch.from_attributes(chunk, generator)
         c, _ = sample_world_cameras(len(chunk), generator)
         rendered = render_heads(batch, c, resolution)[0]
         images.append(((rendered + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        if part_masks:
+            masks.append((render_part_masks(batch, c, resolution) * 255).round().to(torch.uint8))
         labels.append(c)
         heads += chunk
         captions += [caption(h, rng=rng) for h in chunk]
-    return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), captions)
+    return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), captions,
+                        torch.cat(masks) if part_masks else None)
 
 
 def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes], count: int, resolution: int,
-                  seed: int, progress: bool = True) -> WorldSamples:
-    """Render (or finish rendering) a dataset of ``count`` samples into ``directory`` as shards of
-    :data:`SHARD_SIZE`; each shard is written atomically and skipped when present, so an
-    interrupted build resumes. Returns the whole dataset."""
+                  seed: int, progress: bool = True, part_masks: bool = False) -> WorldSamples:
+    """Render (or finish rendering) a dataset of ``count`` samples (with part masks if
+    ``part_masks``) into ``directory`` as shards of :data:`SHARD_SIZE`; each shard is written
+    atomically and skipped when present, so an interrupted build resumes. Returns the whole
+    dataset; a dataset asked for with masks whose shards hold none is an error."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shards = range((count + SHARD_SIZE - 1) // SHARD_SIZE)
@@ -94,18 +102,23 @@ def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes],
         if path.is_file():
             continue
         size = min(SHARD_SIZE, count - shard * SHARD_SIZE)
-        samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard)
+        samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard, part_masks=part_masks)
         with atomic_path(path) as temporary:
-            torch.save(vars(samples), temporary)
-    return load_dataset(directory)
+            torch.save({key: value for key, value in vars(samples).items() if value is not None}, temporary)
+    dataset = load_dataset(directory)
+    if part_masks and dataset.masks is None:
+        raise ValueError(f"{directory} was rendered without part masks; render it again into another directory")
+    return dataset
 
 
 def load_dataset(directory: str | Path) -> WorldSamples:
+    """The dataset of ``directory``'s shards (with part masks when every shard has them)."""
     parts = [torch.load(path, weights_only=True) for path in sorted(Path(directory).glob("shard-*.pt"))]
     if not parts:
         raise FileNotFoundError(f"{directory} holds no dataset shards")
+    masks = torch.cat([p["masks"] for p in parts]) if all("masks" in p for p in parts) else None
     return WorldSamples(torch.cat([p["images"] for p in parts]), torch.cat([p["labels"] for p in parts]),
-                        torch.cat([p["attributes"] for p in parts]), [c for p in parts for c in p["captions"]])
+                        torch.cat([p["attributes"] for p in parts]), [c for p in parts for c in p["captions"]], masks)
 
 
 def export_image_folder(samples: WorldSamples, directory: str | Path, progress: bool = True) -> Path:

@@ -33,6 +33,10 @@ HAIR = {"black": (0.07, 0.06, 0.06), "brown": (0.42, 0.25, 0.12), "blond": (0.93
 HAT = {"none": (0.0, 0.0, 0.0), "red": (0.82, 0.08, 0.10), "blue": (0.10, 0.22, 0.80)}
 BACKGROUND = 0.85
 PARTS = ("skin", "eyes", "mouth", "beard", "hair", "hat", "lenses", "frames")
+MASK_PARTS = {"skin": ("skin", "eyes", "mouth"), "hair": ("hair",), "beard": ("beard",),
+              "glasses": ("lenses", "frames"), "hat": ("hat",)}
+"""The regions of :func:`render_part_masks`, each a union of :data:`PARTS`: what a caption's
+phrase names (the skin phrase names the face, "glasses" their lenses and frames)."""
 MAX_DENSITY = 80.0
 SOFTNESS = 0.006
 
@@ -99,6 +103,13 @@ def _box(p: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
     """Density ``(B, N)`` and colour ``(B, N, 3)`` in [0, 1] of each head at its points p ``(B, N, 3)``."""
+    density, colour, _ = _head_field(heads, p)
+    return density, colour
+
+
+def _head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`head_field` and each part's share ``(B, N)`` of the colour at p (the weights of the
+    colour blend below; they sum to at most 1)."""
     c, r = heads.center, heads.radii
     x, y, z = p.unbind(-1)
     cy, cz = c[:, 1:2], c[:, 2:3]
@@ -150,12 +161,27 @@ def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
     density = torch.stack(list(occupancies.values())).amax(dim=0)
     # Each part's share relative to the union, so a soft surface has its part's colour, not a
     # blend with whatever default lies under it.
+    # Each lerp hands ``share`` of what earlier parts hold to this part: its share of the final
+    # colour is ``share`` times what no later part takes (skin starts with all of it).
     colour = heads.skin[:, None].expand(*x.shape, 3)
+    shares = {"skin": torch.ones_like(density)}
     for name in PARTS:
         tint = colours[name].expand(x.shape[0], 3) if colours[name].dim() == 1 else colours[name]
         share = (occupancies[name] / density.clamp_min(1e-6)).clamp(0, 1)
         colour = torch.lerp(colour, tint[:, None].expand_as(colour), share[..., None])
-    return density * MAX_DENSITY, colour
+        shares = {part: value * (1 - share) for part, value in shares.items()}
+        shares[name] = shares.get(name, 0) + share
+    return density * MAX_DENSITY, colour, shares
+
+
+def _ray_samples(c: Tensor, resolution: int, samples: int) -> tuple[Tensor, Tensor, float]:
+    """Sample points ``(B, R² * S, 3)`` along each pixel's ray, their depths ``(S,)`` and spacing."""
+    origins, directions = camera_rays(*split_camera_labels(c), resolution)  # (B, R², 3)
+    near, far = WORLD_CAMERAS["near"], WORLD_CAMERAS["far"]
+    spacing = (far - near) / samples
+    depths = near + (torch.arange(samples, dtype=c.dtype) + 0.5) * spacing  # (S,)
+    points = origins[:, :, None] + depths[None, None, :, None] * directions[:, :, None]  # (B, R², S, 3)
+    return points.reshape(c.shape[0], -1, 3), depths, spacing
 
 
 @torch.no_grad()
@@ -165,12 +191,8 @@ def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64
     (along the ray, where the ray meets the head; meaningless where the opacity is near 0) and
     opacity ``(B, 1, R, R)`` of the heads seen from camera labels c ``(B, 25)``."""
     count = c.shape[0]
-    origins, directions = camera_rays(*split_camera_labels(c), resolution)  # (B, R², 3)
-    near, far = WORLD_CAMERAS["near"], WORLD_CAMERAS["far"]
-    spacing = (far - near) / samples
-    depths = near + (torch.arange(samples, dtype=c.dtype) + 0.5) * spacing  # (S,)
-    points = origins[:, :, None] + depths[None, None, :, None] * directions[:, :, None]  # (B, R², S, 3)
-    density, colour = head_field(heads, points.reshape(count, -1, 3))
+    points, depths, spacing = _ray_samples(c, resolution, samples)
+    density, colour = head_field(heads, points)
     rays = count * resolution * resolution
     rgb, depth, opacity, _ = composite_rays(density.reshape(rays, samples), colour.reshape(rays, samples, 3),
                                             depths.expand(rays, samples).contiguous(),
@@ -179,6 +201,23 @@ def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64
     image = image.reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2)
     depth = (depth / opacity.clamp_min(1e-6)).reshape(count, 1, resolution, resolution)
     return image * 2 - 1, depth, opacity.reshape(count, 1, resolution, resolution)
+
+
+@torch.no_grad()
+def render_part_masks(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64) -> Tensor:
+    """How much of each pixel each region of :data:`MASK_PARTS` covers, ``(B, len(MASK_PARTS), R, R)``
+    in [0, 1], for the heads seen from camera labels c ``(B, 25)`` as :func:`render_heads` sees
+    them: each part's share of the colour, composited along the ray with the image's weights. A
+    pixel's regions sum to its opacity (0 on the background)."""
+    count = c.shape[0]
+    points, depths, spacing = _ray_samples(c, resolution, samples)
+    density, _, shares = _head_field(heads, points)
+    regions = torch.stack([sum(shares[part] for part in parts) for parts in MASK_PARTS.values()], dim=-1)
+    rays = count * resolution * resolution
+    coverage, _, _, _ = composite_rays(density.reshape(rays, samples), regions.reshape(rays, samples, -1),
+                                       depths.expand(rays, samples).contiguous(),
+                                       torch.full((rays, samples), spacing), backend="reference")
+    return coverage.clamp(0, 1).reshape(count, resolution, resolution, -1).permute(0, 3, 1, 2)
 
 
 def sample_world_cameras(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -12,18 +12,21 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from ..guidance.stable_diffusion import encoder_states_of
-from ..models.text_encoder import check_encoder_states, check_text_encoding, encode_text
+from ..models.text_encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
+from .heads import MASK_PARTS
 from .tokenizer import write_clip_tokenizer
 
 VIEW_WORDS = ("front", "side", "back", "view")
@@ -117,6 +120,86 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     return directory
 
 
+def phrase_region(phrase: str) -> int | None:
+    """The index in :data:`~dreamportrait.world.heads.MASK_PARTS` of the region a caption phrase
+    names ("a blue hat" -> hat, "long red hair" -> hair, "dark skin" -> skin), or ``None`` for a
+    phrase that names no region ("a photo of a person", "portrait", "a bald head")."""
+    words = set(re.findall(r"[a-z]+", phrase.lower()))
+    for region, names in (("hat", {"hat"}), ("glasses", {"glasses"}), ("beard", {"beard"}), ("hair", {"hair"}),
+                          ("skin", {"skin", "skinned"})):
+        if words & names:
+            return list(MASK_PARTS).index(region)
+    return None
+
+
+def token_regions(tokenizer, prompts: list[str], length: int) -> Tensor:
+    """``(B, length)``: for each position of a phrase-encoded prompt's UNet context
+    (:func:`~dreamportrait.models.text_encoder.encode_text`: start, each phrase's words, end,
+    padding), the :func:`phrase_region` of the phrase whose word sits there, -1 elsewhere."""
+    regions = torch.full((len(prompts), length), -1, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        position = 1  # after the start token
+        for phrase in split_phrases(prompt):
+            words = len(tokenizer(phrase)["input_ids"]) - 2
+            region = phrase_region(phrase)
+            if region is not None:
+                regions[row, position:min(position + words, length - 1)] = region
+            position += words
+    return regions
+
+
+class _RecordingAttention:
+    """Stands in for a diffusers ``Attention`` module inside diffusers' plain ``AttnProcessor``
+    (which computes the attention probabilities explicitly), keeping each probability tensor
+    ``(B * heads, Q, L)`` in ``maps``; every other attribute is the module's."""
+
+    def __init__(self, attention, maps: list[tuple[Tensor, int]]):
+        self._attention, self._maps = attention, maps
+
+    def __getattr__(self, name):
+        return getattr(self._attention, name)
+
+    def get_attention_scores(self, query: Tensor, key: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        probabilities = self._attention.get_attention_scores(query, key, attention_mask)
+        self._maps.append((probabilities, self._attention.heads))
+        return probabilities
+
+
+def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks: Tensor) -> Tensor:
+    """How far the cross-attention strays from the regions the prompt's phrases name, over every
+    recorded map (``(B * heads, Q, L)`` probabilities over the L tokens for each of Q = h² image
+    positions; heads averaged). ``regions`` ``(B, L)``: each token's region (-1 for none);
+    ``masks`` ``(B, P, R, R)`` in [0, 1]: the regions' coverage of each pixel
+    (:func:`~dreamportrait.world.heads.render_part_masks`), area-averaged to each map's h². The
+    sum of two terms, each in [0, 1] (0 when nothing is supervised):
+
+    - tokens (TokenCompose's token loss, Wang et al. 2024): for every token with a region,
+      (1 − the share of the attention it receives that comes from its region)², averaged; alone,
+      a token meets it by being attended little, from anywhere inside;
+    - pixels: for every position, (1 − its attention on the tokens of the phrase naming its
+      region)², weighted by the region's coverage there, over the regions the prompt names: the
+      hair's pixels must read the hair's words. A teacher trained on the token term alone drew
+      the hat asked for, but the hair colour no more often than chance (README, *the ninth attempt*).
+    """
+    supervised = regions >= 0
+    if not supervised.any():
+        return masks.new_zeros(())
+    named = F.one_hot(regions.clamp(min=0), masks.shape[1]).to(masks) * supervised[..., None]  # (B, L, P)
+    losses = []
+    for probabilities, heads in maps:
+        positions, length = probabilities.shape[1:]
+        attention = probabilities.reshape(-1, heads, positions, length).mean(1).transpose(1, 2)  # (B, L, Q)
+        coverage = F.adaptive_avg_pool2d(masks, math.isqrt(positions)).flatten(2)  # (B, P, Q)
+        region = coverage.gather(1, regions.clamp(min=0)[:, :, None].expand(-1, -1, positions))  # (B, L, Q)
+        inside = (attention * region).sum(-1) / attention.sum(-1).clamp_min(1e-8)
+        tokens = (1 - inside)[supervised].square().mean()
+        on_phrase = torch.einsum("blq,blp->bpq", attention, named)  # (B, P, Q) attention on each region's words
+        weight = coverage * named.amax(1)[..., None]
+        pixels = (weight * (1 - on_phrase).square()).sum() / weight.sum().clamp_min(1e-8)
+        losses.append(tokens + pixels)
+    return torch.stack(losses).mean()
+
+
 class Teacher:
     """A teacher directory's models, for training and sampling."""
 
@@ -143,16 +226,54 @@ class Teacher:
         min(SNR(t), ``snr_gamma``) / SNR(t) (Min-SNR weighting, Hang et al. 2023; ``None``: plain
         MSE). The weighting takes weight off the nearly clean timesteps, whose ε-loss is large but
         teaches only fine detail, towards the noisy ones where the caption decides the image."""
+        return self.training_losses(images, prompts, generator, snr_gamma)[0]
+
+    def training_losses(self, images: Tensor, prompts: list[str], generator: torch.Generator,
+                        snr_gamma: float | None = 5.0, masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`denoising_loss` and, given the images' part masks ``(N, P, R, R)`` in [0, 1],
+        :func:`attention_region_loss` of the same forward pass over every cross-attention layer
+        (``None`` without masks). Needs a phrase-encoding text encoder: only then does each word's
+        context position belong to one phrase."""
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator)
         noisy = self.scheduler.add_noise(images, noise, t)
-        prediction = self.unet(noisy.to(self.device), t.to(self.device), encoder_hidden_states=self.encode(prompts)).sample
+        context = self.encode(prompts)
+        maps: list[tuple[Tensor, int]] = []
+        if masks is not None:
+            if text_encoding_of(self.text_encoder.config) != "phrases":
+                raise ValueError("masks: attention supervision needs a teacher whose text encoder encodes phrases "
+                                 "(TeacherConfig(text_encoding='phrases'))")
+            restore = self._record_cross_attention(maps)
+        try:
+            prediction = self.unet(noisy.to(self.device), t.to(self.device), encoder_hidden_states=context).sample
+        finally:
+            if masks is not None:
+                self.unet.set_attn_processor(restore)
         per_sample = (prediction - noise.to(self.device)).square().mean(dim=(1, 2, 3))
         if snr_gamma is None:
-            return per_sample.mean()
-        alpha_bar = self.scheduler.alphas_cumprod[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        return (per_sample * (snr.clamp(max=snr_gamma) / snr).to(per_sample)).mean()
+            denoising = per_sample.mean()
+        else:
+            alpha_bar = self.scheduler.alphas_cumprod[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            denoising = (per_sample * (snr.clamp(max=snr_gamma) / snr).to(per_sample)).mean()
+        if masks is None:
+            return denoising, None
+        regions = token_regions(self.tokenizer, prompts, context.shape[1]).to(self.device)
+        return denoising, attention_region_loss(maps, regions, masks.to(self.device))
+
+    def _record_cross_attention(self, maps: list) -> dict:
+        """Route every cross-attention layer of the UNet through diffusers' plain ``AttnProcessor``,
+        appending its probabilities to ``maps``; returns the processors to restore."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        class Recording(AttnProcessor):
+            def __call__(self, attention, *args, **kwargs):
+                return super().__call__(_RecordingAttention(attention, maps), *args, **kwargs)
+
+        restore = self.unet.attn_processors
+        self.unet.set_attn_processor({name: Recording() if name.endswith("attn2.processor") else processor
+                                      for name, processor in restore.items()})
+        return restore
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int = 50, guidance_scale: float = 3.0,
@@ -186,12 +307,18 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> floa
 
 def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: int = 64, lr: float = 5e-4,
                   caption_dropout: float = 0.1, snr_gamma: float | None = 5.0, seed: int = 0,
-                  checkpoint_every: int = 500, progress: bool = True) -> list[float]:
+                  checkpoint_every: int = 500, progress: bool = True, attention_weight: float = 0.0) -> list[float]:
     """Train the UNet and the text encoder jointly on ``data`` (captions dropped to "" with
     probability ``caption_dropout``, for classifier-free guidance; Min-SNR-``snr_gamma`` loss
-    weighting, see :meth:`Teacher.denoising_loss`) at :func:`learning_rate`;
+    weighting, see :meth:`Teacher.denoising_loss`) at :func:`learning_rate`, plus
+    ``attention_weight`` times :func:`attention_region_loss` (which needs ``data.masks``);
     resumes from and saves to ``teacher.directory/training_state.pt`` every ``checkpoint_every``
-    steps. Returns the losses."""
+    steps. Returns the total losses."""
+    if attention_weight < 0:
+        raise ValueError(f"attention_weight must be >= 0, got {attention_weight}")
+    if attention_weight > 0 and data.masks is None:
+        raise ValueError("data: attention supervision (attention_weight > 0) needs part masks; "
+                         "render the dataset with part_masks=True")
     state_path = teacher.directory / "training_state.pt"
     parameters = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
@@ -209,7 +336,9 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
         while step < steps:
             index = torch.randint(len(data), (batch_size,), generator=generator)
             prompts = ["" if rng.random() < caption_dropout else data.captions[int(i)] for i in index]
-            loss = teacher.denoising_loss(images[index], prompts, generator, snr_gamma)
+            masks = data.masks[index].float() / 255 if attention_weight > 0 else None
+            denoising, attention = teacher.training_losses(images[index], prompts, generator, snr_gamma, masks)
+            loss = denoising if attention is None else denoising + attention_weight * attention
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimiser.param_groups:
@@ -219,7 +348,8 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
             losses.append(loss.item())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{denoising.item():.4f}",
+                            **({} if attention is None else {"attention": f"{attention.item():.3f}"}))
             if step % checkpoint_every == 0 or step == steps:
                 teacher.save()
                 with atomic_path(state_path) as temporary:

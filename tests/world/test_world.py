@@ -11,7 +11,7 @@ from dreamportrait.world import (ATTRIBUTES, HELD_OUT_RULES, HeadAttributes, Hea
                                  held_out_combinations, is_held_out, parse_caption, render_heads,
                                  sample_world_cameras, training_combinations)
 from dreamportrait.world.attributes import PHRASINGS
-from dreamportrait.world.heads import BACKGROUND
+from dreamportrait.world.heads import BACKGROUND, MASK_PARTS, render_part_masks
 
 
 def frontal(count):
@@ -112,3 +112,24 @@ def test_the_world_preset_renders_empty_space_as_the_world_background():
         features, _, _ = generator.renderer(planes, generator.decoder, origins, directions, generator.rendering_kwargs)
     torch.testing.assert_close(features[..., :3], torch.full_like(features[..., :3], 2 * BACKGROUND - 1),
                                rtol=0, atol=1e-5)
+
+
+def test_part_masks_cover_the_pixels_of_each_part_and_sum_to_the_opacity():
+    heads = [HeadAttributes("red", "light", "long", "yes", "yes", "blue"), HeadAttributes("none", "dark", "bald", "no", "no", "none")]
+    batch = HeadBatch.from_attributes(heads, torch.Generator().manual_seed(int(torch.randint(1 << 30, ()))))
+    image, _, opacity = render_heads(batch, frontal(2), 64)  # 64²: the glasses' frames are thin
+    masks = render_part_masks(batch, frontal(2), 64)
+    assert masks.shape == (2, len(MASK_PARTS), 64, 64) and masks.min() >= 0 and masks.max() <= 1
+    torch.testing.assert_close(masks.sum(1, keepdim=True), opacity, rtol=0, atol=1e-5)
+    region = {name: index for index, name in enumerate(MASK_PARTS)}
+    for name in ("hair", "beard", "glasses", "hat"):  # none of them on a bald, beardless, bare head
+        assert masks[1, region[name]].max() < 1e-3, name
+    torch.testing.assert_close(masks[1, region["skin"]], opacity[1, 0], rtol=0, atol=1e-5)
+    red, blue = image[0, 0], image[0, 2]
+    for name in ("skin", "hair", "beard", "glasses", "hat"):
+        assert (masks[0, region[name]] > 0.5).sum() >= 4, name  # every part of the first head is seen (the lenses are half clear)
+    assert (blue > red)[masks[0, region["hat"]] > 0.9].all()  # the blue hat's pixels
+    assert (red > blue + 0.5)[masks[0, region["hair"]] > 0.9].all()  # the red hair's
+    rows = torch.arange(64.0)[:, None].expand(64, 64)
+    centre = lambda name: (rows * masks[0, region[name]]).sum() / masks[0, region[name]].sum()  # noqa: E731
+    assert centre("hat") < centre("glasses") < centre("beard")  # top to bottom (image rows grow downwards)

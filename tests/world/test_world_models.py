@@ -2,20 +2,23 @@
 
 import dataclasses
 import json
+import random
 
 import imageio.v3 as iio
 import pytest
 import torch
 
 from dreamportrait.guidance import StableDiffusionGuidance
-from dreamportrait.models.text_encoder import split_phrases
-from dreamportrait.world import training_combinations
+from dreamportrait.models.text_encoder import encode_text, split_phrases
+from dreamportrait.world import all_combinations, caption, training_combinations
 from dreamportrait.world import dataset as dataset_module
 from dreamportrait.training.real_images import ImageFolder
 from dreamportrait.world.dataset import (attribute_indices, build_dataset, export_image_folder, heads_from_indices,
                                         render_samples)
 from dreamportrait.world.judge import accuracy, load_judge, save_judge, train_judge
-from dreamportrait.world.teacher import Teacher, TeacherConfig, build_teacher, caption_words, train_teacher
+from dreamportrait.world.heads import MASK_PARTS
+from dreamportrait.world.teacher import (Teacher, TeacherConfig, attention_region_loss, build_teacher, caption_words,
+                                         phrase_region, token_regions, train_teacher)
 
 TINY_TEACHER = TeacherConfig(channels=(32, 32), text_width=32, text_layers=2, text_heads=2, attention_head_dim=16)
 
@@ -63,6 +66,17 @@ def test_datasets_export_as_an_eg3d_image_folder(tmp_path, samples, monkeypatch)
     (tmp_path / "stray").mkdir()
     with pytest.raises(FileExistsError, match="stray exists but holds no dataset.json"):
         export_image_folder(samples, tmp_path / "stray", progress=False)
+
+
+def test_part_masks_leave_the_renders_as_they_were_and_are_kept_on_disk(tmp_path, samples):
+    masked = render_samples(training_combinations(), 48, 32, seed=3, part_masks=True)
+    assert torch.equal(masked.images, samples.images) and masked.captions == samples.captions
+    assert samples.masks is None and masked.masks.dtype == torch.uint8 and masked.masks.shape == (48, 5, 32, 32)
+    built = build_dataset(tmp_path / "masked", training_combinations(), 20, 32, seed=1, progress=False, part_masks=True)
+    assert built.masks.shape == (20, 5, 32, 32) and built.masks.max() == 255
+    build_dataset(tmp_path / "plain", training_combinations(), 20, 32, seed=1, progress=False)
+    with pytest.raises(ValueError, match="plain was rendered without part masks"):
+        build_dataset(tmp_path / "plain", training_combinations(), 20, 32, seed=1, progress=False, part_masks=True)
 
 
 def test_judge_trains_saves_and_loads(tmp_path, samples):
@@ -175,3 +189,87 @@ def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["world", "build", "--out", str(tmp_path), "--setting", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_token_regions_mark_each_phrase_where_the_phrase_encoding_puts_its_words(tmp_path):
+    teacher = Teacher(build_teacher(tmp_path, TINY_TEACHER))
+    heads = random.Random().sample(all_combinations(), 6)
+    prompts = [caption(head, phrasing) for head in heads for phrasing in range(3)] + [""]
+    regions = token_regions(teacher.tokenizer, prompts, 77)
+    encoded = encode_text(teacher.tokenizer, teacher.text_encoder, prompts)
+    assert regions.shape == (len(prompts), encoded.tokens.shape[1]) and (regions[-1] == -1).all()
+    for row, prompt in enumerate(prompts[:-1]):
+        named = [phrase for phrase in split_phrases(prompt) if phrase_region(phrase) is not None]
+        assert sorted({int(r) for r in regions[row] if r >= 0}) == sorted({phrase_region(p) for p in named})
+        assert regions[row, 0] == -1 and (regions[row, int(encoded.mask[row].sum()) - 1:] == -1).all()  # start, end
+        for phrase in named:  # the marked positions hold exactly the phrase's own states
+            alone = encode_text(teacher.tokenizer, teacher.text_encoder, [phrase])
+            words = int(alone.mask[0].sum()) - 2
+            positions = (regions[row] == phrase_region(phrase)).nonzero()[:, 0]
+            assert len(positions) == words
+            torch.testing.assert_close(encoded.tokens[row, positions], alone.tokens[0, 1:1 + words])
+    assert phrase_region("a blue hat") == list(MASK_PARTS).index("hat")
+    assert phrase_region("a dark-skinned person") == phrase_region("light skin") == list(MASK_PARTS).index("skin")
+    assert phrase_region("a photo of a person") is None and phrase_region("a bald head") is None
+
+
+def test_attention_region_loss_measures_the_attention_outside_each_phrase_region():
+    batch, heads, side, length = 2, 3, 4, 6
+    masks = torch.rand(batch, len(MASK_PARTS), 2 * side, 2 * side)
+    regions = torch.tensor([[-1, 4, 4, 1, -1, -1], [-1, 0, 2, -1, -1, -1]])
+    logits = torch.randn(batch * heads, side * side, length, requires_grad=True)
+    loss = attention_region_loss([(logits.softmax(-1), heads)], regions, masks)
+    coverage = torch.nn.functional.avg_pool2d(masks, 2).flatten(2)  # (B, P, Q)
+    token_terms, pixel_terms, pixel_weights = [], [], []
+    for b in range(batch):
+        attention = logits.softmax(-1)[b * heads:(b + 1) * heads].mean(0)  # (Q, L)
+        for token in range(length):
+            if regions[b, token] >= 0:
+                column = attention[:, token]
+                token_terms.append((1 - (column * coverage[b, regions[b, token]]).sum() / column.sum()) ** 2)
+        for region in {int(r) for r in regions[b] if r >= 0}:
+            on_phrase = attention[:, regions[b] == region].sum(1)  # (Q,)
+            pixel_terms.append((coverage[b, region] * (1 - on_phrase) ** 2).sum())
+            pixel_weights.append(coverage[b, region].sum())
+    expected = torch.stack(token_terms).mean() + torch.stack(pixel_terms).sum() / torch.stack(pixel_weights).sum()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+
+    region = torch.zeros(1, len(MASK_PARTS), side, side)
+    region[0, 4, :2] = 1  # the hat covers the top half
+    top = torch.zeros(1, side * side, 2)
+    top[0, :2 * side, 1], top[0, 2 * side:, 0] = 1, 1  # the top half attends only to the hat's token
+    hat_token = torch.tensor([[-1, 4]])
+    assert attention_region_loss([(top, 1)], hat_token, region) == 0
+    assert attention_region_loss([(top.flip(1), 1)], hat_token, region) == 2  # every pixel and token wrong
+    sliver = torch.zeros(1, side * side, 2)
+    sliver[0, :, 0], sliver[0, 0] = 1, torch.tensor([0.0, 1.0])  # one hat pixel reads the hat, the rest do not
+    assert attention_region_loss([(sliver, 1)], hat_token, region) == 7 / 8  # 7 of 8 hat pixels; the token term is 0
+    assert attention_region_loss([(top, 1)], torch.tensor([[-1, -1]]), region) == 0  # nothing supervised
+
+
+def test_attention_supervision_trains_the_cross_attention_towards_the_regions(tmp_path):
+    data = render_samples(training_combinations(), 32, 32, seed=int(torch.randint(1 << 30, ())), part_masks=True)
+    supervised, control = (Teacher(build_teacher(tmp_path / name, TINY_TEACHER)) for name in ("supervised", "control"))
+    processors = {name: type(p) for name, p in supervised.unet.attn_processors.items()}
+
+    def attention_loss(teacher):
+        with torch.no_grad():
+            return teacher.training_losses(data.float_images()[:16], data.captions[:16], torch.Generator().manual_seed(0),
+                                           masks=data.masks[:16].float() / 255)[1]
+
+    before = attention_loss(supervised)
+    torch.testing.assert_close(attention_loss(control), before)  # the same initial weights
+    losses = train_teacher(supervised, data, steps=30, batch_size=8, lr=1e-2, attention_weight=10.0, progress=False)
+    train_teacher(control, data, steps=30, batch_size=8, lr=1e-2, progress=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert attention_loss(supervised) < 0.8 * min(before, attention_loss(control))
+    assert {name: type(p) for name, p in supervised.unet.attn_processors.items()} == processors  # put back each step
+    with pytest.raises(ValueError, match="needs part masks"):
+        train_teacher(supervised, render_samples(training_combinations(), 8, 32, seed=0), steps=31, attention_weight=1.0)
+    with pytest.raises(ValueError, match="attention_weight must be >= 0"):
+        train_teacher(supervised, data, steps=31, attention_weight=-1.0)
+    whole = Teacher(build_teacher(tmp_path / "whole", dataclasses.replace(TINY_TEACHER, text_encoding="caption")))
+    with pytest.raises(ValueError, match="encodes phrases"):
+        whole.training_losses(data.float_images()[:2], data.captions[:2], torch.Generator(), masks=data.masks[:2] / 255)
