@@ -9,7 +9,8 @@ teacher from scratch with the build's recipe (default ``TeacherConfig``, seed 0,
 batch 32) plus ``WEIGHT`` (default 0.1) times the attention-region loss into ``OUT/teacher``
 (resumable), then prints the judge's per-attribute accuracy on its samples of the held-out captions
 as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3, seed 0), overall and per
-held-out rule, and on 74 training combinations (``random.Random(0).sample``).
+held-out rule, and on 74 training combinations (``random.Random(0).sample``); the held-out samples
+go to ``OUT/held_out_samples.png`` (two combinations per row, in ``held_out_combinations()`` order).
 """
 import random
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dreamportrait.outputs import grid, to_uint8, write_image
 from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import HELD_OUT_RULES, held_out_combinations, training_combinations
 from dreamportrait.world.build import SETTINGS
@@ -46,6 +48,7 @@ def main(out: Path, weight: float) -> None:
     heads = held_out_combinations()
     scores, images = judge_teacher(teacher, judge, heads, samples_per_head=2, steps=25, guidance_scale=3.0, seed=0)
     print("held-out captions:", percent(scores), flush=True)
+    write_image(out / "held_out_samples.png", to_uint8(grid(images, 4)))
     verdicts = judge.predict(images)
     for number, rule in enumerate(HELD_OUT_RULES, 1):
         rows = [i for i, head in enumerate(h for h in heads for _ in range(2))
