@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from .attributes import ATTRIBUTES, HeadAttributes, caption
-from .heads import HeadBatch, render_heads, render_part_masks, sample_world_cameras
+from .heads import HeadBatch, render_heads_and_masks, sample_world_cameras
 
 SHARD_SIZE = 512
 ATTRIBUTE_CLASSES = {name: values + (("none",) if name == "hair_color" else ()) for name, values in ATTRIBUTES.items()}
@@ -77,10 +77,10 @@ def render_samples(combinations: Sequence[HeadAttributes], count: int, resolutio
         chunk = [rng.choice(list(combinations)) for _ in range(min(batch_size, count - start))]
         batch = HeadBatch.from_attributes(chunk, generator)
         c, _ = sample_world_cameras(len(chunk), generator)
-        rendered = render_heads(batch, c, resolution)[0]
+        rendered, _, _, coverage = render_heads_and_masks(batch, c, resolution, part_masks=part_masks)
         images.append(((rendered + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         if part_masks:
-            masks.append((render_part_masks(batch, c, resolution) * 255).round().to(torch.uint8))
+            masks.append((coverage * 255).round().to(torch.uint8))
         labels.append(c)
         heads += chunk
         captions += [caption(h, rng=rng) for h in chunk]

@@ -109,7 +109,7 @@ def head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor]:
 
 def _head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`head_field` and each part's share ``(B, N)`` of the colour at p (the weights of the
-    colour blend below; they sum to at most 1)."""
+    colour blend below; at every point they sum to 1)."""
     c, r = heads.center, heads.radii
     x, y, z = p.unbind(-1)
     cy, cz = c[:, 1:2], c[:, 2:3]
@@ -160,9 +160,9 @@ def _head_field(heads: HeadBatch, p: Tensor) -> tuple[Tensor, Tensor, dict[str, 
             occupancies[name] = occupancies[name] * enabled[name][:, None]
     density = torch.stack(list(occupancies.values())).amax(dim=0)
     # Each part's share relative to the union, so a soft surface has its part's colour, not a
-    # blend with whatever default lies under it.
-    # Each lerp hands ``share`` of what earlier parts hold to this part: its share of the final
-    # colour is ``share`` times what no later part takes (skin starts with all of it).
+    # blend with whatever default lies under it. Each lerp hands ``share`` of what earlier parts
+    # hold to this part, so its weight in the final colour is ``share`` times what no later part
+    # takes (the base skin starts with all of it): ``shares``.
     colour = heads.skin[:, None].expand(*x.shape, 3)
     shares = {"skin": torch.ones_like(density)}
     for name in PARTS:
@@ -190,17 +190,7 @@ def render_heads(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64
     """Images ``(B, 3, R, R)`` in [-1, 1] (on the world's grey background), depth ``(B, 1, R, R)``
     (along the ray, where the ray meets the head; meaningless where the opacity is near 0) and
     opacity ``(B, 1, R, R)`` of the heads seen from camera labels c ``(B, 25)``."""
-    count = c.shape[0]
-    points, depths, spacing = _ray_samples(c, resolution, samples)
-    density, colour = head_field(heads, points)
-    rays = count * resolution * resolution
-    rgb, depth, opacity, _ = composite_rays(density.reshape(rays, samples), colour.reshape(rays, samples, 3),
-                                            depths.expand(rays, samples).contiguous(),
-                                            torch.full((rays, samples), spacing), backend=backend)
-    image = rgb + (1 - opacity[:, None]) * BACKGROUND
-    image = image.reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2)
-    depth = (depth / opacity.clamp_min(1e-6)).reshape(count, 1, resolution, resolution)
-    return image * 2 - 1, depth, opacity.reshape(count, 1, resolution, resolution)
+    return render_heads_and_masks(heads, c, resolution, samples, backend, part_masks=False)[:3]
 
 
 @torch.no_grad()
@@ -209,15 +199,31 @@ def render_part_masks(heads: HeadBatch, c: Tensor, resolution: int, samples: int
     in [0, 1], for the heads seen from camera labels c ``(B, 25)`` as :func:`render_heads` sees
     them: each part's share of the colour, composited along the ray with the image's weights. A
     pixel's regions sum to its opacity (0 on the background)."""
-    count = c.shape[0]
+    return render_heads_and_masks(heads, c, resolution, samples)[3]
+
+
+@torch.no_grad()
+def render_heads_and_masks(heads: HeadBatch, c: Tensor, resolution: int, samples: int = 64,
+                           backend: str | None = None, part_masks: bool = True
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`render_heads`'s outputs and, if ``part_masks``, :func:`render_part_masks`'s (else
+    ``None``) from one evaluation of the heads' field: the masks are the parts' shares summed with
+    the image's own compositing weights."""
+    count, rays = c.shape[0], c.shape[0] * resolution * resolution
     points, depths, spacing = _ray_samples(c, resolution, samples)
-    density, _, shares = _head_field(heads, points)
-    regions = torch.stack([sum(shares[part] for part in parts) for parts in MASK_PARTS.values()], dim=-1)
-    rays = count * resolution * resolution
-    coverage, _, _, _ = composite_rays(density.reshape(rays, samples), regions.reshape(rays, samples, -1),
-                                       depths.expand(rays, samples).contiguous(),
-                                       torch.full((rays, samples), spacing), backend="reference")
-    return coverage.clamp(0, 1).reshape(count, resolution, resolution, -1).permute(0, 3, 1, 2)
+    density, colour, shares = _head_field(heads, points)
+    rgb, depth, opacity, weights = composite_rays(density.reshape(rays, samples), colour.reshape(rays, samples, 3),
+                                                  depths.expand(rays, samples).contiguous(),
+                                                  torch.full((rays, samples), spacing), backend=backend)
+    image = rgb + (1 - opacity[:, None]) * BACKGROUND
+    image = image.reshape(count, resolution, resolution, 3).permute(0, 3, 1, 2)
+    depth = (depth / opacity.clamp_min(1e-6)).reshape(count, 1, resolution, resolution)
+    masks = None
+    if part_masks:
+        regions = torch.stack([sum(shares[part] for part in parts) for parts in MASK_PARTS.values()], dim=-1)
+        coverage = torch.einsum("rs,rsp->rp", weights, regions.reshape(rays, samples, -1))
+        masks = coverage.clamp(0, 1).reshape(count, resolution, resolution, -1).permute(0, 3, 1, 2)
+    return image * 2 - 1, depth, opacity.reshape(count, 1, resolution, resolution), masks
 
 
 def sample_world_cameras(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -137,10 +137,13 @@ def token_regions(tokenizer, prompts: list[str], length: int) -> Tensor:
     (:func:`~dreamportrait.models.text_encoder.encode_text`: start, each phrase's words, end,
     padding), the :func:`phrase_region` of the phrase whose word sits there, -1 elsewhere."""
     regions = torch.full((len(prompts), length), -1, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
+    phrases = [split_phrases(prompt) for prompt in prompts]
+    unique = list(dict.fromkeys(phrase for own in phrases for phrase in own))
+    words_of = {phrase: len(ids) - 2 for phrase, ids in zip(unique, tokenizer(unique)["input_ids"] if unique else [])}
+    for row, own in enumerate(phrases):
         position = 1  # after the start token
-        for phrase in split_phrases(prompt):
-            words = len(tokenizer(phrase)["input_ids"]) - 2
+        for phrase in own:
+            words = words_of[phrase]
             region = phrase_region(phrase)
             if region is not None:
                 regions[row, position:min(position + words, length - 1)] = region
@@ -266,12 +269,11 @@ class Teacher:
         appending its probabilities to ``maps``; returns the processors to restore."""
         from diffusers.models.attention_processor import AttnProcessor
 
-        class Recording(AttnProcessor):
-            def __call__(self, attention, *args, **kwargs):
-                return super().__call__(_RecordingAttention(attention, maps), *args, **kwargs)
+        def recording(attention, *args, **kwargs):
+            return AttnProcessor()(_RecordingAttention(attention, maps), *args, **kwargs)
 
         restore = self.unet.attn_processors
-        self.unet.set_attn_processor({name: Recording() if name.endswith("attn2.processor") else processor
+        self.unet.set_attn_processor({name: recording if name.endswith("attn2.processor") else processor
                                       for name, processor in restore.items()})
         return restore
 
