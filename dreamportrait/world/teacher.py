@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,10 +133,19 @@ def phrase_region(phrase: str) -> int | None:
     return None
 
 
-def token_regions(tokenizer, prompts: list[str], length: int) -> Tensor:
+def part_indices(parts: Collection[str]) -> set[int]:
+    """The indices in :data:`~dreamportrait.world.heads.MASK_PARTS` of the region names ``parts``."""
+    if isinstance(parts, str) or set(parts) - set(MASK_PARTS):
+        raise ValueError(f"parts: expected a collection of names from {list(MASK_PARTS)}, got {parts!r}")
+    return {list(MASK_PARTS).index(part) for part in parts}
+
+
+def token_regions(tokenizer, prompts: list[str], length: int, parts: Collection[str] = tuple(MASK_PARTS)) -> Tensor:
     """``(B, length)``: for each position of a phrase-encoded prompt's UNet context
     (:func:`~dreamportrait.models.text_encoder.encode_text`: start, each phrase's words, end,
-    padding), the :func:`phrase_region` of the phrase whose word sits there, -1 elsewhere."""
+    padding), the :func:`phrase_region` of the phrase whose word sits there when that region is
+    one of ``parts`` (names of :data:`~dreamportrait.world.heads.MASK_PARTS`), -1 elsewhere."""
+    kept = part_indices(parts)
     regions = torch.full((len(prompts), length), -1, dtype=torch.long)
     phrases = [split_phrases(prompt) for prompt in prompts]
     unique = list(dict.fromkeys(phrase for own in phrases for phrase in own))
@@ -145,7 +155,7 @@ def token_regions(tokenizer, prompts: list[str], length: int) -> Tensor:
         for phrase in own:
             words = words_of[phrase]
             region = phrase_region(phrase)
-            if region is not None:
+            if region in kept:
                 regions[row, position:min(position + words, length - 1)] = region
             position += words
     return regions
@@ -232,10 +242,11 @@ class Teacher:
         return self.training_losses(images, prompts, generator, snr_gamma)[0]
 
     def training_losses(self, images: Tensor, prompts: list[str], generator: torch.Generator,
-                        snr_gamma: float | None = 5.0, masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                        snr_gamma: float | None = 5.0, masks: Tensor | None = None,
+                        parts: Collection[str] = tuple(MASK_PARTS)) -> tuple[Tensor, Tensor | None]:
         """:meth:`denoising_loss` and, given the images' part masks ``(N, P, R, R)`` in [0, 1],
         :func:`attention_region_loss` of the same forward pass over every cross-attention layer
-        (``None`` without masks). Needs a phrase-encoding text encoder: only then does each word's
+        for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding text encoder: only then does each word's
         context position belong to one phrase."""
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator)
@@ -261,7 +272,7 @@ class Teacher:
             denoising = (per_sample * (snr.clamp(max=snr_gamma) / snr).to(per_sample)).mean()
         if masks is None:
             return denoising, None
-        regions = token_regions(self.tokenizer, prompts, context.shape[1]).to(self.device)
+        regions = token_regions(self.tokenizer, prompts, context.shape[1], parts).to(self.device)
         return denoising, attention_region_loss(maps, regions, masks.to(self.device))
 
     def _record_cross_attention(self, maps: list) -> dict:
@@ -309,11 +320,13 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> floa
 
 def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: int = 64, lr: float = 5e-4,
                   caption_dropout: float = 0.1, snr_gamma: float | None = 5.0, seed: int = 0,
-                  checkpoint_every: int = 500, progress: bool = True, attention_weight: float = 0.0) -> list[float]:
+                  checkpoint_every: int = 500, progress: bool = True, attention_weight: float = 0.0,
+                  attention_parts: Collection[str] = tuple(MASK_PARTS)) -> list[float]:
     """Train the UNet and the text encoder jointly on ``data`` (captions dropped to "" with
     probability ``caption_dropout``, for classifier-free guidance; Min-SNR-``snr_gamma`` loss
     weighting, see :meth:`Teacher.denoising_loss`) at :func:`learning_rate`, plus
-    ``attention_weight`` times :func:`attention_region_loss` (which needs ``data.masks``);
+    ``attention_weight`` times :func:`attention_region_loss` over the phrases naming one of
+    ``attention_parts`` (which needs ``data.masks``);
     resumes from and saves to ``teacher.directory/training_state.pt`` every ``checkpoint_every``
     steps. Returns the total losses."""
     if attention_weight < 0:
@@ -321,6 +334,7 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
     if attention_weight > 0 and data.masks is None:
         raise ValueError("data: attention supervision (attention_weight > 0) needs part masks; "
                          "render the dataset with part_masks=True")
+    part_indices(attention_parts)
     state_path = teacher.directory / "training_state.pt"
     parameters = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
@@ -339,7 +353,8 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
             index = torch.randint(len(data), (batch_size,), generator=generator)
             prompts = ["" if rng.random() < caption_dropout else data.captions[int(i)] for i in index]
             masks = data.masks[index].float() / 255 if attention_weight > 0 else None
-            denoising, attention = teacher.training_losses(images[index], prompts, generator, snr_gamma, masks)
+            denoising, attention = teacher.training_losses(images[index], prompts, generator, snr_gamma, masks,
+                                                           attention_parts)
             loss = denoising if attention is None else denoising + attention_weight * attention
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

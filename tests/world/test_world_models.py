@@ -208,6 +208,11 @@ def test_token_regions_mark_each_phrase_where_the_phrase_encoding_puts_its_words
             positions = (regions[row] == phrase_region(phrase)).nonzero()[:, 0]
             assert len(positions) == words
             torch.testing.assert_close(encoded.tokens[row, positions], alone.tokens[0, 1:1 + words])
+    some = random.Random().sample(list(MASK_PARTS), 2)  # a subset of the regions keeps only its own phrases
+    kept = torch.isin(regions, torch.tensor([list(MASK_PARTS).index(part) for part in some]))
+    torch.testing.assert_close(token_regions(teacher.tokenizer, prompts, 77, some), regions.where(kept, -1))
+    with pytest.raises(ValueError, match="parts: expected a collection of names"):
+        token_regions(teacher.tokenizer, prompts, 77, ["hats"])
     assert phrase_region("a blue hat") == list(MASK_PARTS).index("hat")
     assert phrase_region("a dark-skinned person") == phrase_region("light skin") == list(MASK_PARTS).index("skin")
     assert phrase_region("a photo of a person") is None and phrase_region("a bald head") is None
@@ -270,6 +275,8 @@ def test_attention_supervision_trains_the_cross_attention_towards_the_regions(tm
         train_teacher(supervised, render_samples(training_combinations(), 8, 32, seed=0), steps=31, attention_weight=1.0)
     with pytest.raises(ValueError, match="attention_weight must be >= 0"):
         train_teacher(supervised, data, steps=31, attention_weight=-1.0)
+    with pytest.raises(ValueError, match="parts: expected a collection of names"):
+        train_teacher(supervised, data, steps=31, attention_weight=1.0, attention_parts="hat")
     whole = Teacher(build_teacher(tmp_path / "whole", dataclasses.replace(TINY_TEACHER, text_encoding="caption")))
     with pytest.raises(ValueError, match="encodes phrases"):
         whole.training_losses(data.float_images()[:2], data.captions[:2], torch.Generator(), masks=data.masks[:2] / 255)

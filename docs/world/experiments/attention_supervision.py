@@ -1,12 +1,13 @@
 """A teacher trained with its cross-attention supervised by the renders' part masks (README,
 *the ninth attempt*).
 
-    python docs/world/experiments/attention_supervision.py OUT [WEIGHT]
+    python docs/world/experiments/attention_supervision.py OUT [WEIGHT [PARTS]]
 
 renders the build's teacher data again (the same 16,384 heads, cameras and captions as
 ``dreamportrait world build``'s ``data/teacher-train``) with part masks into ``OUT/data``, trains a
 teacher from scratch with the build's recipe (default ``TeacherConfig``, seed 0, 3,000 steps,
-batch 32) plus ``WEIGHT`` (default 0.1) times the attention-region loss into ``OUT/teacher``
+batch 32) plus ``WEIGHT`` (default 0.1) times the attention-region loss over the phrases naming
+one of ``PARTS`` (comma-separated names of ``MASK_PARTS``, default all five) into ``OUT/teacher``
 (resumable), then prints the judge's per-attribute accuracy on its samples of the held-out captions
 as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3, seed 0), overall and per
 held-out rule, and on 74 training combinations (``random.Random(0).sample``); the held-out samples
@@ -24,6 +25,7 @@ from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import HELD_OUT_RULES, held_out_combinations, training_combinations
 from dreamportrait.world.build import SETTINGS
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, build_dataset
+from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.judge import load_judge
 from dreamportrait.world.teacher import Teacher, build_teacher, judge_teacher, train_teacher
 
@@ -33,7 +35,7 @@ def percent(scores: dict[str, float]) -> str:
         f" / mean {100 * sum(scores.values()) / len(scores):.1f} %"
 
 
-def main(out: Path, weight: float) -> None:
+def main(out: Path, weight: float, parts: list[str]) -> None:
     setting, seed = SETTINGS["default"], 0
     data = build_dataset(out / "data/teacher-train", training_combinations(), setting.teacher_train,
                          setting.resolution, seed=seed * 10 + 3, part_masks=True)
@@ -41,7 +43,8 @@ def main(out: Path, weight: float) -> None:
         build_teacher(out / "teacher", setting.teacher, seed=seed)
     start = time.time()
     train_teacher(Teacher(out / "teacher"), data, steps=setting.teacher_steps, batch_size=setting.teacher_batch,
-                  lr=setting.teacher_lr, snr_gamma=setting.teacher_snr_gamma, seed=seed, attention_weight=weight)
+                  lr=setting.teacher_lr, snr_gamma=setting.teacher_snr_gamma, seed=seed, attention_weight=weight,
+                  attention_parts=parts)
     print(f"trained in {time.time() - start:.0f} s", flush=True)
 
     teacher, judge = Teacher(out / "teacher"), load_judge(asset_dir("judge"))
@@ -65,4 +68,5 @@ def main(out: Path, weight: float) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.1)
+    main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.1,
+         sys.argv[3].split(",") if len(sys.argv) > 3 else list(MASK_PARTS))
