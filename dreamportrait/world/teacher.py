@@ -246,8 +246,8 @@ class Teacher:
                         parts: Collection[str] = tuple(MASK_PARTS)) -> tuple[Tensor, Tensor | None]:
         """:meth:`denoising_loss` and, given the images' part masks ``(N, P, R, R)`` in [0, 1],
         :func:`attention_region_loss` of the same forward pass over every cross-attention layer
-        for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding text encoder: only then does each word's
-        context position belong to one phrase."""
+        for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding
+        text encoder: only then does each word's context position belong to one phrase."""
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator)
         noisy = self.scheduler.add_noise(images, noise, t)

@@ -12,7 +12,6 @@ import dataclasses
 import sys
 
 import torch
-from diffusers import DDIMScheduler
 
 from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import caption, held_out_combinations
@@ -23,27 +22,18 @@ from dreamportrait.world.teacher import Teacher
 SAMPLES_PER_HEAD, STEPS, GUIDANCE = 2, 25, 3.0
 
 
-@torch.no_grad()
 def sample(teacher: Teacher, attention_prompts: list[str], pooled_prompts: list[str]) -> torch.Tensor:
-    """DDIM + CFG samples whose cross-attention reads ``attention_prompts`` and whose pooled
-    caption is that of ``pooled_prompts`` (the unconditional half reads "" for both)."""
-    unet, generator = teacher.unet, torch.Generator().manual_seed(0)
-    scheduler = DDIMScheduler.from_config(teacher.scheduler.config)
-    scheduler.set_timesteps(STEPS)
-    size = unet.config.sample_size
-    x = torch.randn(len(attention_prompts), 3, size, size, generator=generator)
-    empty = teacher.encode([""] * len(attention_prompts))
-    context = torch.cat([teacher.encode(attention_prompts), empty])
-    pooled_context = torch.cat([teacher.encode(pooled_prompts), empty])
+    """:meth:`Teacher.sample` of ``attention_prompts`` (DDIM + CFG; seed 0) with the pooled caption
+    that of ``pooled_prompts`` (the unconditional half reads "" for both)."""
+    unet = teacher.unet
+    with torch.no_grad():
+        pooled_context = torch.cat([teacher.encode(pooled_prompts), teacher.encode([""] * len(pooled_prompts))])
     pool = unet.add_embedding.forward
     unet.add_embedding.forward = lambda states: pool(pooled_context)  # the UNet pools what we say
     try:
-        for t in scheduler.timesteps:
-            conditional, unconditional = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-            x = scheduler.step(unconditional + GUIDANCE * (conditional - unconditional), t, x).prev_sample
+        return teacher.sample(attention_prompts, STEPS, GUIDANCE, torch.Generator().manual_seed(0))
     finally:
         del unet.add_embedding.forward
-    return x.clamp(-1, 1)
 
 
 def main(directory: str) -> None:
