@@ -178,13 +178,22 @@ class _RecordingAttention:
         return probabilities
 
 
-def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks: Tensor) -> Tensor:
+ATTENTION_TERMS = ("tokens", "pixels")
+
+
+def check_attention_terms(terms: Collection[str]) -> None:
+    if isinstance(terms, str) or not terms or set(terms) - set(ATTENTION_TERMS):
+        raise ValueError(f"terms: expected a non-empty collection of names from {list(ATTENTION_TERMS)}, got {terms!r}")
+
+
+def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks: Tensor,
+                          terms: Collection[str] = ATTENTION_TERMS) -> Tensor:
     """How far the cross-attention strays from the regions the prompt's phrases name, over every
     recorded map (``(B * heads, Q, L)`` probabilities over the L tokens for each of Q = h² image
     positions; heads averaged). ``regions`` ``(B, L)``: each token's region (-1 for none);
     ``masks`` ``(B, P, R, R)`` in [0, 1]: the regions' coverage of each pixel
     (:func:`~dreamportrait.world.heads.render_part_masks`), area-averaged to each map's h². The
-    sum of two terms, each in [0, 1] (0 when nothing is supervised):
+    sum of the ``terms`` named (both by default), each in [0, 1] (0 when nothing is supervised):
 
     - tokens (TokenCompose's token loss, Wang et al. 2024): for every token with a region,
       (1 − the share of the attention it receives that comes from its region)², averaged; alone,
@@ -194,6 +203,7 @@ def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks
       hair's pixels must read the hair's words. A teacher trained on the token term alone drew
       the hat asked for, but the hair colour no more often than chance (README, *the ninth attempt*).
     """
+    check_attention_terms(terms)
     supervised = regions >= 0
     if not supervised.any():
         return masks.new_zeros(())
@@ -205,11 +215,11 @@ def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks
         coverage = F.adaptive_avg_pool2d(masks, math.isqrt(positions)).flatten(2)  # (B, P, Q)
         region = coverage.gather(1, regions.clamp(min=0)[:, :, None].expand(-1, -1, positions))  # (B, L, Q)
         inside = (attention * region).sum(-1) / attention.sum(-1).clamp_min(1e-8)
-        tokens = (1 - inside)[supervised].square().mean()
         on_phrase = torch.einsum("blq,blp->bpq", attention, named)  # (B, P, Q) attention on each region's words
         weight = coverage * named.amax(1)[..., None]
-        pixels = (weight * (1 - on_phrase).square()).sum() / weight.sum().clamp_min(1e-8)
-        losses.append(tokens + pixels)
+        term = {"tokens": (1 - inside)[supervised].square().mean(),
+                "pixels": (weight * (1 - on_phrase).square()).sum() / weight.sum().clamp_min(1e-8)}
+        losses.append(sum(term[name] for name in terms))
     return torch.stack(losses).mean()
 
 
@@ -243,10 +253,11 @@ class Teacher:
 
     def training_losses(self, images: Tensor, prompts: list[str], generator: torch.Generator,
                         snr_gamma: float | None = 5.0, masks: Tensor | None = None,
-                        parts: Collection[str] = tuple(MASK_PARTS)) -> tuple[Tensor, Tensor | None]:
+                        parts: Collection[str] = tuple(MASK_PARTS),
+                        terms: Collection[str] = ATTENTION_TERMS) -> tuple[Tensor, Tensor | None]:
         """:meth:`denoising_loss` and, given the images' part masks ``(N, P, R, R)`` in [0, 1],
-        :func:`attention_region_loss` of the same forward pass over every cross-attention layer
-        for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding
+        :func:`attention_region_loss` (its ``terms``) of the same forward pass over every
+        cross-attention layer for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding
         text encoder: only then does each word's context position belong to one phrase."""
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator)
@@ -273,7 +284,7 @@ class Teacher:
         if masks is None:
             return denoising, None
         regions = token_regions(self.tokenizer, prompts, context.shape[1], parts).to(self.device)
-        return denoising, attention_region_loss(maps, regions, masks.to(self.device))
+        return denoising, attention_region_loss(maps, regions, masks.to(self.device), terms)
 
     def _record_cross_attention(self, maps: list) -> dict:
         """Route every cross-attention layer of the UNet through diffusers' plain ``AttnProcessor``,
@@ -321,12 +332,13 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> floa
 def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: int = 64, lr: float = 5e-4,
                   caption_dropout: float = 0.1, snr_gamma: float | None = 5.0, seed: int = 0,
                   checkpoint_every: int = 500, progress: bool = True, attention_weight: float = 0.0,
-                  attention_parts: Collection[str] = tuple(MASK_PARTS)) -> list[float]:
+                  attention_parts: Collection[str] = tuple(MASK_PARTS),
+                  attention_terms: Collection[str] = ATTENTION_TERMS) -> list[float]:
     """Train the UNet and the text encoder jointly on ``data`` (captions dropped to "" with
     probability ``caption_dropout``, for classifier-free guidance; Min-SNR-``snr_gamma`` loss
     weighting, see :meth:`Teacher.denoising_loss`) at :func:`learning_rate`, plus
-    ``attention_weight`` times :func:`attention_region_loss` over the phrases naming one of
-    ``attention_parts`` (which needs ``data.masks``);
+    ``attention_weight`` times :func:`attention_region_loss` (its ``attention_terms``) over the
+    phrases naming one of ``attention_parts`` (which needs ``data.masks``);
     resumes from and saves to ``teacher.directory/training_state.pt`` every ``checkpoint_every``
     steps. Returns the total losses."""
     if attention_weight < 0:
@@ -335,6 +347,7 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
         raise ValueError("data: attention supervision (attention_weight > 0) needs part masks; "
                          "render the dataset with part_masks=True")
     part_indices(attention_parts)
+    check_attention_terms(attention_terms)
     state_path = teacher.directory / "training_state.pt"
     parameters = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
@@ -354,7 +367,7 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
             prompts = ["" if rng.random() < caption_dropout else data.captions[int(i)] for i in index]
             masks = data.masks[index].float() / 255 if attention_weight > 0 else None
             denoising, attention = teacher.training_losses(images[index], prompts, generator, snr_gamma, masks,
-                                                           attention_parts)
+                                                           attention_parts, attention_terms)
             loss = denoising if attention is None else denoising + attention_weight * attention
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -236,8 +236,13 @@ def test_attention_region_loss_measures_the_attention_outside_each_phrase_region
             on_phrase = attention[:, regions[b] == region].sum(1)  # (Q,)
             pixel_terms.append((coverage[b, region] * (1 - on_phrase) ** 2).sum())
             pixel_weights.append(coverage[b, region].sum())
-    expected = torch.stack(token_terms).mean() + torch.stack(pixel_terms).sum() / torch.stack(pixel_weights).sum()
-    torch.testing.assert_close(loss, expected)
+    tokens, pixels = torch.stack(token_terms).mean(), torch.stack(pixel_terms).sum() / torch.stack(pixel_weights).sum()
+    torch.testing.assert_close(loss, tokens + pixels)
+    for terms, expected in ((["tokens"], tokens), (("pixels",), pixels)):
+        torch.testing.assert_close(attention_region_loss([(logits.softmax(-1), heads)], regions, masks, terms), expected)
+    for terms in ("pixels", [], ["pixel"]):
+        with pytest.raises(ValueError, match="terms: expected a non-empty collection"):
+            attention_region_loss([(logits.softmax(-1), heads)], regions, masks, terms)
     loss.backward()
     assert logits.grad.abs().sum() > 0
 
@@ -277,6 +282,8 @@ def test_attention_supervision_trains_the_cross_attention_towards_the_regions(tm
         train_teacher(supervised, data, steps=31, attention_weight=-1.0)
     with pytest.raises(ValueError, match="parts: expected a collection of names"):
         train_teacher(supervised, data, steps=31, attention_weight=1.0, attention_parts="hat")
+    with pytest.raises(ValueError, match="terms: expected a non-empty collection"):
+        train_teacher(supervised, data, steps=31, attention_weight=1.0, attention_terms=["token"])
     whole = Teacher(build_teacher(tmp_path / "whole", dataclasses.replace(TINY_TEACHER, text_encoding="caption")))
     with pytest.raises(ValueError, match="encodes phrases"):
         whole.training_losses(data.float_images()[:2], data.captions[:2], torch.Generator(), masks=data.masks[:2] / 255)

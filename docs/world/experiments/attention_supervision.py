@@ -1,20 +1,23 @@
 """A teacher trained with its cross-attention supervised by the renders' part masks (README,
 *the ninth attempt*).
 
-    python docs/world/experiments/attention_supervision.py OUT [WEIGHT [PARTS]]
+    python docs/world/experiments/attention_supervision.py OUT [WEIGHT] [--parts PARTS] [--terms TERMS] [--attention-levels N]
 
 renders the build's teacher data again (the same 16,384 heads, cameras and captions as
 ``dreamportrait world build``'s ``data/teacher-train``) with part masks into ``OUT/data``, trains a
-teacher from scratch with the build's recipe (default ``TeacherConfig``, seed 0, 3,000 steps,
-batch 32) plus ``WEIGHT`` (default 0.1) times the attention-region loss over the phrases naming
-one of ``PARTS`` (comma-separated names of ``MASK_PARTS``, default all five) into ``OUT/teacher``
-(resumable), then prints the judge's per-attribute accuracy on its samples of the held-out captions
+teacher from scratch with the build's recipe (its ``TeacherConfig``, seed 0, 3,000 steps,
+batch 32; ``--attention-levels 2`` adds cross-attention at 16² to the UNet's 8²) plus ``WEIGHT``
+(default 0.1) times the attention-region loss (its ``TERMS``: ``tokens``, ``pixels`` or both, the
+default), over every cross-attention layer, for the phrases naming one of ``PARTS``
+(comma-separated names of ``MASK_PARTS``, default all five) into
+``OUT/teacher`` (resumable), then prints the judge's per-attribute accuracy on its samples of the held-out captions
 as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3, seed 0), overall and per
 held-out rule, and on 74 training combinations (``random.Random(0).sample``); the held-out samples
 go to ``OUT/held_out_samples.png`` (two combinations per row, in ``held_out_combinations()`` order).
 """
+import argparse
+import dataclasses
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from dreamportrait.world.build import SETTINGS
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, build_dataset
 from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.judge import load_judge
-from dreamportrait.world.teacher import Teacher, build_teacher, judge_teacher, train_teacher
+from dreamportrait.world.teacher import ATTENTION_TERMS, Teacher, build_teacher, judge_teacher, train_teacher
 
 
 def percent(scores: dict[str, float]) -> str:
@@ -35,16 +38,17 @@ def percent(scores: dict[str, float]) -> str:
         f" / mean {100 * sum(scores.values()) / len(scores):.1f} %"
 
 
-def main(out: Path, weight: float, parts: list[str]) -> None:
+def main(out: Path, weight: float, parts: list[str], terms: list[str], attention_levels: int) -> None:
     setting, seed = SETTINGS["default"], 0
     data = build_dataset(out / "data/teacher-train", training_combinations(), setting.teacher_train,
                          setting.resolution, seed=seed * 10 + 3, part_masks=True)
     if not (out / "teacher/model_index.json").is_file():
-        build_teacher(out / "teacher", setting.teacher, seed=seed)
+        build_teacher(out / "teacher", dataclasses.replace(setting.teacher, attention_levels=attention_levels),
+                      seed=seed)
     start = time.time()
     train_teacher(Teacher(out / "teacher"), data, steps=setting.teacher_steps, batch_size=setting.teacher_batch,
                   lr=setting.teacher_lr, snr_gamma=setting.teacher_snr_gamma, seed=seed, attention_weight=weight,
-                  attention_parts=parts)
+                  attention_parts=parts, attention_terms=terms)
     print(f"trained in {time.time() - start:.0f} s", flush=True)
 
     teacher, judge = Teacher(out / "teacher"), load_judge(asset_dir("judge"))
@@ -68,5 +72,11 @@ def main(out: Path, weight: float, parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.1,
-         sys.argv[3].split(",") if len(sys.argv) > 3 else list(MASK_PARTS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("weight", type=float, nargs="?", default=0.1)
+    parser.add_argument("--parts", type=lambda text: text.split(","), default=list(MASK_PARTS))
+    parser.add_argument("--terms", type=lambda text: text.split(","), default=list(ATTENTION_TERMS))
+    parser.add_argument("--attention-levels", type=int, default=SETTINGS["default"].teacher.attention_levels)
+    arguments = parser.parse_args()
+    main(arguments.out, arguments.weight, arguments.parts, arguments.terms, arguments.attention_levels)
