@@ -5,7 +5,7 @@ state), so an interrupted build continues where it stopped::
 
     OUT/data/judge-train    renders of training combinations (judge)
     OUT/data/judge-test     renders of the held-out combinations (judge accuracy)
-    OUT/data/teacher-train  captioned renders of training combinations (teacher)
+    OUT/data/teacher-train  captioned renders of training combinations, with part masks (teacher)
     OUT/judge/              judge.safetensors + judge.json
     OUT/teacher/            the teacher, Stable Diffusion layout (+ training_state.pt while training)
     OUT/teacher_samples.png teacher samples of held-out captions (two combinations per row)
@@ -42,6 +42,12 @@ class BuildSetting:
     teacher_samples_per_head: int = 4
     teacher_sample_steps: int = 50
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # The teacher's cross-attention is supervised by the renders' part masks: every region's
+    # pixels must read the phrase naming it (README, *the eleventh attempt*). Without it the
+    # teacher paints the hair's colour on held-out hats; the token term and larger weights cost
+    # the hair colour and the glasses.
+    teacher_attention_weight: float = 0.03
+    teacher_attention_terms: tuple[str, ...] = ("pixels",)
 
 
 SETTINGS = {
@@ -66,7 +72,8 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     judge_test = build_dataset(out / "data/judge-test", held_out_combinations(), config.judge_test,
                                config.resolution, seed=seed * 10 + 2, progress=progress)
     teacher_train = build_dataset(out / "data/teacher-train", training_combinations(), config.teacher_train,
-                                  config.resolution, seed=seed * 10 + 3, progress=progress)
+                                  config.resolution, seed=seed * 10 + 3, progress=progress,
+                                  part_masks=config.teacher_attention_weight > 0)
     report["seconds"]["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -82,7 +89,8 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     if not (out / "teacher/model_index.json").is_file():
         build_teacher(out / "teacher", config.teacher, seed=seed)
     train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
-                  lr=config.teacher_lr, snr_gamma=config.teacher_snr_gamma, seed=seed, progress=progress)
+                  lr=config.teacher_lr, snr_gamma=config.teacher_snr_gamma, seed=seed, progress=progress,
+                  attention_weight=config.teacher_attention_weight, attention_terms=config.teacher_attention_terms)
     report["seconds"]["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from dreamportrait.world import all_combinations, caption, training_combinations
 from dreamportrait.world import dataset as dataset_module
 from dreamportrait.training.real_images import ImageFolder
 from dreamportrait.world.dataset import (attribute_indices, build_dataset, export_image_folder, heads_from_indices,
-                                        render_samples)
+                                        load_dataset, render_samples)
 from dreamportrait.world.judge import accuracy, load_judge, save_judge, train_judge
 from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.teacher import (Teacher, TeacherConfig, attention_region_loss, build_teacher, caption_words,
@@ -185,6 +185,9 @@ def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "teacher/unet/config.json").is_file() and (tmp_path / "judge/judge.safetensors").is_file()
     state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=True)
     assert state["step"] == 2
+    teacher_data = load_dataset(tmp_path / "data/teacher-train")  # rendered with the masks the supervision reads
+    assert teacher_data.masks.shape == (64, len(MASK_PARTS), 32, 32) and teacher_data.masks.float().std() > 0
+    assert report["config"]["teacher_attention_weight"] > 0 and report["config"]["teacher_attention_terms"] == ["pixels"]
     assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0  # everything done: quick
     with pytest.raises(SystemExit):
         main(["world", "build", "--out", str(tmp_path), "--setting", "huge"])

@@ -1,20 +1,21 @@
-"""A teacher trained with its cross-attention supervised by the renders' part masks (README,
-*the ninth attempt*).
+"""A teacher trained with its cross-attention supervised by the renders' part masks, as the
+build's is, with another weight, other terms, regions or attention levels (README, *the ninth*
+to *eleventh attempts*).
 
     python docs/world/experiments/attention_supervision.py OUT [WEIGHT] [--parts PARTS] [--terms TERMS] [--attention-levels N]
 
 renders the build's teacher data again (the same 16,384 heads, cameras and captions as
 ``dreamportrait world build``'s ``data/teacher-train``) with part masks into ``OUT/data``, trains a
 teacher from scratch with the build's recipe (its ``TeacherConfig``, seed 0, 3,000 steps,
-batch 32; ``--attention-levels 2`` adds cross-attention at 16² to the UNet's 8²) plus ``WEIGHT``
-(default 0.1) times the attention-region loss (its ``TERMS``: ``tokens``, ``pixels`` or both, the
-default), over every cross-attention layer, for the phrases naming one of ``PARTS``
-(comma-separated names of ``MASK_PARTS``, default all five) into
-``OUT/teacher`` (resumable), then prints the judge's per-attribute accuracy on its samples of the held-out captions
-as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3, seed 0), overall and per
-held-out rule, and on 74 training combinations (``random.Random(0).sample``); the held-out samples
-go to ``OUT/held_out_samples.png`` (two combinations per row, in ``held_out_combinations()`` order).
-"""
+batch 32; ``--attention-levels 2`` adds cross-attention at 16² to the UNet's 8²) but ``WEIGHT``
+(the build's 0.03 by default) times the attention-region loss (its ``TERMS``, comma-separated:
+``tokens``, ``pixels`` or both; the build's ``pixels`` by default), over every cross-attention
+layer, for the phrases naming one of ``PARTS`` (comma-separated names of ``MASK_PARTS``, default
+all five) into ``OUT/teacher`` (resumable), then prints the judge's per-attribute accuracy on its
+samples of the held-out captions as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3,
+seed 0), overall and per held-out rule, and on 74 training combinations
+(``random.Random(0).sample``); the held-out samples go to ``OUT/held_out_samples.png`` (two
+combinations per row, in ``held_out_combinations()`` order)."""
 import argparse
 import dataclasses
 import random
@@ -30,7 +31,7 @@ from dreamportrait.world.build import SETTINGS
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, build_dataset
 from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.judge import load_judge
-from dreamportrait.world.teacher import ATTENTION_TERMS, Teacher, build_teacher, judge_teacher, train_teacher
+from dreamportrait.world.teacher import Teacher, build_teacher, judge_teacher, train_teacher
 
 
 def percent(scores: dict[str, float]) -> str:
@@ -74,9 +75,10 @@ def main(out: Path, weight: float, parts: list[str], terms: list[str], attention
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("weight", type=float, nargs="?", default=0.1)
+    build = SETTINGS["default"]
+    parser.add_argument("weight", type=float, nargs="?", default=build.teacher_attention_weight)
     parser.add_argument("--parts", type=lambda text: text.split(","), default=list(MASK_PARTS))
-    parser.add_argument("--terms", type=lambda text: text.split(","), default=list(ATTENTION_TERMS))
-    parser.add_argument("--attention-levels", type=int, default=SETTINGS["default"].teacher.attention_levels)
+    parser.add_argument("--terms", type=lambda text: text.split(","), default=list(build.teacher_attention_terms))
+    parser.add_argument("--attention-levels", type=int, default=build.teacher.attention_levels)
     arguments = parser.parse_args()
     main(arguments.out, arguments.weight, arguments.parts, arguments.terms, arguments.attention_levels)
