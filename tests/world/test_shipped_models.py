@@ -92,26 +92,27 @@ def test_generate_uses_the_shipped_model_by_default(tmp_path, capsys):
     assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
 
 
-def test_a_held_out_prompt_gets_its_hair_colour():
+def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
     # Red hair under a blue hat is a held-out combination: never seen together in any training stage.
-    # A smoke check that the prompt reaches the hair through the shipped model, not the accuracy
-    # claim: over every red-hair/blue-hat prompt the hair is red in 99 % of the views (RESULTS.md,
-    # *Per held-out rule*).
+    # A smoke check that the prompt reaches the hair and the hat through the shipped model, not the
+    # accuracy claim: over every red-hair/blue-hat prompt the hair is red in 98 % of the views and
+    # the hat blue in 79 % (RESULTS.md, *Per held-out rule*; every generator shipped before drew it red).
     head = next(h for h in held_out_combinations()
                 if (h.hair_color, h.hat, h.hair_style, h.skin_tone) == ("red", "blue", "short", "medium"))
     judge = load_judge(asset_dir("judge"))
     method = generator_method(load_default_generator(), views=4)
     views = torch.cat([method(caption(head, 0), seed)["image"] for seed in range(4)])
-    hair = judge.predict(views)[:, list(ATTRIBUTE_CLASSES).index("hair_color")]
-    red = ATTRIBUTE_CLASSES["hair_color"].index("red")
-    assert (hair == red).float().mean() > 0.5
+    verdicts = judge.predict(views)
+    hair, hat = (verdicts[:, list(ATTRIBUTE_CLASSES).index(name)] for name in ("hair_color", "hat"))
+    assert (hair == ATTRIBUTE_CLASSES["hair_color"].index("red")).float().mean() > 0.5
+    assert (hat == ATTRIBUTE_CLASSES["hat"].index("blue")).float().mean() > 0.5
 
 
 def test_the_shipped_generator_draws_solid_heads():
     # The 3D claim, not only the pictures: on held-out prompts the shipped generator's depth is far
     # nearer the world head's true depth than a flat card through the orbit's pivot is (RESULTS.md:
-    # 0.062 against 0.127 over every held-out prompt; the fog-GAN generator shipped before it,
-    # 0.131, fails this).
+    # 0.065 against 0.127 over every held-out prompt; the fog-GAN generator shipped before the
+    # ball-prior GAN, 0.131, fails this).
     generator = generator_method(load_default_generator(), views=4)
     heads = held_out_combinations()
     ours, card = [], []
