@@ -90,7 +90,8 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
         build_teacher(out / "teacher", config.teacher, seed=seed)
     train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
                   lr=config.teacher_lr, snr_gamma=config.teacher_snr_gamma, seed=seed, progress=progress,
-                  attention_weight=config.teacher_attention_weight, attention_terms=config.teacher_attention_terms)
+                  attention_weight=config.teacher_attention_weight,
+                  attention_terms=config.teacher_attention_terms)
     report["seconds"]["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -201,7 +201,8 @@ def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks
     - pixels: for every position, (1 − its attention on the tokens of the phrase naming its
       region)², weighted by the region's coverage there, over the regions the prompt names: the
       hair's pixels must read the hair's words. A teacher trained on the token term alone drew
-      the hat asked for, but the hair colour no more often than chance (README, *the ninth attempt*).
+      the hat asked for, but the hair colour no more often than chance (README, *the ninth
+      attempt*); the build trains with this term alone, lightly weighted (*the eleventh*).
     """
     check_attention_terms(terms)
     supervised = regions >= 0
@@ -257,8 +258,9 @@ class Teacher:
                         terms: Collection[str] = ATTENTION_TERMS) -> tuple[Tensor, Tensor | None]:
         """:meth:`denoising_loss` and, given the images' part masks ``(N, P, R, R)`` in [0, 1],
         :func:`attention_region_loss` (its ``terms``) of the same forward pass over every
-        cross-attention layer for the phrases naming one of ``parts`` (``None`` without masks). Needs a phrase-encoding
-        text encoder: only then does each word's context position belong to one phrase."""
+        cross-attention layer for the phrases naming one of ``parts`` (``None`` without masks).
+        Needs a phrase-encoding text encoder: only then does each word's context position belong
+        to one phrase."""
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator)
         noisy = self.scheduler.add_noise(images, noise, t)
