@@ -214,13 +214,16 @@ def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks
         positions, length = probabilities.shape[1:]
         attention = probabilities.reshape(-1, heads, positions, length).mean(1).transpose(1, 2)  # (B, L, Q)
         coverage = F.adaptive_avg_pool2d(masks, math.isqrt(positions)).flatten(2)  # (B, P, Q)
-        region = coverage.gather(1, regions.clamp(min=0)[:, :, None].expand(-1, -1, positions))  # (B, L, Q)
-        inside = (attention * region).sum(-1) / attention.sum(-1).clamp_min(1e-8)
-        on_phrase = torch.einsum("blq,blp->bpq", attention, named)  # (B, P, Q) attention on each region's words
-        weight = coverage * named.amax(1)[..., None]
-        term = {"tokens": (1 - inside)[supervised].square().mean(),
-                "pixels": (weight * (1 - on_phrase).square()).sum() / weight.sum().clamp_min(1e-8)}
-        losses.append(sum(term[name] for name in terms))
+        loss = attention.new_zeros(())  # only the terms asked for are computed: this runs every training step
+        if "tokens" in terms:
+            region = coverage.gather(1, regions.clamp(min=0)[:, :, None].expand(-1, -1, positions))  # (B, L, Q)
+            inside = (attention * region).sum(-1) / attention.sum(-1).clamp_min(1e-8)
+            loss = loss + (1 - inside)[supervised].square().mean()
+        if "pixels" in terms:
+            on_phrase = torch.einsum("blq,blp->bpq", attention, named)  # (B, P, Q) attention on each region's words
+            weight = coverage * named.amax(1)[..., None]
+            loss = loss + (weight * (1 - on_phrase).square()).sum() / weight.sum().clamp_min(1e-8)
+        losses.append(loss)
     return torch.stack(losses).mean()
 
 
