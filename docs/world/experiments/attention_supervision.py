@@ -39,8 +39,11 @@ def percent(scores: dict[str, float]) -> str:
         f" / mean {100 * sum(scores.values()) / len(scores):.1f} %"
 
 
+BUILD = SETTINGS["default"]
+
+
 def main(out: Path, weight: float, parts: list[str], terms: list[str], attention_levels: int) -> None:
-    setting, seed = SETTINGS["default"], 0
+    setting, seed = BUILD, 0
     data = build_dataset(out / "data/teacher-train", training_combinations(), setting.teacher_train,
                          setting.resolution, seed=seed * 10 + 3, part_masks=True)
     if not (out / "teacher/model_index.json").is_file():
@@ -75,10 +78,9 @@ def main(out: Path, weight: float, parts: list[str], terms: list[str], attention
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    build = SETTINGS["default"]
-    parser.add_argument("weight", type=float, nargs="?", default=build.teacher_attention_weight)
+    parser.add_argument("weight", type=float, nargs="?", default=BUILD.teacher_attention_weight)
     parser.add_argument("--parts", type=lambda text: text.split(","), default=list(MASK_PARTS))
-    parser.add_argument("--terms", type=lambda text: text.split(","), default=list(build.teacher_attention_terms))
-    parser.add_argument("--attention-levels", type=int, default=build.teacher.attention_levels)
+    parser.add_argument("--terms", type=lambda text: text.split(","), default=list(BUILD.teacher_attention_terms))
+    parser.add_argument("--attention-levels", type=int, default=BUILD.teacher.attention_levels)
     arguments = parser.parse_args()
     main(arguments.out, arguments.weight, arguments.parts, arguments.terms, arguments.attention_levels)
