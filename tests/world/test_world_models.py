@@ -148,6 +148,18 @@ def test_teacher_and_guidance_read_the_same_encoder_states(tmp_path, encoder_sta
         Teacher(tmp_path)
 
 
+def test_teacher_norm_groups_are_built_recorded_and_checked(tmp_path):
+    # one channel per group would be instance normalisation, which hides the noise's mean (TeacherConfig)
+    teacher = Teacher(build_teacher(tmp_path, dataclasses.replace(TINY_TEACHER, norm_groups=4)))
+    norms = [module for module in teacher.unet.modules() if isinstance(module, torch.nn.GroupNorm)]
+    assert norms and all(norm.num_groups == 4 and norm.num_channels // 4 >= 8 for norm in norms)
+    assert json.loads((tmp_path / "model_index.json").read_text())["teacher_config"]["norm_groups"] == 4
+    assert TeacherConfig().norm_groups < min(TeacherConfig().channels)  # the default keeps several channels per group
+    for groups in (0, 12):
+        with pytest.raises(ValueError, match="norm_groups must divide every entry of channels"):
+            build_teacher(tmp_path / f"bad-{groups}", dataclasses.replace(TINY_TEACHER, norm_groups=groups))
+
+
 def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_path, samples):
     teacher = Teacher(build_teacher(tmp_path, TINY_TEACHER))
     images, prompts = samples.float_images()[:6], samples.captions[:6]
