@@ -95,12 +95,17 @@ class TeacherConfig:
 
 
 def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:
-    """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``."""
+    """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``; a bad
+    ``config`` is refused before anything is written."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     check_encoder_states(config.encoder_states)
     check_text_encoding(config.text_encoding)
+    if not 1 <= config.attention_levels <= len(config.channels):
+        raise ValueError(f"attention_levels must be in [1, {len(config.channels)}], got {config.attention_levels}")
+    if config.norm_groups < 1 or any(width % config.norm_groups for width in config.channels):
+        raise ValueError(f"norm_groups must divide every entry of channels {config.channels}, got {config.norm_groups}")
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
@@ -110,10 +115,6 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         text_encoding=config.text_encoding,
     )).save_pretrained(directory / "text_encoder")
-    if not 1 <= config.attention_levels <= len(config.channels):
-        raise ValueError(f"attention_levels must be in [1, {len(config.channels)}], got {config.attention_levels}")
-    if config.norm_groups < 1 or any(width % config.norm_groups for width in config.channels):
-        raise ValueError(f"norm_groups must divide every entry of channels {config.channels}, got {config.norm_groups}")
     attention = [level >= len(config.channels) - config.attention_levels for level in range(len(config.channels))]
     UNet2DConditionModel(
         sample_size=config.resolution, in_channels=3, out_channels=3, layers_per_block=config.layers_per_block,

@@ -158,6 +158,7 @@ def test_teacher_norm_groups_are_built_recorded_and_checked(tmp_path):
     for groups in (0, 12):
         with pytest.raises(ValueError, match="norm_groups must divide every entry of channels"):
             build_teacher(tmp_path / f"bad-{groups}", dataclasses.replace(TINY_TEACHER, norm_groups=groups))
+        assert not (tmp_path / f"bad-{groups}").exists()  # refused before anything is written
 
 
 def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_path, samples):

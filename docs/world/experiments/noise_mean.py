@@ -2,8 +2,8 @@
 
     python docs/world/experiments/noise_mean.py [TEACHER_DIR]
 
-noises 128 fresh training renders (``render_samples(training_combinations(), 128, 32, seed=3)``,
-their own captions) to t = 100, 500, 800 and 950 and prints, per t, the correlation between the
+noises 128 training renders (``render_samples(training_combinations(), 128, 32, seed=3)``: the
+first 128 of the build's teacher data, with their captions) to t = 100, 500, 800 and 950 and prints, per t, the correlation between the
 per-channel spatial mean of the teacher's ε̂ and that of the true ε, and the rms error of that
 mean next to its spread. A teacher that cannot predict the mean leaves an error that DDIM divides
 by √ᾱ in its estimate of the clean image (13× at t = 950): a colour cast over the whole sample.
