@@ -115,6 +115,12 @@ def orbit(generator: TextConditionedGenerator) -> tuple[float, tuple[float, ...]
     return float(options.get("avg_camera_radius", 2.7)), tuple(options.get("avg_camera_pivot", (0, 0, 0.2)))
 
 
+def frontal_camera(generator: TextConditionedGenerator) -> Tensor:
+    """The camera label ``(1, 25)`` generation conditions the mapping on: frontal on the generator's
+    :func:`orbit`, with FFHQ's field of view (EG3D's generation scripts' convention)."""
+    return view_cameras(1, 0.0, *orbit(generator), 18.837)
+
+
 def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = 0.7,
            conditioning: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The one forward pass of (prompt, seed): ws ``(1, num_ws, w_dim)``, the super-resolution's ws
@@ -123,7 +129,7 @@ def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncati
     generation scripts do."""
     device = next(generator.parameters()).device
     if conditioning is None:
-        conditioning = view_cameras(1, 0.0, *orbit(generator), 18.837).to(device)
+        conditioning = frontal_camera(generator).to(device)
     z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     text = generator.encode([prompt])
     ws, sr_ws = generator.mapping(z, conditioning, text, truncation_psi=truncation_psi)

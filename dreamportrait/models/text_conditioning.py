@@ -241,11 +241,14 @@ class TextConditionedGenerator(nn.Module):
     def forward(self, z: Tensor, c: Tensor, prompts: Sequence[str] | None = None, text: TextFeatures | None = None,
                 truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
                 neural_rendering_resolution: int | None = None, update_emas: bool = False,
-                noise_mode: str = "random", deterministic_sampling: bool | None = None) -> dict[str, Tensor]:
+                noise_mode: str = "random", deterministic_sampling: bool | None = None,
+                conditioning: Tensor | None = None) -> dict[str, Tensor]:
         """z ``(N, z_dim)``, cameras c ``(N, 25)`` and N prompts (or their ``text`` features) ->
-        the base generator's outputs (``image``, ``image_raw``, ``image_depth``, ``planes``)."""
+        the base generator's outputs (``image``, ``image_raw``, ``image_depth``, ``planes``).
+        ``conditioning`` ``(N, 25)``: the cameras the mapping is conditioned on (default: c)."""
         text = self._text(prompts, text, z.shape[0])
-        ws, sr_ws = self.mapping(z, c, text, truncation_psi, truncation_cutoff, update_emas)
+        ws, sr_ws = self.mapping(z, c if conditioning is None else conditioning, text, truncation_psi,
+                                 truncation_cutoff, update_emas)
         return self.synthesis(ws, c, text, sr_ws, neural_rendering_resolution=neural_rendering_resolution,
                               noise_mode=noise_mode, deterministic_sampling=deterministic_sampling)
 

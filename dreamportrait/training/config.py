@@ -57,6 +57,12 @@ class CameraConfig:
     radius: float = 2.7
     fov_degrees: float = 18.837
     pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
+    conditioning: str = "render"
+    """The camera the generator's mapping is conditioned on while training. "frontal": the camera
+    generation conditions on (:func:`dreamportrait.generation.frontal_camera`), so every
+    training view renders the tri-planes a user gets and SDS supervises them from every side;
+    "render": the camera each view is rendered from (EG3D's labels without pose swapping), which
+    never shows the teacher a side view of the frontal-conditioned tri-planes."""
 
 
 @dataclass
@@ -206,6 +212,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"config key 'gan.real' must be 'pretrained' or 'images', got {config.gan.real!r}")
     if config.gan.real == "images" and not config.gan.image_dir:
         raise ValueError("config key 'gan.image_dir' is required when gan.real is 'images'")
+    if config.cameras.conditioning not in ("frontal", "render"):
+        raise ValueError(f"config key 'cameras.conditioning' must be 'frontal' or 'render', "
+                         f"got {config.cameras.conditioning!r}")
     if config.batch_size < 1 or config.steps < 0:
         raise ValueError("config keys 'batch_size' must be >= 1 and 'steps' >= 0")
     return config

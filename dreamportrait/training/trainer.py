@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..generation import frontal_camera
 from ..guidance import StableDiffusionGuidance
 from ..models import TextConditionedGenerator, build_discriminator, build_generator, load_pretrained
 from ..models import sample_camera_labels, view_cameras
@@ -152,6 +153,13 @@ class Trainer:
                                             cams.fov_degrees, self.sampler)
         return yaws, labels
 
+    def _conditioning(self, c: Tensor) -> Tensor:
+        """The cameras ``(N, 25)`` the mapping is conditioned on for views rendered from c
+        (``cameras.conditioning``)."""
+        if self.config.cameras.conditioning == "render":
+            return c
+        return frontal_camera(self.generator).to(c).expand(c.shape[0], -1)
+
     def _autocast(self):
         if self.device.type == "cuda" and self.config.optim.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -163,7 +171,8 @@ class Trainer:
         device = self.device
         text = self.generator.encode(batch.prompts)
         with self._autocast():
-            out = self.g_module(batch.z.to(device), batch.c.to(device), text=text)
+            out = self.g_module(batch.z.to(device), batch.c.to(device), text=text,
+                                conditioning=self._conditioning(batch.c).to(device))
         sds = self.guidance.sds_loss(out["image"].float(), batch.prompts, yaws=batch.yaws, t=batch.t, noise=batch.noise)
         loss = cfg.guidance.weight * sds.loss
         logs = {"loss/sds": sds.loss.item(), "sds/grad_norm": sds.grad.flatten(1).norm(dim=1).mean().item()}
@@ -320,6 +329,7 @@ class Trainer:
         z = torch.randn(1, self.generator.base.z_dim, generator=torch.Generator().manual_seed(0)).to(self.device)
         rows = []
         for prompt in prompts:
-            out = self.generator_ema(z.expand(4, -1), c, prompts=[prompt] * 4, noise_mode="const")
+            out = self.generator_ema(z.expand(4, -1), c, prompts=[prompt] * 4, noise_mode="const",
+                                     conditioning=self._conditioning(c))
             rows.append(out["image"])
         self.writer.add_image("samples/ema", (grid(torch.cat(rows).float().cpu(), 4) + 1) / 2, self.step)

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from support import assert_close_scaled
 
 from dreamportrait.cli import main
+from dreamportrait.generation import frontal_camera
 from dreamportrait.training import Batch, Trainer, latest_checkpoint, load_config
 from dreamportrait.training import checkpoint as checkpoint_module
 
@@ -117,6 +118,8 @@ def test_config_errors_are_named(tiny_latent_sd, tmp_path, capsys):
         make_config(tiny_latent_sd, tmp_path, "optim.lr_decoder=1")
     with pytest.raises(ValueError, match="'steps' must be int"):
         make_config(tiny_latent_sd, tmp_path, "steps=many")
+    with pytest.raises(ValueError, match="'cameras.conditioning' must be 'frontal' or 'render', got 'side'"):
+        make_config(tiny_latent_sd, tmp_path, "cameras.conditioning=side")
     with pytest.raises(ValueError, match="guidance.source' is required"):
         load_config(None, [])
     with pytest.raises(ValueError, match="prompt list is empty"):
@@ -134,6 +137,22 @@ def test_train_cli_writes_checkpoints_and_logs(tiny_latent_sd, tmp_path):
                  "log.every=1", "log.image_every=1", "batch_size=2", "device=cpu"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "generator.safetensors").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("conditioning", ["frontal", "render"])
+def test_the_mapping_is_conditioned_on_the_configured_camera(tiny_pixel_sd, tmp_path, conditioning):
+    # "frontal": every training view renders the tri-planes generation builds (conditioned on the
+    # frontal camera), so SDS sees them from the side; "render": each view's own camera.
+    trainer = deterministic(Trainer(make_config(tiny_pixel_sd, tmp_path, "gan.weight=0",
+                                                f"cameras.conditioning={conditioning}")))
+    batch = trainer.sample_batch()
+    _, _, out = trainer.generator_loss(batch)
+    frontal = frontal_camera(trainer.generator).expand(batch.c.shape[0], -1)
+    assert not torch.allclose(frontal, batch.c)
+    with torch.no_grad():
+        for name, cameras in (("frontal", frontal), ("render", batch.c)):
+            image = trainer.generator(batch.z, batch.c, prompts=batch.prompts, conditioning=cameras)["image"]
+            assert torch.allclose(image, out["image"].detach(), atol=1e-6) == (name == conditioning), name
 
 
 def deterministic(trainer):
