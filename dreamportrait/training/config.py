@@ -57,12 +57,13 @@ class CameraConfig:
     radius: float = 2.7
     fov_degrees: float = 18.837
     pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
-    conditioning: str = "render"
+    conditioning: str = "frontal"
     """The camera the generator's mapping is conditioned on while training. "frontal": the camera
     generation conditions on (:func:`dreamportrait.generation.frontal_camera`), so every
     training view renders the tri-planes a user gets and SDS supervises them from every side;
     "render": the camera each view is rendered from (EG3D's labels without pose swapping), which
-    never shows the teacher a side view of the frontal-conditioned tri-planes."""
+    never shows the teacher a side view of the frontal-conditioned tri-planes (in the world: 80.7
+    against 86.5 % multi-view consistency, RESULTS.md)."""
 
 
 @dataclass
