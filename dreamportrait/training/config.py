@@ -59,11 +59,11 @@ class CameraConfig:
     pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
     conditioning: str = "frontal"
     """The camera the generator's mapping is conditioned on while training. "frontal": the camera
-    generation conditions on (:func:`dreamportrait.generation.frontal_camera`), so every
-    training view renders the tri-planes a user gets and SDS supervises them from every side;
-    "render": the camera each view is rendered from (EG3D's labels without pose swapping), which
-    never shows the teacher a side view of the frontal-conditioned tri-planes (in the world: 80.7
-    against 86.5 % multi-view consistency, RESULTS.md)."""
+    generation conditions on (:func:`dreamportrait.generation.frontal_camera`), so SDS judges
+    tri-planes built as generation builds them, from every training view; "render": the camera
+    each view is rendered from (EG3D's labels without pose swapping), which shows the teacher the
+    frontal-conditioned tri-planes only from near the front (in the world: 80.7 against 86.5 %
+    multi-view consistency, RESULTS.md)."""
 
 
 @dataclass
