@@ -74,7 +74,8 @@ class TeacherConfig:
     ``norm_groups``: the UNet's GroupNorm groups. With one channel per group (32 groups of the
     32-channel level: instance normalisation) every normalised feature map loses its spatial
     mean, so the output convolution, which reads one, cannot track the noise's per-channel mean:
-    the teachers built that way barely predicted it (correlation 0.07–0.31 from t = 100 to 950).
+    the teacher built that way (the pixel-term one) barely predicted it (correlation 0.07–0.31 from
+    t = 100 to 950, ``docs/world/experiments/noise_mean.py``).
     DDIM then turns that error into a colour cast over the whole sample (divided by √ᾱ, 13× at
     t = 950), which hides the hair colour. Groups of several channels keep the channels' relative
     means (README, *the twelfth attempt*)."""
