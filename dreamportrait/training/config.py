@@ -41,6 +41,11 @@ class GuidanceConfig:
     t_min: float = 0.02
     t_max: float = 0.98
     t_max_final: float | None = None
+    """Where t_max is annealed to, linearly over the first ``anneal_steps`` steps (null: no annealing)."""
+    anneal_steps: int | None = None
+    """The step at which t_max reaches t_max_final, after which it stays there (null: the run's
+    ``steps``). Setting it to a finished run's length and raising ``steps`` continues that run at
+    its final noise levels, as an uninterrupted run of the longer length would."""
     weighting: str = "sds"
     grad_clip: float | None = None
     view_dependent_prompts: bool = True
@@ -217,6 +222,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if config.cameras.conditioning not in ("frontal", "render"):
         raise ValueError(f"config key 'cameras.conditioning' must be 'frontal' or 'render', "
                          f"got {config.cameras.conditioning!r}")
+    if config.guidance.anneal_steps is not None and config.guidance.anneal_steps < 1:
+        raise ValueError(f"config key 'guidance.anneal_steps' must be >= 1 or null, got {config.guidance.anneal_steps!r}")
     if config.batch_size < 1 or config.steps < 0:
         raise ValueError("config keys 'batch_size' must be >= 1 and 'steps' >= 0")
     return config

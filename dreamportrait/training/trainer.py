@@ -138,7 +138,7 @@ class Trainer:
         z = torch.randn(size, self.generator.base.z_dim, generator=self.sampler)
         yaws, c = self._cameras(size)
         prompts = [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (size,), generator=self.sampler)]
-        low, high = self.guidance.timestep_range(self.step / max(cfg.steps, 1))
+        low, high = self.guidance.timestep_range(self.step / max(cfg.guidance.anneal_steps or cfg.steps, 1))
         t = torch.randint(low, high + 1, (size,), generator=self.sampler)
         unet = self.guidance.unet.config
         noise = torch.randn(size, unet.in_channels, unet.sample_size, unet.sample_size, generator=self.sampler)

@@ -67,6 +67,32 @@ def test_resume_gives_the_uninterrupted_state(tiny_latent_sd, tmp_path):
         ["step-0000002", "step-0000004"]
 
 
+def test_anneal_steps_continues_a_finished_run_at_its_final_noise_levels(tiny_latent_sd, tmp_path):
+    annealed = ("guidance.t_max=0.98", "guidance.t_max_final=0.3")
+    straight = Trainer(make_config(tiny_latent_sd, tmp_path / "straight", "guidance.anneal_steps=2", *annealed))
+    straight.train()
+    finished = Trainer(make_config(tiny_latent_sd, tmp_path / "continued", "steps=2", *annealed))
+    finished.train()
+    del finished
+    continued = Trainer(make_config(tiny_latent_sd, tmp_path / "continued", "guidance.anneal_steps=2", *annealed))
+    assert continued.resume() and continued.step == 2
+    continued.train()
+    for module in ("generator", "generator_ema", "discriminator"):
+        expected, actual = parameters(getattr(straight, module)), parameters(getattr(continued, module))
+        for name in expected:
+            assert torch.equal(actual[name], expected[name]), f"{module}.{name}"
+
+    # From step anneal_steps on, t is drawn below t_max_final; annealed over the whole run it is not.
+    final_high = continued.guidance.timestep_range(1.0)[1]
+    continued.step = 2
+    assert max(continued.sample_batch().t.max().item() for _ in range(20)) <= final_high
+    over_the_run = Trainer(make_config(tiny_latent_sd, tmp_path / "over-the-run", *annealed))
+    over_the_run.step = 2
+    assert max(over_the_run.sample_batch().t.max().item() for _ in range(20)) > final_high
+    with pytest.raises(ValueError, match="'guidance.anneal_steps' must be >= 1 or null, got 0"):
+        make_config(tiny_latent_sd, tmp_path, "guidance.anneal_steps=0")
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_latent_sd, tmp_path, monkeypatch, capsys):
     trainer = Trainer(make_config(tiny_latent_sd, tmp_path, "max_bad_steps=2"))
     before = parameters(trainer.generator)
