@@ -43,9 +43,10 @@ class GuidanceConfig:
     t_max_final: float | None = None
     """Where t_max is annealed to, linearly over the first ``anneal_steps`` steps (null: no annealing)."""
     anneal_steps: int | None = None
-    """The step at which t_max reaches t_max_final, after which it stays there (null: the run's
-    ``steps``). Setting it to a finished run's length and raising ``steps`` continues that run at
-    its final noise levels, as an uninterrupted run of the longer length would."""
+    """The training step at which t_max reaches t_max_final, after which it stays there (null: the
+    run's ``steps``). Setting it to a finished run's length and raising ``steps`` continues that
+    run at its final noise levels, as an uninterrupted run of the longer length would. The
+    per-prompt baseline, which reads this section too, anneals over its own steps."""
     weighting: str = "sds"
     grad_clip: float | None = None
     view_dependent_prompts: bool = True

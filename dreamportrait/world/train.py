@@ -38,7 +38,8 @@ class WorldTrainSetting:
 SETTINGS = {
     "default": WorldTrainSetting(),
     "tiny": WorldTrainSetting(gan_images=16, gan=GanConfig(preset="world", steps=2, batch_size=4, checkpoint_every=1),
-                              overrides=("steps=2", "batch_size=2", "checkpoint_every=1", "log.image_every=1")),
+                              overrides=("steps=2", "guidance.anneal_steps=1", "batch_size=2", "checkpoint_every=1",
+                                         "log.image_every=1")),
 }
 
 
