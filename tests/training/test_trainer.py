@@ -27,6 +27,14 @@ def parameters(module):
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
+def assert_same_weights(expected: Trainer, actual: Trainer) -> None:
+    """Bit-identical generator, EMA generator and discriminator."""
+    for module in ("generator", "generator_ema", "discriminator"):
+        want, got = parameters(getattr(expected, module)), parameters(getattr(actual, module))
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"{module}.{name}"
+
+
 def test_training_steps_reduce_the_sds_objective_on_a_fixed_batch(tiny_pixel_sd, tmp_path):
     # SDS minimises 0.5 |x - sg(x - g)|² with g recomputed at every step: each step must bring the
     # renders closer to the target it was given. Pixel-space guidance and deterministic renders
@@ -58,10 +66,7 @@ def test_resume_gives_the_uninterrupted_state(tiny_latent_sd, tmp_path):
     resumed = Trainer(make_config(tiny_latent_sd, tmp_path / "interrupted"))
     assert resumed.resume() and resumed.step == 2
     resumed.train()
-    for module in ("generator", "generator_ema", "discriminator"):
-        expected, actual = parameters(getattr(straight, module)), parameters(getattr(resumed, module))
-        for name in expected:
-            assert torch.equal(actual[name], expected[name]), f"{module}.{name}"
+    assert_same_weights(straight, resumed)
     assert torch.equal(straight.sampler.get_state(), resumed.sampler.get_state())
     assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("step-*")) == \
         ["step-0000002", "step-0000004"]
@@ -77,10 +82,7 @@ def test_anneal_steps_continues_a_finished_run_at_its_final_noise_levels(tiny_la
     continued = Trainer(make_config(tiny_latent_sd, tmp_path / "continued", "guidance.anneal_steps=2", *annealed))
     assert continued.resume() and continued.step == 2
     continued.train()
-    for module in ("generator", "generator_ema", "discriminator"):
-        expected, actual = parameters(getattr(straight, module)), parameters(getattr(continued, module))
-        for name in expected:
-            assert torch.equal(actual[name], expected[name]), f"{module}.{name}"
+    assert_same_weights(straight, continued)
 
     # From step anneal_steps on, t is drawn below t_max_final; annealed over the whole run it is not.
     final_high = continued.guidance.timestep_range(1.0)[1]
