@@ -91,8 +91,6 @@ def test_anneal_steps_continues_a_finished_run_at_its_final_noise_levels(tiny_la
     over_the_run = Trainer(make_config(tiny_latent_sd, tmp_path / "over-the-run", *annealed))
     over_the_run.step = 2
     assert max(over_the_run.sample_batch().t.max().item() for _ in range(20)) > final_high
-    with pytest.raises(ValueError, match="'guidance.anneal_steps' must be >= 1 or null, got 0"):
-        make_config(tiny_latent_sd, tmp_path, "guidance.anneal_steps=0")
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_latent_sd, tmp_path, monkeypatch, capsys):
@@ -148,6 +146,8 @@ def test_config_errors_are_named(tiny_latent_sd, tmp_path, capsys):
         make_config(tiny_latent_sd, tmp_path, "steps=many")
     with pytest.raises(ValueError, match="'cameras.conditioning' must be 'frontal' or 'render', got 'side'"):
         make_config(tiny_latent_sd, tmp_path, "cameras.conditioning=side")
+    with pytest.raises(ValueError, match="'guidance.anneal_steps' must be >= 1 or null, got 0"):
+        make_config(tiny_latent_sd, tmp_path, "guidance.anneal_steps=0")
     with pytest.raises(ValueError, match="guidance.source' is required"):
         load_config(None, [])
     with pytest.raises(ValueError, match="prompt list is empty"):
