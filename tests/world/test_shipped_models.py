@@ -107,8 +107,8 @@ def test_generate_uses_the_shipped_model_by_default(tmp_path, capsys):
 def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
     # Red hair under a blue hat is a held-out combination: never seen together in any training stage.
     # A smoke check that the prompt reaches the hair and the hat through the shipped model, not the
-    # accuracy claim: over every red-hair/blue-hat prompt the hair is red in 100 % of the views and
-    # the hat blue in 96 % (RESULTS.md, *Per held-out rule*; the generators shipped before the
+    # accuracy claim: over every red-hair/blue-hat prompt the hair is red and the hat blue in 100 % of
+    # the views (RESULTS.md, *Per held-out rule*; the generators shipped before the
     # mask-supervised teachers drew it red).
     head = next(h for h in held_out_combinations()
                 if (h.hair_color, h.hat, h.hair_style, h.skin_tone) == ("red", "blue", "short", "medium"))
@@ -124,7 +124,7 @@ def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
 def test_the_shipped_generator_draws_solid_heads():
     # The 3D claim, not only the pictures: on held-out prompts the shipped generator's depth is far
     # nearer the world head's true depth than a flat card through the orbit's pivot is (RESULTS.md:
-    # 0.045 against 0.127 over every held-out prompt; the fog-GAN generator shipped before the
+    # 0.043 against 0.127 over every held-out prompt; the fog-GAN generator shipped before the
     # ball-prior GAN, 0.131, fails this).
     generator = generator_method(load_default_generator(), views=4)
     heads = held_out_combinations()
