@@ -121,12 +121,16 @@ def read_weights(module: nn.Module, path: str | Path) -> None:
     load_weights(module, tensors, str(path))
 
 
+TEXT_ENCODER_PARTS = ("tokenizer", "text_encoder")  # a Stable Diffusion layout's text half, copied beside a generator
+
+
 def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", backend: str | None = None,
                     text_encoder: TextEncoder | str | Path | None = None,
                     ) -> tuple[TriPlaneGenerator | TextConditionedGenerator, DualDiscriminator | None]:
     """The generator (in eval mode) and the discriminator (None when not saved) of a pretrained
     directory; ``backend`` selects the generator's rendering ops. A text-conditioned generator gets
-    ``text_encoder`` (an encoder or its source; default: the source recorded when it was saved)."""
+    ``text_encoder`` (an encoder or its source; default: the source recorded when it was saved, or,
+    where none is recorded, the :data:`TEXT_ENCODER_PARTS` beside it, as a published generator has)."""
     directory = Path(directory)
     config = read_config(directory)
     what = f"{directory / CONFIG_FILE}: the generator config"
@@ -134,6 +138,8 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
     if "text_conditioning" in config:
         kwargs = dict(config["text_conditioning"])
         source = kwargs.pop("text_encoder", None)
+        if source is None and all((directory / part).is_dir() for part in TEXT_ENCODER_PARTS):
+            source = directory
         encoder = text_encoder if text_encoder is not None else source
         if encoder is not None and not isinstance(encoder, TextEncoder):
             encoder = TextEncoder(encoder, device=device)

@@ -19,10 +19,9 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from ..models.pretrained import CONFIG_FILE, WEIGHT_FILES, read_config
+from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, read_config
 
 NAMES = ("teacher", "judge", "gan", "generator")
-TEXT_ENCODER_PARTS = ("tokenizer", "text_encoder")  # a Stable Diffusion layout's text half, copied beside a generator
 
 
 def asset_dir(name: str) -> Path:
@@ -40,9 +39,7 @@ def load_default_generator(device="cpu", backend: str | None = None):
     """The packaged DreamPortrait generator with the text encoder packaged beside it."""
     from ..models import load_pretrained
 
-    directory = asset_dir("generator")
-    generator, _ = load_pretrained(directory, device=device, backend=backend, text_encoder=directory)
-    return generator
+    return load_pretrained(asset_dir("generator"), device=device, backend=backend)[0]
 
 
 def publish(name: str, source: str | Path, assets_root: str | Path | None = None,
@@ -51,7 +48,7 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
     resuming rather than using (training state, raw weights, logs). A generator is published
     without its discriminator, with the ``tokenizer/`` and ``text_encoder/`` it was trained with
     (from ``text_encoder``, default the directory its config records: the run's teacher) and
-    without a recorded text-encoder path (:func:`load_default_generator` gives the copy)."""
+    without a recorded text-encoder path (:func:`~dreamportrait.models.load_pretrained` then loads the copy)."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     source = Path(source)

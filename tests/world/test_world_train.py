@@ -40,7 +40,7 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     published = publish("generator", checkpoint, assets_root=tmp_path / "assets")  # the teacher it records
     assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors", "text_encoder",
                                                            "tokenizer"]
-    copy, discriminator = load_pretrained(published, text_encoder=published)  # self-contained
+    copy, discriminator = load_pretrained(published)  # self-contained: it loads the encoder beside it
     assert discriminator is None and copy.text_encoder.source == str(published)
     for key, value in generator.state_dict().items():  # the text encoder's weights included
         assert torch.equal(copy.state_dict()[key], value)
