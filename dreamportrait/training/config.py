@@ -80,6 +80,13 @@ class GanConfig:
     real: str = "pretrained"
     """"pretrained": samples of the frozen initial generator are real; "images": image_dir is."""
     image_dir: str | None = None
+    group_size: int = 1
+    """Latents per prompt in a batch. Above 1, each prompt (with one camera) is drawn for this
+    many latents, and the discriminator's minibatch-std layer measures the spread within such a
+    group against real groups (image_dir's dataset.json ``groups``: one attribute combination seen
+    from one camera with the world's small variations). An unconditional discriminator that sees
+    one sample per prompt cannot tell a generator that draws the same head for every latent of a
+    prompt; this one can. 1 (the default): every sample has its own prompt and camera."""
     r1_gamma: float = 1.0
     r1_interval: int = 16
     lr: float = 0.002
@@ -220,6 +227,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"config key 'gan.real' must be 'pretrained' or 'images', got {config.gan.real!r}")
     if config.gan.real == "images" and not config.gan.image_dir:
         raise ValueError("config key 'gan.image_dir' is required when gan.real is 'images'")
+    if config.gan.group_size < 1 or config.batch_size % config.gan.group_size:
+        raise ValueError(f"config key 'gan.group_size' must be >= 1 and divide batch_size ({config.batch_size}), "
+                         f"got {config.gan.group_size!r}")
+    if config.gan.group_size > 1 and config.gan.weight > 0 and config.gan.real != "images":
+        raise ValueError("config key 'gan.group_size' above 1 needs gan.real: images (real groups of one attribute "
+                         "combination seen from one camera); the pretrained generator's samples have no such groups")
     if config.cameras.conditioning not in ("frontal", "render"):
         raise ValueError(f"config key 'cameras.conditioning' must be 'frontal' or 'render', "
                          f"got {config.cameras.conditioning!r}")

@@ -101,6 +101,11 @@ class Trainer:
             attention_heads=model.attention_heads, attention_head_dim=model.attention_head_dim,
             use_adapters=model.use_adapters, use_cross_attention=model.use_cross_attention).to(device)
         self.discriminator = discriminator.train().to(device)
+        if config.gan.group_size > 1 and config.gan.weight > 0:
+            mbstd = getattr(self.discriminator.b4, "mbstd", None)
+            if mbstd is None:
+                raise ValueError("config key 'gan.group_size' above 1 needs a discriminator with a minibatch-std layer")
+            mbstd.group_size = config.gan.group_size  # it compares the spread within each prompt's group
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.real_images = None
         if config.gan.real_image_dir is not None:
@@ -136,8 +141,13 @@ class Trainer:
         """Draw one step's randomness from the trainer's own generator (saved in checkpoints)."""
         cfg, size = self.config, self.config.batch_size
         z = torch.randn(size, self.generator.base.z_dim, generator=self.sampler)
-        yaws, c = self._cameras(size)
-        prompts = [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (size,), generator=self.sampler)]
+        # gan.group_size latents share each prompt and camera; sample i is in group i % (size / group_size),
+        # the grouping of the discriminator's minibatch-std layer (and of ImageFolder.sample's groups).
+        groups = size // cfg.gan.group_size
+        yaws, c = self._cameras(groups)
+        yaws, c = yaws.repeat(cfg.gan.group_size), c.repeat(cfg.gan.group_size, 1)
+        prompts = [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (groups,), generator=self.sampler)]
+        prompts = prompts * cfg.gan.group_size
         low, high = self.guidance.timestep_range(self.step / max(cfg.guidance.anneal_steps or cfg.steps, 1))
         t = torch.randint(low, high + 1, (size,), generator=self.sampler)
         unet = self.guidance.unet.config
@@ -190,7 +200,7 @@ class Trainer:
         """Fake renders vs real portraits, with lazy R1 every ``r1_interval`` steps."""
         cfg, device = self.config.gan, self.device
         if self.real_images is not None:
-            real, real_c = self.real_images.sample(self.config.batch_size, self.sampler)
+            real, real_c = self.real_images.sample(self.config.batch_size, self.sampler, group_size=cfg.group_size)
         else:
             real_c = batch.real_c
             with torch.no_grad():

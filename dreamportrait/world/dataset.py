@@ -67,16 +67,22 @@ class WorldSamples:
 
 
 def render_samples(combinations: Sequence[HeadAttributes], count: int, resolution: int, seed: int,
-                   batch_size: int = 64, part_masks: bool = False) -> WorldSamples:
+                   batch_size: int = 64, part_masks: bool = False, group_size: int = 1) -> WorldSamples:
     """``count`` heads drawn uniformly from ``combinations``, each from a random camera of the pose
     prior, captioned in a random phrasing, with their part masks if ``part_masks``; deterministic
-    given ``seed`` (the masks change no random draw, so the rest is the same either way)."""
+    given ``seed`` (the masks change no random draw, so the rest is the same either way). With
+    ``group_size`` above 1, each run of ``group_size`` consecutive heads is one combination seen
+    from one camera, differing only in each head's small random variations (and caption phrasing)."""
+    if count % group_size or batch_size % group_size:
+        raise ValueError(f"count ({count}) and batch_size ({batch_size}) must be multiples of group_size ({group_size})")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     images, labels, heads, captions, masks = [], [], [], [], []
     for start in range(0, count, batch_size):
-        chunk = [rng.choice(list(combinations)) for _ in range(min(batch_size, count - start))]
+        groups = min(batch_size, count - start) // group_size
+        chunk = [head for _ in range(groups) for head in [rng.choice(list(combinations))] * group_size]
         batch = HeadBatch.from_attributes(chunk, generator)
-        c, _ = sample_world_cameras(len(chunk), generator)
+        c, _ = sample_world_cameras(groups, generator)
+        c = c.repeat_interleave(group_size, dim=0)
         rendered, _, _, coverage = render_heads_and_masks(batch, c, resolution, part_masks=part_masks)
         images.append(((rendered + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         if part_masks:
@@ -89,11 +95,12 @@ def render_samples(combinations: Sequence[HeadAttributes], count: int, resolutio
 
 
 def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes], count: int, resolution: int,
-                  seed: int, progress: bool = True, part_masks: bool = False) -> WorldSamples:
+                  seed: int, progress: bool = True, part_masks: bool = False, group_size: int = 1) -> WorldSamples:
     """Render (or finish rendering) a dataset of ``count`` samples (with part masks if
-    ``part_masks``) into ``directory`` as shards of :data:`SHARD_SIZE`; each shard is written
-    atomically and skipped when present, so an interrupted build resumes. Returns the whole
-    dataset; a dataset asked for with masks whose shards hold none is an error."""
+    ``part_masks``, in groups of ``group_size`` as :func:`render_samples` draws them) into
+    ``directory`` as shards of :data:`SHARD_SIZE`; each shard is written atomically and skipped
+    when present, so an interrupted build resumes. Returns the whole dataset; a dataset asked for
+    with masks whose shards hold none is an error."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shards = range((count + SHARD_SIZE - 1) // SHARD_SIZE)
@@ -102,7 +109,8 @@ def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes],
         if path.is_file():
             continue
         size = min(SHARD_SIZE, count - shard * SHARD_SIZE)
-        samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard, part_masks=part_masks)
+        samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard, part_masks=part_masks,
+                                 group_size=group_size)
         with atomic_path(path) as temporary:
             torch.save({key: value for key, value in vars(samples).items() if value is not None}, temporary)
     dataset = load_dataset(directory)
@@ -121,12 +129,16 @@ def load_dataset(directory: str | Path) -> WorldSamples:
                         torch.cat([p["attributes"] for p in parts]), [c for p in parts for c in p["captions"]], masks)
 
 
-def export_image_folder(samples: WorldSamples, directory: str | Path, progress: bool = True) -> Path:
+def export_image_folder(samples: WorldSamples, directory: str | Path, progress: bool = True,
+                        group_size: int = 1) -> Path:
     """Write ``samples`` as EG3D's image-folder dataset (what ``gan.real: images`` reads, and what
     EG3D's own training reads)::
 
         directory/00000/img00000000.png ...   1,000 PNGs per folder
         directory/dataset.json                {"labels": [["00000/img00000000.png", [25 numbers]], ...]}
+
+    Samples rendered in groups (``group_size`` above 1, :func:`render_samples`) are listed as such
+    under ``"groups"`` (what ``gan.group_size`` reads: :class:`~dreamportrait.training.real_images.ImageFolder`).
 
     The folder is filled under a temporary name and renamed when complete, so it is either whole or
     absent; when ``directory/dataset.json`` already exists the export is skipped."""
@@ -144,7 +156,10 @@ def export_image_folder(samples: WorldSamples, directory: str | Path, progress: 
             (temporary / name).parent.mkdir(exist_ok=True)
             iio.imwrite(temporary / name, samples.images[index].permute(1, 2, 0).numpy())
             labels.append([name, samples.labels[index].tolist()])
-        (temporary / "dataset.json").write_text(json.dumps({"labels": labels}))
+        listing = {"labels": labels}
+        if group_size > 1:
+            listing["groups"] = [list(range(start, start + group_size)) for start in range(0, len(samples), group_size)]
+        (temporary / "dataset.json").write_text(json.dumps(listing))
         os.replace(temporary, directory)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

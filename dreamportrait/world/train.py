@@ -6,6 +6,9 @@ Stages, each continuing where an interrupted run stopped::
     OUT/data/gan-train-images
                             the same renders as an EG3D image folder: the GAN regulariser's
                             "real" portraits (``--gan-real renders``, the default)
+    OUT/data/gan-groups, OUT/data/gan-groups-images
+                            with ``gan.group_size`` above 1 instead: renders in groups of
+                            :data:`REAL_GROUP_SIZE` heads of one combination seen from one camera
     OUT/gan/                the 3D GAN (no text) trained adversarially on them, EG3D-style;
                             OUT/gan/final is its pretrained directory (EMA G + D); skipped when
                             a pretrained GAN is given (e.g. the packaged one, ``asset_dir("gan")``)
@@ -54,6 +57,10 @@ def gan_data(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, pro
                          seed=seed * 10 + 4, progress=progress)
 
 
+REAL_GROUP_SIZE = 4
+"""Heads per group of the grouped real portraits: the largest ``gan.group_size`` they serve."""
+
+
 def real_images_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "data/gan-train-images"
 
@@ -61,6 +68,16 @@ def real_images_dir(out_dir: str | Path) -> Path:
 def real_images_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
     """Export the GAN's data as the EG3D image folder the regulariser reads with ``gan.real: images``."""
     return export_image_folder(gan_data(out_dir, setting, seed, progress), real_images_dir(out_dir), progress)
+
+
+def real_groups_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
+    """Render and export the regulariser's real portraits for ``gan.group_size`` above 1: as many 64²
+    renders of training combinations as the GAN's data, in groups of :data:`REAL_GROUP_SIZE` (one
+    combination and one camera per group, listed in dataset.json's ``groups``); returns the folder."""
+    out = Path(out_dir)
+    samples = build_dataset(out / "data/gan-groups", training_combinations(), setting.gan_images, 64,
+                            seed=seed * 10 + 5, progress=progress, group_size=REAL_GROUP_SIZE)
+    return export_image_folder(samples, out / "data/gan-groups-images", progress, group_size=REAL_GROUP_SIZE)
 
 
 def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:

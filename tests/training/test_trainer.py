@@ -1,5 +1,6 @@
 """The SDS-D trainer on CPU with tiny diffusers/transformers models."""
 
+import math
 import os
 import socket
 
@@ -238,7 +239,7 @@ def test_two_process_ddp_matches_the_single_process_gradient(tiny_pixel_sd, tmp_
             assert_close_scaled(first_half[name], gradient, 5e-3, name)
 
 
-def write_image_folder(directory, count=3, size=40):
+def write_image_folder(directory, count=3, size=40, groups=None):
     import json
 
     import imageio.v3 as iio
@@ -252,7 +253,8 @@ def write_image_folder(directory, count=3, size=40):
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         iio.imwrite(directory / name, torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy())
         entries.append([name, labels[index]])
-    (directory / "dataset.json").write_text(json.dumps({"labels": entries}))
+    listing = {"labels": entries} if groups is None else {"labels": entries, "groups": groups}
+    (directory / "dataset.json").write_text(json.dumps(listing))
     return entries
 
 
@@ -273,3 +275,47 @@ def test_real_images_from_an_eg3d_style_folder(tiny_latent_sd, tmp_path):
     (tmp_path / "faces" / entries[0][0]).unlink()
     with pytest.raises(FileNotFoundError, match="lists 00000/img00000000.png, which does not exist"):
         ImageFolder(tmp_path / "faces", 64, 16)
+
+
+def test_grouped_batches_let_the_discriminator_see_the_spread_within_a_prompt(tiny_latent_sd, tmp_path):
+    # gan.group_size latents share a prompt and a camera; sample i is in group i % groups, as the
+    # discriminator's minibatch-std layer groups a batch, and the real side is drawn in the folder's groups.
+    from dreamportrait.training.real_images import ImageFolder
+
+    write_image_folder(tmp_path / "faces", count=8, groups=[[0, 1, 2], [3, 4], [5, 6, 7]])
+    folder = ImageFolder(tmp_path / "faces", resolution=64, raw_resolution=16)
+    for group_size, eligible in ((2, [[0, 1, 2], [3, 4], [5, 6, 7]]), (3, [[0, 1, 2], [5, 6, 7]])):
+        _, labels = folder.sample(2 * group_size, torch.Generator().manual_seed(int(torch.randint(1 << 30, ()))),
+                                  group_size=group_size)
+        indices = [int((folder.labels == label).all(1).nonzero()) for label in labels]  # distinct labels
+        for group in (indices[0::2], indices[1::2]):  # the members of group 0, then of group 1
+            assert len(set(group)) == group_size and any(set(group) <= set(e) for e in eligible), (group, indices)
+    with pytest.raises(ValueError, match="has no 'groups' of 4 or more images, which gan.group_size=4 needs"):
+        folder.sample(4, group_size=4)
+
+    trainer = Trainer(make_config(tiny_latent_sd, tmp_path / "run", "batch_size=4", "gan.group_size=2",
+                                  "gan.real=images", f"gan.image_dir={tmp_path / 'faces'}"))
+    batch = trainer.sample_batch()
+    assert batch.prompts[:2] == batch.prompts[2:] and torch.equal(batch.c[:2], batch.c[2:])
+    assert torch.equal(batch.yaws[:2], batch.yaws[2:]) and not torch.equal(batch.z[:2], batch.z[2:])
+    # The discriminator compares spread within those groups: the same two images judged with each
+    # group holding one image twice (no spread) or both images (spread) are judged differently.
+    discriminator, c = trainer.discriminator, batch.c
+    a, b = (trainer.generator(batch.z[i:i + 1], c[i:i + 1], prompts=batch.prompts[i:i + 1]) for i in (0, 1))
+
+    def judge(order):
+        images = {key: torch.cat([(a, b)[i][key] for i in order]).detach() for key in ("image", "image_raw")}
+        return discriminator(images, c[[0, 1, 0, 1]])
+    assert not torch.allclose(judge([0, 1, 0, 1])[0], judge([0, 1, 1, 0])[0])
+    logs = trainer.train_step()
+    assert "loss/d" in logs and all(math.isfinite(v) for v in logs.values())
+
+    with pytest.raises(ValueError, match=r"'gan.group_size' must be >= 1 and divide batch_size \(4\), got 3"):
+        make_config(tiny_latent_sd, tmp_path, "batch_size=4", "gan.group_size=3", "gan.real=images",
+                    f"gan.image_dir={tmp_path / 'faces'}")
+    with pytest.raises(ValueError, match="'gan.group_size' above 1 needs gan.real: images"):
+        make_config(tiny_latent_sd, tmp_path, "batch_size=4", "gan.group_size=2")
+    for bad in ([[0]], [[0, 8]], [0, 1]):
+        write_image_folder(tmp_path / "bad", count=8, groups=bad)
+        with pytest.raises(ValueError, match=r"'groups' must be a list of lists of at least 2 image indices \(0 to 7\)"):
+            ImageFolder(tmp_path / "bad", 64, 16)

@@ -68,6 +68,28 @@ def test_datasets_export_as_an_eg3d_image_folder(tmp_path, samples, monkeypatch)
         export_image_folder(samples, tmp_path / "stray", progress=False)
 
 
+def test_grouped_renders_show_one_combination_from_one_camera_per_group(tmp_path):
+    # The regulariser's real groups (gan.group_size): within a group only the heads' own small
+    # variations differ, so their spread is what one prompt's latents should show.
+    grouped = render_samples(training_combinations(), 16, 32, seed=int(torch.randint(1 << 20, ())), batch_size=8,
+                             group_size=4)
+    groups = torch.arange(16).reshape(4, 4)
+    for members in groups:
+        assert (grouped.attributes[members] == grouped.attributes[members[0]]).all()
+        assert (grouped.labels[members] == grouped.labels[members[0]]).all()
+        images = grouped.images[members].float()
+        assert (images[1:] - images[0]).abs().amax(dim=(1, 2, 3)).min() > 0  # every head varies
+    assert len({tuple(grouped.labels[members[0]].tolist()) for members in groups}) == 4  # a camera per group
+    folder = export_image_folder(grouped, tmp_path / "grouped", progress=False, group_size=4)
+    assert json.loads((folder / "dataset.json").read_text())["groups"] == groups.tolist()
+    images, cameras = ImageFolder(folder, resolution=32, raw_resolution=16).sample(4, group_size=2)
+    assert torch.equal(cameras[:2], cameras[2:])  # two groups, member-major
+    assert "groups" not in json.loads((export_image_folder(grouped, tmp_path / "plain", progress=False)
+                                       / "dataset.json").read_text())
+    with pytest.raises(ValueError, match=r"count \(6\) and batch_size \(8\) must be multiples of group_size \(4\)"):
+        render_samples(training_combinations(), 6, 32, seed=0, batch_size=8, group_size=4)
+
+
 def test_part_masks_leave_the_renders_as_they_were_and_are_kept_on_disk(tmp_path, samples):
     masked = render_samples(training_combinations(), 48, 32, seed=3, part_masks=True)
     assert torch.equal(masked.images, samples.images) and masked.captions == samples.captions

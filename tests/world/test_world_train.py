@@ -76,6 +76,13 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert len(labels) == 16  # the tiny setting's GAN images
     with pytest.raises(FileNotFoundError, match="gan.image_dir elsewhere: dataset.json is missing"):
         main(command + ["gan.image_dir=elsewhere", f"out_dir={out / 'elsewhere'}"])
+    # With gan.group_size above 1 they are renders in groups, one combination and camera each.
+    grouped = out / "grouped"
+    assert main(command + ["gan.group_size=2", f"out_dir={grouped}"]) == 0
+    config = yaml.safe_load((latest_checkpoint(grouped) / "train_config.yaml").read_text())
+    assert config["gan"]["group_size"] == 2 and config["gan"]["image_dir"] == str(out / "data/gan-groups-images")
+    groups = json.loads((out / "data/gan-groups-images/dataset.json").read_text())["groups"]
+    assert groups == [[4 * i + j for j in range(4)] for i in range(4)]  # the tiny setting's 16 images
 
     # A run that starts from a given GAN (as `--gan packaged` does) trains no GAN; with the GAN's own
     # samples as real portraits it renders no GAN data either.
