@@ -86,7 +86,8 @@ class GanConfig:
     group against real groups (image_dir's dataset.json ``groups``: one attribute combination seen
     from one camera with the world's small variations). An unconditional discriminator that sees
     one sample per prompt cannot tell a generator that draws the same head for every latent of a
-    prompt; this one can. 1 (the default): every sample has its own prompt and camera."""
+    prompt; this one can. 1 (the default): every sample has its own prompt and camera. Without
+    the regulariser (``weight`` 0) it changes nothing."""
     r1_gamma: float = 1.0
     r1_interval: int = 16
     lr: float = 0.002

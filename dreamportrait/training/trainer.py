@@ -141,13 +141,15 @@ class Trainer:
         """Draw one step's randomness from the trainer's own generator (saved in checkpoints)."""
         cfg, size = self.config, self.config.batch_size
         z = torch.randn(size, self.generator.base.z_dim, generator=self.sampler)
-        # gan.group_size latents share each prompt and camera; sample i is in group i % (size / group_size),
-        # the grouping of the discriminator's minibatch-std layer (and of ImageFolder.sample's groups).
-        groups = size // cfg.gan.group_size
-        yaws, c = self._cameras(groups)
-        yaws, c = yaws.repeat(cfg.gan.group_size), c.repeat(cfg.gan.group_size, 1)
-        prompts = [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (groups,), generator=self.sampler)]
-        prompts = prompts * cfg.gan.group_size
+        # With the regulariser on, gan.group_size latents share each prompt and camera; sample i is in
+        # group i % (size / group_size), the grouping of the discriminator's minibatch-std layer (and
+        # of ImageFolder.sample's groups). Without it the key changes nothing, so (b) is one run.
+        group_size = cfg.gan.group_size if cfg.gan.weight > 0 else 1
+        yaws, c = self._cameras(size // group_size)
+        yaws, c = yaws.repeat(group_size), c.repeat(group_size, 1)
+        prompts = [self.prompts[int(i)]
+                   for i in torch.randint(len(self.prompts), (size // group_size,), generator=self.sampler)]
+        prompts = prompts * group_size
         low, high = self.guidance.timestep_range(self.step / max(cfg.guidance.anneal_steps or cfg.steps, 1))
         t = torch.randint(low, high + 1, (size,), generator=self.sampler)
         unet = self.guidance.unet.config

@@ -298,6 +298,12 @@ def test_grouped_batches_let_the_discriminator_see_the_spread_within_a_prompt(ti
     batch = trainer.sample_batch()
     assert batch.prompts[:2] == batch.prompts[2:] and torch.equal(batch.c[:2], batch.c[2:])
     assert torch.equal(batch.yaws[:2], batch.yaws[2:]) and not torch.equal(batch.z[:2], batch.z[2:])
+    unregularised = Trainer(make_config(tiny_latent_sd, tmp_path / "b", "batch_size=4", "gan.weight=0"))
+    grouped_off = Trainer(make_config(tiny_latent_sd, tmp_path / "b2", "batch_size=4", "gan.weight=0",
+                                      "gan.group_size=2"))
+    plain, same = vars(unregularised.sample_batch()), vars(grouped_off.sample_batch())
+    assert plain["prompts"] == same["prompts"]  # without the regulariser the key changes nothing
+    assert all(torch.equal(value, same[key]) for key, value in plain.items() if key != "prompts")
     # The discriminator compares spread within those groups: the same two images judged with each
     # group holding one image twice (no spread) or both images (spread) are judged differently.
     discriminator, c = trainer.discriminator, batch.c
