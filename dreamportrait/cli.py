@@ -194,8 +194,8 @@ def _world_train(args: argparse.Namespace) -> int:
 
     from dreamportrait.training import load_config
     from dreamportrait.world.assets import asset_dir
-    from dreamportrait.world.train import (SETTINGS, dreamportrait_overrides, real_groups_stage, real_images_dir,
-                                           real_images_stage, train_gan_stage)
+    from dreamportrait.world.train import (SETTINGS, dreamportrait_overrides, real_images_dir, real_images_stage,
+                                           train_gan_stage)
 
     try:
         if args.gan is not None and args.gan_steps is not None:
@@ -213,10 +213,8 @@ def _world_train(args: argparse.Namespace) -> int:
             train_gan_stage(args.out, setting, seed=args.seed)
         real = config.gan.real_image_dir  # None when the regulariser is off or reads no images
         if real is not None and Path(real) == real_images_dir(args.out):  # not when overrides point elsewhere
-            if config.gan.group_size > 1:  # the world's renders in groups, one combination and camera each
-                config.gan.image_dir = str(real_groups_stage(args.out, setting, seed=args.seed))
-            else:
-                real_images_stage(args.out, setting, seed=args.seed)
+            config.gan.image_dir = str(real_images_stage(args.out, setting, seed=args.seed,
+                                                         group_size=config.gan.group_size))
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2

@@ -32,7 +32,8 @@ class ImageFolder:
         labels_path = self.directory / "dataset.json"
         if not labels_path.is_file():
             raise FileNotFoundError(f"gan.image_dir {self.directory}: dataset.json is missing")
-        entries = json.loads(labels_path.read_text()).get("labels")
+        listing = json.loads(labels_path.read_text())
+        entries = listing.get("labels")
         if not entries:
             raise ValueError(f"{labels_path}: 'labels' must list [file name, 25-number camera label] pairs")
         self.files, labels = [], []
@@ -44,7 +45,7 @@ class ImageFolder:
             self.files.append(self.directory / name)
             labels.append(label)
         self.labels = torch.tensor(labels, dtype=torch.float32)
-        self.groups = self._check_groups(json.loads(labels_path.read_text()).get("groups", []), labels_path)
+        self.groups = self._check_groups(listing.get("groups", []), labels_path)
         self.resolution, self.raw_resolution = resolution, raw_resolution
 
     def _check_groups(self, groups, labels_path: Path) -> list[list[int]]:

@@ -65,15 +65,18 @@ def real_images_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "data/gan-train-images"
 
 
-def real_images_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
-    """Export the GAN's data as the EG3D image folder the regulariser reads with ``gan.real: images``."""
-    return export_image_folder(gan_data(out_dir, setting, seed, progress), real_images_dir(out_dir), progress)
-
-
-def real_groups_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> Path:
-    """Render and export the regulariser's real portraits for ``gan.group_size`` above 1: as many 64²
-    renders of training combinations as the GAN's data, in groups of :data:`REAL_GROUP_SIZE` (one
-    combination and one camera per group, listed in dataset.json's ``groups``); returns the folder."""
+def real_images_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True,
+                      group_size: int = 1) -> Path:
+    """The regulariser's real portraits as the EG3D image folder ``gan.real: images`` reads; returns it.
+    For ``group_size`` 1 (``gan.group_size``), the GAN's data (``OUT/data/gan-train-images``); above
+    1, as many 64² renders of training combinations in groups of :data:`REAL_GROUP_SIZE`, one
+    combination and one camera per group, listed in dataset.json's ``groups``
+    (``OUT/data/gan-groups-images``)."""
+    if group_size == 1:
+        return export_image_folder(gan_data(out_dir, setting, seed, progress), real_images_dir(out_dir), progress)
+    if group_size > REAL_GROUP_SIZE:
+        raise ValueError(f"gan.group_size={group_size} is larger than the groups of {REAL_GROUP_SIZE} heads that "
+                         f"world train renders")
     out = Path(out_dir)
     samples = build_dataset(out / "data/gan-groups", training_combinations(), setting.gan_images, 64,
                             seed=seed * 10 + 5, progress=progress, group_size=REAL_GROUP_SIZE)

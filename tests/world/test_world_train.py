@@ -112,3 +112,8 @@ def test_world_train_errors_are_named(tmp_path, capsys):
     assert main(["world", "train", "--out", str(tmp_path), "--setting", "tiny", "--gan", str(tmp_path),
                  "--gan-steps", "5"]) == 2
     assert "--gan-steps trains a GAN and --gan skips that stage" in capsys.readouterr().err
+    # A group larger than the rendered real groups is refused before anything is rendered.
+    assert main(["world", "train", "--out", str(tmp_path / "big-groups"), "--setting", "tiny", "--gan", "packaged",
+                 "batch_size=8", "gan.group_size=8"]) == 2
+    assert "gan.group_size=8 is larger than the groups of 4 heads" in capsys.readouterr().err
+    assert not (tmp_path / "big-groups" / "data").exists()
