@@ -226,7 +226,8 @@ def _world_train(args: argparse.Namespace) -> int:
 # Arguments that only some evaluated methods read; given with another method they are refused,
 # not ignored (a checkpoint passed to the baseline would otherwise be silently unused).
 _EVALUATE_METHOD_ARGUMENTS = {"checkpoint": ("generator", "gan"), "guidance": ("baseline",), "config": ("baseline",),
-                              "baseline_steps": ("baseline",), "baseline_checkpoints": ("baseline",)}
+                              "baseline_steps": ("baseline",), "baseline_checkpoints": ("baseline",),
+                              "truncation": ("generator", "gan")}
 
 
 def _check_evaluate_arguments(args: argparse.Namespace) -> None:
@@ -263,6 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:  # renders of the evaluated prompts' attribute combinations, the same for every method
             real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        truncation = 0.7 if args.truncation is None else args.truncation
         if args.method == "baseline":
             from dreamportrait.baselines import DEFAULT_STEPS
             from dreamportrait.training import load_config
@@ -286,12 +288,14 @@ def _evaluate(args: argparse.Namespace) -> int:
                 wanted = "a text-conditioned" if args.method == "generator" else "a text-free"
                 raise ValueError(f"--method {args.method} needs {wanted} generator; {source} holds the other kind")
             factory = harness.generator_method if args.method == "generator" else harness.gan_method
-            method = factory(generator, args.views)
+            method = factory(generator, args.views, truncation)
         else:  # --method generator without --checkpoint
             from dreamportrait.world.assets import load_default_generator
 
-            method = harness.generator_method(load_default_generator(device), args.views)
+            method = harness.generator_method(load_default_generator(device), args.views, truncation)
         result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
+        if args.method in _EVALUATE_METHOD_ARGUMENTS["truncation"]:
+            result["truncation_psi"] = truncation
         if args.method == "baseline" and checkpoints:
             result["progress"] = harness.baseline_progress(method.snapshots, judge)
     except (OSError, ValueError) as error:
@@ -429,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add captions of N held-out combinations spread over the list (74 = all)")
     ev.add_argument("--seeds", default="0-3")
     ev.add_argument("--views", type=int, default=4)
+    ev.add_argument("--truncation", type=float, default=None,
+                    help="truncation psi of --method generator or gan (default 0.7, generate's; 1 = none, as "
+                         "FID and diversity are usually measured)")
     ev.add_argument("--judge", default=None, help="the judge's directory (default: the packaged judge)")
     ev.add_argument("--real", default=None,
                     help="a rendered dataset directory for world-FID (default: --real-count renders of the prompts' "

@@ -88,6 +88,12 @@ class GanConfig:
     one sample per prompt cannot tell a generator that draws the same head for every latent of a
     prompt; this one can. 1 (the default): every sample has its own prompt and camera. Without
     the regulariser (``weight`` 0) it changes nothing."""
+    spread_weight: float = 0.0
+    """Weight of a diversity-sensitive term on each group of ``group_size`` renders (one prompt, one
+    camera): ``max(0, τ - d)``, d the mean absolute difference between the group's members after
+    4x4 average pooling, τ the same spread of the real groups (measured once, at start). It pushes a
+    prompt's heads apart until they vary as much as real heads of one combination, and no further
+    (DSGAN's bounded mode-seeking term). Needs ``group_size`` above 1; 0 (the default): off."""
     r1_gamma: float = 1.0
     r1_interval: int = 16
     lr: float = 0.002
@@ -234,6 +240,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if config.gan.group_size > 1 and config.gan.weight > 0 and config.gan.real != "images":
         raise ValueError("config key 'gan.group_size' above 1 needs gan.real: images (real groups of one attribute "
                          "combination seen from one camera); the pretrained generator's samples have no such groups")
+    if config.gan.spread_weight < 0 or (config.gan.spread_weight > 0 and config.gan.group_size < 2):
+        raise ValueError(f"config key 'gan.spread_weight' must be >= 0 and, above 0, needs gan.group_size >= 2 "
+                         f"(it compares the renders of one prompt's group), got {config.gan.spread_weight!r} with "
+                         f"group_size {config.gan.group_size}")
     if config.cameras.conditioning not in ("frontal", "render"):
         raise ValueError(f"config key 'cameras.conditioning' must be 'frontal' or 'render', "
                          f"got {config.cameras.conditioning!r}")

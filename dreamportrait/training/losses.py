@@ -17,6 +17,25 @@ def discriminator_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
     return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
 
 
+def group_spread(images: Tensor, group_size: int, pool: int = 4) -> Tensor:
+    """The mean absolute difference ``(B / group_size,)`` between the members of each group of
+    ``images`` ``(B, C, H, W)``, laid out member-major (image ``i`` in group ``i % (B / group_size)``,
+    as the trainer's grouped batches and ``ImageFolder.sample`` are), after ``pool``x``pool`` average
+    pooling: what differs between heads of one prompt (size, hairline, colour) is coarse, and the
+    pooling keeps per-pixel noise (the synthesis layers' noise inputs) from counting as variety."""
+    pooled = F.avg_pool2d(images, pool) if pool > 1 else images
+    members = pooled.unflatten(0, (group_size, -1)).flatten(2)  # (G, B / G, C * h * w)
+    distances = (members[:, None] - members[None]).abs().mean(-1)  # (G, G, B / G), zero diagonal
+    return distances.sum((0, 1)) / (group_size * (group_size - 1))
+
+
+def spread_loss(spread: Tensor, target: float) -> Tensor:
+    """Diversity-sensitive hinge ``max(0, target - spread)`` averaged over the groups' ``spread``
+    (:func:`group_spread`; DSGAN's bounded form of the mode-seeking term): it pushes the heads a
+    prompt draws apart until they differ as much as real heads of one kind do, and no further."""
+    return F.relu(target - spread).mean()
+
+
 def r1_penalty(real_logits: Tensor, real_inputs: list[Tensor]) -> Tensor:
     """``|grad_x D(x)|²`` per sample over all ``real_inputs`` (EG3D: the image and the raw image),
     averaged; differentiable (for the discriminator's update)."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.cameras import CAMERA_LABEL_SIZE
+from .losses import group_spread
 
 
 class ImageFolder:
@@ -79,6 +80,12 @@ class ImageFolder:
         images = torch.stack([self._load(int(i)) for i in indices])
         raw = F.interpolate(images, size=(self.raw_resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
         return {"image": images, "image_raw": raw}, self.labels[indices]
+
+    def group_spread(self, group_size: int, groups: int = 64, generator: torch.Generator | None = None) -> float:
+        """The mean :func:`~dreamportrait.training.losses.group_spread` of ``groups`` random groups of
+        ``group_size``: how much real heads of one kind, seen from one camera, differ."""
+        images, _ = self.sample(groups * group_size, generator, group_size=group_size)
+        return group_spread(images["image"], group_size).mean().item()
 
     def _group_indices(self, count: int, group_size: int, generator: torch.Generator | None) -> Tensor:
         if count % group_size:

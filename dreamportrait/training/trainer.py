@@ -31,7 +31,8 @@ from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GuidanceConfig, TrainConfig
-from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty, update_ema
+from .losses import (discriminator_loss, generator_adversarial_loss, group_spread, r1_penalty, spread_loss,
+                     update_ema)
 from .real_images import ImageFolder
 
 
@@ -111,6 +112,10 @@ class Trainer:
         if config.gan.real_image_dir is not None:
             self.real_images = ImageFolder(config.gan.real_image_dir, base.img_resolution,
                                            base.neural_rendering_resolution)
+        self.spread_target = None  # τ of gan.spread_weight: the real groups' spread, the same every run and resume
+        if config.gan.weight > 0 and config.gan.spread_weight > 0:
+            self.spread_target = self.real_images.group_spread(
+                config.gan.group_size, generator=torch.Generator().manual_seed(config.seed))
 
         groups = self.generator.parameter_groups()
         rates = {"adapters": config.optim.lr_adapters, "cross_attention": config.optim.lr_cross_attention,
@@ -196,6 +201,11 @@ class Trainer:
             self.discriminator.requires_grad_(True)
             loss = loss + cfg.gan.weight * adversarial
             logs["loss/g_adversarial"] = adversarial.item()
+            if self.spread_target is not None:
+                spread = group_spread(out["image"].float(), cfg.gan.group_size)
+                term = spread_loss(spread, self.spread_target)
+                loss = loss + cfg.gan.spread_weight * term
+                logs["loss/spread"], logs["gan/group_spread"] = term.item(), spread.mean().item()
         return loss, logs, out
 
     def discriminator_loss(self, batch: Batch, fake: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -314,6 +324,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(cfg.out_dir) / "tensorboard"))
+            if self.spread_target is not None:  # what gan/group_spread is pushed up to
+                self.writer.add_scalar("gan/spread_target", self.spread_target, self.step)
         with tqdm(total=steps, initial=self.step, desc="training", disable=not main, dynamic_ncols=True) as progress:
             while self.step < steps:
                 logs = self.train_step()

@@ -325,3 +325,41 @@ def test_grouped_batches_let_the_discriminator_see_the_spread_within_a_prompt(ti
         write_image_folder(tmp_path / "bad", count=8, groups=bad)
         with pytest.raises(ValueError, match=r"'groups' must be a list of lists of at least 2 image indices \(0 to 7\)"):
             ImageFolder(tmp_path / "bad", 64, 16)
+
+
+def test_spread_weight_adds_the_hinge_against_the_real_groups_spread(tiny_latent_sd, tmp_path):
+    from dreamportrait.training.losses import group_spread
+    from dreamportrait.training.real_images import ImageFolder
+
+    write_image_folder(tmp_path / "faces", count=8, groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    folder = ImageFolder(tmp_path / "faces", resolution=64, raw_resolution=16)
+    seed = int(torch.randint(1 << 30, ()))
+    common = ["batch_size=4", "gan.group_size=2", "gan.real=images", f"gan.image_dir={tmp_path / 'faces'}",
+              f"seed={seed}"]
+    plain = Trainer(make_config(tiny_latent_sd, tmp_path / "plain", *common))
+    spread = Trainer(make_config(tiny_latent_sd, tmp_path / "spread", *common, "gan.spread_weight=1000000"))
+    # τ: the real groups' spread, measured reproducibly from the run's seed (the same on resume).
+    assert plain.spread_target is None
+    assert spread.spread_target == folder.group_spread(2, generator=torch.Generator().manual_seed(seed)) > 0
+    # The same batch: the loss differs by exactly weight * hinge, which the logs report. (The tiny
+    # random generator varies more than random real images; a target above any spread of images
+    # in [-1, 1] keeps the hinge active.)
+    spread.spread_target = 2.0
+    batch = plain.sample_batch()
+    spread.generator.load_state_dict(plain.generator.state_dict())
+    spread.discriminator.load_state_dict(plain.discriminator.state_dict())
+    torch.manual_seed(seed)
+    base, _, _ = plain.generator_loss(batch)
+    torch.manual_seed(seed)
+    total, logs, out = spread.generator_loss(batch)
+    measured = group_spread(out["image"].float(), 2)
+    assert logs["gan/group_spread"] == pytest.approx(measured.mean().item(), rel=1e-5)
+    assert logs["loss/spread"] == pytest.approx((spread.spread_target - measured).mean().item(), rel=1e-5)
+    assert (total - base).item() == pytest.approx(1000000 * logs["loss/spread"], rel=1e-4)
+    logs = spread.train_step()
+    assert "loss/spread" in logs and all(math.isfinite(v) for v in logs.values())
+
+    with pytest.raises(ValueError, match="'gan.spread_weight' must be >= 0 and, above 0, needs gan.group_size >= 2"):
+        make_config(tiny_latent_sd, tmp_path, "gan.spread_weight=1")
+    with pytest.raises(ValueError, match="'gan.spread_weight' must be >= 0"):
+        make_config(tiny_latent_sd, tmp_path, *common, "gan.spread_weight=-1")

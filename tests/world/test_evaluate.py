@@ -148,6 +148,18 @@ def test_evaluate_cli_on_the_world_itself(world, tmp_path):
     assert len(list((tmp_path / "world").glob("*.png"))) == 2
 
 
+def test_evaluate_samples_generators_at_the_given_truncation(world, tmp_path):
+    # Truncation 0 maps every latent to the average w: the seeds of a prompt draw one sample, whose
+    # diversity is 0; generate's 0.7, the default, leaves them apart.
+    common = ["--held-out", "1", "--seeds", "0-1", "--views", "2", "--judge", str(world / "judge"),
+              "--real", str(world / "real"), "--out", str(tmp_path)]
+    for name, truncation in (("default", []), ("average", ["--truncation", "0"])):
+        assert main(["evaluate", "--method", "gan", "--name", name, *truncation, *common]) == 0
+    default, average = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("default", "average"))
+    assert (default["truncation_psi"], average["truncation_psi"]) == (0.7, 0.0)
+    assert default["diversity"] > 0 and average["diversity"] == pytest.approx(0, abs=1e-6)
+
+
 class ScriptedJudge:
     """Judges view v of call c as ``verdicts[c][v]`` (6 class indices), with random features."""
 
@@ -186,7 +198,8 @@ def test_consistency_counts_samples_whose_views_agree_overall_and_per_attribute(
 @pytest.mark.parametrize("method, argument", [
     ("world", ["--checkpoint", "run"]), ("baseline", ["--checkpoint", "run"]), ("generator", ["--guidance", "teacher"]),
     ("gan", ["--baseline-steps", "5"]), ("world", ["--baseline-checkpoints", "1"]),
-    ("generator", ["--config", "configs/world.yaml"]),
+    ("generator", ["--config", "configs/world.yaml"]), ("world", ["--truncation", "1"]),
+    ("baseline", ["--truncation", "1"]),
 ])
 def test_evaluate_refuses_an_argument_its_method_ignores(method, argument, tmp_path, capsys):
     assert main(["evaluate", "--method", method, *argument, "--held-out", "1", "--out", str(tmp_path)]) == 2
