@@ -24,9 +24,11 @@ def check_noise_mode(noise_mode: str) -> None:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
 
 
-def block_dtype(use_fp16: bool, reference: Tensor, force_fp32: bool) -> torch.dtype:
-    """float16 for blocks configured for it, on CUDA only (as EG3D), else float32."""
-    return torch.float16 if use_fp16 and reference.device.type == "cuda" and not force_fp32 else torch.float32
+def block_dtype(use_fp16: bool, reference: Tensor, force_fp32: bool, full: torch.dtype) -> torch.dtype:
+    """float16 for blocks configured for it, on CUDA only (as EG3D), else ``full``: the networks'
+    full precision, their parameters' dtype (float32, or float64 for a model cast to check
+    gradients in float64; EG3D hard-codes float32)."""
+    return torch.float16 if use_fp16 and reference.device.type == "cuda" and not force_fp32 else full
 
 
 class MappingNetwork(nn.Module):
@@ -58,10 +60,10 @@ class MappingNetwork(nn.Module):
         inputs = []
         if self.z_dim > 0:
             _check_vector("z", z, self.z_dim)
-            inputs.append(normalize_2nd_moment(z.to(torch.float32)))
+            inputs.append(normalize_2nd_moment(z.to(self.fc0.weight.dtype)))
         if self.c_dim > 0:
             _check_vector("c", c, self.c_dim)
-            inputs.append(normalize_2nd_moment(self.embed(c.to(torch.float32))))
+            inputs.append(normalize_2nd_moment(self.embed(c.to(self.embed.weight.dtype))))
         if len(inputs) == 2 and inputs[0].shape[0] != inputs[1].shape[0]:
             raise ValueError(f"MappingNetwork: z has batch size {z.shape[0]} but c has {c.shape[0]}")
         x = torch.cat(inputs, dim=1)
@@ -194,7 +196,7 @@ class SynthesisBlock(nn.Module):
         if ws.dim() != 3 or ws.shape[1] != expected or ws.shape[2] != self.w_dim:
             raise ValueError(f"SynthesisBlock: ws must have shape (N, {expected}, {self.w_dim}), got {tuple(ws.shape)}")
         w_iter = iter(ws.unbind(dim=1))
-        dtype = block_dtype(self.use_fp16, ws, force_fp32)
+        dtype = block_dtype(self.use_fp16, ws, force_fp32, full=ws.dtype)
         in_resolution = self.resolution // 2 if self.upsample else self.resolution
         if self.in_channels == 0:
             x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
@@ -215,7 +217,7 @@ class SynthesisBlock(nn.Module):
         if img is not None and self.upsample:
             img = upsample2d(img, self.resample_filter)
         if self.is_last or self.architecture == "skip":
-            y = self.torgb(x, next(w_iter)).to(torch.float32)
+            y = self.torgb(x, next(w_iter)).to(ws.dtype)
             img = img + y if img is not None else y
         return x, img
 
@@ -265,7 +267,7 @@ class SynthesisNetwork(nn.Module):
         if ws.dim() != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"SynthesisNetwork: ws must have shape (N, {self.num_ws}, {self.w_dim}), "
                              f"got {tuple(ws.shape)}")
-        ws = ws.to(torch.float32)
+        ws = ws.to(self.b4.conv1.weight.dtype)  # full precision, as the blocks expect
         x = img = None
         first = 0
         for res in self.block_resolutions:
@@ -337,7 +339,7 @@ class DiscriminatorBlock(nn.Module):
                                     trainable=trainable(), resample_filter=resample_filter)
 
     def forward(self, x: Tensor | None, img: Tensor | None, force_fp32: bool = False):
-        dtype = block_dtype(self.use_fp16, x if x is not None else img, force_fp32)
+        dtype = block_dtype(self.use_fp16, x if x is not None else img, force_fp32, full=self.conv0.weight.dtype)
         if x is not None:
             x = x.to(dtype)
         if self.in_channels == 0 or self.architecture == "skip":
@@ -379,9 +381,9 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
 
     def forward(self, x: Tensor, img: Tensor | None, cmap: Tensor | None) -> Tensor:
-        x = x.to(torch.float32)
+        x = x.to(self.fc.weight.dtype)
         if self.architecture == "skip":
-            x = x + self.fromrgb(img.to(torch.float32))
+            x = x + self.fromrgb(img.to(x.dtype))
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = self.out(self.fc(self.conv(x).flatten(1)))
