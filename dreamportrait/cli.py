@@ -22,6 +22,8 @@ WORLD_CONFIG = str(Path(__file__).resolve().parent / "configs" / "world.yaml")
 # dreamportrait.baselines.DEFAULT_STEPS, for --help texts: importing it would import torch for every
 # command's help; tests/test_generation.py checks that the two agree.
 BASELINE_DEFAULT_STEPS = 10_000
+# dreamportrait.generation.TRUNCATION_PSI, for the same reason (checked in the same test).
+TRUNCATION_PSI = 0.7
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -264,7 +266,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:  # renders of the evaluated prompts' attribute combinations, the same for every method
             real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        truncation = 0.7 if args.truncation is None else args.truncation
+        truncation = TRUNCATION_PSI if args.truncation is None else args.truncation
         if args.method == "baseline":
             from dreamportrait.baselines import DEFAULT_STEPS
             from dreamportrait.training import load_config
@@ -349,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mesh", action="store_true", help="also write a PLY mesh per sample (marching cubes)")
     gen.add_argument("--mesh-level", type=float, default=10.0, help="density of the mesh surface (default 10, EG3D's)")
     gen.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid size (default 128)")
-    gen.add_argument("--truncation", type=float, default=0.7, help="truncation psi (default 0.7; 1 = none)")
+    gen.add_argument("--truncation", type=float, default=TRUNCATION_PSI,
+                     help=f"truncation psi (default {TRUNCATION_PSI}; 1 = none)")
     gen.add_argument("--text-encoder", default=None, help="text encoder source, if not the one the model recorded")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--out", required=True, help="output directory")
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0-3")
     ev.add_argument("--views", type=int, default=4)
     ev.add_argument("--truncation", type=float, default=None,
-                    help="truncation psi of --method generator or gan (default 0.7, generate's; 1 = none, as "
+                    help=f"truncation psi of --method generator or gan (default {TRUNCATION_PSI}, generate's; 1 = none, as "
                          "FID and diversity are usually measured)")
     ev.add_argument("--judge", default=None, help="the judge's directory (default: the packaged judge)")
     ev.add_argument("--real", default=None,

@@ -26,6 +26,9 @@ from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_t
 from .models.cameras import FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
 
+# EG3D's generation scripts' truncation: what `generate` and the evaluation harness sample at.
+TRUNCATION_PSI = 0.7
+
 
 @dataclass
 class GenerationResult:
@@ -55,7 +58,7 @@ def parse_seeds(text: str) -> list[int]:
 
 @torch.no_grad()
 def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
-             views: int = 8, video: bool = False, mesh: bool = False, truncation_psi: float = 0.7,
+             views: int = 8, video: bool = False, mesh: bool = False, truncation_psi: float = TRUNCATION_PSI,
              yaw_range_degrees: float = 35.0, fov_degrees: float = 18.837, video_frames: int = 72,
              mesh_resolution: int = 128, mesh_level: float = 10.0, progress: bool = True) -> GenerationResult:
     """Generate every (prompt, seed) and write its outputs (module docstring) under ``out_dir``.
@@ -121,7 +124,7 @@ def frontal_camera(generator: TextConditionedGenerator) -> Tensor:
     return view_cameras(1, 0.0, *orbit(generator), 18.837)
 
 
-def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = 0.7,
+def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = TRUNCATION_PSI,
            conditioning: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The one forward pass of (prompt, seed): ws ``(1, num_ws, w_dim)``, the super-resolution's ws
     and the tri-planes ``(1, 3, 32, R, R)``. The mapping is conditioned on the frontal camera

@@ -8,7 +8,8 @@ import torch
 import trimesh
 
 from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene
-from dreamportrait.cli import BASELINE_DEFAULT_STEPS, build_parser, main
+from dreamportrait.cli import BASELINE_DEFAULT_STEPS, TRUNCATION_PSI, build_parser, main
+from dreamportrait import generation
 from dreamportrait.generation import parse_seeds, sample
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, density_grid
@@ -90,8 +91,10 @@ def test_per_prompt_baseline_optimises_one_scene(tiny_pixel_sd, tmp_path):
 
 
 def test_help_names_the_baselines_default_steps(capsys):
-    """The CLI spells the baseline's default step count out (so --help imports no torch): it must be the real one."""
+    """The CLI spells the baseline's default step count and generation's truncation out (so --help
+    imports no torch): they must be the real ones."""
     assert BASELINE_DEFAULT_STEPS == DEFAULT_STEPS
+    assert TRUNCATION_PSI == generation.TRUNCATION_PSI
     with pytest.raises(SystemExit):
         build_parser().parse_args(["baseline", "--help"])
     assert f"the baseline's, {DEFAULT_STEPS}" in " ".join(capsys.readouterr().out.split())

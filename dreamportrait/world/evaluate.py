@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..generation import TRUNCATION_PSI
 from ..models import view_cameras
 from ..outputs import grid, slug, to_uint8, write_image
 from .attributes import parse_caption
@@ -216,7 +217,7 @@ def spread(items: Sequence, count: int) -> list:
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
-def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
+def generator_method(generator, views: int, truncation_psi: float = TRUNCATION_PSI) -> Method:
     """DreamPortrait: one forward pass per (prompt, seed), then the views."""
     from ..generation import render_views, sample
 
@@ -230,7 +231,7 @@ def generator_method(generator, views: int, truncation_psi: float = 0.7) -> Meth
     return run
 
 
-def gan_method(generator, views: int, truncation_psi: float = 0.7) -> Method:
+def gan_method(generator, views: int, truncation_psi: float = TRUNCATION_PSI) -> Method:
     """A text-free 3D GAN (the pretrained generator): the prompt is ignored, the seed picks z."""
     device = next(generator.parameters()).device
     cameras, frontal = evaluation_cameras(views).to(device), evaluation_cameras(1).to(device)
