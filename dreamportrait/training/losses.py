@@ -17,14 +17,24 @@ def discriminator_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
     return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
 
 
-def group_spread(images: Tensor, group_size: int, pool: int = 4) -> Tensor:
+SPREAD_RESOLUTION = 16
+"""The side :func:`group_spread` pools renders to before comparing them: 4x4 pooling of the world's
+64² images, 2x2 of its 32² raw renders."""
+
+
+def group_spread(images: Tensor, group_size: int, size: int = SPREAD_RESOLUTION) -> Tensor:
     """The mean absolute difference ``(B / group_size,)`` between the members of each group of
     ``images`` ``(B, C, H, W)``, laid out member-major (image ``i`` in group ``i % (B / group_size)``,
-    as the trainer's grouped batches and ``ImageFolder.sample`` are), after ``pool``x``pool`` average
-    pooling: what differs between heads of one prompt (size, hairline, colour) is coarse, and the
-    pooling keeps per-pixel noise (the synthesis layers' noise inputs) from counting as variety."""
-    pooled = F.avg_pool2d(images, pool) if pool > 1 else images
-    members = pooled.unflatten(0, (group_size, -1)).flatten(2)  # (G, B / G, C * h * w)
+    as the trainer's grouped batches and ``ImageFolder.sample`` are), after average pooling to
+    ``size``x``size`` (H and W multiples of it; smaller images are compared as they are): what differs between heads of one prompt (size,
+    hairline, colour) is coarse, and the pooling keeps per-pixel noise (the synthesis layers' noise
+    inputs) from counting as variety."""
+    height, width = images.shape[-2:]
+    if height > size or width > size:
+        if height % size or width % size:
+            raise ValueError(f"images of {height}x{width} pixels do not pool evenly to {size}x{size}")
+        images = F.adaptive_avg_pool2d(images, size)
+    members = images.unflatten(0, (group_size, -1)).flatten(2)  # (G, B / G, C * h * w)
     distances = (members[:, None] - members[None]).abs().mean(-1)  # (G, G, B / G), zero diagonal
     return distances.sum((0, 1)) / (group_size * (group_size - 1))
 

@@ -83,9 +83,10 @@ class ImageFolder:
 
     def group_spread(self, group_size: int, groups: int = 64, generator: torch.Generator | None = None) -> float:
         """The mean :func:`~dreamportrait.training.losses.group_spread` of ``groups`` random groups of
-        ``group_size``: how much real heads of one kind, seen from one camera, differ."""
+        ``group_size``: how much real heads of one kind, seen from one camera, differ, in the raw
+        renders' resolution (where the trainer measures the generator's spread)."""
         images, _ = self.sample(groups * group_size, generator, group_size=group_size)
-        return group_spread(images["image"], group_size).mean().item()
+        return group_spread(images["image_raw"], group_size).mean().item()
 
     def _group_indices(self, count: int, group_size: int, generator: torch.Generator | None) -> Tensor:
         if count % group_size:

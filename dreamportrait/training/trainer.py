@@ -202,7 +202,9 @@ class Trainer:
             loss = loss + cfg.gan.weight * adversarial
             logs["loss/g_adversarial"] = adversarial.item()
             if self.spread_target is not None:
-                spread = group_spread(out["image"].float(), cfg.gan.group_size)
+                # The raw render: variety in the tri-planes shows alike from every view, where
+                # variety the super-resolution adds to one view's image need not (RESULTS.md).
+                spread = group_spread(out["image_raw"].float(), cfg.gan.group_size)
                 term = spread_loss(spread, self.spread_target)
                 loss = loss + cfg.gan.spread_weight * term
                 logs["loss/spread"], logs["gan/group_spread"] = term.item(), spread.mean().item()
