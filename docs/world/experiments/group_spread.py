@@ -3,12 +3,13 @@ groups' (RESULTS.md, *Pushing a prompt's heads apart*).
 
     python docs/world/experiments/group_spread.py GROUPS_DIR [CHECKPOINT ...]
 
-prints τ, the mean ``group_spread`` (4×4-pooled mean absolute difference) of 64 random groups of 4
-real heads in ``GROUPS_DIR`` (``world train``'s ``RUN/data/gan-groups-images``, seed 0, as a run
+prints τ, the mean ``group_spread`` (mean absolute difference of the 32² raw images pooled to 16²)
+of 64 random groups of 4 real heads in ``GROUPS_DIR`` (``world train``'s ``RUN/data/gan-groups-images``, seed 0, as a run
 with seed 0 measures it), then, for each generator (a checkpoint or model directory; ``default``
 for the packaged one), the same spread of 4 latents of each of 12 training prompts
 (``random.Random(0).sample`` of the world's training captions) rendered from the frontal camera
-without truncation, with random and with constant noise.
+without truncation, with random and with constant noise: the spread of their raw renders, which
+the term pushes up, and of their 64² images (pooled 4×4), which it pushed up before stop 39.
 """
 import random
 import sys
@@ -34,9 +35,11 @@ def main(groups_dir: str, checkpoints: list[str]) -> None:
         for noise_mode in ("random", "const"):
             with torch.no_grad():
                 groups = [generator(torch.randn(4, generator.base.z_dim), front, prompts=[prompt] * 4,
-                                    conditioning=front, noise_mode=noise_mode)["image"] for prompt in prompts]
-            images = torch.stack(groups, dim=1).flatten(0, 1)  # member-major, as group_spread expects
-            print(f"{checkpoint} ({noise_mode} noise): spread = {group_spread(images, 4).mean().item():.4f}")
+                                    conditioning=front, noise_mode=noise_mode) for prompt in prompts]
+            spreads = {key: group_spread(torch.stack([group[key] for group in groups], dim=1).flatten(0, 1), 4)
+                       for key in ("image_raw", "image")}  # member-major, as group_spread expects
+            print(f"{checkpoint} ({noise_mode} noise): spread = {spreads['image_raw'].mean().item():.4f} raw, "
+                  f"{spreads['image'].mean().item():.4f} image")
 
 
 if __name__ == "__main__":
