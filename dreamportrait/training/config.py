@@ -94,7 +94,8 @@ class GanConfig:
     (the volume render before super-resolution, so the variety is the 3D head's and shows alike from
     every view) average-pooled to 16x16, τ the same spread of the real groups' raw images (measured
     once, at start). It pushes a prompt's heads apart until they vary as much as real heads of one
-    combination, and no further (DSGAN's bounded mode-seeking term). Needs ``group_size`` above 1; 0 (the default): off."""
+    combination, and no further (DSGAN's bounded mode-seeking term). Needs ``group_size`` above 1;
+    0 (the default): off."""
     r1_gamma: float = 1.0
     r1_interval: int = 16
     lr: float = 0.002

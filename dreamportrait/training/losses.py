@@ -26,9 +26,9 @@ def group_spread(images: Tensor, group_size: int, size: int = SPREAD_RESOLUTION)
     """The mean absolute difference ``(B / group_size,)`` between the members of each group of
     ``images`` ``(B, C, H, W)``, laid out member-major (image ``i`` in group ``i % (B / group_size)``,
     as the trainer's grouped batches and ``ImageFolder.sample`` are), after average pooling to
-    ``size``x``size`` (H and W multiples of it; smaller images are compared as they are): what differs between heads of one prompt (size,
-    hairline, colour) is coarse, and the pooling keeps per-pixel noise (the synthesis layers' noise
-    inputs) from counting as variety."""
+    ``size``x``size`` (H and W multiples of it; smaller images are compared as they are): what
+    differs between heads of one prompt (size, hairline, colour) is coarse, and the pooling keeps
+    per-pixel noise (the synthesis layers' noise inputs) from counting as variety."""
     height, width = images.shape[-2:]
     if height > size or width > size:
         if height % size or width % size:

@@ -4,9 +4,10 @@ groups' (RESULTS.md, *Pushing a prompt's heads apart*).
     python docs/world/experiments/group_spread.py GROUPS_DIR [CHECKPOINT ...]
 
 prints τ, the mean ``group_spread`` (mean absolute difference of the 32² raw images pooled to 16²)
-of 64 random groups of 4 real heads in ``GROUPS_DIR`` (``world train``'s ``RUN/data/gan-groups-images``, seed 0, as a run
-with seed 0 measures it), then, for each generator (a checkpoint or model directory; ``default``
-for the packaged one), the same spread of 4 latents of each of 12 training prompts
+of 64 random groups of 4 real heads in ``GROUPS_DIR`` (``world train``'s
+``RUN/data/gan-groups-images``, seed 0, as a run with seed 0 measures it), then, for each
+generator (a checkpoint or model directory; ``default`` for the packaged one), the same spread of
+4 latents of each of 12 training prompts
 (``random.Random(0).sample`` of the world's training captions) rendered from the frontal camera
 without truncation, with random and with constant noise: the spread of their raw renders, which
 the term pushes up, and of their 64² images (pooled 4×4), which it pushed up before stop 39.

@@ -2,8 +2,8 @@
 
     python docs/world/experiments/view_disagreement.py [GENERATOR_DIR] [FIRST_SEED LAST_SEED]
 
-renders every held-out prompt with seeds 0–3 (or FIRST_SEED to LAST_SEED) from the harness's 4 evaluation cameras (yaw −30°,
-−10°, +10°, +30°), with the harness's own method (``generator_method``), and prints, per attribute, the fraction of
+renders every held-out prompt with seeds 0–3 (or FIRST_SEED to LAST_SEED) from the harness's 4
+evaluation cameras (yaw −30°, −10°, +10°, +30°), with the harness's own method (``generator_method``), and prints, per attribute, the fraction of
 samples whose views the judge reads differently, the fraction of wrong views per camera, and the
 most common patterns of a disagreement (the judged class in each view, then the prompt's) and,
 per seed, the samples with any disagreement: the harness draws seed s's latent for every prompt,
@@ -47,7 +47,8 @@ def main(directory: str | None, seeds: range) -> None:
     print("commonest disagreements (attribute, judged class per view, asked class): samples")
     for pattern, count in patterns.most_common(8):
         print(" ", pattern, count)
-    print(f"samples with any disagreement per seed (of {samples // len(seeds)}):", {s: per_seed[s] for s in seeds})
+    print(f"samples with any disagreement per seed (of {samples // len(seeds)}):",
+          {seed: per_seed[seed] for seed in seeds})
 
 
 if __name__ == "__main__":
