@@ -85,11 +85,11 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
     assert groups == [[4 * i + j for j in range(4)] for i in range(4)]  # the tiny setting's 16 images
     # The shipped recipe's second command: the finished run continued with groups and the spread term.
     capsys.readouterr()
-    assert main(command + ["steps=4", "gan.group_size=2", "gan.spread_weight=100"]) == 0
+    assert main(command + ["steps=4", "gan.group_size=2", "gan.spread_weight=150"]) == 0
     assert f"resumed at step 2 from {out / 'dreamportrait'}" in capsys.readouterr().out
     continued = latest_checkpoint(out / "dreamportrait")
     config = yaml.safe_load((continued / "train_config.yaml").read_text())
-    assert continued.name == "step-0000004" and config["gan"]["spread_weight"] == 100
+    assert continued.name == "step-0000004" and config["gan"]["spread_weight"] == 150
     assert config["gan"]["image_dir"] == str(out / "data/gan-groups-images")
 
     # A run that starts from a given GAN (as `--gan packaged` does) trains no GAN; with the GAN's own
