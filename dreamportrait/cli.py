@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0-3")
     ev.add_argument("--views", type=int, default=4)
     ev.add_argument("--truncation", type=float, default=None,
-                    help=f"truncation psi of --method generator or gan (default {TRUNCATION_PSI}, generate's; 1 = none, as "
-                         "FID and diversity are usually measured)")
+                    help=f"truncation psi of --method generator or gan (default {TRUNCATION_PSI}, generate's; "
+                         "1 = none, as FID and diversity are usually measured)")
     ev.add_argument("--judge", default=None, help="the judge's directory (default: the packaged judge)")
     ev.add_argument("--real", default=None,
                     help="a rendered dataset directory for world-FID (default: --real-count renders of the prompts' "

@@ -7,9 +7,9 @@ import pytest
 import torch
 import trimesh
 
+from dreamportrait import generation
 from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene
 from dreamportrait.cli import BASELINE_DEFAULT_STEPS, TRUNCATION_PSI, build_parser, main
-from dreamportrait import generation
 from dreamportrait.generation import parse_seeds, sample
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, density_grid

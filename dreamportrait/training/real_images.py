@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.cameras import CAMERA_LABEL_SIZE
-from .losses import group_spread
+from .losses import SPREAD_RENDER, group_spread
 
 
 class ImageFolder:
@@ -83,10 +83,10 @@ class ImageFolder:
 
     def group_spread(self, group_size: int, groups: int = 64, generator: torch.Generator | None = None) -> float:
         """The mean :func:`~dreamportrait.training.losses.group_spread` of ``groups`` random groups of
-        ``group_size``: how much real heads of one kind, seen from one camera, differ, in the raw
-        renders' resolution (where the trainer measures the generator's spread)."""
+        ``group_size``: how much real heads of one kind, seen from one camera, differ, in the render
+        the trainer measures the generator's spread on (:data:`.losses.SPREAD_RENDER`)."""
         images, _ = self.sample(groups * group_size, generator, group_size=group_size)
-        return group_spread(images["image_raw"], group_size).mean().item()
+        return group_spread(images[SPREAD_RENDER], group_size).mean().item()
 
     def _group_indices(self, count: int, group_size: int, generator: torch.Generator | None) -> Tensor:
         if count % group_size:

@@ -31,8 +31,8 @@ from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GuidanceConfig, TrainConfig
-from .losses import (discriminator_loss, generator_adversarial_loss, group_spread, r1_penalty, spread_loss,
-                     update_ema)
+from .losses import (SPREAD_RENDER, discriminator_loss, generator_adversarial_loss, group_spread, r1_penalty,
+                     spread_loss, update_ema)
 from .real_images import ImageFolder
 
 
@@ -202,9 +202,7 @@ class Trainer:
             loss = loss + cfg.gan.weight * adversarial
             logs["loss/g_adversarial"] = adversarial.item()
             if self.spread_target is not None:
-                # The raw render: variety in the tri-planes shows alike from every view, where
-                # variety the super-resolution adds to one view's image need not (RESULTS.md).
-                spread = group_spread(out["image_raw"].float(), cfg.gan.group_size)
+                spread = group_spread(out[SPREAD_RENDER].float(), cfg.gan.group_size)
                 term = spread_loss(spread, self.spread_target)
                 loss = loss + cfg.gan.spread_weight * term
                 logs["loss/spread"], logs["gan/group_spread"] = term.item(), spread.mean().item()

@@ -3,8 +3,9 @@
     python docs/world/experiments/view_disagreement.py [GENERATOR_DIR] [FIRST_SEED LAST_SEED]
 
 renders every held-out prompt with seeds 0–3 (or FIRST_SEED to LAST_SEED) from the harness's 4
-evaluation cameras (yaw −30°, −10°, +10°, +30°), with the harness's own method (``generator_method``), and prints, per attribute, the fraction of
-samples whose views the judge reads differently, the fraction of wrong views per camera, and the
+evaluation cameras (yaw −30°, −10°, +10°, +30°), with the harness's own method
+(``generator_method``), and prints, per attribute, the fraction of samples whose views the judge
+reads differently, the fraction of wrong views per camera, and the
 most common patterns of a disagreement (the judged class in each view, then the prompt's) and,
 per seed, the samples with any disagreement: the harness draws seed s's latent for every prompt,
 so one latent near a class boundary fails in many prompts at once (RESULTS.md, *Four latents do
