@@ -170,6 +170,11 @@ def plain_config(value, where: str = "init_kwargs"):
     raise ValueError(f"{where}: cannot express a {type(value).__name__} in a JSON config")
 
 
+TRAINING_ONLY_BUFFERS = ("dataset_label_std",)
+"""Buffers EG3D's training loop registers on ``G`` and ``G_ema`` (the spread of the training set's
+camera labels, for its own sampling); rendering never reads them, so the import drops them."""
+
+
 def network_from_record(record, role: str, source: str) -> nn.Module:
     """Build our network from a pickled EG3D network and load its weights strictly."""
     cls = NETWORK_CLASSES[role]
@@ -185,7 +190,8 @@ def network_from_record(record, role: str, source: str) -> nn.Module:
         network = cls(**kwargs)
     except TypeError as error:
         raise ValueError(f"{source}: its init kwargs do not fit {cls.__name__}: {error}") from None
-    tensors = {key: torch.as_tensor(value).to(torch.float32) for key, value in record.named_tensors().items()}
+    tensors = {key: torch.as_tensor(value).to(torch.float32) for key, value in record.named_tensors().items()
+               if not (role == "generator" and key in TRAINING_ONLY_BUFFERS)}
     load_weights(network, tensors, source)
     return network
 

@@ -1,10 +1,12 @@
 """Pretrained directories and the import of EG3D network pickles (built here in EG3D's format)."""
 
 import collections
+import copy
 import io
 import json
 import os
 import pickle
+import pickletools
 import sys
 import types
 
@@ -16,7 +18,9 @@ from torch import nn
 from dreamportrait.cli import main
 from dreamportrait.models import build_discriminator, build_generator, camera_labels, fov_to_intrinsics
 from dreamportrait.models import import_eg3d, load_pretrained, sample_orbit_poses, save_pretrained
-from dreamportrait.models.safe_pickle import UnsafePickleError, load_network_pickle
+from dreamportrait.models.renderer import ImportanceRenderer, OSGDecoder
+from dreamportrait.models.safe_pickle import EG3D_PLAIN_CLASSES, UnsafePickleError, load_network_pickle
+from eg3d_restated import eg3d_code
 
 
 @pytest.fixture
@@ -50,36 +54,80 @@ class PersistentRecord:
         return self.reconstruct, (self.meta,)
 
 
-def as_eg3d(module, eg3d_modules, module_src, init_kwargs=None):
-    """Our module tree as EG3D would pickle it: persistent records for its own classes, plain
-    torch.nn containers and activations as themselves."""
-    reconstruct, easy_dict = eg3d_modules
-    children = collections.OrderedDict((name, as_eg3d(child, eg3d_modules, module_src))
+@pytest.fixture
+def eg3d():
+    """EG3D's code (re-stated in tests/eg3d_restated) importable under its own module paths."""
+    with eg3d_code() as modules:
+        yield modules
+
+
+def as_eg3d(module, eg3d, lr_multiplier=1):
+    """Our module tree as the same network built from EG3D's classes: its own networks as
+    persistent classes, the renderer, ray marcher and decoder as EG3D's plain modules."""
+    if isinstance(module, ImportanceRenderer):
+        return eg3d.renderer.ImportanceRenderer()
+    if isinstance(module, OSGDecoder):
+        decoder = eg3d.triplane.OSGDecoder(module.net[0].in_features, {
+            "decoder_lr_mul": lr_multiplier, "decoder_output_dim": module.net[2].out_features - 1})
+        decoder.load_state_dict(module.state_dict(), strict=True)
+        return decoder
+    children = collections.OrderedDict((name, as_eg3d(child, eg3d, lr_multiplier))
                                        for name, child in module._modules.items())
-    state = {key: value for key, value in module.__dict__.items() if key not in ("init_kwargs",)}
-    state["_modules"] = children
-    if isinstance(module, (nn.Sequential, nn.Softplus)):
-        copy = type(module).__new__(type(module))
-        copy.__dict__.update(state)
-        return copy
-    if init_kwargs is not None:
-        state["_init_args"], state["_init_kwargs"] = (), easy_dict(init_kwargs)
-    return PersistentRecord(reconstruct, type(module).__name__, state, module_src)
+    if type(module).__module__.startswith("torch.nn."):
+        cls = type(module)
+    else:
+        cls = eg3d.persistence.persistent_class(type(module))
+    copy = cls.__new__(cls)
+    copy.__dict__.update({key: value for key, value in module.__dict__.items() if key != "init_kwargs"})
+    copy.__dict__["_modules"] = children
+    if cls is not type(module):
+        copy._init_args, copy._init_kwargs = (), {}
+    return copy
 
 
-def write_network_pickle(path, generator, discriminator, eg3d_modules, module_src="pass"):
-    _, easy_dict = eg3d_modules
+def eg3d_networks(generator, discriminator, eg3d, label_std=(0.1, 0.2)):
+    """``G`` and ``D`` as EG3D's training loop constructs them: the generator with its ray sampler and
+    the ``dataset_label_std`` buffer it registers."""
     kwargs = dict(generator.init_kwargs)
     del kwargs["neural_rendering_resolution"]  # EG3D keeps it as an attribute, not an init kwarg
-    data = {
-        "G": as_eg3d(generator, eg3d_modules, module_src, kwargs),
-        "D": as_eg3d(discriminator, eg3d_modules, module_src, discriminator.init_kwargs),
-        "G_ema": as_eg3d(generator, eg3d_modules, module_src, kwargs),
-        "augment_pipe": None,
-        "training_set_kwargs": easy_dict(resolution=64, use_labels=True),
-    }
+    G = as_eg3d(generator, eg3d, generator.rendering_kwargs.get("decoder_lr_mul", 1))
+    modules = G._modules
+    G._modules = collections.OrderedDict([("renderer", modules["renderer"]),
+                                          ("ray_sampler", eg3d.ray_sampler.RaySampler()),
+                                          *[(name, modules[name]) for name in ("backbone", "superresolution", "decoder")]])
+    G._init_kwargs, G._last_planes = kwargs, None
+    G.register_buffer("dataset_label_std", torch.tensor(label_std))
+    D = as_eg3d(discriminator, eg3d)
+    D._init_kwargs = dict(discriminator.init_kwargs)
+    return G, D
+
+
+def write_network_pickle(path, generator, discriminator, eg3d):
+    """A network snapshot written as EG3D's training loop writes one: G_ema a deep copy of G, every
+    network deep-copied in eval mode without gradients, one ``pickle.dump`` of the dict."""
+    G, D = eg3d_networks(generator, discriminator, eg3d)
+    G, D = G.train().requires_grad_(False), D.train().requires_grad_(False)
+    G_ema = copy.deepcopy(G).eval()
+    snapshot = dict(training_set_kwargs=dict(resolution=64, use_labels=True))
+    for name, module in [("G", G), ("D", D), ("G_ema", G_ema), ("augment_pipe", None)]:
+        if module is not None:
+            module = copy.deepcopy(module).eval().requires_grad_(False).cpu()
+        snapshot[name] = module
     with open(path, "wb") as file:
-        pickle.dump(data, file)
+        pickle.dump(snapshot, file)
+
+
+def pickled_globals(path):
+    """The (module, name) globals a pickle file refers to."""
+    strings, names = [], set()
+    for opcode, argument, _ in pickletools.genops(path.read_bytes()):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(argument)
+        elif opcode.name == "STACK_GLOBAL":
+            names.add(tuple(strings[-2:]))
+        elif opcode.name == "GLOBAL":
+            names.add(tuple(argument.split(" ", 1)))
+    return names
 
 
 def render(generator, c, z):
@@ -87,14 +135,18 @@ def render(generator, c, z):
         return generator(z, c, noise_mode="const", deterministic_sampling=True, neural_rendering_resolution=16)
 
 
-def test_eg3d_pickle_imports_without_running_its_code(tmp_path, eg3d_modules):
+def test_eg3d_snapshot_imports_without_running_its_code(tmp_path, eg3d, capsys):
     generator, discriminator = build_generator("tiny").eval(), build_discriminator("tiny").eval()
     generator.neural_rendering_resolution = 16
-    marker = tmp_path / "code-ran"
-    write_network_pickle(tmp_path / "network.pkl", generator, discriminator, eg3d_modules,
-                         module_src=f"open({str(marker)!r}, 'w').write('ran')")
-    assert main(["import-eg3d", str(tmp_path / "network.pkl"), str(tmp_path / "out")]) == 0
-    assert not marker.exists()
+    write_network_pickle(tmp_path / "network.pkl", generator, discriminator, eg3d)
+    # What makes it EG3D's: plain submodules named by module path, the training loop's extra buffer.
+    assert set(EG3D_PLAIN_CLASSES) <= pickled_globals(tmp_path / "network.pkl")
+    assert b"dataset_label_std" in (tmp_path / "network.pkl").read_bytes()
+    reconstructions = len(eg3d.persistence.RECONSTRUCTIONS)
+    data = load_network_pickle(tmp_path / "network.pkl")
+    assert data["G_ema"].state["_modules"]["renderer"].class_name == "training.volumetric_rendering.renderer.ImportanceRenderer"
+    assert main(["import-eg3d", str(tmp_path / "network.pkl"), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert len(eg3d.persistence.RECONSTRUCTIONS) == reconstructions  # EG3D's loader never ran
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "discriminator.safetensors", "generator.safetensors"]
     loaded_generator, loaded_discriminator = load_pretrained(tmp_path / "out")
     assert loaded_generator.neural_rendering_resolution == 16
@@ -104,6 +156,19 @@ def test_eg3d_pickle_imports_without_running_its_code(tmp_path, eg3d_modules):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
     images = {"image": expected["image"], "image_raw": expected["image_raw"]}
     torch.testing.assert_close(loaded_discriminator(images, c), discriminator(images, c), rtol=0, atol=0)
+    import_eg3d(tmp_path / "network.pkl", tmp_path / "api")  # the Python API too
+    api_generator = load_pretrained(tmp_path / "api")[0]
+    torch.testing.assert_close(render(api_generator, c, z)["image"], expected["image"], rtol=0, atol=0)
+
+
+def test_eg3d_decoder_restated_equals_ours(eg3d):
+    """The re-stated EG3D decoder the snapshot carries computes what ours does."""
+    generator = build_generator("tiny").eval()
+    decoder = as_eg3d(generator.decoder, eg3d)
+    features = torch.randn(2, 3, 50, 32)
+    expected, actual = generator.decoder(features.mean(1)), decoder(features, None)
+    for key in ("rgb", "sigma"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-6)
 
 
 def test_state_dict_round_trip_is_strict_and_exact(tmp_path):
