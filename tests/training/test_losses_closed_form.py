@@ -65,6 +65,22 @@ def test_spread_loss_is_the_mean_hinge_below_the_target():
     assert spread_loss(torch.tensor([0.2, 0.9]), 0.5).item() == pytest.approx(0.15)  # (0.3 + 0) / 2
 
 
+def test_group_spread_pools_only_sides_above_its_size_and_refuses_uneven_ones():
+    size = 16
+    for height, width in ((32, 16), (16, 32)):  # one side above the size: pooled along it
+        base = torch.rand(1, 3, height, width)
+        stripes = (torch.arange(height)[:, None] + torch.arange(width)[None]) % 2 * 0.2 - 0.1
+        spread = losses.group_spread(torch.cat([base, base + stripes]), 2, size)
+        assert spread.item() == pytest.approx(0.0, abs=1e-6), (height, width)  # stripes of 2 average out
+    for height, width in ((16, 8), (8, 16), (16, 16)):  # no side above it: compared as they are
+        images = torch.rand(2, 3, height, width)
+        expected = (images[0] - images[1]).abs().mean().item()
+        assert losses.group_spread(images, 2, size).item() == pytest.approx(expected, rel=1e-6)
+    for height, width in ((24, 32), (32, 24), (24, 16)):
+        with pytest.raises(ValueError, match="do not pool evenly"):
+            losses.group_spread(torch.rand(2, 3, height, width), 2, size)
+
+
 def test_r1_penalty_is_the_squared_gradient_norm_over_every_input_per_sample_averaged():
     # D(x) = sum(a * x_image²) + sum(b * x_raw²) per sample: dD/dx = 2 a x, so |grad|² = 4 Σ a² x² + 4 Σ b² x².
     image, raw = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 2, 2, dtype=torch.float64)
