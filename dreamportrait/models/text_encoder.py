@@ -208,7 +208,12 @@ class TextEncoder(nn.Module):
             raise ValueError("prompts is empty: give at least one prompt")
         use_cache = not self.trainable and self.cache_size > 0
         missing = list(dict.fromkeys(p for p in prompts if not (use_cache and p in self._cache)))
-        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+        # A prompt's features can differ in the last bits with the batch it is encoded in (the width
+        # phrases are padded to, the matrix sizes). With the cache, that batch is whichever the prompt
+        # first came in, so training would depend on its history and a resumed run would drift from
+        # an uninterrupted one: cached prompts are encoded one at a time, a function of the prompt only.
+        batches = [[prompt] for prompt in missing] if use_cache else [missing] if missing else []
+        encoded = {prompt: value for batch in batches for prompt, value in zip(batch, self._encode(batch))}
         if use_cache:
             for prompt, value in encoded.items():
                 self._cache[prompt] = value

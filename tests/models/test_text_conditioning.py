@@ -9,7 +9,7 @@ from tiny_models import write_tiny_clip
 from dreamportrait.models import build_generator, camera_labels, fov_to_intrinsics, orbit_poses
 from dreamportrait.models.renderer import TRIPLANE_AXES
 from dreamportrait.models.text_conditioning import TextConditionedGenerator, line_features
-from dreamportrait.models.text_encoder import TextEncoder, TextFeatures, split_phrases
+from dreamportrait.models.text_encoder import TextEncoder, TextFeatures, encode_text, split_phrases
 
 PROMPTS = ["a portrait of a bald man with glasses", "a portrait of a woman with red hair"]
 
@@ -130,6 +130,23 @@ def test_phrase_encoding_encodes_each_phrase_alone(tmp_path):
     torch.testing.assert_close(many.pooled[0], alone("bald hair")[-1])  # all 40 phrases are the same
     with pytest.raises(ValueError, match="text_encoding must be one of"):
         TextEncoder(write_tiny_clip(tmp_path / "bad", text_encoding="sentences"))
+
+
+@pytest.mark.parametrize("text_encoding", ["caption", "phrases"])
+def test_cached_features_do_not_depend_on_the_batch_a_prompt_first_came_in(tmp_path, text_encoding):
+    # Training reads prompts through the cache: if a prompt's cached features depended on its first
+    # batch, a resumed run (fresh cache, other batches) would drift from an uninterrupted one. In
+    # phrase encoding a batch's padding width follows its longest prompt, which changes the last bits.
+    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding=text_encoding))
+    long = "a bald man with red hair, black hair, blond hair, glasses and a hat, smiling"
+    prompts = ["", "a man with glasses", "a woman with blond hair and a hat"]
+    first = encoder([long, *prompts])  # each encoded for the first time, next to the long prompt
+    for index, prompt in enumerate(prompts, start=1):
+        with torch.no_grad():
+            alone = encode_text(encoder.tokenizer, encoder.model, [prompt])
+        for cached, row in ((first, index), (encoder([prompt]), 0)):
+            assert torch.equal(cached.tokens[row], alone.tokens[0]), repr(prompt)
+            assert torch.equal(cached.pooled[row], alone.pooled[0]), repr(prompt)
 
 
 @pytest.mark.parametrize("axes", ["eg3d", "orthogonal"])
