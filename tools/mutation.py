@@ -3,9 +3,9 @@
     python tools/mutation.py AREA [AREA ...]     # e.g. training cameras eg3d_import
     python tools/mutation.py --list
 
-mutmut rewrites the files it mutates, so each run works on a copy of the working tree (tracked and
-untracked, not ignored, files; plus the built extension) in a temporary directory, never on the
-checkout itself. The areas (which files are mutated, which tests judge them) are
+mutmut rewrites the files it mutates, so each run works on a copy (of the committed tree, or with
+``--tree worktree`` of the working tree; plus the built extension) in a temporary directory, never
+on the checkout itself. The areas (which files are mutated, which tests judge them) are
 ``[tool.dreamportrait.mutation]`` in pyproject.toml; the settings every run shares are
 ``[tool.mutmut]`` there. mutmut runs, per mutant, only the tests that executed the mutated function
 (its per-test selection), one at a time (``--max-children``, default 1) with one OpenMP thread
@@ -36,7 +36,20 @@ def toml_list(values: list[str]) -> str:
     return "[" + ", ".join(f'"{value}"' for value in values) + "]"
 
 
-def copy_tree(destination: Path) -> None:
+def copy_tree(destination: Path, tree: str) -> None:
+    """The committed tree (``head``: what a score refers to) or the working tree as it is now
+    (``worktree``: tracked and untracked, not ignored, files), plus the built extension."""
+    if tree == "head":
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    else:
+        copy_worktree(destination)
+    for extension in (ROOT / "dreamportrait").glob("_C*.so"):
+        shutil.copy2(extension, destination / "dreamportrait" / extension.name)
+
+
+def copy_worktree(destination: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -44,8 +57,6 @@ def copy_tree(destination: Path) -> None:
         if source.is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
-    for extension in (ROOT / "dreamportrait").glob("_C*.so"):
-        shutil.copy2(extension, destination / "dreamportrait" / extension.name)
 
 
 def configure(copy: Path, area: dict) -> None:
@@ -61,10 +72,10 @@ def configure(copy: Path, area: dict) -> None:
     (copy / "pyproject.toml").write_text(text.replace(marker, marker + settings, 1))
 
 
-def run_area(name: str, area: dict, out: Path, max_children: int) -> int:
+def run_area(name: str, area: dict, out: Path, max_children: int, tree: str) -> int:
     with tempfile.TemporaryDirectory(prefix=f"mutation-{name}-") as directory:
         copy = Path(directory)
-        copy_tree(copy)
+        copy_tree(copy, tree)
         configure(copy, area)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(copy)}
         check = subprocess.run([sys.executable, "-c", "import dreamportrait; print(dreamportrait.__file__)"],
@@ -82,7 +93,7 @@ def run_area(name: str, area: dict, out: Path, max_children: int) -> int:
         judged = sum(counts.values()) - counts.get("no tests", 0) - counts.get("skipped", 0)
         killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
         score = f"{killed}/{judged} = {100 * killed / judged:.1f} %" if judged else "no mutants judged"
-        summary = (f"area {name}: {score} killed ({counts}); started {started:%Y-%m-%d %H:%M} UTC, "
+        summary = (f"area {name} ({tree}): {score} killed ({counts}); started {started:%Y-%m-%d %H:%M} UTC, "
                    f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min\n")
         survivors = [line.split(":")[0].strip() for line in results.splitlines()
                      if line.rstrip().endswith(("survived", "no tests"))]
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("areas", nargs="*")
     parser.add_argument("--list", action="store_true", help="list the areas and exit")
     parser.add_argument("--max-children", type=int, default=1)
+    parser.add_argument("--tree", choices=("head", "worktree"), default="head",
+                        help="mutate the committed tree (default) or the working tree with its uncommitted changes")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dreamportrait-mutation")
     args = parser.parse_args(argv)
     known = areas()
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown area(s) {', '.join(unknown)}; --list shows them")
     code = 0
     for name in args.areas:
-        code |= run_area(name, known[name], args.out / name, args.max_children)
+        code |= run_area(name, known[name], args.out / name, args.max_children, args.tree)
     return code
 
 
