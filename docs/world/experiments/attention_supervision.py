@@ -1,6 +1,5 @@
 """A teacher trained with its cross-attention supervised by the renders' part masks, as the
-build's is, with another weight, other terms, regions or attention levels (README, *the ninth*
-to *eleventh attempts*).
+build's is, with another weight, other terms, regions or attention levels (docs/notes/experiments.md, *The teacher*).
 
     python docs/world/experiments/attention_supervision.py OUT [WEIGHT] [--parts PARTS] [--terms TERMS] [--attention-levels N]
 
@@ -12,7 +11,7 @@ batch 32; ``--attention-levels 2`` adds cross-attention at 16² to the UNet's 8�
 ``tokens``, ``pixels`` or both; the build's ``pixels`` by default), over every cross-attention
 layer, for the phrases naming one of ``PARTS`` (comma-separated names of ``MASK_PARTS``, default
 all five) into ``OUT/teacher`` (resumable), then prints the judge's per-attribute accuracy on its
-samples of the held-out captions as the README's teacher tables do (74 × 2 DDIM-25 samples, CFG 3,
+samples of the held-out captions as the teacher table of that page does (74 × 2 DDIM-25 samples, CFG 3,
 seed 0), overall and per held-out rule, and on 74 training combinations
 (``random.Random(0).sample``); the held-out samples go to ``OUT/held_out_samples.png`` (two
 combinations per row, in ``held_out_combinations()`` order)."""

@@ -1,4 +1,4 @@
-"""What shape a text-free 3D GAN learned (RESULTS, *The 3D GAN's geometry*): for seeds 0-15 at
+"""What shape a text-free 3D GAN learned (docs/notes/experiments.md, *The 3D GAN*): for seeds 0-15 at
 truncation 0.7, how far its pictures and depth maps change between yaw -30 and +30 degrees (mean
 |difference|, and after mirroring one view: ~0 for a symmetric head that turns in 3D), and along
 the frontal view's middle column of rays how opaque it is and how spread its rendering weights are

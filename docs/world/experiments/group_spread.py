@@ -1,5 +1,5 @@
 """How much one prompt's heads differ, the quantity ``gan.spread_weight`` pushes up to the real
-groups' (RESULTS.md, *Pushing a prompt's heads apart*).
+groups' (docs/notes/experiments.md, *Training the generator*).
 
     python docs/world/experiments/group_spread.py GROUPS_DIR [CHECKPOINT ...]
 
@@ -10,7 +10,7 @@ generator (a checkpoint or model directory; ``default`` for the packaged one), t
 4 latents of each of 12 training prompts
 (``random.Random(0).sample`` of the world's training captions) rendered from the frontal camera
 without truncation, with random and with constant noise: the spread of their raw renders, which
-the term pushes up, and of their 64² images (pooled 4×4), which it pushed up before stop 39.
+the term pushes up, and of their 64² images (pooled 4×4), which an earlier form of the term pushed up.
 """
 import random
 import sys

@@ -1,4 +1,4 @@
-"""Does a teacher predict the per-channel mean of the noise? (README, *the twelfth attempt*)
+"""Does a teacher predict the per-channel mean of the noise? (docs/notes/experiments.md, *The teacher*)
 
     python docs/world/experiments/noise_mean.py [TEACHER_DIR]
 

@@ -1,4 +1,4 @@
-"""Which views disagree? (RESULTS.md, *What ships* and *Multi-view consistency per attribute*)
+"""Which views disagree? (RESULTS.md, *Results against the targets*)
 
     python docs/world/experiments/view_disagreement.py [GENERATOR_DIR] [FIRST_SEED LAST_SEED]
 
@@ -8,8 +8,8 @@ evaluation cameras (yaw −30°, −10°, +10°, +30°), with the harness's own 
 reads differently, the fraction of wrong views per camera, and the
 most common patterns of a disagreement (the judged class in each view, then the prompt's) and,
 per seed, the samples with any disagreement: the harness draws seed s's latent for every prompt,
-so one latent near a class boundary fails in many prompts at once (RESULTS.md, *Four latents do
-not settle it*). Default: the packaged generator (about 1 min at 2 threads for 4 seeds)."""
+so one latent near a class boundary fails in many prompts at once (RESULTS.md: the
+table's seeds 0-3 are four latents). Default: the packaged generator (about 1 min at 2 threads for 4 seeds)."""
 import sys
 from collections import Counter
 
