@@ -58,7 +58,7 @@ def test_orbit_poses_match_eg3ds_look_at_pose_sampler_at_off_frontal_poses(radiu
     poses = orbit_poses(torch.tensor(yaw), torch.tensor(pitch), radius, pivot).numpy()
     for pose, a, b in zip(poses, yaw, pitch):
         expected = eg3d_cam2world(eg3d_origin(a, b, radius), np.array(pivot))
-        assert np.allclose(pose, expected, atol=1e-12), (a, b)
+        assert np.allclose(pose, expected, rtol=0, atol=1e-12), (a, b)
 
 
 def test_hand_worked_origins_yaw_right_moves_the_camera_to_plus_x_pitch_down_moves_it_up():
@@ -78,7 +78,7 @@ def test_hand_worked_origins_yaw_right_moves_the_camera_to_plus_x_pitch_down_mov
     yaw = torch.tensor([k[0] for k in cases], dtype=torch.float64)
     pitch = torch.tensor([k[1] for k in cases], dtype=torch.float64)
     origins = orbit_poses(yaw, pitch, radius=r, pivot=(0, 0, 0))[:, :3, 3]
-    assert torch.allclose(origins, torch.tensor(list(cases.values()), dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(origins, torch.tensor(list(cases.values()), dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("yaw", YAWS)
@@ -87,15 +87,15 @@ def test_every_camera_looks_at_the_pivot_without_roll_in_opencv_axes(yaw, pitch)
     pose = orbit_poses(torch.tensor([yaw], dtype=torch.float64), torch.tensor([pitch], dtype=torch.float64),
                        2.7, tuple(PIVOT))[0].numpy()
     rotation, origin = pose[:3, :3], pose[:3, 3]
-    assert np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(rotation), 1)
+    assert np.allclose(rotation.T @ rotation, np.eye(3), rtol=0, atol=1e-12) and np.isclose(np.linalg.det(rotation), 1)
     assert np.allclose(pose[3], [0, 0, 0, 1])
     assert np.isclose(np.linalg.norm(origin), 2.7)
     forward = rotation[:, 2]
-    assert np.allclose(forward, (PIVOT - origin) / np.linalg.norm(PIVOT - origin), atol=1e-12)  # z looks at the pivot
+    assert np.allclose(forward, (PIVOT - origin) / np.linalg.norm(PIVOT - origin), rtol=0, atol=1e-12)  # z looks at the pivot
     assert abs(rotation[1, 0]) < 1e-12  # x (right) is horizontal: no roll
     assert rotation[1, 1] < 0  # y points down the world's +y (OpenCV)
     K = fov_to_intrinsics(18.837).double().numpy()
-    assert np.allclose(project(pose, K, PIVOT), [0.5, 0.5], atol=1e-12)  # the pivot is the image centre
+    assert np.allclose(project(pose, K, PIVOT), [0.5, 0.5], rtol=0, atol=1e-12)  # the pivot is the image centre
     # The world's up shows at the top of the image, and the camera's right (to +x from the front) on the right.
     assert project(pose, K, PIVOT + [0, 0.1, 0])[1] < 0.5
     assert project(pose, K, PIVOT + rotation[:, 0] * 0.1)[0] > 0.5
@@ -117,7 +117,7 @@ def test_look_at_builds_the_eg3d_matrix_for_arbitrary_origins_and_targets():
     origins[:, 2] += 0.5  # keep away from the vertical, where "no roll" is undefined
     targets = torch.randn(5, 3, dtype=torch.float64) * 0.1
     for pose, origin, target in zip(look_at(origins, targets).numpy(), origins.numpy(), targets.numpy()):
-        assert np.allclose(pose, eg3d_cam2world(origin, target), atol=1e-12)
+        assert np.allclose(pose, eg3d_cam2world(origin, target), rtol=0, atol=1e-12)
 
 
 def test_intrinsics_use_eg3ds_rounded_formula():
@@ -148,7 +148,7 @@ def test_each_ray_projects_back_to_its_pixel_centre(skew):
         for index, direction in enumerate(ray_directions):
             row, column = divmod(index, resolution)  # row-major pixels
             u, v = project(pose, K.numpy(), pose[:3, 3] + direction)
-            assert np.allclose([u, v], [(column + 0.5) / resolution, (row + 0.5) / resolution], atol=1e-12)
+            assert np.allclose([u, v], [(column + 0.5) / resolution, (row + 0.5) / resolution], rtol=0, atol=1e-12)
 
 
 def test_view_cameras_sweep_yaw_from_minus_x_to_plus_x_at_the_given_pitch():
@@ -157,11 +157,11 @@ def test_view_cameras_sweep_yaw_from_minus_x_to_plus_x_at_the_given_pitch():
     assert torch.allclose(K, fov_to_intrinsics(30.0).double().expand(5, 3, 3))
     yaws = FRONTAL + np.linspace(-0.4, 0.4, 5)
     for matrix, yaw in zip(pose.numpy(), yaws):
-        assert np.allclose(matrix, eg3d_cam2world(eg3d_origin(yaw, FRONTAL + 0.1, 2.0), PIVOT), atol=1e-6)
+        assert np.allclose(matrix, eg3d_cam2world(eg3d_origin(yaw, FRONTAL + 0.1, 2.0), PIVOT), rtol=0, atol=1e-6)
     assert pose[0, 0, 3] < 0 < pose[-1, 0, 3]  # the first view from -x, the last from +x
     assert (pose[:, 1, 3] < 0).all()  # pitch above frontal puts the camera below the pivot
     one = split_camera_labels(view_cameras(1, 0.4))[0][0].double().numpy()
-    assert np.allclose(one, eg3d_cam2world(eg3d_origin(FRONTAL, FRONTAL, 2.7), PIVOT), atol=1e-6)
+    assert np.allclose(one, eg3d_cam2world(eg3d_origin(FRONTAL, FRONTAL, 2.7), PIVOT), rtol=0, atol=1e-6)
 
 
 def test_camera_labels_are_the_row_major_matrix_then_the_intrinsics():
@@ -210,3 +210,100 @@ def test_sampled_camera_labels_carry_their_yaws():
     assert np.allclose(azimuth, yaws.double().numpy(), atol=1e-5)
     assert np.allclose(np.linalg.norm(origins, axis=1), 2.2, atol=1e-5)
     assert torch.allclose(K, fov_to_intrinsics(20.0).expand(6, 3, 3))
+
+
+# --- devices, dtypes, defaults, poles and the random streams -----------------------------------------------
+
+
+def test_cameras_stay_on_their_inputs_device_and_dtype():
+    meta = torch.full((3,), 1.4, device="meta")
+    poses = orbit_poses(meta, meta)
+    intrinsics = fov_to_intrinsics(18.837, device="meta")
+    assert poses.device.type == intrinsics.device.type == "meta"
+    assert look_at(meta.expand(3, 3).clone(), torch.zeros(3, device="meta")).device.type == "meta"
+    assert camera_labels(poses, fov_to_intrinsics(18.837)).device.type == "meta"  # CPU intrinsics follow the poses
+    origins, directions = camera_rays(poses, intrinsics.expand(3, 3, 3), 4)
+    assert origins.device.type == directions.device.type == "meta"
+    assert cameras.sample_orbit_poses(2, device="meta").device.type == "meta"
+    double = orbit_poses(torch.tensor([1.2], dtype=torch.float64), torch.tensor([1.5], dtype=torch.float64))
+    assert double.dtype == torch.float64
+    origins, directions = camera_rays(double, fov_to_intrinsics(18.837).double()[None], 3)
+    assert directions.dtype == torch.float64
+
+
+def test_look_at_works_for_a_batch_of_three_cameras():
+    # With three cameras every dimension of (3, 3) has size 3: the cross products must name their axis.
+    origins = torch.tensor([[0.3, 0.2, 2.0], [-1.0, 0.5, 1.5], [2.0, -0.3, 0.4]], dtype=torch.float64)
+    for pose, origin in zip(look_at(origins, torch.zeros(3, dtype=torch.float64)).numpy(), origins.numpy()):
+        assert np.allclose(pose, eg3d_cam2world(origin, np.zeros(3)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pitch", [0.0, -0.2, 0.5, math.pi, math.pi + 0.3])
+def test_pitches_at_and_beyond_the_poles_are_clamped_as_eg3d_does(pitch):
+    yaw = torch.tensor([FRONTAL + 0.3], dtype=torch.float64)
+    pose = orbit_poses(yaw, torch.tensor([pitch], dtype=torch.float64), 2.7, tuple(PIVOT))[0].numpy()
+    assert np.isfinite(pose).all()
+    expected = eg3d_cam2world(eg3d_origin(yaw.item(), pitch, 2.7), PIVOT)  # clips pitch to [1e-5, pi - 1e-5]
+    assert np.allclose(pose, expected, rtol=0, atol=1e-9)
+
+
+def test_small_fields_of_view_are_allowed():
+    assert fov_to_intrinsics(0.5)[0, 0].item() == pytest.approx(1 / (math.tan(0.25 * 3.14159 / 180) * 1.414), rel=1e-6)
+
+
+def test_defaults_are_ffhqs_orbit_and_field_of_view():
+    ffhq = fov_to_intrinsics(18.837)
+    for labels in (view_cameras(3, 0.3), sample_camera_labels(4, 0.3, 0.1)[0]):
+        pose, K = split_camera_labels(labels)
+        assert torch.equal(K, ffhq.expand(len(K), 3, 3))
+        assert torch.allclose(pose[:, :3, 3].norm(dim=1), torch.tensor(2.7))
+        forward = pose[:, :3, 2]
+        towards_pivot = torch.nn.functional.normalize(torch.tensor([0, 0, 0.2]) - pose[:, :3, 3], dim=1)
+        assert torch.allclose(forward, towards_pivot, atol=1e-6)
+    poses = cameras.sample_orbit_poses(4, generator=torch.Generator().manual_seed(2))
+    yaw, pitch = sample_orbit_angles(4, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(poses, orbit_poses(yaw, pitch, 2.7, (0.0, 0.0, 0.2)), atol=1e-6)
+    assert ((yaw - FRONTAL).abs() <= math.radians(45)).all() and ((pitch - FRONTAL).abs() <= math.radians(20)).all()
+
+
+def test_view_cameras_of_one_and_two_views_and_a_pivot_of_their_own():
+    one = view_cameras(1, 0.5)
+    assert one.shape == (1, 25) and abs(one[0, 3].item()) < 1e-6  # frontal: x = 0
+    two = split_camera_labels(view_cameras(2, 0.5, radius=2.0, pivot=(0.1, 0.2, 0.3)))[0].double().numpy()
+    for pose, yaw in zip(two, (FRONTAL - 0.5, FRONTAL + 0.5)):
+        assert np.allclose(pose, eg3d_cam2world(eg3d_origin(yaw, FRONTAL, 2.0), np.array([0.1, 0.2, 0.3])),
+                           rtol=0, atol=1e-6)
+
+
+def test_sampled_angles_and_labels_are_the_generators_uniform_draws():
+    """yaw = pi/2 + (2 u0 - 1) yaw_range, pitch = pi/2 + (2 u1 - 1) pitch_range from u = rand(2, N) of the
+    given generator (normal draws for "gaussian"), whatever the global random state; nothing more is drawn."""
+    n, yaw_range, pitch_range = 5, 0.7, 0.2
+    u = torch.rand(2, n, generator=torch.Generator().manual_seed(11))
+    z = torch.randn(2, n, generator=torch.Generator().manual_seed(11))
+    for distribution, offsets in (("uniform", u * 2 - 1), ("gaussian", z)):
+        generator = torch.Generator().manual_seed(11)
+        torch.manual_seed(0)
+        yaw, pitch = sample_orbit_angles(n, yaw_range, pitch_range, distribution, generator)
+        assert torch.allclose(yaw, FRONTAL + offsets[0] * yaw_range) and torch.allclose(pitch, FRONTAL + offsets[1] * pitch_range)
+        follow = torch.Generator().manual_seed(11)
+        (torch.rand if distribution == "uniform" else torch.randn)(2, n, generator=follow)
+        assert torch.equal(generator.get_state(), follow.get_state())
+    generator = torch.Generator().manual_seed(11)
+    torch.manual_seed(1)
+    labels, yaws = sample_camera_labels(n, yaw_range, pitch_range, radius=2.0, pivot=(0.1, 0.0, 0.3),
+                                        fov_degrees=25.0, generator=generator)
+    assert torch.allclose(yaws, FRONTAL + (u[0] * 2 - 1) * yaw_range)
+    pitches = FRONTAL + (u[1] * 2 - 1) * pitch_range
+    pose = split_camera_labels(labels)[0].double().numpy()
+    for matrix, a, b in zip(pose, yaws.double().numpy(), pitches.double().numpy()):
+        assert np.allclose(matrix, eg3d_cam2world(eg3d_origin(a, b, 2.0), np.array([0.1, 0.0, 0.3])), rtol=0,
+                           atol=1e-6)
+
+
+def test_camera_label_errors_name_the_argument_and_what_it_got():
+    with pytest.raises(ValueError, match=r"^c must be a floating tensor .* got \(2, 24\)$"):
+        split_camera_labels(torch.zeros(2, 24))
+    with pytest.raises(ValueError, match=r"^cams must be .* got list$"):
+        cameras.check_camera_labels("cams", [[0.0] * 25])
+    cameras.check_camera_labels("c", torch.zeros(3, 25), batch_size=3)  # the count is the first dimension
