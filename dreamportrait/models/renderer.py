@@ -56,7 +56,7 @@ def density_prior(points: Tensor, prior: Mapping) -> Tensor:
     Ours, not EG3D's (``rendering_kwargs["density_prior"] = {"radius": r, "strength": s}``): a
     generator whose density starts as a solid ball is rendered as a 3D object from the first step,
     where one starting from the decoder's near-uniform density can settle on a fog or a flat card
-    that a low-resolution discriminator does not reject (RESULTS.md, *The 3D GAN's geometry*)."""
+    that a low-resolution discriminator does not reject (docs/notes/experiments.md, *The 3D GAN*)."""
     radius, strength = prior.get("radius"), prior.get("strength")
     for name, value in (("radius", radius), ("strength", strength)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

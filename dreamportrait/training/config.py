@@ -70,7 +70,7 @@ class CameraConfig:
     each view is rendered from (EG3D's labels without pose swapping), which shows the teacher the
     frontal-conditioned tri-planes only from near the front. In the world, over two seeds,
     frontal made the glasses agree across views more often, not the joint multi-view consistency
-    (RESULTS.md, *Run-to-run spread*)."""
+    (docs/notes/experiments.md, *Training the generator*)."""
 
 
 @dataclass

@@ -20,7 +20,8 @@ def discriminator_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
 SPREAD_RENDER = "image_raw"
 """The render whose group spread ``gan.spread_weight`` pushes up, for the generator and the real
 groups alike: the raw volume render, whose variety is the 3D head's and so shows alike from every
-view, where variety the super-resolution adds to one view's image need not (RESULTS.md)."""
+view, where variety the super-resolution adds to one view's image need not
+(docs/notes/experiments.md, *Training the generator*)."""
 
 SPREAD_RESOLUTION = 16
 """The side :func:`group_spread` pools renders to before comparing them: 4x4 pooling of the world's

@@ -43,7 +43,7 @@ class BuildSetting:
     teacher_sample_steps: int = 50
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # The teacher's cross-attention is supervised by the renders' part masks: every region's
-    # pixels must read the phrase naming it (README, *the eleventh attempt*). Without it the
+    # pixels must read the phrase naming it (docs/notes/experiments.md, *The teacher*). Without it the
     # teacher paints the hair's colour on held-out hats; the token term and larger weights cost
     # the hair colour and the glasses.
     teacher_attention_weight: float = 0.03

@@ -16,7 +16,7 @@ resolution r). For a prompt set and seeds it reports:
   (yaw −30° and +30°), as the mean absolute pixel difference (``view_change``) and the same after
   mirroring one of them (``view_mirror_residual``). The world's heads and the cameras are
   left-right symmetric, so a head that turns as a 3D object has a residual near 0; the judge's
-  consistency cannot see a head that does not turn at all (RESULTS.md);
+  consistency cannot see a head that does not turn at all (RESULTS.md, *The held-out table*);
 - **depth error** (methods that return depth): the mean absolute difference between the method's
   depth and the depth of the prompt's own world head (the head :func:`world_method` renders for
   that seed) over the pixels that head covers, in world units (the camera orbits at 2.7; the

@@ -50,7 +50,7 @@ class TeacherConfig:
     Cross-attention sits only in the ``attention_levels`` coarsest UNet levels (and the middle
     block): the world's attributes are colours and coarse shapes that 8² attention places well
     enough. Adding 16² (``attention_levels=2``) doubles the CPU training step and did not bind
-    colours to their nouns any better (README, *the teacher*).
+    colours to their nouns any better (docs/notes/experiments.md, *The teacher*).
 
     ``pooled_text``: the caption, attention-pooled, is also added to the timestep embedding
     (diffusers' ``addition_embed_type="text"``), so every ResNet block at every resolution sees
@@ -63,7 +63,7 @@ class TeacherConfig:
     The text encoder is causal, so only those have seen the whole caption; a teacher reading them
     learnt each training caption as one summary, in which "red" with "hat" meant a red hat, and
     drew red hats on held-out *red hair, blue hat* captions. ``model_index.json`` records the
-    choice, and :class:`StableDiffusionGuidance` reads it (README, *the teacher*).
+    choice, and :class:`StableDiffusionGuidance` reads it (docs/notes/experiments.md, *The teacher*).
 
     ``text_encoding``: ``"phrases"`` encodes each phrase of a caption on its own
     (:func:`~dreamportrait.models.text_encoder.encode_text`), so the words of "a blue hat" have
@@ -78,7 +78,7 @@ class TeacherConfig:
     t = 100 to 950, ``docs/world/experiments/noise_mean.py``).
     DDIM then turns that error into a colour cast over the whole sample (divided by √ᾱ, 13× at
     t = 950), which hides the hair colour. Groups of several channels keep the channels' relative
-    means (README, *the twelfth attempt*)."""
+    means (docs/notes/experiments.md, *The teacher*, the twelfth attempt)."""
 
     resolution: int = 32
     channels: tuple[int, ...] = (32, 64, 96)
@@ -214,8 +214,8 @@ def attention_region_loss(maps: list[tuple[Tensor, int]], regions: Tensor, masks
     - pixels: for every position, (1 − its attention on the tokens of the phrase naming its
       region)², weighted by the region's coverage there, over the regions the prompt names: the
       hair's pixels must read the hair's words. A teacher trained on the token term alone drew
-      the hat asked for, but the hair colour no more often than chance (README, *the ninth
-      attempt*); the build trains with this term alone, lightly weighted (*the eleventh*).
+      the hat asked for, but the hair colour no more often than chance (docs/notes/experiments.md,
+      *The teacher*); the build trains with this term alone, lightly weighted (the eleventh attempt).
     """
     check_attention_terms(terms)
     supervised = regions >= 0

@@ -46,7 +46,8 @@ def test_shipped_teacher_guides_through_the_guidance_class():
 
 
 def test_shipped_teacher_draws_held_out_captions_the_judge_recognises():
-    # A smoke check of issue 9's target (>= 80 % per attribute; README: 92.6-100 % on 148 samples).
+    # A smoke check of the teacher's target (>= 80 % per attribute; 92.6-100 % on 148 samples,
+    # docs/notes/experiments.md).
     teacher, judge = Teacher(asset_dir("teacher")), load_judge(asset_dir("judge"))
     heads = random.Random(fresh_seed()).sample(held_out_combinations(), 32)
     scores, images = judge_teacher(teacher, judge, heads, samples_per_head=1, steps=25, guidance_scale=3.0,
@@ -108,8 +109,8 @@ def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
     # Red hair under a blue hat is a held-out combination: never seen together in any training stage.
     # A smoke check that the prompt reaches the hair and the hat through the shipped model, not the
     # accuracy claim: over every red-hair/blue-hat prompt the hair is red and the hat blue in 100 % of
-    # the views (RESULTS.md, *Per held-out rule*; the generators shipped before the
-    # mask-supervised teachers drew it red).
+    # the views (the generators shipped before the mask-supervised
+    # teachers drew it red: docs/notes/experiments.md).
     head = next(h for h in held_out_combinations()
                 if (h.hair_color, h.hat, h.hair_style, h.skin_tone) == ("red", "blue", "short", "medium"))
     judge = load_judge(asset_dir("judge"))
@@ -123,8 +124,8 @@ def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
 
 def test_the_shipped_generator_draws_solid_heads():
     # The 3D claim, not only the pictures: on held-out prompts the shipped generator's depth is far
-    # nearer the world head's true depth than a flat card through the orbit's pivot is (RESULTS.md:
-    # 0.043 against 0.127 over every held-out prompt; the fog-GAN generator shipped before the
+    # nearer the world head's true depth than a flat card through the orbit's pivot is (the world's
+    # evaluation: 0.040 against 0.127 over every held-out prompt; the fog-GAN generator shipped before the
     # ball-prior GAN, 0.131, fails this).
     generator = generator_method(load_default_generator(), views=4)
     heads = held_out_combinations()
