@@ -1,0 +1,303 @@
+// CPU kernels of sample_and_decode: tri-plane sampling, the mean over planes and EG3D's decoder MLP
+// (FC C->K, softplus, FC K->O, widened sigmoid on outputs 1..O-1), fused per tile of points.
+//
+// Each worker takes tiles of kTile points: it samples the tile's mean features into a buffer that
+// stays in its cache, runs the two small matmuls on it (ATen's single-threaded GEMM inside the
+// parallel region), and writes only the (tile, O) output. The backward recomputes a tile's
+// activations the same way, accumulates the weight gradients in per-worker buffers (summed at the
+// end), computes the point gradients from the feature gradients in place, and hands the feature
+// gradients to triplane_sample's plane-gradient kernel (which owns the race-free scatter).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softplus.h>
+#include <ATen/ops/softplus_backward.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "dreamportrait/cpu_dispatch.h"
+#include "dreamportrait/triplane_host.h"
+#include "dreamportrait/triplane_math.h"
+
+namespace dreamportrait {
+namespace {
+
+using triplane::BilinearTaps;
+using triplane::kPlanes;
+using triplane::Problem;
+
+constexpr int64_t kTile = 256;
+constexpr double kSigmoidScale = 1.0 + 2 * 0.001;
+constexpr double kSigmoidShift = 0.001;
+constexpr double kSoftplusThreshold = 20.0;
+
+struct Decoder {
+  int64_t K, O;
+};
+
+Decoder check_decoder(const at::Tensor& planes, const at::Tensor& weight1, const at::Tensor& bias1,
+                      const at::Tensor& weight2, const at::Tensor& bias2) {
+  const int64_t C = planes.size(2);
+  for (const auto* t : {&weight1, &bias1, &weight2, &bias2}) {
+    TORCH_CHECK(t->scalar_type() == planes.scalar_type() && t->device() == planes.device(),
+                "sample_and_decode: the decoder weights must match planes in dtype and device");
+  }
+  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == C && weight1.size(0) >= 1,
+              "sample_and_decode: weight1 must have shape (K, ", C, "), got ", weight1.sizes());
+  const int64_t K = weight1.size(0);
+  TORCH_CHECK(bias1.dim() == 1 && bias1.size(0) == K, "sample_and_decode: bias1 must have shape (", K,
+              ",), got ", bias1.sizes());
+  TORCH_CHECK(weight2.dim() == 2 && weight2.size(1) == K && weight2.size(0) >= 2,
+              "sample_and_decode: weight2 must have shape (O, ", K, ") with O >= 2, got ", weight2.sizes());
+  const int64_t O = weight2.size(0);
+  TORCH_CHECK(bias2.dim() == 1 && bias2.size(0) == O, "sample_and_decode: bias2 must have shape (", O,
+              ",), got ", bias2.sizes());
+  return {K, O};
+}
+
+// Mean features of points [begin, end) of batch element b into rows of `features` (count, C);
+// planes_b is (3, H, W, C) contiguous.
+template <typename scalar_t>
+DP_CPU_CLONES void sample_mean(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ points,
+                               scalar_t* __restrict__ features, const Problem& p, int64_t b, int64_t begin,
+                               int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t third = acc_t(1) / acc_t(kPlanes);
+  std::vector<acc_t> acc(p.C);
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* pt = points + (b * p.N + n) * 3;
+    const acc_t point[3] = {pt[0], pt[1], pt[2]};
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    bool finite = true;
+    for (int plane = 0; plane < kPlanes; ++plane) {
+      const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+      finite = finite && t.finite;
+      const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
+      for (int dy = 0; dy < 2 && t.in_bounds; ++dy) {
+        for (int dx = 0; dx < 2; ++dx) {
+          if (!t.valid(dy, dx)) continue;
+          const acc_t w = t.weight(dy, dx);
+          const scalar_t* __restrict__ src = base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C;
+          acc_t* __restrict__ a = acc.data();
+          for (int64_t c = 0; c < p.C; ++c) a[c] += w * src[c];
+        }
+      }
+    }
+    scalar_t* __restrict__ dst = features + (n - begin) * p.C;
+    for (int64_t c = 0; c < p.C; ++c)
+      dst[c] = finite ? static_cast<scalar_t>(acc[c] * third) : std::numeric_limits<scalar_t>::quiet_NaN();
+  }
+}
+
+// Point gradients of points [begin, end) of batch element b from their feature gradients
+// (rows of grad_features, (count, C)).
+template <typename scalar_t>
+DP_CPU_CLONES void point_grads(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ points,
+                               const scalar_t* __restrict__ grad_features, scalar_t* __restrict__ grad_points,
+                               const Problem& p, int64_t b, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t third = acc_t(1) / acc_t(kPlanes);
+  const acc_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
+  const acc_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t i = b * p.N + n;
+    const scalar_t* pt = points + i * 3;
+    const acc_t point[3] = {pt[0], pt[1], pt[2]};
+    const scalar_t* __restrict__ g = grad_features + (n - begin) * p.C;
+    acc_t grad[3] = {0, 0, 0};
+    for (int plane = 0; plane < kPlanes; ++plane) {
+      const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+      if (!t.finite) {
+        grad[p.axes[2 * plane]] = grad[p.axes[2 * plane + 1]] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
+      if (!t.in_bounds) continue;
+      // Dot products of the gradient with the four corners (zero outside the plane).
+      acc_t dot[2][2] = {{0, 0}, {0, 0}};
+      const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
+      for (int dy = 0; dy < 2; ++dy) {
+        for (int dx = 0; dx < 2; ++dx) {
+          if (!t.valid(dy, dx)) continue;
+          const scalar_t* __restrict__ src = base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C;
+          acc_t sum = 0;
+          DP_SIMD_SUM(sum)
+          for (int64_t c = 0; c < p.C; ++c) sum += static_cast<acc_t>(g[c]) * src[c];
+          dot[dy][dx] = sum;
+        }
+      }
+      acc_t d_dx, d_dy;
+      triplane::bilinear_position_grad(t, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
+      grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
+      grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
+    }
+    for (int k = 0; k < 3; ++k) grad_points[i * 3 + k] = static_cast<scalar_t>(grad[k]);
+  }
+}
+
+// The decoder on a tile's features: pre-activations A (T, K), hidden H (T, K), outputs X (T, O).
+struct Activations {
+  at::Tensor A, H, X;
+};
+
+Activations decode_tile(const at::Tensor& F, const at::Tensor& weight1, const at::Tensor& bias1,
+                        const at::Tensor& weight2, const at::Tensor& bias2) {
+  at::Tensor A = at::addmm(bias1, F, weight1.t());
+  at::Tensor H = at::softplus(A, 1, kSoftplusThreshold);
+  at::Tensor X = at::addmm(bias2, H, weight2.t());
+  return {A, H, X};
+}
+
+// Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers.
+template <typename F>
+void for_tiles(int64_t count, int64_t workers, const F& fn) {
+  const int64_t tiles = (count + kTile - 1) / kTile;
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    for (int64_t worker = first; worker < last; ++worker)
+      for (int64_t tile = worker; tile < tiles; tile += workers)
+        fn(worker, tile * kTile, std::min(count, (tile + 1) * kTile));
+  });
+}
+
+int64_t worker_count(int64_t count) {
+  const int64_t tiles = (count + kTile - 1) / kTile;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+}
+
+}  // namespace
+
+at::Tensor sample_and_decode_cpu(const at::Tensor& planes, const at::Tensor& points, double box_warp,
+                                 at::IntArrayRef axes, const at::Tensor& weight1, const at::Tensor& bias1,
+                                 const at::Tensor& weight2, const at::Tensor& bias2) {
+  const Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean");
+  TORCH_CHECK(planes.device().is_cpu(), "sample_and_decode: the cpu kernel needs CPU tensors");
+  TORCH_CHECK(planes.scalar_type() == at::kFloat || planes.scalar_type() == at::kDouble,
+              "sample_and_decode: the cpu kernel takes float32 or float64, got ", planes.scalar_type());
+  const Decoder d = check_decoder(planes, weight1, bias1, weight2, bias2);
+  at::Tensor out = at::empty({p.B, p.N, d.O}, planes.options());
+  if (p.B == 0 || p.N == 0) return out;
+  const at::Tensor planes_ci = triplane::channels_innermost(planes);
+  const at::Tensor pts = points.contiguous();
+  const at::Tensor w1 = weight1.contiguous(), b1 = bias1.contiguous(), w2 = weight2.contiguous(),
+                   b2 = bias2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_cpu", [&] {
+    const int64_t workers = worker_count(p.N);
+    std::vector<at::Tensor> scratch(workers);
+    for (auto& t : scratch) t = at::empty({kTile, p.C}, planes.options());
+    for (int64_t b = 0; b < p.B; ++b) {
+      const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
+      for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
+        at::Tensor F = scratch[worker].narrow(0, 0, end - begin);
+        sample_mean(planes_b, pts.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
+        const Activations act = decode_tile(F, w1, b1, w2, b2);
+        at::Tensor rgb = at::sigmoid(act.X.narrow(1, 1, d.O - 1));
+        const scalar_t* x = act.X.const_data_ptr<scalar_t>();
+        const scalar_t* s = rgb.const_data_ptr<scalar_t>();
+        scalar_t* o = out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * d.O;
+        for (int64_t r = 0; r < end - begin; ++r) {
+          o[r * d.O] = x[r * d.O];
+          for (int64_t j = 1; j < d.O; ++j)
+            o[r * d.O + j] = s[r * (d.O - 1) + j - 1] * static_cast<scalar_t>(kSigmoidScale) -
+                             static_cast<scalar_t>(kSigmoidShift);
+        }
+      });
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_decode_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& planes, const at::Tensor& points, double box_warp,
+    at::IntArrayRef axes, const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
+    const at::Tensor& bias2, bool needs_planes, bool needs_points) {
+  const Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean");
+  TORCH_CHECK(planes.device().is_cpu(), "sample_and_decode_backward: the cpu kernel needs CPU tensors");
+  TORCH_CHECK(planes.scalar_type() == at::kFloat || planes.scalar_type() == at::kDouble,
+              "sample_and_decode_backward: the cpu kernel takes float32 or float64, got ", planes.scalar_type());
+  const Decoder d = check_decoder(planes, weight1, bias1, weight2, bias2);
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == p.B && grad_output.size(1) == p.N &&
+                  grad_output.size(2) == d.O,
+              "sample_and_decode_backward: grad_output must have shape (", p.B, ", ", p.N, ", ", d.O, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == planes.scalar_type() && grad_output.device() == planes.device(),
+              "sample_and_decode_backward: grad_output must match planes in dtype and device");
+  const at::Tensor grad = grad_output.contiguous();
+  const at::Tensor planes_ci = triplane::channels_innermost(planes);
+  const at::Tensor pts = points.contiguous();
+  const at::Tensor w1 = weight1.contiguous(), b1 = bias1.contiguous(), w2 = weight2.contiguous(),
+                   b2 = bias2.contiguous();
+  at::Tensor grad_features = needs_planes ? at::empty({p.B, p.N, p.C}, planes.options()) : at::Tensor();
+  at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
+  const int64_t workers = worker_count(p.N);
+  // Per-worker weight-gradient sums: [gW1 (K, C), gb1 (K), gW2 (O, K), gb2 (O)].
+  std::vector<std::vector<at::Tensor>> sums(workers);
+  for (auto& s : sums)
+    s = {at::zeros({d.K, p.C}, planes.options()), at::zeros({d.K}, planes.options()),
+         at::zeros({d.O, d.K}, planes.options()), at::zeros({d.O}, planes.options())};
+  if (p.B > 0 && p.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
+      std::vector<at::Tensor> scratch(workers);
+      for (auto& t : scratch) t = at::empty({kTile, p.C}, planes.options());
+      for (int64_t b = 0; b < p.B; ++b) {
+        const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
+        for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
+          const int64_t count = end - begin;
+          at::Tensor F = scratch[worker].narrow(0, 0, count);
+          sample_mean(planes_b, pts.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
+          const Activations act = decode_tile(F, w1, b1, w2, b2);
+          // d output / d X: 1 for the density, scale * s (1 - s) for the sigmoid outputs.
+          at::Tensor GX = grad[b].narrow(0, begin, count).clone();
+          at::Tensor s = at::sigmoid(act.X.narrow(1, 1, d.O - 1));
+          GX.narrow(1, 1, d.O - 1).mul_(s).mul_(s.neg().add_(1)).mul_(kSigmoidScale);
+          auto& acc = sums[worker];
+          acc[2].addmm_(GX.t(), act.H);
+          acc[3].add_(GX.sum(0));
+          at::Tensor GA = at::softplus_backward(GX.mm(w2), act.A, 1, kSoftplusThreshold);
+          acc[0].addmm_(GA.t(), F);
+          acc[1].add_(GA.sum(0));
+          at::Tensor GF = GA.mm(w1);  // (count, C)
+          if (needs_planes) grad_features[b].narrow(0, begin, count).copy_(GF);
+          if (needs_points)
+            point_grads(planes_b, pts.const_data_ptr<scalar_t>(), GF.const_data_ptr<scalar_t>(),
+                        grad_points.mutable_data_ptr<scalar_t>(), p, b, begin, end);
+        });
+      }
+    });
+  }
+  for (int64_t w = 1; w < workers; ++w)
+    for (int k = 0; k < 4; ++k) sums[0][k].add_(sums[w][k]);
+  at::Tensor grad_planes = at::empty({0}, planes.options());
+  if (needs_planes) {
+    static auto scatter = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("dreamportrait::triplane_sample_backward_planes", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                c10::IntArrayRef, c10::string_view)>();
+    grad_planes = scatter.call(grad_features, planes, points, box_warp, axes, "mean");
+  }
+  return {grad_planes, grad_points, sums[0][0], sums[0][1], sums[0][2], sums[0][3]};
+}
+
+}  // namespace dreamportrait
+
+TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
+  m.def("sample_and_decode(Tensor planes, Tensor points, float box_warp, int[6] axes, Tensor weight1, "
+        "Tensor bias1, Tensor weight2, Tensor bias2) -> Tensor");
+  m.def("sample_and_decode_backward(Tensor grad_output, Tensor planes, Tensor points, float box_warp, "
+        "int[6] axes, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, bool needs_planes, "
+        "bool needs_points) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) {
+  m.impl("sample_and_decode", &dreamportrait::sample_and_decode_cpu);
+  m.impl("sample_and_decode_backward", &dreamportrait::sample_and_decode_backward_cpu);
+}
