@@ -23,6 +23,7 @@ from ..models.text_encoder import TextEncoder, TextFeatures, check_encoder_state
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 VIEWS = ("front", "side", "back")
+"""The view words of view-dependent prompts ("..., side view"), by :func:`view_of_yaw`."""
 
 
 @dataclass
@@ -39,8 +40,9 @@ class SDSOutput:
 def view_of_yaw(yaw: Tensor, front_degrees: float = 45.0, back_degrees: float = 45.0) -> list[str]:
     """"front", "side" or "back" for camera azimuths ``yaw`` (EG3D convention, pi/2 = frontal):
     front within ``front_degrees`` of frontal, back within ``back_degrees`` of behind."""
+    front, side, back = VIEWS
     offset = torch.rad2deg(torch.remainder(yaw - math.pi / 2 + math.pi, 2 * math.pi) - math.pi).abs()
-    return ["front" if a <= front_degrees else "back" if a >= 180 - back_degrees else "side" for a in offset.tolist()]
+    return [front if a <= front_degrees else back if a >= 180 - back_degrees else side for a in offset.tolist()]
 
 
 def with_view_suffix(prompts: Sequence[str], views: Sequence[str]) -> list[str]:

@@ -74,7 +74,10 @@ class CameraConfig:
 
 
 @dataclass
-class GanConfig:
+class RegulariserConfig:
+    """The ``gan`` section: the SDS trainer's GAN regulariser (the text-free 3D GAN trainer of
+    ``dreamportrait world train`` has its own settings, :class:`dreamportrait.training.gan.GanConfig`)."""
+
     weight: float = 0.1
     """λ_gan: weight of the generator's adversarial loss; 0 disables the GAN regulariser."""
     real: str = "pretrained"
@@ -149,7 +152,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)
-    gan: GanConfig = field(default_factory=GanConfig)
+    gan: RegulariserConfig = field(default_factory=RegulariserConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

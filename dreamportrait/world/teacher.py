@@ -23,14 +23,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
-from ..guidance.stable_diffusion import encoder_states_of
+from ..guidance.stable_diffusion import VIEWS, encoder_states_of
 from ..models.text_encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
 from .heads import MASK_PARTS
 from .tokenizer import write_clip_tokenizer
 
-VIEW_WORDS = ("front", "side", "back", "view")
+VIEW_WORDS = (*VIEWS, "view")  # the words view-dependent prompts add, in the teacher's vocabulary
 
 
 def caption_words() -> list[str]:
