@@ -90,7 +90,7 @@ def run_area(name: str, area: dict, out: Path, max_children: int, tree: str) -> 
         out.mkdir(parents=True, exist_ok=True)
         statuses = [line.rsplit(": ", 1)[-1].strip() for line in results.splitlines() if ": " in line]
         counts = {status: statuses.count(status) for status in sorted(set(statuses))}
-        judged = sum(counts.values()) - counts.get("no tests", 0) - counts.get("skipped", 0)
+        judged = sum(counts.values()) - counts.get("no tests", 0) - counts.get("skipped", 0) - counts.get("not checked", 0)
         killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
         score = f"{killed}/{judged} = {100 * killed / judged:.1f} %" if judged else "no mutants judged"
         summary = (f"area {name} ({tree}): {score} killed ({counts}); started {started:%Y-%m-%d %H:%M} UTC, "

@@ -135,3 +135,54 @@ def test_view_of_yaw_boundaries():
     assert views == ["front", "front", "side", "side", "back", "back", "front", "side", "back", "front"]
     assert view_of_yaw(frontal + torch.deg2rad(torch.tensor([30.0, 100.0])), front_degrees=20,
                        back_degrees=90) == ["side", "back"]
+
+
+def test_view_boundaries_are_inclusive():
+    frontal = math.pi / 2
+    exact = torch.tensor([frontal, frontal + math.pi], dtype=torch.float64)  # offsets of exactly 0 and 180 degrees
+    assert view_of_yaw(exact, front_degrees=0, back_degrees=0) == ["front", "back"]
+
+
+def test_renders_are_resized_bilinearly_with_antialiasing_when_shrunk():
+    g = StableDiffusionGuidance.__new__(StableDiffusionGuidance)
+    nn.Module.__init__(g)
+    g.vae, g.unet = None, SimpleNamespace(config=SimpleNamespace(sample_size=8))  # a pixel-space model of 8²
+    checkerboard = ((torch.arange(24)[:, None] + torch.arange(24)[None]) % 2 * 2 - 1.0).expand(1, 3, 24, 24)
+    shrunk = g.encode_images(checkerboard)
+    # Sampling every third pixel would keep the +-1 pattern; an antialiased resize averages it away.
+    assert shrunk.shape == (1, 3, 8, 8) and shrunk.abs().max() < 0.2
+    ramp = torch.linspace(-1, 1, 4).view(1, 1, 1, 4).expand(1, 3, 4, 4)
+    grown = g.encode_images(ramp)  # half-pixel centres (align_corners=False): the ends are clamped, not stretched
+    assert torch.allclose(grown[0, 0, 0], torch.tensor([-1, -5 / 6, -1 / 2, -1 / 6, 1 / 6, 1 / 2, 5 / 6, 1]) * 1.0)
+    expected = torch.nn.functional.interpolate(ramp, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(grown, expected) and not torch.allclose(
+        grown, torch.nn.functional.interpolate(ramp, size=(8, 8), mode="bilinear", align_corners=True))
+    same = torch.rand(2, 3, 8, 8)
+    assert torch.equal(g.encode_images(same), same)  # the model's size: untouched
+
+
+def test_view_suffixes_only_when_enabled():
+    g = guidance()
+    del g.text_features  # the class's own method, with a recording encoder
+    seen = []
+    g.text_encoder = lambda prompts: seen.append(list(prompts)) or prompts
+    yaws = torch.tensor([math.pi / 2, math.pi / 2 + 1.2])
+    for enabled, expected in ((False, ["a", "b"]), (True, ["a, front view", "b, side view"])):
+        g.view_dependent_prompts = enabled
+        seen.clear()
+        g.text_features(["a", "b"], yaws)
+        assert seen == [expected, ["", ""]]
+    seen.clear()
+    g.text_features(["a", "b"])  # no yaws: no suffixes
+    assert seen[0] == ["a", "b"]
+
+
+def test_local_model_paths_that_do_not_exist_are_named_not_fetched(tmp_path):
+    from dreamportrait.guidance.stable_diffusion import _component
+
+    for source in ("./no-such-model", "/no/such/model", "~/no-such-model"):
+        with pytest.raises(FileNotFoundError, match="is not a directory"):
+            _component(source, "unet")
+    assert _component("someone/some-model", "unet") == ("someone/some-model", {"subfolder": "unet"})
+    (tmp_path / "unet").mkdir()
+    assert _component(tmp_path, "unet") == (str(tmp_path / "unet"), {})
