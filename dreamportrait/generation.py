@@ -22,12 +22,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .defaults import TRUNCATION_PSI
 from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
 from .models.cameras import FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
-
-# EG3D's generation scripts' truncation: what `generate` and the evaluation harness sample at.
-TRUNCATION_PSI = 0.7
 
 
 @dataclass

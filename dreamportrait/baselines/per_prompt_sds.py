@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..defaults import BASELINE_STEPS
 from ..guidance import StableDiffusionGuidance
 from ..models import camera_rays, sample_camera_labels, split_camera_labels
 from ..models.pretrained import save_weights
@@ -26,7 +27,7 @@ from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
 
-DEFAULT_STEPS = 10_000
+DEFAULT_STEPS = BASELINE_STEPS
 """threestudio's DreamFusion default (the paper optimises 15,000 steps)."""
 
 
