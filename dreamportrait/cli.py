@@ -83,24 +83,28 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"dreamportrait train: {error}", file=sys.stderr)
         return 2
-    _run_training(config)
-    return 0
+    return _run_training(config, "train")
 
 
-def _run_training(config) -> None:
-    """Train (resuming the run's newest checkpoint unless resume=false); tear down torchrun's group."""
+def _run_training(config, command: str) -> int:
+    """Train (resuming the run's newest checkpoint unless resume=false); tear down torchrun's group.
+    A missing or damaged input (a model, the image folder, a checkpoint) is one line and exit status 1."""
     from dreamportrait.training import Trainer
 
-    trainer = Trainer(config)
-    if config.resume and trainer.resume():
-        print(f"resumed at step {trainer.step} from {config.out_dir}")
     try:
+        trainer = Trainer(config)
+        if config.resume and trainer.resume():
+            print(f"resumed at step {trainer.step} from {config.out_dir}")
         trainer.train()
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait {command}: {error}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
 
 
 def _resolve_checkpoint(path: str):
@@ -220,9 +224,10 @@ def _world_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2
-    _run_training(config)
-    print(f"trained {config.out_dir}; generate with --checkpoint {config.out_dir}")
-    return 0
+    status = _run_training(config, "world train")
+    if status == 0:
+        print(f"trained {config.out_dir}; generate with --checkpoint {config.out_dir}")
+    return status
 
 
 # Arguments that only some evaluated methods read; given with another method they are refused,

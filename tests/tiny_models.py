@@ -31,12 +31,14 @@ def write_tiny_clip(directory: Path, hidden_size: int = 32, layout: str = "flat"
     return directory
 
 
-def write_tiny_stable_diffusion(directory: Path, latent: bool = True, prediction_type: str = "epsilon") -> Path:
+def write_tiny_stable_diffusion(directory: Path, latent: bool = True, prediction_type: str = "epsilon",
+                                **clip_config) -> Path:
     """A Stable Diffusion-layout directory (unet/, scheduler/, tokenizer/, text_encoder/, and vae/
-    when ``latent``) of tiny models: 32² images, 16² x 4 latents (or 32² x 3 pixels)."""
+    when ``latent``) of tiny models: 32² images, 16² x 4 latents (or 32² x 3 pixels);
+    ``clip_config``: further ``CLIPTextConfig`` entries of its text encoder (:func:`write_tiny_clip`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    write_tiny_clip(directory, layout="stable-diffusion")
+    write_tiny_clip(directory, layout="stable-diffusion", **clip_config)
     channels = 4 if latent else 3
     UNet2DConditionModel(
         sample_size=16 if latent else 32, in_channels=channels, out_channels=channels, layers_per_block=1,

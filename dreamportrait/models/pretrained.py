@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._atomic import atomic_path
+from .._manifest import MANIFEST, verify_manifest
 from .discriminator import DualDiscriminator
 from .safe_pickle import PickledObject, load_network_pickle
 from .text_conditioning import TextConditionedGenerator
@@ -130,8 +131,11 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
     """The generator (in eval mode) and the discriminator (None when not saved) of a pretrained
     directory; ``backend`` selects the generator's rendering ops. A text-conditioned generator gets
     ``text_encoder`` (an encoder or its source; default: the source recorded when it was saved, or,
-    where none is recorded, the :data:`TEXT_ENCODER_PARTS` beside it, as a published generator has)."""
+    where none is recorded, the :data:`TEXT_ENCODER_PARTS` beside it, as a published generator has).
+    A directory with a manifest (a training checkpoint) is checked against it first."""
     directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        verify_manifest(directory)
     config = read_config(directory)
     what = f"{directory / CONFIG_FILE}: the generator config"
     generator = _construct(TriPlaneGenerator, config["generator"], what, backend=backend)

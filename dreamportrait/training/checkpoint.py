@@ -9,27 +9,34 @@ directory (``load_pretrained`` gives the EMA generator and the discriminator, re
     training_state.pt             step, optimiser states, RNG states, skipped-step counter
     train_config.yaml             the run's configuration
 
+    manifest.json                 every other file's SHA-256 and size (written last)
+
 It is written to a hidden temporary directory and renamed into place, so a crash never leaves a
-half-written checkpoint; ``latest`` names the newest one.
+half-written checkpoint (a killed write leaves a ``.step-*.tmp`` directory, removed when the run
+starts again); ``latest`` names the newest one. Loading checks every file against the manifest.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import yaml
 
-from .._atomic import atomic_path
+from .._atomic import atomic_path, temporary_directory
+from .._manifest import verify_manifest, write_manifest
 from ..models.pretrained import read_weights, save_pretrained, save_weights
 
 RAW_WEIGHTS = "generator_raw.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
 LATEST = "latest"
+STEP_NAME = re.compile(r"step-\d{7}")
+REQUIRED_FILES = ("config.json", "generator.safetensors", "discriminator.safetensors", RAW_WEIGHTS, STATE_FILE)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -42,12 +49,13 @@ def save_checkpoint(out_dir: str | Path, step: int, generator, generator_ema, di
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    temporary = temporary_directory(root, prefix=f".{final.name}.")
     try:
         save_pretrained(temporary, generator_ema, discriminator)
         save_weights(generator, temporary / RAW_WEIGHTS)
         torch.save(state, temporary / STATE_FILE)
         (temporary / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        write_manifest(temporary)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -61,32 +69,62 @@ def save_checkpoint(out_dir: str | Path, step: int, generator, generator_ema, di
     return final
 
 
+def remove_partial_checkpoints(out_dir: str | Path) -> None:
+    """Remove what killed checkpoint writes left in a run's checkpoint directory: ``.step-*.tmp``
+    directories and temporary ``latest`` pointers."""
+    root = checkpoint_dir(out_dir)
+    for leftover in root.glob(".step-*.tmp") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(f".{LATEST}.*.tmp") if root.is_dir() else []:
+        leftover.unlink(missing_ok=True)
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first (symbolic links, which could lead anywhere, excluded)."""
+    return sorted(path for path in root.glob("step-*")
+                  if STEP_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The run's newest checkpoint (the one ``latest`` names), or None when it has none.
+
+    ``latest`` must name a checkpoint directory of the run (``step-NNNNNNN`` in its checkpoint
+    directory; anything else is a ValueError); when the one it names is gone, the newest remaining
+    one is returned with a warning.
+    """
     root = checkpoint_dir(out_dir)
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    complete = sorted(root.glob("step-*")) if root.is_dir() else []
-    return complete[-1] if complete else None
+    complete = _checkpoints(root) if root.is_dir() else []
+    if not pointer.is_file():
+        return complete[-1] if complete else None
+    name = pointer.read_text(errors="replace").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise ValueError(f"{pointer} names {name[:100]!r}, not a checkpoint of this run (step-NNNNNNN in {root})")
+    candidate = root / name
+    if candidate in complete:
+        return candidate
+    if candidate.is_symlink():
+        raise ValueError(f"{pointer} names {candidate}, a symbolic link: checkpoints must be directories in {root}")
+    fallback = complete[-1] if complete else None
+    warnings.warn(f"{pointer} names {name}, which does not exist; "
+                  + (f"using the newest checkpoint, {fallback.name}" if fallback else "starting from scratch"),
+                  stacklevel=2)
+    return fallback
 
 
 def load_checkpoint(path: str | Path, generator, generator_ema, discriminator) -> dict:
     """Load a checkpoint's weights into the given modules and return its training state.
 
-    A damaged or incomplete checkpoint raises ValueError naming the file.
+    Every file is checked against the checkpoint's manifest first: a damaged, incomplete or
+    altered checkpoint raises ValueError naming the file.
     """
     path = Path(path)
-    for name in ("config.json", "generator.safetensors", RAW_WEIGHTS, STATE_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
+    verify_manifest(path, REQUIRED_FILES)
     for module, name in ((generator, RAW_WEIGHTS), (generator_ema, "generator.safetensors"),
                          (discriminator, "discriminator.safetensors")):
         if module is not None:
             read_weights(module, path / name)
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, unpickling errors
+    except Exception as error:  # unpickling errors in a file whose hash matches: not one we wrote
         raise ValueError(f"checkpoint file {path / STATE_FILE} is damaged: {error}") from None

@@ -29,7 +29,7 @@ from ..guidance import StableDiffusionGuidance
 from ..models import TextConditionedGenerator, build_discriminator, build_generator, load_pretrained
 from ..models import sample_camera_labels, view_cameras
 from ..outputs import grid
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .config import GuidanceConfig, TrainConfig
 from .losses import (SPREAD_RENDER, discriminator_loss, generator_adversarial_loss, group_spread, r1_penalty,
                      spread_loss, update_ema)
@@ -320,6 +320,8 @@ class Trainer:
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         main = self.rank == 0
+        if main:
+            remove_partial_checkpoints(cfg.out_dir)
         if main and cfg.log.tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -136,7 +136,7 @@ def test_checkpoints_are_atomic_and_damage_is_named(tiny_latent_sd, tmp_path, mo
     with pytest.raises(ValueError, match="generator_raw.safetensors is damaged"):
         trainer.resume(saved)
     (saved / "generator_raw.safetensors").unlink()
-    with pytest.raises(ValueError, match="incomplete: generator_raw.safetensors is missing"):
+    with pytest.raises(ValueError, match="generator_raw.safetensors is missing"):
         trainer.resume(saved)
 
 
