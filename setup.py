@@ -28,7 +28,7 @@ def extension_modules():
     import torch
 
     with_cuda = build.cuda_requested(cuda_usable=torch.version.cuda is not None)
-    archs = build.target_archs(build.visible_gpu_capabilities()) if with_cuda else []
+    sass_archs, ptx_archs = build.target_archs(build.visible_gpu_capabilities()) if with_cuda else ([], [])
 
     # Imported only now: cpp_extension reads CUDA_HOME when it is first imported.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -41,10 +41,10 @@ def extension_modules():
         name="dreamportrait._C",
         sources=sources,
         include_dirs=[str(p) for p in build.include_dirs()],
-        extra_compile_args=build.compile_flags(with_cuda, archs),
+        extra_compile_args=build.compile_flags(with_cuda, sass_archs, ptx_archs),
         extra_link_args=build.LINK_FLAGS,
     )
-    print(f"dreamportrait: building _C with CUDA={'yes, archs ' + str(archs) if with_cuda else 'no'}")
+    print(f"dreamportrait: building _C with CUDA={f'yes, SASS {sass_archs}, PTX {ptx_archs}' if with_cuda else 'no'}")
     return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -9,11 +9,20 @@
 
 namespace {
 
-// CUDA architectures the extension holds code for, as compute capabilities (80 = sm_80); empty
-// when it was built without CUDA. The build defines DREAMPORTRAIT_CUDA_ARCHS, e.g. 80,86,90.
+// CUDA architectures the extension holds code for, as compute capabilities (80 = sm_80): SASS
+// (machine code) and PTX (which the driver compiles for newer GPUs). Empty when it was built without
+// CUDA. The build defines them, e.g. DREAMPORTRAIT_CUDA_SASS_ARCHS=80,86,90 and ..._PTX_ARCHS=90.
 std::vector<int64_t> cuda_archs() {
-#ifdef DREAMPORTRAIT_CUDA_ARCHS
-  return {DREAMPORTRAIT_CUDA_ARCHS};
+#ifdef DREAMPORTRAIT_CUDA_SASS_ARCHS
+  return {DREAMPORTRAIT_CUDA_SASS_ARCHS};
+#else
+  return {};
+#endif
+}
+
+std::vector<int64_t> cuda_ptx_archs() {
+#ifdef DREAMPORTRAIT_CUDA_PTX_ARCHS
+  return {DREAMPORTRAIT_CUDA_PTX_ARCHS};
 #else
   return {};
 #endif
@@ -23,6 +32,7 @@ std::vector<int64_t> cuda_archs() {
 
 TORCH_LIBRARY(dreamportrait, m) {
   m.def("cuda_archs() -> int[]", &cuda_archs);
+  m.def("cuda_ptx_archs() -> int[]", &cuda_ptx_archs);
   m.def("triplane_sample(Tensor planes, Tensor points, float box_warp, int[6] axes, str reduce) -> Tensor");
   m.def("triplane_sample_backward_planes(Tensor grad_output, Tensor planes, Tensor points, "
         "float box_warp, int[6] axes, str reduce) -> Tensor");

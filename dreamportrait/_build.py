@@ -15,7 +15,9 @@ import subprocess
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent / "csrc"
-DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"
+# SASS for A100 (8.0), RTX 30xx/A10/A40 (8.6) and H100/H200 (9.0), plus PTX of 9.0 that the driver
+# compiles at load time on any newer GPU (Blackwell and later), which has no SASS here.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 # The language standard is torch's (C++20 for torch 2.14). -fopenmp-simd only enables
 # `#pragma omp simd` (vectorised reductions), no OpenMP runtime.
@@ -82,32 +84,40 @@ def cuda_requested(cuda_usable: bool) -> bool:
     return cuda_usable and find_nvcc() is not None
 
 
-def configure_cuda_environment(gpu_visible: bool) -> list[str]:
+def configure_cuda_environment(visible_capabilities: list[tuple[int, int]]) -> list[str]:
     """Set ``CUDA_HOME`` and ``TORCH_CUDA_ARCH_LIST`` for a CUDA build; return the arch list.
 
-    ``CUDA_HOME`` defaults to the toolkit nvcc belongs to. With no GPU visible torch cannot detect
-    the target architectures, so ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;8.6;9.0`` (A100,
-    RTX 30xx/A10/A40, H100). With a GPU and no list set, torch builds for the visible GPUs; the
-    caller then passes their capabilities instead.
+    ``CUDA_HOME`` defaults to the toolkit nvcc belongs to. ``TORCH_CUDA_ARCH_LIST`` defaults to the
+    visible GPUs' capabilities, or with no GPU visible to :data:`DEFAULT_CUDA_ARCHS`; either way the
+    newest architecture also gets PTX (``+PTX``), so that a newer GPU can run the build.
     """
     if not os.environ.get("CUDA_HOME"):
         nvcc = find_nvcc()
         if nvcc is None:
             raise RuntimeError("FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
         os.environ["CUDA_HOME"] = toolkit_of(nvcc)
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not gpu_visible:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    return [a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if visible_capabilities:
+            archs = [f"{major}.{minor}" for major, minor in sorted(set(visible_capabilities))]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return [a for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a]
 
 
 def arch_numbers(archs: list[str]) -> list[int]:
-    """``["8.0", "8.6+PTX", "9.0a"]`` -> ``[80, 86, 90]``."""
+    """The architectures a build holds SASS for: ``["8.0", "8.6+PTX", "9.0a"]`` -> ``[80, 86, 90]``."""
     numbers = []
     for arch in archs:
         match = re.match(r"(\d+)\.(\d+)", arch)
         if match:
             numbers.append(int(match.group(1)) * 10 + int(match.group(2)))
     return numbers
+
+
+def ptx_arch_numbers(archs: list[str]) -> list[int]:
+    """The architectures a build holds PTX for: ``["8.0", "9.0+PTX"]`` -> ``[90]``."""
+    return arch_numbers([a for a in archs if a.upper().endswith("+PTX")])
 
 
 def visible_gpu_capabilities() -> list[tuple[int, int]]:
@@ -119,18 +129,20 @@ def visible_gpu_capabilities() -> list[tuple[int, int]]:
     return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
 
 
-def target_archs(visible_capabilities: list[tuple[int, int]]) -> list[int]:
+def target_archs(visible_capabilities: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Configure the environment for a CUDA build and return the compute capabilities it targets
-    (80 = sm_80): ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs', else the no-GPU default."""
-    archs = arch_numbers(configure_cuda_environment(gpu_visible=bool(visible_capabilities)))
-    return archs or sorted({10 * major + minor for major, minor in visible_capabilities})
+    (80 = sm_80): those it holds SASS for and those it holds PTX for."""
+    archs = configure_cuda_environment(visible_capabilities)
+    return arch_numbers(archs), ptx_arch_numbers(archs)
 
 
-def compile_flags(with_cuda: bool, archs: list[int]) -> dict[str, list[str]]:
+def compile_flags(with_cuda: bool, sass_archs: list[int], ptx_archs: list[int] = ()) -> dict[str, list[str]]:
     """Compiler flags for the C++ (``cxx``) and CUDA (``nvcc``) translation units."""
     if not with_cuda:
         return {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)}
     defines = ["-DDREAMPORTRAIT_WITH_CUDA"]
-    # Read by ops.cpp only; nvcc would split the comma-separated value into separate arguments.
-    archs_define = ["-DDREAMPORTRAIT_CUDA_ARCHS=" + ",".join(str(a) for a in archs)] if archs else []
-    return {"cxx": CXX_FLAGS + defines + archs_define, "nvcc": NVCC_FLAGS + defines}
+    # Read by ops.cpp only (so `dreamportrait info` can say what the build holds); nvcc would split
+    # the comma-separated values into separate arguments.
+    archs_defines = [f"-DDREAMPORTRAIT_CUDA_{name}_ARCHS=" + ",".join(str(a) for a in archs)
+                     for name, archs in (("SASS", sass_archs), ("PTX", ptx_archs)) if archs]
+    return {"cxx": CXX_FLAGS + defines + archs_defines, "nvcc": NVCC_FLAGS + defines}

@@ -30,8 +30,10 @@ CACHE_ENV = "DREAMPORTRAIT_EXTENSION_CACHE"
 class ExtensionStatus:
     available: bool
     origin: str  # "prebuilt", "jit" or "unavailable"
-    cuda_archs: tuple[int, ...] = ()  # compute capabilities with CUDA code, e.g. (80, 86, 90)
+    cuda_archs: tuple[int, ...] = ()  # compute capabilities with SASS, e.g. (80, 86, 90)
     error: str | None = None  # why it is unavailable
+    cuda_ptx_archs: tuple[int, ...] = ()  # compute capabilities with PTX, e.g. (90,)
+    path: str | None = None  # the loaded library
 
     @property
     def has_cuda(self) -> bool:
@@ -62,19 +64,20 @@ def _load() -> ExtensionStatus:
     errors = []
     for origin, load in (("prebuilt", _load_prebuilt), ("jit", _jit_build)):
         try:
-            load()
+            path = load()
         except Exception as error:  # noqa: BLE001 - any failure means: try the next way
             errors.append(f"{origin}: {type(error).__name__}: {str(error).strip()[-2000:]}")
             continue
         from .ops import _registration
 
         _registration.register_compiled_ops()
-        archs = tuple(int(a) for a in torch.ops.dreamportrait.cuda_archs())
-        return ExtensionStatus(True, origin, archs)
+        sass = tuple(int(a) for a in torch.ops.dreamportrait.cuda_archs())
+        ptx = tuple(int(a) for a in torch.ops.dreamportrait.cuda_ptx_archs())
+        return ExtensionStatus(True, origin, sass, cuda_ptx_archs=ptx, path=str(path))
     return ExtensionStatus(False, "unavailable", (), "\n".join(errors))
 
 
-def _load_prebuilt() -> None:
+def _load_prebuilt() -> Path:
     # The build next to this file, by path: an import could find another checkout's build through
     # an editable install's finder.
     package_dir = Path(__file__).resolve().parent
@@ -86,6 +89,7 @@ def _load_prebuilt() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules["dreamportrait._C"] = module
+    return path
 
 
 def _jit_with_cuda() -> bool:
@@ -112,11 +116,11 @@ def jit_build_directory(with_cuda: bool | None = None) -> Path:
     return root / digest.hexdigest()[:20]
 
 
-def _jit_build() -> None:
+def _jit_build() -> Path:
     if not _build.SOURCE_ROOT.is_dir():
         raise FileNotFoundError(f"no C++ sources at {_build.SOURCE_ROOT} to JIT-build from")
     with_cuda = _jit_with_cuda()
-    archs = _build.target_archs(_build.visible_gpu_capabilities()) if with_cuda else []
+    sass_archs, ptx_archs = _build.target_archs(_build.visible_gpu_capabilities()) if with_cuda else ([], [])
     from torch.utils import cpp_extension
 
     if with_cuda and cpp_extension.CUDA_HOME is None:
@@ -124,16 +128,17 @@ def _jit_build() -> None:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     build_dir = jit_build_directory(with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = _build.compile_flags(with_cuda, archs)
+    flags = _build.compile_flags(with_cuda, sass_archs, ptx_archs)
     sources = _build.cpu_sources() + (_build.cuda_sources() if with_cuda else [])
     # torch's own build lock is a file that a killed build leaves behind, and the next build then
     # waits on it forever. We serialise builds with an OS lock instead (released when its holder
     # dies, however it dies); whoever holds it may remove torch's lock, since nobody else builds.
+    name = f"dreamportrait_C_{build_dir.name}"
     with open(build_dir.with_suffix(".lock"), "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
         cpp_extension.load(
-            name=f"dreamportrait_C_{build_dir.name}",
+            name=name,
             sources=[str(s) for s in sources],
             extra_include_paths=[str(p) for p in _build.include_dirs()],
             extra_cflags=flags["cxx"],
@@ -144,3 +149,4 @@ def _jit_build() -> None:
             is_python_module=False,
             verbose=False,
         )
+    return build_dir / f"{name}.so"

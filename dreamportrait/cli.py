@@ -41,8 +41,12 @@ def _info(args: argparse.Namespace) -> int:
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_visible else []
     print(f"GPUs          {', '.join(devices) if devices else 'none visible'}")
     if status.available:
-        archs = ", ".join(f"sm_{a}" for a in status.cuda_archs) or "none (built without CUDA)"
-        print(f"extension     {status.origin}; CUDA code for: {archs}")
+        if status.has_cuda:
+            sass = ", ".join(f"sm_{a}" for a in status.cuda_archs)
+            ptx = ", ".join(f"compute_{a}" for a in status.cuda_ptx_archs) or "none (no newer GPU can run it)"
+            print(f"extension     {status.origin}; CUDA SASS for: {sass}; PTX for: {ptx}")
+        else:
+            print(f"extension     {status.origin}; CUDA code for: none (built without CUDA)")
     else:
         print("extension     unavailable:")
         for line in (status.error or "").splitlines():

@@ -108,9 +108,14 @@ def test_arch_numbers():
     assert _build.arch_numbers(["8.0", "8.6+PTX", "9.0a", "sm_bogus"]) == [80, 86, 90]
 
 
+def test_ptx_arch_numbers():
+    assert _build.ptx_arch_numbers(["8.0", "8.6+PTX", "9.0+ptx", "10.0"]) == [86, 90]
+
+
 def test_nvcc_sees_no_comma_separated_define():
-    flags = _build.compile_flags(True, [80, 90])
-    assert "-DDREAMPORTRAIT_CUDA_ARCHS=80,90" in flags["cxx"]
+    flags = _build.compile_flags(True, [80, 90], [90])
+    assert "-DDREAMPORTRAIT_CUDA_SASS_ARCHS=80,90" in flags["cxx"]
+    assert "-DDREAMPORTRAIT_CUDA_PTX_ARCHS=90" in flags["cxx"]
     assert not any("," in flag for flag in flags["nvcc"])
     assert "-DDREAMPORTRAIT_WITH_CUDA" not in _build.compile_flags(False, [])["cxx"]
 
@@ -128,7 +133,7 @@ def test_cuda_defaults_without_a_gpu(monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    archs = _build.configure_cuda_environment(gpu_visible=False)
-    assert archs == ["8.0", "8.6", "9.0"]
+    archs = _build.configure_cuda_environment([])
+    assert archs == ["8.0", "8.6", "9.0+PTX"]
     assert (Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc").is_file()
     assert (Path(os.environ["CUDA_HOME"]) / "include" / "cuda_runtime.h").is_file()

@@ -224,8 +224,8 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
           d_dy += static_cast<acc_t>(g[c]) * cy;
         }
       }
-      grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
-      grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
+      triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
+      triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
     }
     for (int k = 0; k < 3; ++k) grad_points[i * 3 + k] = static_cast<scalar_t>(grad[k]);
   }

@@ -145,8 +145,8 @@ __global__ void backward_points_kernel(const scalar_t* __restrict__ grad_out,
       }
       acc_t d_dx = NAN, d_dy = NAN;
       if (taps.finite) triplane::bilinear_position_grad(taps, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
-      grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
-      grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
+      triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
+      triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
     }
     if (lane == 0)
       for (int k = 0; k < 3; ++k) grad_points[i * 3 + k] = static_cast<scalar_t>(grad[k]);

@@ -15,6 +15,11 @@ _DTYPES = {
 }
 
 
+def backend_dtypes(backend: str) -> tuple[torch.dtype, ...]:
+    """The dtypes a compiled backend (``cpu``, ``cuda``, ``triton``) takes."""
+    return _DTYPES[backend]
+
+
 def require_tensor(op: str, name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")

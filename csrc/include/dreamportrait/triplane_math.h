@@ -84,13 +84,28 @@ DP_INLINE BilinearTaps<T> bilinear_taps(T x, T y, int64_t H, int64_t W) {
   return t;
 }
 
+// Coordinate `axis` (0, 1 or 2) of a point. Selected, not indexed: on a GPU a local array indexed
+// by a run-time value lives in local memory (the stack), while three selects stay in registers.
+template <typename T>
+DP_INLINE T coordinate(const T point[3], int64_t axis) {
+  return axis == 0 ? point[0] : (axis == 1 ? point[1] : point[2]);
+}
+
+// grad[axis] += value, without indexing by `axis` (see coordinate()).
+template <typename T>
+DP_INLINE void add_to_coordinate(T grad[3], int64_t axis, T value) {
+  if (axis == 0) grad[0] += value;
+  if (axis == 1) grad[1] += value;
+  if (axis == 2) grad[2] += value;
+}
+
 // Taps of plane p for one point. `point` holds the point's three coordinates, `scale` is
 // 2 / box_warp and `axes` the six axis indices.
 template <typename T>
 DP_INLINE BilinearTaps<T> plane_taps(const T point[3], const int64_t axes[6], int p, T scale,
                                      int64_t H, int64_t W) {
-  const T u = point[axes[2 * p]] * scale;
-  const T v = point[axes[2 * p + 1]] * scale;
+  const T u = coordinate(point, axes[2 * p]) * scale;
+  const T v = coordinate(point, axes[2 * p + 1]) * scale;
   return bilinear_taps(unnormalize(u, W), unnormalize(v, H), H, W);
 }
 

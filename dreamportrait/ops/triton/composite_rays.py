@@ -13,15 +13,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import accumulation_dtype, accumulation_type, channel_block
+from .launch import launch
+
 BLOCK_R = 32
-
-
-def _block_c(channels: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(max(channels, 1))))
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -123,21 +118,17 @@ def _backward_kernel(
         transmittance = transmittance_after
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def forward(densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor, transmittance_threshold: float):
     rays, samples = densities.shape
     channels = colors.shape[2]
-    rgb = densities.new_empty((rays, channels), dtype=_accumulation_dtype(densities.dtype))
+    rgb = densities.new_empty((rays, channels), dtype=accumulation_dtype(densities.dtype))
     depth, opacity = densities.new_empty((rays,)), densities.new_empty((rays,))
     weights = densities.new_empty((rays, samples))
     if rays > 0:
-        _forward_kernel[(triton.cdiv(rays, BLOCK_R),)](
-            densities.contiguous(), colors.contiguous(), depths.contiguous(), deltas.contiguous(),
+        launch(
+            _forward_kernel, (triton.cdiv(rays, BLOCK_R),), densities.contiguous(), colors.contiguous(), depths.contiguous(), deltas.contiguous(),
             rgb, depth, opacity, weights, rays, samples, channels, transmittance_threshold,
-            ACC=_acc(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=_block_c(channels),
+            ACC=accumulation_type(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=channel_block(channels),
         )
     return rgb.to(densities.dtype), depth, opacity, weights
 
@@ -146,16 +137,16 @@ def backward(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_we
              densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor):
     rays, samples = densities.shape
     channels = colors.shape[2]
-    accumulation = _accumulation_dtype(densities.dtype)
+    accumulation = accumulation_dtype(densities.dtype)
     grad_densities = densities.new_empty((rays, samples), dtype=accumulation)
     grad_deltas = densities.new_empty((rays, samples), dtype=accumulation)
     grad_colors = torch.empty_like(colors, memory_format=torch.contiguous_format)
     grad_depths = torch.empty_like(depths, memory_format=torch.contiguous_format)
     if rays > 0:
-        _backward_kernel[(triton.cdiv(rays, BLOCK_R),)](
-            grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), grad_weights.contiguous(),
+        launch(
+            _backward_kernel, (triton.cdiv(rays, BLOCK_R),), grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), grad_weights.contiguous(),
             densities.contiguous(), colors.contiguous(), depths.contiguous(), deltas.contiguous(),
             grad_densities, grad_colors, grad_depths, grad_deltas, rays, samples, channels,
-            ACC=_acc(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=_block_c(channels),
+            ACC=accumulation_type(densities.dtype), BLOCK_R=BLOCK_R, BLOCK_C=channel_block(channels),
         )
     return grad_densities.to(densities.dtype), grad_colors, grad_depths, grad_deltas.to(densities.dtype)

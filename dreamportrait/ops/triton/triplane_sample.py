@@ -14,15 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import accumulation_dtype, accumulation_type, channel_block
+from .launch import launch
+
 BLOCK_N = 64
-
-
-def _block_c(channels: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(channels)))
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -120,8 +115,8 @@ def _forward_kernel(
     b, c, n_mask, c_mask, rows, px, py, pz = _point_channel_block(points_ptr, N, C, ACC, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     for plane in tl.static_range(3):
-        U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
-        V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
+        U = A0 if plane == 0 else (A2 if plane == 1 else A4)
+        V = A1 if plane == 0 else (A3 if plane == 1 else A5)
         x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
         for dy in tl.static_range(2):
@@ -149,8 +144,8 @@ def _backward_planes_kernel(
     scale = tl.load(scale_ptr)
     b, c, n_mask, c_mask, rows, px, py, pz = _point_channel_block(points_ptr, N, C, ACC, BLOCK_N, BLOCK_C)
     for plane in tl.static_range(3):
-        U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
-        V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
+        U = A0 if plane == 0 else (A2 if plane == 1 else A4)
+        V = A1 if plane == 0 else (A3 if plane == 1 else A5)
         x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         grad = tl.load(grad_ptr + grad_rows[:, None] * C + c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
@@ -179,8 +174,8 @@ def _backward_points_kernel(
     gy = tl.zeros((BLOCK_N,), dtype=ACC)
     gz = tl.zeros((BLOCK_N,), dtype=ACC)
     for plane in tl.static_range(3):
-        U: tl.constexpr = A0 if plane == 0 else (A2 if plane == 1 else A4)
-        V: tl.constexpr = A1 if plane == 0 else (A3 if plane == 1 else A5)
+        U = A0 if plane == 0 else (A2 if plane == 1 else A4)
+        V = A1 if plane == 0 else (A3 if plane == 1 else A5)
         x0, y0, fx, fy, in_bounds, poison = _plane_taps(px, py, pz, scale, H, W, U, V)
         grad_rows = _output_rows(rows, plane, PER_PLANE).to(tl.int64)
         base = planes_ptr + (b * 3 + plane).to(tl.int64) * H * W * C
@@ -216,14 +211,14 @@ def _backward_points_kernel(
 
 
 def _common(planes: Tensor, box_warp: float, axes: list[int], reduce: str) -> dict:
-    accumulation = _accumulation_dtype(planes.dtype)
+    accumulation = accumulation_dtype(planes.dtype)
     return dict(
         # A tensor, not a Python float: Triton would pass a float as float32 even for float64 inputs.
         scale_ptr=torch.full((1,), 2.0 / box_warp, dtype=accumulation, device=planes.device),
         **{f"A{i}": int(a) for i, a in enumerate(axes)},
         PER_PLANE=reduce == "none",
         MEAN=reduce == "mean",
-        ACC=tl.float64 if accumulation == torch.float64 else tl.float32,
+        ACC=accumulation_type(planes.dtype),
         BLOCK_N=BLOCK_N,
     )
 
@@ -239,10 +234,10 @@ def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], re
     out = planes.new_empty(shape)
     if out.numel() == 0:
         return out
-    block_c = _block_c(channels)
+    block_c = channel_block(channels)
     grid = (triton.cdiv(count, BLOCK_N), triton.cdiv(channels, block_c), batch)
-    _forward_kernel[grid](
-        _channels_innermost(planes), points.contiguous(), out, count, channels, height, width,
+    launch(
+        _forward_kernel, grid, _channels_innermost(planes), points.contiguous(), out, count, channels, height, width,
         BLOCK_C=block_c, **_common(planes, box_warp, axes, reduce),
     )
     return out
@@ -253,12 +248,12 @@ def backward_planes(grad_output: Tensor, planes: Tensor, points: Tensor, box_war
     """Plane gradient, contiguous ``(B, 3, C, H, W)`` (as in every backend)."""
     batch, _, channels, height, width = planes.shape
     count = points.shape[1]
-    grad_planes = planes.new_zeros((batch, 3, height, width, channels), dtype=_accumulation_dtype(planes.dtype))
+    grad_planes = planes.new_zeros((batch, 3, height, width, channels), dtype=accumulation_dtype(planes.dtype))
     if grad_planes.numel() > 0 and count > 0:
-        block_c = _block_c(channels)
+        block_c = channel_block(channels)
         grid = (triton.cdiv(count, BLOCK_N), triton.cdiv(channels, block_c), batch)
-        _backward_planes_kernel[grid](
-            grad_output.contiguous(), points.contiguous(), grad_planes, count, channels, height, width,
+        launch(
+            _backward_planes_kernel, grid, grad_output.contiguous(), points.contiguous(), grad_planes, count, channels, height, width,
             BLOCK_C=block_c, **_common(planes, box_warp, axes, reduce),
         )
     return grad_planes.to(planes.dtype).permute(0, 1, 4, 2, 3).contiguous()
@@ -272,8 +267,8 @@ def backward_points(grad_output: Tensor, planes: Tensor, points: Tensor, box_war
     if grad_points.numel() == 0 or planes.numel() == 0:
         return grad_points
     grid = (triton.cdiv(count, BLOCK_N), batch)
-    _backward_points_kernel[grid](
-        grad_output.contiguous(), _channels_innermost(planes), points.contiguous(), grad_points,
-        count, channels, height, width, BLOCK_C=_block_c(channels), **_common(planes, box_warp, axes, reduce),
+    launch(
+        _backward_points_kernel, grid, grad_output.contiguous(), _channels_innermost(planes), points.contiguous(), grad_points,
+        count, channels, height, width, BLOCK_C=channel_block(channels), **_common(planes, box_warp, axes, reduce),
     )
     return grad_points

@@ -1,0 +1,157 @@
+"""The compile gate: every Triton launch the ops make compiles for real GPUs without spilling, and
+the CUDA extension holds spill-free kernels and PTX for its newest architecture.
+
+The launches come from the ops' own launch code: the public ops run over every dtype and variant
+(`compile_check.op_variants`) with their launches recorded, and each distinct launch is compiled
+to a cubin for sm_80, sm_90 and sm_100 by Triton's real compiler (no GPU needed). The interpreter
+tests elsewhere check what the kernels compute; these check what the GPU compiler makes of them.
+"""
+
+import pytest
+import torch
+from support import requires_triton
+
+from dreamportrait import _build, _extension
+from dreamportrait.ops import gated_cross_attention, triplane_sample
+from dreamportrait.ops._checks import backend_dtypes
+from dreamportrait.ops.triton import compile_check
+from dreamportrait.ops.triton.launch import TensorArgument, recording
+
+pytestmark = requires_triton
+
+
+def _describe(result: compile_check.CompiledLaunch) -> str:
+    return (f"{result.launch.name} {str(result.dtype).removeprefix('torch.')} sm_{result.arch} "
+            f"{compile_check._constexpr_summary(result.launch)} {dict(result.launch.options)}")
+
+
+@pytest.fixture(scope="module")
+def launches():
+    return compile_check.record_op_launches()
+
+
+@pytest.fixture(scope="module")
+def compiled(launches):
+    return compile_check.compile_launches(launches)
+
+
+def test_every_kernel_is_launched_through_the_recorder(launches):
+    """Each kernel of the Triton modules appears among the recorded launches: a kernel launched
+    some other way would escape the gate."""
+    from triton.runtime.jit import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+    from dreamportrait.ops.triton import composite_rays, gated_cross_attention as attention, triplane_sample as sample
+
+    kernels = {f"{module.__name__}:{name}" for module in (composite_rays, attention, sample)
+               for name, value in vars(module).items()
+               if isinstance(value, (JITFunction, InterpretedFunction)) and name.endswith("_kernel")}
+    assert len(kernels) == 6
+    assert kernels == {launch.kernel for launch in launches}
+
+
+def test_every_dtype_and_variant_is_recorded(launches):
+    dtypes = {compile_check.launch_dtype(launch) for launch in launches}
+    assert dtypes == set(backend_dtypes("triton"))
+    attention = [dict(launch.arguments) for launch in launches if launch.name == "_forward_kernel"
+                 and "HAS_MASK" in dict(launch.arguments)]
+    assert {a["HAS_MASK"] for a in attention} == {False, True}
+    assert {a["BLOCK_D"] for a in attention} == {16, 64, 128, 256}
+    sampling = [dict(launch.arguments) for launch in launches if launch.module.endswith("triplane_sample")]
+    assert {(a["PER_PLANE"], a["MEAN"]) for a in sampling} == {(True, False), (False, True), (False, False)}
+    assert {(a["A4"], a["A5"]) for a in sampling} == {(2, 0), (1, 2)}
+
+
+def test_every_launch_compiles_for_every_target(compiled):
+    failures = [f"{_describe(r)}: {r.error}" for r in compiled if r.error is not None]
+    assert not failures, f"{len(failures)} of {len(compiled)} compiles failed:\n" + "\n".join(failures[:20])
+    assert {r.arch for r in compiled} == set(compile_check.TARGET_ARCHS)
+
+
+def test_no_kernel_spills_registers(compiled):
+    """No stack or local memory for 16- and 32-bit dtypes; float64 (a correctness tool, gradcheck
+    on a GPU) is reported in BENCHMARKS.md but not held to it."""
+    spills = [f"{_describe(r)}: {r.resources}" for r in compiled
+              if r.resources is not None and r.resources.spills and r.dtype != torch.float64]
+    assert not spills, f"{len(spills)} kernels spill:\n" + "\n".join(spills[:20])
+
+
+def test_half_precision_attention_runs_on_tensor_cores(compiled):
+    attention = [r for r in compiled if r.launch.module.endswith("gated_cross_attention")
+                 and r.dtype in (torch.float16, torch.bfloat16) and r.arch in (80, 90)]
+    assert attention and all(r.tensor_core for r in attention), [_describe(r) for r in attention if not r.tensor_core]
+
+
+def test_tf32_follows_torch(monkeypatch):
+    from dreamportrait.ops.triton.gated_cross_attention import precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert precision(torch.float32) == "tf32" and precision(torch.float64) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert precision(torch.float32) == "ieee"
+    with recording(dry_run=True) as launches:
+        q = torch.randn(1, 1, 4, 16)
+        gated_cross_attention(q, q, q, torch.ones(()), backend="triton")
+    assert dict(launches[0].arguments)["PRECISION"] == "ieee"
+
+
+def test_recording_sees_alignment_and_runs_nothing_in_a_dry_run():
+    planes = torch.randn(1, 3, 4, 5, 5)
+    storage = torch.zeros(1 * 7 * 3 + 1)
+    points = storage[1:].view(1, 7, 3)  # 4 bytes past an aligned address
+    with recording(dry_run=True) as launches:
+        out = triplane_sample(planes, points, backend="triton")
+    assert len(launches) == 1 and out.shape == (1, 7, 4)
+    arguments = dict(launches[0].arguments)
+    assert arguments["points_ptr"] == TensorArgument(torch.float32, aligned=False)
+    assert arguments["out_ptr"] == TensorArgument(torch.float32, aligned=True)
+    assert (arguments["N"], arguments["C"], arguments["BLOCK_C"]) == (7, 4, 16)
+
+
+def test_parse_resource_usage():
+    text = """
+Fatbin elf code:
+================
+arch = sm_90
+ Function _Z6kernelPf:
+  REG:40 STACK:16 SHARED:2048 LOCAL:8 CONSTANT[0]:480 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other:
+  REG:255 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:480 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    usage = compile_check.parse_resource_usage(text)
+    assert usage == {(90, "_Z6kernelPf"): compile_check.Resources(40, 16, 8, 2048),
+                     (90, "other"): compile_check.Resources(255, 0, 0, 0)}
+    assert usage[(90, "_Z6kernelPf")].spills == 24
+
+
+# --- the CUDA extension ---------------------------------------------------------------------------
+
+def _cuda_build():
+    status = _extension.status()
+    if not status.has_cuda:
+        pytest.skip("the extension was built without CUDA kernels")
+    return status
+
+
+def test_extension_kernels_do_not_spill():
+    status = _cuda_build()
+    kernels = compile_check.extension_kernels(status.path)
+    assert kernels
+    spills = [f"sm_{arch} {name}: {r}" for (arch, name), r in kernels.items() if r.spills]
+    assert not spills, "\n".join(spills)
+
+
+def test_extension_holds_ptx_for_its_newest_architecture():
+    status = _cuda_build()
+    sass, ptx = compile_check.extension_archs(status.path)
+    assert sass == status.cuda_archs and ptx == status.cuda_ptx_archs, "the build's record disagrees with its binary"
+    assert ptx and max(ptx) == max(sass), f"no PTX for sm_{max(sass)}: newer GPUs could not run the extension"
+
+
+def test_default_arch_list_adds_ptx_for_the_newest(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent-cuda")
+    assert _build.target_archs([]) == ([80, 86, 90], [90])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert _build.target_archs([(9, 0), (8, 0), (9, 0)]) == ([80, 90], [90])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 10.0+PTX")
+    assert _build.target_archs([]) == ([80, 100], [100])

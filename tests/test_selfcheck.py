@@ -1,0 +1,143 @@
+"""The GPU self-check's parts that run without a GPU: the no-GPU exit, the correctness check, the
+timing, the roofline arithmetic and the report writer."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from support import requires_extension
+
+from dreamportrait import roofline, selfcheck
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the path without a GPU")
+
+
+@no_gpu
+def test_without_a_gpu_it_says_so_and_exits_with_its_own_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dreamportrait.selfcheck", "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == selfcheck.NO_GPU_STATUS == 3
+    assert result.stdout.strip().count("\n") == 0 and "no CUDA GPU" in result.stdout
+    assert not (tmp_path / "report").exists()
+
+
+@requires_extension
+@pytest.mark.parametrize("op", selfcheck.OPS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_check_op_passes_a_correct_kernel(op, dtype):
+    check = selfcheck.check_op(op, "cpu", dtype, device="cpu")
+    assert check.passed, check
+    assert 0 <= check.max_error <= selfcheck.TOLERANCE[dtype]
+
+
+def test_check_op_catches_a_wrong_kernel(monkeypatch):
+    real = selfcheck._small_inputs
+
+    def off_by_a_little(op, device, generator):
+        function, inputs = real(op, device, generator)
+
+        def wrong(*args, backend):
+            out = function(*args, backend="reference")
+            return out * (1 + 1e-3) if backend != "reference" else out
+
+        return wrong, inputs
+
+    monkeypatch.setattr(selfcheck, "_small_inputs", off_by_a_little)
+    check = selfcheck.check_op("triplane_sample", "cpu", torch.float32, device="cpu")
+    assert not check.passed and 5e-4 < check.max_error < 2e-3
+
+
+def test_check_op_reports_a_crash_as_a_failure():
+    check = selfcheck.check_op("triplane_sample", "no-such-backend", torch.float32, device="cpu")
+    assert not check.passed and "backend must be one of" in check.error
+
+
+def test_relative_error_counts_a_nan_the_reference_lacks_as_infinite():
+    expected = torch.tensor([1.0, -4.0, 0.5])
+    assert selfcheck._relative_error(expected + torch.tensor([0.0, 0.02, 0.0]), expected) == pytest.approx(0.005)
+    assert selfcheck._relative_error(torch.tensor([1.0, math.nan, 0.5]), expected) == math.inf
+    assert selfcheck._relative_error(torch.tensor([math.nan]), torch.tensor([math.nan])) == 0.0
+    assert selfcheck._relative_error(torch.tensor([0.3]), torch.tensor([0.1])) == pytest.approx(0.2)  # scale >= 1
+
+
+def test_time_call_warms_up_then_takes_the_median():
+    calls = []
+    durations = iter([0.0, 0.0, 0.03, 0.01, 0.02])
+
+    def call():
+        import time
+
+        calls.append(1)
+        time.sleep(next(durations))
+
+    seconds = selfcheck.time_call(call, "cpu", repeats=3, warm_up=2)
+    assert len(calls) == 5 and 0.02 <= seconds < 0.03
+
+
+def test_roofline_of_the_attention_benchmark_on_an_h100():
+    # B 2, H 8, Lq 12,288, Lk 77, D 64 in float16: QK^T and PV are 2 * 2 * B*H*Lq*Lk*D flops.
+    cost = roofline.gated_cross_attention_cost(2, 8, 12288, 77, 64, torch.float16, backward=False)
+    products = 2 * 8 * 12288 * 77 * 64
+    assert cost.flops == 4 * products
+    assert cost.bytes == 2 * (2 * 8 * 12288 * 64 * 2) + 2 * 8 * 77 * 64 * 2 * 2 + 2 * 8 * 12288 * 4
+    h100 = roofline.H100
+    assert cost.floor_seconds(h100, torch.float16) == pytest.approx(max(cost.bytes / 3.35e12, cost.flops / 989e12))
+    assert cost.bound(h100, torch.float16) == "memory"
+    backward = roofline.gated_cross_attention_cost(2, 8, 12288, 77, 64, torch.float16, backward=True)
+    assert backward.flops == 14 * products
+
+
+def test_roofline_of_sampling_and_compositing_counts_every_input_and_output_once():
+    cost = roofline.triplane_sample_cost(1, 1000, 32, 256, torch.float32, backward=False)
+    assert cost.bytes == 4 * (3 * 32 * 256 * 256 + 1000 * 3 + 1000 * 32)
+    assert cost.flops == 1000 * 3 * 4 * 32 * 2
+    composite = roofline.composite_rays_cost(10, 5, 3, torch.float16, backward=False)
+    assert composite.bytes == 2 * (3 * 50 + 150 + 30 + 20 + 50)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA A10", "A10"),
+    ("Tesla T4", None),
+])
+def test_gpu_peaks_by_device_name(name, expected):
+    peak = roofline.gpu_peak(name)
+    assert (peak.name if peak else None) == expected
+
+
+def test_timing_against_the_peak():
+    seconds = 2e-3
+    result = selfcheck.timing("gated_cross_attention", "triplane-text", "cuda", torch.float16, False, seconds,
+                              roofline.H100)
+    cost = roofline.gated_cross_attention_cost(2, 8, 3 * 64 * 64, 77, 64, torch.float16, False)
+    assert result.milliseconds == pytest.approx(2.0)
+    assert result.gigabytes_per_second == pytest.approx(cost.bytes / seconds / 1e9)
+    assert result.bandwidth_fraction == pytest.approx(cost.bytes / seconds / 3.35e12)
+    assert result.compute_fraction == pytest.approx(cost.flops / seconds / 989e12)
+    assert result.floor_milliseconds == pytest.approx(cost.floor_seconds(roofline.H100, torch.float16) * 1e3)
+    unknown = selfcheck.timing("composite_rays", "eg3d-inference", "cuda", torch.float32, True, seconds, None)
+    assert unknown.bandwidth_fraction is None and unknown.floor_milliseconds is None
+
+
+def test_report_writer(tmp_path):
+    report = selfcheck.Report({"gpu": "NVIDIA H100 80GB HBM3", "peak": "H100 SXM"})
+    report.checks = [selfcheck.Check("triplane_sample", "cuda", "float16", 3e-3, 2e-2),
+                     selfcheck.Check("composite_rays", "triton", "float32", math.inf, 2e-4, "RuntimeError: boom")]
+    report.timings = [selfcheck.timing("composite_rays", "eg3d-inference", "cuda", torch.float32, False, 1e-4,
+                                       roofline.H100)]
+    report.tests = {"command": "pytest tests/ops", "returncode": 0, "summary": "120 passed"}
+    report.generator = {"seconds_per_prompt": 0.0123, "model": "packaged default"}
+    md_path, json_path = selfcheck.write_report(report, tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["passed"] is False
+    assert [c["passed"] for c in data["checks"]] == [True, False]
+    assert data["timings"][0]["milliseconds"] == pytest.approx(0.1)
+    text = md_path.read_text()
+    assert text.startswith("# DreamPortrait GPU self-check: FAILED")
+    assert "**FAIL** RuntimeError: boom" in text and "12.3 ms per prompt" in text and "120 passed" in text
+    report.checks.pop()
+    selfcheck.write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text())["passed"] is True
