@@ -8,7 +8,7 @@ Convention for fenced code blocks (written down in docs/design.md, *Documentatio
   ``dreamportrait ...`` commands through ``dreamportrait.cli.main`` in this process), a block using
   shell syntax (variables, pipes, chains) as one ``bash -e`` script; the arguments of every
   ``dreamportrait ...`` command are also checked against the CLI, run or not;
-- ``yaml`` blocks must parse; ``text`` blocks (and untagged ones) are illustrations, not code;
+- ``yaml`` blocks must parse (and load, when they are training configs); ``text`` blocks (and untagged ones) are illustrations, not code;
 - a block right after a line ``<!-- docs: REASON -->`` is not run, for one of the reasons in
   ``REASONS``; its Python must still compile and its ``dreamportrait`` commands must still parse.
 """
@@ -146,10 +146,20 @@ def test_python_compiles(block):
 
 
 @pytest.mark.parametrize("block", [b for b in ALL if b.lang == "yaml"], ids=Block.where)
-def test_yaml_parses(block):
+def test_yaml_parses(block, tmp_path):
+    """A YAML block parses; one that looks like a training config (top-level keys of TrainConfig)
+    must load as one."""
+    import dataclasses
+
     import yaml
 
-    yaml.safe_load(block.code)
+    from dreamportrait.training import TrainConfig, load_config
+
+    values = yaml.safe_load(block.code)
+    if isinstance(values, dict) and set(values) <= {field.name for field in dataclasses.fields(TrainConfig)}:
+        path = tmp_path / "config.yaml"
+        path.write_text(block.code)
+        load_config(path)
 
 
 RUN_PAGES = sorted({block.page for block in ALL if block.reason is None and block.lang in {"python", "bash", "sh"}})
