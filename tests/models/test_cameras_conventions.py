@@ -307,3 +307,13 @@ def test_camera_label_errors_name_the_argument_and_what_it_got():
     with pytest.raises(ValueError, match=r"^cams must be .* got list$"):
         cameras.check_camera_labels("cams", [[0.0] * 25])
     cameras.check_camera_labels("c", torch.zeros(3, 25), batch_size=3)  # the count is the first dimension
+
+
+def test_orbit_defaults_and_a_pivot_of_their_own_for_sampled_poses():
+    pose = orbit_poses(torch.tensor([FRONTAL]), torch.tensor([FRONTAL]))[0]  # FFHQ's orbit: radius 2.7, pivot z 0.2
+    assert torch.allclose(pose[:3, 3], torch.tensor([0.0, 0.0, 2.7]), atol=1e-6)
+    pivot = (0.1, -0.1, 0.3)
+    poses = cameras.sample_orbit_poses(3, radius=1.5, pivot=pivot, generator=torch.Generator().manual_seed(4))
+    yaw, pitch = sample_orbit_angles(3, generator=torch.Generator().manual_seed(4))
+    for matrix, a, b in zip(poses.double().numpy(), yaw.double().numpy(), pitch.double().numpy()):
+        assert np.allclose(matrix, eg3d_cam2world(eg3d_origin(a, b, 1.5), np.array(pivot)), rtol=0, atol=1e-6)
