@@ -1,0 +1,146 @@
+"""The EG3D importer's allocation bounds (a pickle cannot make the loader allocate more than the
+file's own size), its checked stand-ins for torch's and numpy's constructors, the network records
+(named tensors, state) and the opcodes it refuses; each error message pinned whole."""
+
+import collections
+import io
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from dreamportrait.models.safe_pickle import PickledObject, RestrictedUnpickler, UnsafePickleError, load_network_pickle
+
+
+def unpickler(size):
+    return RestrictedUnpickler(io.BytesIO(b"."), size)
+
+
+def refused(message):
+    return pytest.raises(UnsafePickleError, match="^" + message + "$")
+
+
+def test_bytearrays_spend_a_budget_of_the_files_size():
+    make = unpickler(100).find_class("builtins", "bytearray")
+    assert make(60) == bytearray(60) and make(40) == bytearray(40)  # exactly what is left
+    with refused(r"refusing bytearray of 1 bytes: more than the pickle's own size allows"):
+        make(1)
+    make = unpickler(10).find_class("builtins", "bytearray")
+    with refused("refusing bytearray of a negative size"):
+        make(-1)
+    with refused("refusing bytearray of 11 bytes: more than the pickle's own size allows"):
+        make(11)
+    assert make(0) == bytearray() and make() == bytearray()
+    # Contents already in the file cost nothing.
+    assert make(b"0123456789abc") == bytearray(b"0123456789abc") and make("abc", "ascii") == bytearray(b"abc")
+    assert make(bytearray(b"xy")) == bytearray(b"xy") and make(10) == bytearray(10)
+    for value, name in (([1, 2], "list"), (True, "bool"), (2.0, "float")):
+        with refused(f"refusing bytearray of a {name}"):
+            make(value)
+
+
+def test_numpy_arrays_spend_their_bytes_and_only_plain_shapes_are_allowed():
+    rebuild = unpickler(64).find_class("numpy._core.multiarray", "_reconstruct")
+    array = rebuild(np.ndarray, (2, 3), np.dtype("f8"))  # 48 bytes
+    assert isinstance(array, np.ndarray) and array.shape == (2, 3) and array.dtype == np.float64
+    assert rebuild(np.ndarray, 2, "f8").shape == (2,)  # an int shape; 16 bytes: 64 spent
+    with refused("refusing a numpy array of 1 bytes: more than the pickle's own size allows"):
+        rebuild(np.ndarray, (1,), "u1")
+    rebuild = unpickler(64).find_class("numpy.core.multiarray", "_reconstruct")
+    with refused("refusing a numpy array of 72 bytes: more than the pickle's own size allows"):
+        rebuild(np.ndarray, (9,), "f8")  # 9 elements fit in 64 bytes, 9 float64 do not
+    assert rebuild(np.ndarray, (0, 5), "f8").shape == (0, 5)
+    for shape in ((-1,), (2.0,), [2], (True,), "2"):
+        with refused(rf"refusing a numpy array of shape {shape!r}".replace("(", r"\(").replace(")", r"\)")
+                     .replace("[", r"\[").replace("]", r"\]")):
+            rebuild(np.ndarray, shape, "f8")
+    with refused(r"refusing to reconstruct a numpy <class 'numpy.matrix'>"):
+        rebuild(np.matrix, (1,), "f8")
+
+
+def test_parameters_keep_requires_grad_and_refuse_attributes_or_non_tensors():
+    u = unpickler(10)
+    rebuild, plain = u.find_class("torch._utils", "_rebuild_parameter_with_state"), \
+        u.find_class("torch._utils", "_rebuild_parameter")
+    data = torch.arange(3.0)
+    for requires_grad in (True, False):
+        for state in (None, {}):
+            parameter = rebuild(data, requires_grad, collections.OrderedDict(), state)
+            assert isinstance(parameter, torch.nn.Parameter) and parameter.requires_grad is requires_grad
+            assert torch.equal(parameter.detach(), data)
+        assert plain(data, requires_grad, collections.OrderedDict()).requires_grad is requires_grad
+    with refused("a parameter with extra attributes"):
+        rebuild(data, True, collections.OrderedDict(), {"extra": 1})
+    for bad_data, bad_flag in (([1.0], True), (data, 1), (data, None)):
+        with refused("a parameter that does not wrap a tensor"):
+            plain(bad_data, bad_flag, collections.OrderedDict())
+        with refused("a parameter that does not wrap a tensor"):
+            rebuild(bad_data, bad_flag, collections.OrderedDict(), None)
+
+
+def test_dtypes_keep_their_alignment_and_are_new_objects():
+    make = unpickler(10).find_class("numpy", "dtype")
+    fields = [("a", "u1"), ("b", "f8")]
+    assert make(fields, True).itemsize == 16 and make(fields, True).isalignedstruct
+    assert make(fields).itemsize == 9 and make(fields, False).itemsize == 9
+    assert make("f4") == np.dtype("f4") and make("f4") is not np.dtype("f4")
+
+
+def test_records_name_their_persistent_tensors_as_state_dict_keys():
+    weight = torch.nn.Parameter(torch.randn(2, 2))
+    child = PickledObject("torch.nn.modules.linear.Linear", {
+        "_parameters": {"weight": weight, "bias": None},
+        "_buffers": {"running": torch.ones(2), "scratch": torch.zeros(2), "empty": None},
+        "_non_persistent_buffers_set": {"scratch"},
+        "_modules": {}})
+    root = PickledObject("Net", {"_parameters": {"scale": torch.nn.Parameter(torch.tensor(2.0))}, "_buffers": None,
+                                 "_modules": {"layer": child, "act": None, "other": "not a record"}})
+    tensors = root.named_tensors()
+    assert set(tensors) == {"scale", "layer.weight", "layer.running"}
+    assert torch.equal(tensors["layer.weight"], weight.detach()) and not tensors["layer.weight"].requires_grad
+    assert set(root.named_tensors("G.")) == {"G.scale", "G.layer.weight", "G.layer.running"}
+    assert PickledObject().named_tensors() == {} and repr(child) == "PickledObject('torch.nn.modules.linear.Linear')"
+
+
+def test_record_state_is_a_copy_of_a_dict_or_kept_whole():
+    record, state = PickledObject("X"), {"a": 1}
+    record.__setstate__(state)
+    state["a"] = 2
+    assert record.state == {"a": 1} and record.class_name == "X"
+    record.__setstate__((1, 2))
+    assert record.state == {"__state__": (1, 2)}
+    assert PickledObject("Y", None).state == {} and PickledObject("Y", collections.OrderedDict(b=3)).state == {"b": 3}
+
+
+def glob(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def text(value):
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def load(tmp_path, body, protocol=b"\x80\x04"):
+    path = tmp_path / "network.pkl"
+    path.write_bytes(protocol + b"}" + text("G") + body + b"s.")
+    return load_network_pickle(path)
+
+
+def test_persistent_ids_are_refused(tmp_path):
+    with pytest.raises(UnsafePickleError, match=r": refusing persistent id 'x': not an EG3D network pickle$"):
+        load(tmp_path, text("x") + b"Q")
+
+
+def test_newobj_ex_creates_only_records_and_containers_without_arguments(tmp_path):
+    record = load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b")}\x92")["G"]
+    assert isinstance(record, PickledObject) and record.class_name == "torch.nn.modules.conv.Conv2d"
+    easy = load(tmp_path, glob("dnnlib.util", "EasyDict") + b")}\x92")["G"]
+    assert isinstance(easy, dict) and easy == {}
+    with pytest.raises(UnsafePickleError, match=r": refusing to create set while loading$"):
+        load(tmp_path, glob("builtins", "set") + b")}\x92")
+    with pytest.raises(UnsafePickleError, match=r": refusing to create Conv2d while loading$"):
+        load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b"(K\x01t}\x92")  # with arguments
+    with pytest.raises(UnsafePickleError, match=r": refusing to create Conv2d while loading$"):
+        load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b")}" + text("k") + b"K\x01s\x92")  # keywords
