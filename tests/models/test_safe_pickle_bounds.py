@@ -4,6 +4,7 @@ file's own size), its checked stand-ins for torch's and numpy's constructors, th
 
 import collections
 import io
+import pickle
 import struct
 
 import numpy as np
@@ -144,3 +145,80 @@ def test_newobj_ex_creates_only_records_and_containers_without_arguments(tmp_pat
         load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b"(K\x01t}\x92")  # with arguments
     with pytest.raises(UnsafePickleError, match=r": refusing to create Conv2d while loading$"):
         load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b")}" + text("k") + b"K\x01s\x92")  # keywords
+
+
+def typed_storage(values):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.tensor(values, dtype=torch.float32).storage()
+
+
+def test_tensor_views_must_lie_inside_their_storage():
+    rebuild = unpickler(10).find_class("torch._utils", "_rebuild_tensor_v2")
+    hooks = collections.OrderedDict()
+    storage = typed_storage([0.0, 1, 2, 3, 4, 5])
+    view = rebuild(storage, 1, (2, 2), (2, 1), False, hooks)
+    assert torch.equal(view, torch.tensor([[1.0, 2], [3, 4]])) and not view.requires_grad
+    assert rebuild(storage, 3, (3,), (1,), True, hooks, {}).requires_grad  # reaches the last element exactly
+    assert rebuild(storage, 6, (0, 4), (100, 100), False, hooks, None).shape == (0, 4)  # empty: nothing read
+    with refused("a tensor view reaching element 7 of a storage of 6"):
+        rebuild(storage, 4, (3,), (1,), False, hooks)
+    assert rebuild(storage, 0, (2, 2), (4, 1), False, hooks)[1, 1] == 5  # rows 4 apart: elements 0-1 and 4-5
+    with refused("a tensor view reaching element 7 of a storage of 6"):
+        rebuild(storage, 0, (2, 2), (5, 1), False, hooks)
+    for offset, size, stride in ((0, [2], (1,)), (0, (2,), [1]), (0, (2,), (1, 1)), (0, (2,), (-1,)), (-1, (2,), (1,)),
+                                 (0.0, (2,), (1,)), (0, (2.0,), (1,)), (True, (2,), (1,))):
+        message = (f"a tensor with an invalid view: offset {offset!r}, size {size!r}, stride {stride!r}"
+                   .replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"))
+        with refused(message):
+            rebuild(storage, offset, size, stride, False, hooks)
+    with refused("a tensor whose storage is a UntypedStorage"):
+        rebuild(torch.arange(3.0).untyped_storage(), 0, (1,), (1,), False, hooks)
+    for requires_grad, backward_hooks in ((1, hooks), (False, None), (False, collections.OrderedDict(h=set))):
+        with refused("a tensor with backward hooks or an invalid requires_grad"):
+            rebuild(storage, 0, (2,), (1,), requires_grad, backward_hooks)
+    with refused("a tensor with invalid metadata"):
+        rebuild(storage, 0, (2,), (1,), False, hooks, [1])
+
+
+@pytest.mark.parametrize("opcode,message", [
+    (b"\x97", "refusing out-of-band buffers: not an EG3D network pickle"),  # NEXT_BUFFER
+    (b"\x98", "refusing out-of-band buffers: not an EG3D network pickle"),  # READONLY_BUFFER
+    (b"\x82\x01", "refusing copyreg extension codes: not an EG3D network pickle"),  # EXT1
+    (b"\x83\x01\x00", "refusing copyreg extension codes: not an EG3D network pickle"),  # EXT2
+    (b"\x84\x01\x00\x00\x00", "refusing copyreg extension codes: not an EG3D network pickle"),  # EXT4
+    (b"(" + b"i" + b"collections\nOrderedDict\n",
+     r"refusing protocol-0 instance creation \(OBJ/INST\): not an EG3D network pickle"),  # INST
+    (b"(" + b"ccollections\nOrderedDict\n" + b"o",
+     r"refusing protocol-0 instance creation \(OBJ/INST\): not an EG3D network pickle"),  # OBJ
+])
+def test_opcodes_outside_eg3d_pickles_are_refused(tmp_path, opcode, message):
+    with pytest.raises(UnsafePickleError, match=": " + message + "$"):
+        load(tmp_path, opcode, protocol=b"\x80\x05")
+
+
+def test_reads_stay_inside_the_file(tmp_path):
+    # Protocol-0 strings are read line by line, each line bounded by what is left of the file.
+    path = tmp_path / "lines.pkl"
+    path.write_bytes(b"(dS'G'\nS'value'\ns.")
+    assert load_network_pickle(path) == {"G": "value"}
+    path.write_bytes(b"(dS'G'\nS'val")  # the last line runs past the end
+    with pytest.raises(pickle.UnpicklingError):
+        load_network_pickle(path)
+    # A frame or byte string longer than what is left is refused before it is read.
+    path.write_bytes(b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"}.")
+    with pytest.raises(pickle.UnpicklingError, match="truncated or damaged"):
+        load_network_pickle(path)
+
+
+def test_plain_config_names_where_a_value_does_not_fit_json():
+    from dreamportrait.models.pretrained import plain_config
+
+    assert plain_config({"a": [1, (2.5, "x")], 3: {"b": None, "c": np.float32(0.5), "d": True}}) == \
+        {"a": [1, [2.5, "x"]], "3": {"b": None, "c": 0.5, "d": True}}
+    with pytest.raises(ValueError, match=r"^init_kwargs\.a\[1\]\.b: cannot express a bytes in a JSON config$"):
+        plain_config({"a": [0, {"b": b"x"}]})
+    with pytest.raises(ValueError, match=r"^G init_kwargs: cannot express a object in a JSON config$"):
+        plain_config(object(), "G init_kwargs")
