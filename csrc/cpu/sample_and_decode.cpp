@@ -13,9 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/softplus.h>
-#include <ATen/ops/softplus_backward.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -25,6 +23,7 @@
 #include <vector>
 
 #include "dreamportrait/cpu_dispatch.h"
+#include "dreamportrait/decoder_math.h"
 #include "dreamportrait/triplane_host.h"
 #include "dreamportrait/triplane_math.h"
 
@@ -35,10 +34,9 @@ using triplane::BilinearTaps;
 using triplane::kPlanes;
 using triplane::Problem;
 
-constexpr int64_t kTile = 256;
-constexpr double kSigmoidScale = 1.0 + 2 * 0.001;
-constexpr double kSigmoidShift = 0.001;
-constexpr double kSoftplusThreshold = 20.0;
+constexpr int64_t kTile = 512;
+using decoder::kSigmoidScale;
+using decoder::kSigmoidShift;
 
 struct Decoder {
   int64_t K, O;
@@ -145,17 +143,64 @@ DP_CPU_CLONES void point_grads(const scalar_t* __restrict__ planes_b, const scal
   }
 }
 
-// The decoder on a tile's features: pre-activations A (T, K), hidden H (T, K), outputs X (T, O).
-struct Activations {
-  at::Tensor A, H, X;
+// Elementwise loops of the decoder, vectorised per instruction set.
+template <typename scalar_t>
+DP_CPU_CLONES void softplus_into(const scalar_t* __restrict__ a, scalar_t* __restrict__ h, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus(a[i]);
+}
+
+// grad_hidden *= softplus'(a), in place.
+template <typename scalar_t>
+DP_CPU_CLONES void softplus_grad_inplace(const scalar_t* __restrict__ a, scalar_t* __restrict__ g, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) g[i] *= decoder::softplus_grad(a[i]);
+}
+
+// Output rows from raw decoder rows x (rows, O): column 0 as is, the others through the widened sigmoid.
+template <typename scalar_t>
+DP_CPU_CLONES void outputs_from_raw(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows,
+                                    int64_t O) {
+  const scalar_t scale = static_cast<scalar_t>(kSigmoidScale), shift = static_cast<scalar_t>(kSigmoidShift);
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r * O] = x[r * O];
+    for (int64_t j = 1; j < O; ++j) out[r * O + j] = decoder::sigmoid(x[r * O + j]) * scale - shift;
+  }
+}
+
+// Gradient of the raw decoder rows from the output gradient: 1 for column 0, scale * s (1 - s) else.
+template <typename scalar_t>
+DP_CPU_CLONES void raw_grads(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad,
+                             scalar_t* __restrict__ gx, int64_t rows, int64_t O) {
+  const scalar_t scale = static_cast<scalar_t>(kSigmoidScale);
+  for (int64_t r = 0; r < rows; ++r) {
+    gx[r * O] = grad[r * O];
+    for (int64_t j = 1; j < O; ++j) {
+      const scalar_t s = decoder::sigmoid(x[r * O + j]);
+      gx[r * O + j] = grad[r * O + j] * scale * s * (scalar_t(1) - s);
+    }
+  }
+}
+
+// A worker's tile buffers: features F (T, C), pre-activations A and hidden H (T, K), raw outputs X
+// and their gradient GX (T, O).
+struct Scratch {
+  at::Tensor F, A, H, X, GX;
+  Scratch(const Problem& p, const Decoder& d, const at::TensorOptions& options)
+      : F(at::empty({kTile, p.C}, options)), A(at::empty({kTile, d.K}, options)), H(at::empty({kTile, d.K}, options)),
+        X(at::empty({kTile, d.O}, options)), GX(at::empty({kTile, d.O}, options)) {}
 };
 
-Activations decode_tile(const at::Tensor& F, const at::Tensor& weight1, const at::Tensor& bias1,
-                        const at::Tensor& weight2, const at::Tensor& bias2) {
-  at::Tensor A = at::addmm(bias1, F, weight1.t());
-  at::Tensor H = at::softplus(A, 1, kSoftplusThreshold);
-  at::Tensor X = at::addmm(bias2, H, weight2.t());
-  return {A, H, X};
+// Samples and decodes points [begin, end): fills F, A, H, X of `s` (their first end - begin rows).
+template <typename scalar_t>
+void decode_tile(Scratch& s, const scalar_t* planes_b, const scalar_t* points, const Problem& p, const Decoder& d,
+                 int64_t b, int64_t begin, int64_t end, const at::Tensor& w1, const at::Tensor& b1,
+                 const at::Tensor& w2, const at::Tensor& b2, at::Tensor& F, at::Tensor& A, at::Tensor& H,
+                 at::Tensor& X) {
+  const int64_t count = end - begin;
+  F = s.F.narrow(0, 0, count), A = s.A.narrow(0, 0, count), H = s.H.narrow(0, 0, count), X = s.X.narrow(0, 0, count);
+  sample_mean(planes_b, points, F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
+  at::addmm_out(A, b1, F, w1.t());
+  softplus_into(A.const_data_ptr<scalar_t>(), H.mutable_data_ptr<scalar_t>(), count * d.K);
+  at::addmm_out(X, b2, H, w2.t());
 }
 
 // Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers.
@@ -188,28 +233,21 @@ at::Tensor sample_and_decode_cpu(const at::Tensor& planes, const at::Tensor& poi
   if (p.B == 0 || p.N == 0) return out;
   const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
-  const at::Tensor w1 = weight1.contiguous(), b1 = bias1.contiguous(), w2 = weight2.contiguous(),
-                   b2 = bias2.contiguous();
+  // Detached: the matmuls below run on the worker threads, where no autograd guard applies.
+  const at::Tensor w1 = weight1.detach().contiguous(), b1 = bias1.detach().contiguous(),
+                   w2 = weight2.detach().contiguous(), b2 = bias2.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_cpu", [&] {
     const int64_t workers = worker_count(p.N);
-    std::vector<at::Tensor> scratch(workers);
-    for (auto& t : scratch) t = at::empty({kTile, p.C}, planes.options());
+    std::vector<Scratch> scratch;
+    for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(p, d, planes.options());
     for (int64_t b = 0; b < p.B; ++b) {
       const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
       for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
-        at::Tensor F = scratch[worker].narrow(0, 0, end - begin);
-        sample_mean(planes_b, pts.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
-        const Activations act = decode_tile(F, w1, b1, w2, b2);
-        at::Tensor rgb = at::sigmoid(act.X.narrow(1, 1, d.O - 1));
-        const scalar_t* x = act.X.const_data_ptr<scalar_t>();
-        const scalar_t* s = rgb.const_data_ptr<scalar_t>();
-        scalar_t* o = out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * d.O;
-        for (int64_t r = 0; r < end - begin; ++r) {
-          o[r * d.O] = x[r * d.O];
-          for (int64_t j = 1; j < d.O; ++j)
-            o[r * d.O + j] = s[r * (d.O - 1) + j - 1] * static_cast<scalar_t>(kSigmoidScale) -
-                             static_cast<scalar_t>(kSigmoidShift);
-        }
+        at::Tensor F, A, H, X;
+        decode_tile(scratch[worker], planes_b, pts.const_data_ptr<scalar_t>(), p, d, b, begin, end, w1, b1, w2, b2,
+                    F, A, H, X);
+        outputs_from_raw(X.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * d.O,
+                         end - begin, d.O);
       });
     }
   });
@@ -234,8 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
-  const at::Tensor w1 = weight1.contiguous(), b1 = bias1.contiguous(), w2 = weight2.contiguous(),
-                   b2 = bias2.contiguous();
+  // Detached: the matmuls below run on the worker threads, where no autograd guard applies.
+  const at::Tensor w1 = weight1.detach().contiguous(), b1 = bias1.detach().contiguous(),
+                   w2 = weight2.detach().contiguous(), b2 = bias2.detach().contiguous();
   at::Tensor grad_features = needs_planes ? at::empty({p.B, p.N, p.C}, planes.options()) : at::Tensor();
   at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
   const int64_t workers = worker_count(p.N);
@@ -246,27 +285,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
          at::zeros({d.O, d.K}, planes.options()), at::zeros({d.O}, planes.options())};
   if (p.B > 0 && p.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
-      std::vector<at::Tensor> scratch(workers);
-      for (auto& t : scratch) t = at::empty({kTile, p.C}, planes.options());
+      std::vector<Scratch> scratch;
+      std::vector<at::Tensor> feature_grads(workers);
+      for (int64_t w = 0; w < workers; ++w) {
+        scratch.emplace_back(p, d, planes.options());
+        feature_grads[w] = at::empty({kTile, p.C}, planes.options());
+      }
       for (int64_t b = 0; b < p.B; ++b) {
         const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
         for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
           const int64_t count = end - begin;
-          at::Tensor F = scratch[worker].narrow(0, 0, count);
-          sample_mean(planes_b, pts.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
-          const Activations act = decode_tile(F, w1, b1, w2, b2);
-          // d output / d X: 1 for the density, scale * s (1 - s) for the sigmoid outputs.
-          at::Tensor GX = grad[b].narrow(0, begin, count).clone();
-          at::Tensor s = at::sigmoid(act.X.narrow(1, 1, d.O - 1));
-          GX.narrow(1, 1, d.O - 1).mul_(s).mul_(s.neg().add_(1)).mul_(kSigmoidScale);
+          Scratch& s = scratch[worker];
+          at::Tensor F, A, H, X;
+          decode_tile(s, planes_b, pts.const_data_ptr<scalar_t>(), p, d, b, begin, end, w1, b1, w2, b2, F, A, H, X);
+          at::Tensor GX = s.GX.narrow(0, 0, count);
+          raw_grads(X.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * d.O,
+                    GX.mutable_data_ptr<scalar_t>(), count, d.O);
           auto& acc = sums[worker];
-          acc[2].addmm_(GX.t(), act.H);
+          acc[2].addmm_(GX.t(), H);
           acc[3].add_(GX.sum(0));
-          at::Tensor GA = at::softplus_backward(GX.mm(w2), act.A, 1, kSoftplusThreshold);
+          at::Tensor GA = H;  // H is no longer needed: its buffer takes the hidden gradient
+          at::mm_out(GA, GX, w2);
+          softplus_grad_inplace(A.const_data_ptr<scalar_t>(), GA.mutable_data_ptr<scalar_t>(), count * d.K);
           acc[0].addmm_(GA.t(), F);
           acc[1].add_(GA.sum(0));
-          at::Tensor GF = GA.mm(w1);  // (count, C)
-          if (needs_planes) grad_features[b].narrow(0, begin, count).copy_(GF);
+          at::Tensor GF = needs_planes ? grad_features[b].narrow(0, begin, count)
+                                       : feature_grads[worker].narrow(0, 0, count);
+          at::mm_out(GF, GA, w1);  // (count, C)
           if (needs_points)
             point_grads(planes_b, pts.const_data_ptr<scalar_t>(), GF.const_data_ptr<scalar_t>(),
                         grad_points.mutable_data_ptr<scalar_t>(), p, b, begin, end);

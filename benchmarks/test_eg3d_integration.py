@@ -1,0 +1,110 @@
+"""EG3D's own renderer with and without ``dreamportrait.integrations.eg3d.install()``, and the fused
+sample-and-decode op against the unfused composition.
+
+EG3D's code cannot be copied into the project; its renderer is re-stated (from EG3D's published
+math) in ``tests/eg3d_restated`` and imported under EG3D's module paths, exactly as an EG3D code
+base holds it. Both sides render the same planes with the same decoder and the same seed.
+
+    python -m pytest benchmarks/test_eg3d_integration.py --benchmark-only
+
+Shapes (EG3D's FFHQ configuration: 3 x 32 x 256² planes, 48 stratified + 48 importance samples per
+ray, 64² rays): **inference** one image; **training** a batch of 4 images (EG3D's per-GPU batch).
+fwd+bwd computes the gradients of the rendered colours, depths and opacities with respect to the
+planes and the decoder's parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamportrait.integrations import eg3d as integration
+from dreamportrait.models import camera_labels, fov_to_intrinsics, orbit_poses
+from dreamportrait.models.cameras import FRONTAL
+from dreamportrait.ops import EG3D_AXES, sample_and_decode, triplane_sample
+from dreamportrait.ops.sample_and_decode import decode
+
+SHAPES = {"inference": 1, "training": 4}
+ROUNDS = {"inference": 3, "training": 2}
+OPTIONS = dict(ray_start=2.25, ray_end=3.3, depth_resolution=48, depth_resolution_importance=48, box_warp=1.0,
+               clamp_mode="softplus", disparity_space_sampling=False, white_back=False, density_noise=0)
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module")
+def eg3d():
+    from eg3d_restated import eg3d_code
+
+    with eg3d_code() as modules:
+        yield modules
+    integration.uninstall()
+
+
+def render_call(eg3d, batch: int, backward: bool):
+    torch.manual_seed(0)
+    decoder = eg3d.triplane.OSGDecoder(32, {"decoder_lr_mul": 1, "decoder_output_dim": 32})
+    planes = torch.randn(batch, 3, 32, 256, 256).requires_grad_(backward)
+    yaw = torch.linspace(-0.4, 0.4, batch) + FRONTAL
+    c = camera_labels(orbit_poses(yaw, torch.full((batch,), FRONTAL - 0.1)), fov_to_intrinsics(18.837))
+    origins, directions = eg3d.ray_sampler.RaySampler()(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3),
+                                                        RESOLUTION)
+    renderer = eg3d.renderer.ImportanceRenderer()
+    inputs = [planes, *decoder.parameters()]
+
+    def call():
+        torch.manual_seed(1)
+        with torch.set_grad_enabled(backward):
+            rgb, depth, opacity = renderer(planes, decoder, origins, directions, OPTIONS)
+            if backward:
+                torch.autograd.grad(rgb.sum() + depth.sum() + opacity.sum(), inputs)
+
+    return call
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("implementation", ["baseline", "installed"])
+def test_eg3d_renderer(benchmark, record, eg3d, implementation, shape, direction):
+    call = render_call(eg3d, SHAPES[shape], direction == "fwd+bwd")
+    integration.uninstall()
+    if implementation == "installed":
+        integration.install()
+    try:
+        call()  # warm-up (loads the extension)
+        benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
+    finally:
+        integration.uninstall()
+    record(f"eg3d-renderer/{shape}/{direction}", implementation, benchmark)
+
+
+def decode_inputs(batch: int, backward: bool):
+    """The points of EG3D's coarse pass at the given batch (48 samples on each of 64² rays)."""
+    torch.manual_seed(0)
+    planes = torch.randn(batch, 3, 32, 256, 256)
+    points = (torch.rand(batch, RESOLUTION * RESOLUTION * 48, 3) - 0.5) * 0.9
+    weights = [torch.randn(64, 32) / 32 ** 0.5, torch.zeros(64), torch.randn(33, 64) / 8, torch.zeros(33)]
+    return [t.requires_grad_(backward) for t in (planes, points, *weights)]
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("implementation", ["baseline", "cpu"])
+def test_sample_and_decode(benchmark, record, implementation, shape, direction):
+    backward = direction == "fwd+bwd"
+    planes, points, w1, b1, w2, b2 = inputs = decode_inputs(SHAPES[shape], backward)
+
+    def run():
+        if implementation == "cpu":
+            return sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend="cpu")
+        features = triplane_sample(planes, points, 1.0, EG3D_AXES, "mean", backend="cpu")  # unfused
+        return decode(features, w1, b1, w2, b2)
+
+    def call():
+        with torch.set_grad_enabled(backward):
+            out = run()
+            if backward:
+                torch.autograd.grad(out.sum(), inputs)
+
+    call()
+    benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
+    record(f"sample_and_decode/{shape}/{direction}", implementation, benchmark)
