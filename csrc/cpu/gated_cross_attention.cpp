@@ -152,17 +152,21 @@ inline void block_rows(T* base, int64_t stride, int count, T* rows[kBlockRows]) 
 }
 
 // Softmax of one row's scores in place over its unmasked keys (masked keys get 0); returns the
-// log-sum-exp (-inf when every key is masked, with all probabilities 0).
+// log-sum-exp (-inf when every key is masked, with all probabilities 0). Whether the row is empty
+// comes from the mask alone: a NaN score propagates to every probability and the log-sum-exp.
 template <typename T>
 inline T softmax_row(T* scores, const bool* attend, T scale, int64_t Lk) {
   T max = -std::numeric_limits<T>::infinity();
+  bool any = false;
   for (int64_t j = 0; j < Lk; ++j) {
     scores[j] *= scale;
-    if (!attend || attend[j]) max = std::max(max, scores[j]);
+    if (attend && !attend[j]) continue;
+    any = true;
+    if (scores[j] > max || std::isnan(scores[j])) max = scores[j];
   }
-  if (max == -std::numeric_limits<T>::infinity()) {
+  if (!any) {
     std::fill(scores, scores + Lk, T(0));
-    return max;
+    return -std::numeric_limits<T>::infinity();
   }
   exp_shifted(scores, max, Lk);
   T sum = 0;
@@ -316,8 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_cross_attention
     const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse,
     double scale) {
   const Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && lse.dim() == 3 && lse.size(2) == p.Lq,
-              "gated_cross_attention_backward: grad_out must have q's shape and lse (B, H, Lq)");
+  attention::check_backward(p, q, grad_out, lse, q.scalar_type());
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   at::Tensor gate_partial = at::zeros({p.B, p.H}, q.options());

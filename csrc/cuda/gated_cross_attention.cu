@@ -186,9 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_cross_attention
   const Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
   check_head_dim(p);
   const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && lse.dim() == 3 && lse.size(2) == p.Lq &&
-                  lse.scalar_type() == acc_options.dtype().toScalarType(),
-              "gated_cross_attention_backward: grad_out must have q's shape and lse (B, H, Lq) in the accumulation type");
+  attention::check_backward(p, q, grad_out, lse, acc_options.dtype().toScalarType());
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), acc_options), dv = at::zeros(v.sizes(), acc_options);

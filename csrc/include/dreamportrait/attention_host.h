@@ -36,5 +36,20 @@ inline Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at:
   return {B, H, Lq, k.size(2), D, scale, mask.has_value()};
 }
 
+// The backward's own arguments: the output gradient has q's shape, dtype and device; the
+// log-sum-exp is (B, H, Lq) of `lse_type` on q's device (each kernel reads B*H*Lq values of it).
+inline void check_backward(const Problem& p, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& lse,
+                           at::ScalarType lse_type) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                  grad_out.device() == q.device(),
+              "gated_cross_attention_backward: grad_out must be a ", q.scalar_type(), " tensor of q's shape ",
+              q.sizes(), " on ", q.device(), ", got ", grad_out.scalar_type(), " ", grad_out.sizes(), " on ",
+              grad_out.device());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Lq &&
+                  lse.scalar_type() == lse_type && lse.device() == q.device(),
+              "gated_cross_attention_backward: lse must be a ", lse_type, " tensor of shape (", p.B, ", ", p.H,
+              ", ", p.Lq, ") on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+}
+
 }  // namespace attention
 }  // namespace dreamportrait

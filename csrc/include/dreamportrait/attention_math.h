@@ -22,19 +22,22 @@ template <typename T>
 struct OnlineSoftmax {
   T max = -std::numeric_limits<T>::infinity();
   T sum = 0;
+  bool any = false;  // whether a key was added: a row is empty by its mask, never by its scores
 
   // Adds score s. Returns the factor the accumulated p-weighted sums must be multiplied by
   // (they were relative to the old maximum) and sets `p` to s's weight relative to the new one.
+  // A NaN score becomes the maximum, so that NaN reaches the sum and every output of the row.
   DP_INLINE T add(T s, T& p) {
-    const T new_max = s > max ? s : max;
-    const T rescale = std::exp(max - new_max);  // exp(-inf) = 0 for the first key
+    const T new_max = (s > max || s != s) ? s : max;
+    const T rescale = any ? std::exp(max - new_max) : T(0);
     p = std::exp(s - new_max);
     sum = sum * rescale + p;
     max = new_max;
+    any = true;
     return rescale;
   }
 
-  DP_INLINE bool empty() const { return !(sum > T(0)); }
+  DP_INLINE bool empty() const { return !any; }
 
   DP_INLINE T log_sum_exp() const {
     return empty() ? -std::numeric_limits<T>::infinity() : max + std::log(sum);

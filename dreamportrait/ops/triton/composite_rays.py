@@ -13,8 +13,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .arguments import check_composite, check_composite_gradients, require
 from .common import accumulation_dtype, accumulation_type, channel_block
 from .launch import launch
+
+OP = "composite_rays_triton"
 
 BLOCK_R = 32
 
@@ -119,6 +122,8 @@ def _backward_kernel(
 
 
 def forward(densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor, transmittance_threshold: float):
+    check_composite(OP, densities, colors, depths, deltas)
+    require(OP, 0 <= transmittance_threshold < 1, f"transmittance_threshold must be in [0, 1), got {transmittance_threshold}")
     rays, samples = densities.shape
     channels = colors.shape[2]
     rgb = densities.new_empty((rays, channels), dtype=accumulation_dtype(densities.dtype))
@@ -135,6 +140,8 @@ def forward(densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor, t
 
 def backward(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_weights: Tensor,
              densities: Tensor, colors: Tensor, depths: Tensor, deltas: Tensor):
+    check_composite(OP + "_backward", densities, colors, depths, deltas)
+    check_composite_gradients(OP + "_backward", densities, colors, grad_rgb, grad_depth, grad_opacity, grad_weights)
     rays, samples = densities.shape
     channels = colors.shape[2]
     accumulation = accumulation_dtype(densities.dtype)

@@ -27,8 +27,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .arguments import check_attention, check_attention_gradients
 from .common import accumulation_dtype, accumulation_type
 from .launch import launch
+
+OP = "gated_cross_attention_triton"
 
 MAX_D = 256
 
@@ -212,6 +215,7 @@ def _mask_argument(q: Tensor, key_padding_mask: Tensor | None) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None, scale: float):
+    check_attention(OP, q, k, v, gate, key_padding_mask, scale)
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
     out = q.new_empty(q.shape)
@@ -228,6 +232,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Ten
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None,
              lse: Tensor, scale: float):
+    check_attention(OP + "_backward", q, k, v, gate, key_padding_mask, scale)
+    check_attention_gradients(OP + "_backward", q, grad_out, lse, accumulation_dtype(q.dtype))
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
     accumulation = accumulation_dtype(q.dtype)

@@ -14,8 +14,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .arguments import check_triplane
 from .common import accumulation_dtype, accumulation_type, channel_block
 from .launch import launch
+
+OP = "triplane_sample_triton"
 
 BLOCK_N = 64
 
@@ -100,7 +103,7 @@ def _point_channel_block(points_ptr, N, C, ACC: tl.constexpr, BLOCK_N: tl.conste
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask = n < N
-    rows = b * N + n
+    rows = b.to(tl.int64) * N + n  # 64-bit: B * N * 3 * C may pass 2^31
     px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
     return b, c, n_mask, c < C, rows, px, py, pz
 
@@ -168,7 +171,7 @@ def _backward_points_kernel(
     b = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    rows = b * N + n
+    rows = b.to(tl.int64) * N + n
     px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
     gx = tl.zeros((BLOCK_N,), dtype=ACC)
     gy = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -228,6 +231,7 @@ def _channels_innermost(planes: Tensor) -> Tensor:
 
 
 def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], reduce: str) -> Tensor:
+    check_triplane(OP, planes, points, box_warp, axes, reduce)
     batch, _, channels, height, width = planes.shape
     count = points.shape[1]
     shape = (batch, count, 3, channels) if reduce == "none" else (batch, count, channels)
@@ -246,6 +250,7 @@ def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], re
 def backward_planes(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int],
                     reduce: str) -> Tensor:
     """Plane gradient, contiguous ``(B, 3, C, H, W)`` (as in every backend)."""
+    check_triplane(OP + "_backward_planes", planes, points, box_warp, axes, reduce, grad_output)
     batch, _, channels, height, width = planes.shape
     count = points.shape[1]
     grad_planes = planes.new_zeros((batch, 3, height, width, channels), dtype=accumulation_dtype(planes.dtype))
@@ -261,6 +266,7 @@ def backward_planes(grad_output: Tensor, planes: Tensor, points: Tensor, box_war
 
 def backward_points(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int],
                     reduce: str) -> Tensor:
+    check_triplane(OP + "_backward_points", planes, points, box_warp, axes, reduce, grad_output)
     batch, _, channels, height, width = planes.shape
     count = points.shape[1]
     grad_points = torch.zeros_like(points, memory_format=torch.contiguous_format)
