@@ -62,7 +62,27 @@ def _info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, usable, what in rows:
         print(f"  {name:<10} {'usable' if usable else 'unusable':<9} {what}")
+    _print_vocabulary()
     return 0
+
+
+def _print_vocabulary() -> None:
+    """The words the packaged generator's text encoder reads (a closed vocabulary: others are
+    spelled letter by letter, and generate warns about them)."""
+    import json
+    import textwrap
+
+    from dreamportrait.models.text_encoder import vocabulary_words
+    from dreamportrait.world.assets import asset_dir
+
+    try:
+        vocabulary = json.loads((asset_dir("generator") / "tokenizer" / "vocab.json").read_text())
+    except (OSError, ValueError) as error:
+        print(f"vocabulary    unavailable: {error}")
+        return
+    print("vocabulary    the packaged generator's prompts read these words (and one-letter words):")
+    print(textwrap.fill(", ".join(vocabulary_words(vocabulary)), width=100, initial_indent="  ",
+                        subsequent_indent="  "))
 
 
 def _import_eg3d(args: argparse.Namespace) -> int:
@@ -322,6 +342,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a prompt must have words (an empty one would render an unconditional head)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -353,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", default=None,
                      help="a model directory (config.json) or a training run directory (its newest checkpoint); "
                           "default: the packaged generator trained in the synthetic world")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    gen.add_argument("--prompt", action="append", required=True, type=_prompt, help="a prompt; repeat for several")
     gen.add_argument("--seeds", default="0-3", help="seeds, e.g. 0-3 or 0,5,9 (default 0-3)")
     gen.add_argument("--views", type=int, default=8, help="views per sample in the grid (default 8)")
     gen.add_argument("--video", action="store_true", help="also write a turntable MP4 per sample")
@@ -371,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline", help="per-prompt SDS baseline: optimise one tri-plane scene for one prompt",
         description="DreamFusion-style optimisation of one scene (tri-planes + decoder) with the same renderer and "
                     "guidance; writes scene.safetensors, views and timing.json to OUT.")
-    base.add_argument("--prompt", required=True)
+    base.add_argument("--prompt", required=True, type=_prompt)
     base.add_argument("--guidance", required=True, help="diffusers model directory or hub id")
     base.add_argument("--steps", type=int, default=None,
                       help=f"optimisation steps (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
@@ -440,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"baseline steps per prompt (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
-    ev.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    ev.add_argument("--prompt", action="append", type=_prompt, help="a prompt; repeat for several")
     ev.add_argument("--held-out", type=int, default=0,
                     help="add captions of N held-out combinations spread over the list (74 = all)")
     ev.add_argument("--seeds", default="0-3")

@@ -13,6 +13,8 @@ Layout of the output directory, per prompt (``<slug>/``)::
 from __future__ import annotations
 
 import math
+import numbers
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,22 +38,34 @@ class GenerationResult:
     seconds_per_sample: list[float] = field(default_factory=list)
 
 
+SEED_LIMIT = 2**32
+"""Seeds are integers in [0, SEED_LIMIT) (numpy's and EG3D's range)."""
+MAX_SEEDS = 10_000
+"""The most seeds one ``--seeds`` may list: each is a forward pass and a folder of files."""
+_SEED_PART = re.compile(r"(\d{1,10})(?:-(\d{1,10}))?", re.ASCII)
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``; a ValueError names ``--seeds`` and what it takes."""
     seeds = []
     for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if high < low:
-                    raise ValueError
-                seeds += range(low, high + 1)
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(f"--seeds must look like 0-3,7 (non-negative integers and ranges), got {text!r}") from None
+        match = _SEED_PART.fullmatch(part.strip())
+        low, high = (int(match[1]), int(match[2] or match[1])) if match else (1, 0)
+        if not low <= high < SEED_LIMIT or len(seeds) + high - low + 1 > MAX_SEEDS:
+            raise ValueError(f"--seeds must look like 0-3,7: integers from 0 to {SEED_LIMIT - 1} and ranges of "
+                             f"them, at most {MAX_SEEDS} seeds in all; got {text[:100]!r}")
+        seeds += range(low, high + 1)
     return seeds
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """``seeds`` as a list, if it is a non-empty sequence of integers in [0, SEED_LIMIT)."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds or not all(
+            isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT
+            for seed in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers from 0 to {SEED_LIMIT - 1}, "
+                         f"got {str(seeds)[:100]}")
+    return [int(seed) for seed in seeds]
 
 
 @torch.no_grad()
@@ -63,10 +77,10 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     Cameras orbit the generator's own average camera (:func:`orbit`)."""
     if not isinstance(generator, TextConditionedGenerator):
         raise ValueError("generate needs a text-conditioned generator (a DreamPortrait checkpoint)")
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    if not seeds:
-        raise ValueError("seeds is empty")
+    if isinstance(prompts, str) or not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of prompts with words (an empty one would render "
+                         f"an unconditional head), got {str(prompts)[:100]}")
+    seeds = check_seeds(seeds)
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     device = next(generator.parameters()).device

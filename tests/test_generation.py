@@ -14,6 +14,7 @@ from dreamportrait.generation import parse_seeds, sample
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, density_grid
 from dreamportrait.models import load_pretrained, save_pretrained
+from dreamportrait.world.assets import asset_dir
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,52 @@ def test_generate_errors_are_clear(checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     assert "--seeds must look like" in capsys.readouterr().err
     assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+@pytest.mark.parametrize("text", ["0-1000000000000", "18446744073709551616", "4294967296", "0-4294967296", "-1",
+                                  "1--2", "", "0,,1", "a", "1.5", "0x10", "3-1", "0-10000", "0-5000,5001-10000",
+                                  "1" * 5000, "\u0663"], ids=lambda text: text[:20] or "empty")
+def test_seeds_out_of_range_or_too_many_are_refused_naming_the_option(text):
+    with pytest.raises(ValueError, match="--seeds must look like 0-3,7: integers from 0 to 4294967295 and ranges "
+                                         "of them, at most 10000 seeds in all"):
+        parse_seeds(text)
+
+
+def test_seeds_take_the_whole_range(checkpoint, tmp_path, capsys):
+    assert parse_seeds(" 0-2, 7 ") == [0, 1, 2, 7] and parse_seeds("4294967295") == [4294967295]
+    assert parse_seeds("0-9998,4294967295") == [*range(9999), 4294967295]
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a", "--seeds", "18446744073709551616",
+                 "--out", str(tmp_path)]) == 2
+    assert "--seeds must look like" in capsys.readouterr().err
+    generator = load_pretrained(checkpoint)[0]
+    for seeds in ([], [-1], [2**32], [True], [0.0], "0", None):
+        with pytest.raises(ValueError, match="seeds must be a non-empty list of integers from 0 to 4294967295"):
+            generation.generate(generator, ["a bald man"], seeds, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "\t\n"])
+def test_an_empty_prompt_is_an_error(checkpoint, tmp_path, capsys, prompt):
+    generator = load_pretrained(checkpoint)[0]
+    for prompts in ([prompt], ["a bald man", prompt], prompt, []):
+        with pytest.raises(ValueError, match="prompts must be a non-empty list of prompts with words"):
+            generation.generate(generator, prompts, [0], tmp_path, progress=False)
+    for command in (["generate", "--out", str(tmp_path), "--prompt", "a man"], ["evaluate", "--method", "world",
+                    "--out", str(tmp_path)], ["baseline", "--guidance", "x", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit:
+            main([*command, "--prompt", prompt])
+        assert exit.value.code == 2 and "argument --prompt: a prompt must have words" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_info_lists_the_packaged_generators_vocabulary(capsys):
+    assert main(["info"]) == 0
+    listed = capsys.readouterr().out.split("the packaged generator's prompts read these words")[1]
+    words = [word.strip() for word in listed.split(":", 1)[1].replace("\n", " ").split(",")]
+    assert len(words) > 20 and {"bald", "glasses", "portrait", "red", "with"} <= set(words) and "man" not in words
+    generator_words = TextEncoder(asset_dir("generator")).tokenizer
+    for word in words:  # each one token of the packaged generator's tokenizer
+        assert len(generator_words(word)["input_ids"]) == 3, word
 
 
 def test_per_prompt_baseline_optimises_one_scene(tiny_pixel_sd, tmp_path):

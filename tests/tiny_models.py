@@ -8,7 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from dreamportrait.world.tokenizer import write_clip_tokenizer as write_words_tokenizer
 
 WORDS = ["a", "portrait", "of", "bald", "man", "woman", "with", "red", "blond", "black", "hair", "glasses", "hat",
-         "beard", "and", "smiling"]
+         "beard", "and", "smiling", "front", "side", "back", "view"]  # the last four: guidance's view suffixes
 
 
 def write_clip_tokenizer(directory: Path):

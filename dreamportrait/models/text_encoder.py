@@ -86,7 +86,7 @@ def context_length(tokenizer, model) -> int:
     return min(tokenizer.model_max_length, model.config.max_position_embeddings)
 
 
-def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
+def encode_text(tokenizer, model, prompts: list[str], warn: bool = True) -> TextFeatures:
     """``prompts`` encoded by a CLIP ``tokenizer`` and text ``model`` (gradients as the caller's
     context allows), each padded to :func:`context_length` tokens L, as the model's config says
     (:func:`text_encoding_of`):
@@ -98,7 +98,9 @@ def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
       ``pooled``), then zeros. A causal text model's state of "hat" in "red hair and a blue hat"
       has seen "red"; encoded alone, "a blue hat" reads the same in every caption.
 
-    Over-long prompts are truncated to L (keeping the end token) with a warning.
+    Over-long prompts are truncated to L (keeping the end token), and words the tokenizer can only
+    spell letter by letter are read as such: with ``warn``, both are named in a warning
+    (:func:`warn_about_unread_words`).
     """
     length = context_length(tokenizer, model)
     device = next(model.parameters()).device
@@ -106,11 +108,8 @@ def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
     sequences = [split_phrases(prompt) or [""] for prompt in prompts] if by_phrase else [[p] for p in prompts]
     unique = list(dict.fromkeys(text for texts in sequences for text in texts))
     ids = tokenizer(unique)["input_ids"]  # each: start, words, end (tokenised once, untruncated)
-    untruncated = {text: len(row) - 2 for text, row in zip(unique, ids)}
-    too_long = [p for p, texts in zip(prompts, sequences) if 2 + sum(untruncated[t] for t in texts) > length]
-    if too_long:
-        warnings.warn(f"{len(too_long)} prompt(s) longer than the text model's {length} tokens "
-                      f"were truncated, e.g. {too_long[0][:80]!r}", stacklevel=3)
+    if warn:
+        warn_about_unread_words(tokenizer, model, prompts, stacklevel=3)
     width = length if not by_phrase else min(max(map(len, ids)), length)
     ids = [row if len(row) <= width else row[:width - 1] + row[-1:] for row in ids]  # keep the end token
     words = {text: len(row) - 2 for text, row in zip(unique, ids)}  # word tokens kept per sequence
@@ -136,6 +135,50 @@ def encode_text(tokenizer, model, prompts: list[str]) -> TextFeatures:
         lengths.append(len(real) + 1)
     mask = torch.arange(length) < torch.tensor(lengths)[:, None]
     return TextFeatures(torch.stack(tokens), mask.to(device), torch.stack(pooled))
+
+
+def vocabulary_words(vocabulary: dict[str, int]) -> list[str]:
+    """The words of two or more characters a CLIP tokenizer's vocabulary (``get_vocab()``, or its
+    ``vocab.json``) holds as single tokens: what a model trained on a closed vocabulary can read."""
+    return sorted(token[:-4] for token in vocabulary if token.endswith("</w>") and len(token) > 5)
+
+
+def spelled_out_words(tokenizer, ids: list[int]) -> list[str]:
+    """The words of a tokenised text (``ids`` without start and end) that the tokenizer could only
+    spell partly or wholly letter by letter, not as whole words or word pieces of its vocabulary.
+    For the world's closed vocabulary that is any word outside it; a full CLIP vocabulary splits a
+    rare word into word pieces instead."""
+    unread, word = [], []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        word.append((token_id, token.removesuffix("</w>")))
+        if token.endswith("</w>"):
+            if len(word) > 1 and any(len(piece) == 1 for _, piece in word):
+                unread.append(tokenizer.decode([token_id for token_id, _ in word]).strip())
+            word = []
+    return unread
+
+
+def warn_about_unread_words(tokenizer, model, prompts: Sequence[str], stacklevel: int = 2) -> None:
+    """Warn, once for all ``prompts``, about the words the text model will not read: those past its
+    :func:`context_length` (truncated) and those its vocabulary does not hold (:func:`spelled_out_words`)."""
+    length = context_length(tokenizer, model)
+    by_phrase = text_encoding_of(model.config) == "phrases"
+    dropped, unread = [], []
+    for prompt in prompts:
+        texts = split_phrases(prompt) if by_phrase else [prompt]
+        rows = [row[1:-1] for row in tokenizer(texts)["input_ids"]] if texts else []
+        words = [token for row in rows for token in row]  # as :func:`encode_text` lays them out
+        if len(words) > length - 2:  # the start and end tokens stay
+            dropped.append(f"{prompt[:60]!r} loses {tokenizer.decode(words[length - 2:]).strip()[:200]!r}")
+        unread += [word for row in rows for word in spelled_out_words(tokenizer, row)]
+    if dropped:
+        warnings.warn(f"{len(dropped)} prompt(s) longer than the text model's {length} tokens were truncated: "
+                      + "; ".join(dropped[:5]), stacklevel=stacklevel + 1)
+    if unread:
+        warnings.warn(f"words the text model's vocabulary does not hold, spelled letter by letter (a model trained "
+                      f"on a closed vocabulary does not read them): {', '.join(map(repr, dict.fromkeys(unread)))}; "
+                      f"the vocabulary: {Path(tokenizer.name_or_path) / 'vocab.json'} (`dreamportrait info` lists "
+                      f"the packaged generator's)", stacklevel=stacklevel + 1)
 
 
 def _resolve(source: str | Path, subfolder: str) -> tuple[str, dict]:
@@ -213,6 +256,8 @@ class TextEncoder(nn.Module):
         # first came in, so training would depend on its history and a resumed run would drift from
         # an uninterrupted one: cached prompts are encoded one at a time, a function of the prompt only.
         batches = [[prompt] for prompt in missing] if use_cache else [missing] if missing else []
+        if missing:
+            warn_about_unread_words(self.tokenizer, self.model, missing, stacklevel=2)
         encoded = {prompt: value for batch in batches for prompt, value in zip(batch, self._encode(batch))}
         if use_cache:
             for prompt, value in encoded.items():
@@ -227,5 +272,5 @@ class TextEncoder(nn.Module):
 
     def _encode(self, prompts: list[str]) -> list[tuple[Tensor, Tensor, Tensor]]:
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            features = encode_text(self.tokenizer, self.model, prompts)
+            features = encode_text(self.tokenizer, self.model, prompts, warn=False)
         return list(zip(features.tokens, features.mask, features.pooled))

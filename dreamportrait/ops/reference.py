@@ -24,6 +24,10 @@ def triplane_sample(
     2 / box_warp`` (along H). Returns ``(B, N, C)`` for ``reduce="mean"``/``"sum"`` over the planes,
     ``(B, N, 3, C)`` for ``"none"``.
     """
+    if 0 in planes.shape[-2:]:
+        # grid_sample refuses empty planes; every point lies outside them and samples zeros, as it
+        # does from a plane of zeros (whose gradients are zero too).
+        planes = F.pad(planes, (0, int(planes.shape[-1] == 0), 0, int(planes.shape[-2] == 0)))
     samples = []
     for plane in range(3):
         uv = points[..., [axes[2 * plane], axes[2 * plane + 1]]] * (2.0 / box_warp)  # (B, N, 2)

@@ -38,7 +38,8 @@ def triplane_sample(
             ``planes.permute(0, 1, 3, 4, 2).is_contiguous()``, are read without a copy).
         points: ``(B, N, 3)`` coordinates; the box ``[-box_warp/2, box_warp/2]^3`` maps onto the
             planes, points outside it sample zeros (grid_sample's zero padding).
-        box_warp: side length of the box the planes cover, finite and positive.
+        box_warp: side length of the box the planes cover, positive, with ``2 / box_warp`` finite in
+            the points' dtype.
         axes: six axis indices ``(u0, v0, u1, v1, u2, v2)``; plane ``p`` is sampled at
             ``(points[..., u_p], points[..., v_p]) * 2 / box_warp`` with ``u`` along W and ``v``
             along H, bilinearly with ``align_corners=False``. :data:`EG3D_AXES` (default) or
@@ -75,6 +76,11 @@ def _check_arguments(planes, points, box_warp, axes, reduce) -> list[int]:
     require_like(op, "points", points, "planes", planes)
     if require_real(op, "box_warp", box_warp) <= 0:
         raise ValueError(f"{op}: box_warp must be positive, got {box_warp}")
+    # Points are scaled by 2 / box_warp in their dtype: a box too small for it would turn every
+    # coordinate into inf or NaN.
+    if 2.0 / box_warp > torch.finfo(points.dtype).max:
+        raise ValueError(f"{op}: box_warp must be at least {2.0 / torch.finfo(points.dtype).max:.3g} for "
+                         f"{str(points.dtype).removeprefix('torch.')} points (2 / box_warp finite), got {box_warp}")
     if reduce not in REDUCTIONS:
         raise ValueError(f"{op}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     return _check_axes(axes)

@@ -165,6 +165,9 @@ class TrainConfig:
             prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError("the prompt list is empty: set prompts (a list) or prompt_file")
+        if any(not prompt.strip() for prompt in prompts):
+            raise ValueError("config key 'prompts' holds an empty prompt; every prompt must have words "
+                             "(the empty one is guidance's unconditional prompt)")
         return prompts
 
     def to_dict(self) -> dict:

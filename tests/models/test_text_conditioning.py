@@ -1,6 +1,7 @@
 """Text encoder, condition adapters, 3D-aware cross-attention and the text-conditioned generator."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -67,8 +68,9 @@ def test_text_encoder_batches_caches_and_truncates(clip_dir, encoder, monkeypatc
     again = encoder([PROMPTS[1], PROMPTS[0]])
     assert not calls  # both cached
     torch.testing.assert_close(again.tokens[0], features.tokens[1], rtol=0, atol=0)
-    with pytest.warns(UserWarning, match="truncated"):
-        long = encoder(["bald " * 100])
+    with pytest.warns(UserWarning, match="1 prompt\\(s\\) longer than the text model's 77 tokens were truncated: "
+                                         f"'bald bald .*' loses '{' '.join(['bald'] * 25)}'$"):
+        long = encoder(["bald " * 100])  # start, 75 words, end
     assert long.mask.all()
     # The Stable Diffusion layout (tokenizer/ and text_encoder/ subfolders) loads the same way.
     sd_layout = TextEncoder(write_tiny_clip(clip_dir.parent / "sd", layout="stable-diffusion"))
@@ -124,12 +126,29 @@ def test_phrase_encoding_encodes_each_phrase_alone(tmp_path):
         torch.testing.assert_close(features.pooled[row], end)
     hat = slice(6, 8)  # "a hat" (after start + 3 + 2 words in both) reads the same whatever the hair
     torch.testing.assert_close(features.tokens[0, hat], features.tokens[1, hat], rtol=0, atol=0)
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(UserWarning, match="2 prompt\\(s\\) longer .* truncated: 'bald hair, .*' loses "
+                                         "'hair bald hair bald hair'; 'bald bald .*' loses 'bald bald bald "):
         many = encoder(["bald hair, " * 40, "bald " * 100])  # too many phrases; one phrase too long
     assert many.mask.all()
     torch.testing.assert_close(many.pooled[0], alone("bald hair")[-1])  # all 40 phrases are the same
     with pytest.raises(ValueError, match="text_encoding must be one of"):
         TextEncoder(write_tiny_clip(tmp_path / "bad", text_encoding="sentences"))
+
+
+@pytest.mark.parametrize("text_encoding", ["caption", "phrases"])
+def test_words_outside_the_vocabulary_are_named_once(tmp_path, text_encoding):
+    # The tiny tokenizer, like the world's, holds a closed vocabulary and spells any other word
+    # letter by letter, which its text model does not read.
+    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding=text_encoding))
+    with pytest.warns(UserWarning) as caught:
+        encoder(["a purple man with glasses", "a bald woman wearing a hat", "a man with a purple hat"])
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1 and str(tmp_path / "vocab.json") in messages[0], messages
+    assert "vocabulary does not hold, spelled letter by letter" in messages[0]
+    assert "): 'purple', 'wearing'; the vocabulary" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder(["a bald man with glasses, smiling", "a purple man with glasses"])  # known words; cached
 
 
 @pytest.mark.parametrize("text_encoding", ["caption", "phrases"])

@@ -151,6 +151,21 @@ def test_empty_inputs(backend, device, shape, reduce):
     assert not grad_planes.any() and not grad_points.any()
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *kernel_backends()])
+@pytest.mark.parametrize("shape", [(2, 4, 0, 6, 7), (2, 4, 5, 0, 7), (1, 2, 0, 0, 3)], ids=["H0", "W0", "H0-W0"])
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_empty_planes_sample_zeros(backend, device, shape, reduce):
+    # Every point lies outside a plane without texels; the reference, the specification, must
+    # accept what the kernels accept.
+    planes, points = make_inputs(shape, torch.float64, device)
+    out, grad_planes, grad_points, _ = run(
+        lambda pl, pt: triplane_sample(pl, pt, reduce=reduce, backend=backend), planes, points
+    )
+    batch, channels, _, _, count = shape
+    assert out.shape == ((batch, count, 3, channels) if reduce == "none" else (batch, count, channels))
+    assert not out.any() and not grad_points.any() and grad_planes.shape == planes.shape
+
+
 @pytest.mark.parametrize("backend,device", kernel_backends())
 def test_every_output_element_is_written(backend, device):
     """Uninitialised memory is filled with NaN here, so an element a kernel skips shows up."""
@@ -268,6 +283,11 @@ def _bad_calls():
         ("box-negative", dict(box_warp=-1), ValueError, "box_warp must be positive"),
         ("box-str", dict(box_warp="1"), TypeError, "box_warp must be a real number"),
         ("box-bool", dict(box_warp=True), TypeError, "box_warp must be a real number"),
+        ("box-subnormal", dict(box_warp=1e-320, planes=p.double(), points=x.double()), ValueError,
+         r"box_warp must be at least 1.11e-308 for float64 points \(2 / box_warp finite\), got 1e-320"),
+        ("box-tiny-float32", dict(box_warp=1e-39), ValueError, "box_warp must be at least 5.88e-39 for float32"),
+        ("box-tiny-half", dict(box_warp=1e-5, planes=p.half(), points=x.half(), backend="reference"), ValueError,
+         "box_warp must be at least 3.05e-05 for float16"),
         ("axes-len", dict(axes=(0, 1, 0, 2, 1)), ValueError, "axes must be a sequence of six ints"),
         ("axes-range", dict(axes=(0, 1, 0, 3, 1, 2)), ValueError, "axes entries must be 0, 1 or 2"),
         ("axes-float", dict(axes=(0, 1, 0, 2.0, 1, 2)), ValueError, "axes entries must be 0, 1 or 2"),

@@ -153,6 +153,8 @@ def test_config_errors_are_named(tiny_latent_sd, tmp_path, capsys):
         load_config(None, [])
     with pytest.raises(ValueError, match="prompt list is empty"):
         Trainer(make_config(tiny_latent_sd, tmp_path, "prompts=[]"))
+    with pytest.raises(ValueError, match="config key 'prompts' holds an empty prompt"):
+        Trainer(make_config(tiny_latent_sd, tmp_path, 'prompts=["a bald man", " "]'))
     with pytest.raises(FileNotFoundError, match="no-such-model is not a directory"):
         Trainer(make_config(tiny_latent_sd, tmp_path, f"guidance.source={tmp_path / 'no-such-model'}"))
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
