@@ -55,8 +55,9 @@ def sample_and_decode(planes: Tensor, points: Tensor, box_warp: float, weight1: 
             :func:`~dreamportrait.ops.triplane_sample`.
         weight1: ``(K, C)``, bias1 ``(K,)``: the first layer (K = 64 in EG3D).
         weight2: ``(O, K)``, bias2 ``(O,)``: the second layer, O >= 2 (1 + 32 in EG3D).
-        backend: as the other ops (``"reference"``, ``"cpu"``; ``"cuda"`` and ``"triton"`` compose
-            the tri-plane kernel with PyTorch's matmuls).
+        backend: as the other ops: ``"reference"``, ``"cpu"`` (C++ kernel), ``"triton"`` (fused kernel
+            when C and K are powers of two from 16 to 128 and O <= 128, as EG3D's 32, 64, 33);
+            ``"cuda"`` (and Triton for other sizes) composes the tri-plane kernel with PyTorch's matmuls.
 
     Returns ``(B, N, O)``: the raw density in column 0, the colour features after the widened
     sigmoid in columns 1..O-1. Differentiable with respect to all tensor arguments.
@@ -71,6 +72,9 @@ def sample_and_decode(planes: Tensor, points: Tensor, box_warp: float, weight1: 
         _register_compiled()
         return torch.ops.dreamportrait.sample_and_decode(planes, points, float(box_warp), axes, weight1, bias1,
                                                          weight2, bias2)
+    if chosen == "triton" and _triton_fits(planes, weight1, weight2):
+        return torch.ops.dreamportrait.sample_and_decode_triton(planes, points, float(box_warp), axes, weight1, bias1,
+                                                                weight2, bias2)
     features = triplane_sample(planes, points, box_warp, axes, "mean", backend=chosen)
     return decode(features, weight1, bias1, weight2, bias2)
 
@@ -97,22 +101,25 @@ def _check_weights(planes, weight1, bias1, weight2, bias2) -> tuple[int, int]:
     return hidden, out
 
 
-_registered = False
+_registered: set[str] = set()
 
 
-def _register_compiled() -> None:
-    """Autograd and fake kernels of the compiled operator (its schema comes from C++)."""
-    global _registered
-    if _registered:
+def _register(forward: str, backward: str) -> None:
+    """Autograd and fake kernels of an operator pair: ``forward(planes, points, box_warp, axes, weight1,
+    bias1, weight2, bias2) -> (B, N, O)`` and ``backward(grad_output, <the same>, needs_planes,
+    needs_points)`` -> gradients of planes, points, weight1, bias1, weight2, bias2 (planes' and points'
+    empty when not needed)."""
+    if forward in _registered:
         return
-    _registered = True
-    backward_op = torch.ops.dreamportrait.sample_and_decode_backward
+    _registered.add(forward)
+    namespace, name = backward.split("::")
+    backward_op = getattr(getattr(torch.ops, namespace), name)
 
-    @torch.library.register_fake("dreamportrait::sample_and_decode")
+    @torch.library.register_fake(forward)
     def _forward_fake(planes, points, box_warp, axes, weight1, bias1, weight2, bias2):
         return planes.new_empty((planes.shape[0], points.shape[1], weight2.shape[0]))
 
-    @torch.library.register_fake("dreamportrait::sample_and_decode_backward")
+    @torch.library.register_fake(backward)
     def _backward_fake(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
                        needs_planes, needs_points):
         return (planes.new_empty(planes.shape if needs_planes else (0,)),
@@ -124,7 +131,7 @@ def _register_compiled() -> None:
         ctx.save_for_backward(planes, points, weight1, bias1, weight2, bias2)
         ctx.arguments = (box_warp, axes)
 
-    def backward(ctx, grad_output):
+    def backward_fn(ctx, grad_output):
         planes, points, weight1, bias1, weight2, bias2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grads = backward_op(grad_output.contiguous(), planes, points, *ctx.arguments, weight1, bias1, weight2,
@@ -134,4 +141,37 @@ def _register_compiled() -> None:
             grad if wanted else None for grad, wanted in zip(grads, keep))
         return grad_planes, grad_points, None, None, grad_w1, grad_b1, grad_w2, grad_b2
 
-    torch.library.register_autograd("dreamportrait::sample_and_decode", backward, setup_context=setup_context)
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def _register_compiled() -> None:
+    """The C++ operator's Python registrations (its schema comes from C++, once the extension loads)."""
+    _register("dreamportrait::sample_and_decode", "dreamportrait::sample_and_decode_backward")
+
+
+# The Triton kernels as torch.library custom ops; the triton package is imported on first call.
+@torch.library.custom_op("dreamportrait::sample_and_decode_triton", mutates_args=())
+def _triton_forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], weight1: Tensor, bias1: Tensor,
+                    weight2: Tensor, bias2: Tensor) -> Tensor:
+    from .triton import sample_and_decode as kernels
+
+    return kernels.forward(planes, points, box_warp, axes, weight1, bias1, weight2, bias2)
+
+
+@torch.library.custom_op("dreamportrait::sample_and_decode_triton_backward", mutates_args=())
+def _triton_backward(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int],
+                     weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor, needs_planes: bool,
+                     needs_points: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .triton import sample_and_decode as kernels
+
+    return kernels.backward(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
+                            needs_planes, needs_points)
+
+
+_register("dreamportrait::sample_and_decode_triton", "dreamportrait::sample_and_decode_triton_backward")
+
+
+def _triton_fits(planes: Tensor, weight1: Tensor, weight2: Tensor) -> bool:
+    channels, hidden, outputs = planes.shape[2], weight1.shape[0], weight2.shape[0]
+    powers = all(16 <= n <= 128 and n & (n - 1) == 0 for n in (channels, hidden))
+    return powers and 2 <= outputs <= 128

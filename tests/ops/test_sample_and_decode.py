@@ -21,7 +21,7 @@ def written_out(planes, points, box_warp, axes, weight1, bias1, weight2, bias2):
     return torch.cat([raw[..., :1], torch.sigmoid(raw[..., 1:]) * 1.002 - 0.001], -1)
 
 
-def make_inputs(dtype, device="cpu", batch=2, count=700, channels=8, hidden=16, out=5, seed=0):
+def make_inputs(dtype, device="cpu", batch=2, count=700, channels=16, hidden=16, out=5, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
