@@ -222,3 +222,107 @@ def test_plain_config_names_where_a_value_does_not_fit_json():
         plain_config({"a": [0, {"b": b"x"}]})
     with pytest.raises(ValueError, match=r"^G init_kwargs: cannot express a object in a JSON config$"):
         plain_config(object(), "G init_kwargs")
+
+
+def legacy_bytes(obj):
+    """torch.save's legacy (non-zip) stream of ``obj``, as EG3D-era pickles hold their storages."""
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+def legacy_storage(values, dtype=torch.float32):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return legacy_bytes(torch.tensor(values, dtype=dtype).storage())
+
+
+def storage_key(data):
+    import re
+
+    return re.search(rb"X\x0e\x00\x00\x00(\d{14})", data)[1]
+
+
+def test_legacy_storages_load_when_their_records_match_their_data():
+    load_bytes = unpickler(10).find_class("torch.storage", "_load_from_bytes")
+    assert list(load_bytes(legacy_storage([1.0, 2.0, 3.0]))) == [1.0, 2.0, 3.0]
+    assert list(load_bytes(legacy_storage([]))) == []  # an empty storage
+    assert list(load_bytes(legacy_storage([0.5], torch.float64))) == [0.5]
+    import warnings
+
+    with warnings.catch_warnings():  # two storages in one stream: each size is read after the other's data
+        warnings.simplefilter("ignore")
+        pair = legacy_bytes([torch.tensor([1.0, 2.0]).storage(), torch.tensor([3.0, 4.0, 5.0]).storage()])
+    assert [list(s) for s in load_bytes(pair)] == [[1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_legacy_storages_whose_records_do_not_match_their_data_are_refused():
+    load_bytes = unpickler(10).find_class("torch.storage", "_load_from_bytes")
+    good = legacy_storage([1.0, 2.0, 3.0])
+    key = storage_key(good)
+    cases = {
+        "refusing to load os.FloatStorage inside a tensor storage": good.replace(b"ctorch\nFloatStorage", b"cos\nFloatStorage"),
+        "refusing to load torch.FooStorage inside a tensor storage": good.replace(b"FloatStorage", b"FooStorage"),
+        "a tensor storage that is not in torch.save's format": good.replace(b"\x8a\nl\xfc", b"\x8a\nm\xfc", 1),
+        "a tensor storage whose records do not match its data": good[::-1].replace(key[::-1], b"1" * 14, 1)[::-1],
+        "a tensor storage whose size does not match its declaration": good.replace(b"a.\x03\x00", b"a.\x04\x00"),
+        "a tensor storage declares 12 bytes but the file holds fewer": good[:-4],
+    }
+    for message, data in cases.items():
+        with refused(message.replace("(", r"\(").replace(")", r"\)")):
+            load_bytes(data)
+    double = legacy_storage([1.0, 2.0, 3.0], torch.float64)
+    with refused("a tensor storage declares 24 bytes but the file holds fewer"):  # 8 bytes an element
+        load_bytes(double[:-4])
+    # the keys as a tuple, not torch.save's list
+    as_tuple = good.replace(b"]q\x00X\x0e\x00\x00\x00" + key + b"q\x01a.", b"(X\x0e\x00\x00\x00" + key + b"t.")
+    with refused("a tensor storage whose records do not match its data"):
+        load_bytes(as_tuple)
+    with pytest.raises(UnsafePickleError, match="^a damaged tensor storage: "):
+        load_bytes(good[:40])
+    with refused("a tensor storage must be bytes, got str"):
+        load_bytes("PK")
+    # storage records other than ("storage", <type>, key: str, location, size >= 0, ...)
+    for old, new in ((b"storage", b"storagf"), (b"ctorch\nFloatStorage\n", b"K\x07"), (b"K\x03Nt", b"\x88Nt"),
+                     (b"K\x03Nt", b"J\xff\xff\xff\xffNt"), (b"X\x0e\x00\x00\x00" + key + b"q\x02", b"K\x05q\x02")):
+        with pytest.raises(UnsafePickleError, match=r"^unexpected storage record .* inside a tensor storage$"):
+            load_bytes(good.replace(old, new, 1))
+
+
+def test_persistence_records_keep_their_class_name_and_dict_state(tmp_path):
+    reconstruct = unpickler(10).find_class("torch_utils.persistence", "_reconstruct_persistent_obj")
+    assert reconstruct({"type": "class", "state": None}).class_name == ""  # no name: empty, not "None"
+    record = reconstruct({"type": "class", "state": None, "class_name": "Net"})
+    assert record.class_name == "Net" and record.state == {}
+    with refused("a torch_utils.persistence object whose state is not a dict"):
+        reconstruct({"type": "class", "state": [1], "class_name": "Net"})
+    for meta in ({"type": "function", "state": {}}, {"type": "class"}, ["type", "class"]):
+        with refused("a torch_utils.persistence object without the expected class metadata"):
+            reconstruct(meta)
+
+
+def test_build_sets_attributes_of_containers_it_created_only_from_a_dict_of_names(tmp_path):
+    easy = load(tmp_path, glob("dnnlib.util", "EasyDict") + b")\x81}" + text("flag") + b"K\x01sb")["G"]
+    assert easy.flag == 1 and dict(easy) == {}
+    for state, name in ((b"}K\x01K\x02s", "EasyDict"), (b"]", "EasyDict")):
+        with pytest.raises(UnsafePickleError, match=f": refusing a {name} state that is not a dict of names$"):
+            load(tmp_path, glob("dnnlib.util", "EasyDict") + b")\x81" + state + b"b")
+    with pytest.raises(UnsafePickleError, match=": refusing to set the state of a list the pickle did not create$"):
+        load(tmp_path, b"]}b")
+    with pytest.raises(UnsafePickleError, match=": refusing to create Conv2d while loading$"):
+        load(tmp_path, glob("torch.nn.modules.conv", "Conv2d") + b"K\x01\x85\x81")  # NEWOBJ with arguments
+
+
+def test_bytearray8_spends_the_budget_and_reads_its_bytes_from_the_file(tmp_path):
+    body = b"\x96" + struct.pack("<Q", 3) + b"abc"
+    assert load(tmp_path, body, protocol=b"\x80\x05")["G"] == bytearray(b"abc")
+    two = b"(" + body + body + b"l"  # both within the file: the budget is given back after each read
+    assert load(tmp_path, two, protocol=b"\x80\x05")["G"] == [bytearray(b"abc")] * 2
+    with pytest.raises(UnsafePickleError, match="more than the pickle's own size allows$"):
+        load(tmp_path, b"\x96" + struct.pack("<Q", 1 << 40) + b"abc", protocol=b"\x80\x05")
