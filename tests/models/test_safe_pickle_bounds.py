@@ -326,3 +326,29 @@ def test_bytearray8_spends_the_budget_and_reads_its_bytes_from_the_file(tmp_path
     assert load(tmp_path, two, protocol=b"\x80\x05")["G"] == [bytearray(b"abc")] * 2
     with pytest.raises(UnsafePickleError, match="more than the pickle's own size allows$"):
         load(tmp_path, b"\x96" + struct.pack("<Q", 1 << 40) + b"abc", protocol=b"\x80\x05")
+
+
+def test_storages_saved_on_a_gpu_load_on_the_cpu():
+    # EG3D's snapshots are written from CUDA training: their storages name a CUDA device.
+    cuda_saved = legacy_storage([1.0, 2.0]).replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    storage = unpickler(10).find_class("torch.storage", "_load_from_bytes")(cuda_saved)
+    assert storage.device.type == "cpu" and list(storage) == [1.0, 2.0]
+
+
+def test_line_reads_count_against_what_is_left_of_the_file(tmp_path):
+    # '(' 'd' 'S' then the line "'G'\n" leave 10 of 17 bytes; 'B' and its length leave 5, fewer than the 10 asked.
+    path = tmp_path / "mixed.pkl"
+    path.write_bytes(b"(dS'G'\nB" + struct.pack("<I", 10) + b"abcs.")
+    with pytest.raises(UnsafePickleError, match=r"truncated or damaged: it asks for 10 bytes where 5 remain$"):
+        load_network_pickle(path)
+
+
+def test_the_bounded_file_reads_into_buffers_within_its_size():
+    from dreamportrait.models.safe_pickle import _BoundedFile
+
+    bounded = _BoundedFile(io.BytesIO(b"abcdefgh"), 6)
+    buffer = bytearray(4)
+    assert bounded.readinto(buffer) == 4 and buffer == bytearray(b"abcd")
+    assert bounded.readline() == b"ef" and bounded.read() == b""
+    with pytest.raises(UnsafePickleError, match="asks for 1 bytes where 0 remain"):
+        bounded.readinto(bytearray(1))
