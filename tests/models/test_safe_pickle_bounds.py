@@ -352,3 +352,68 @@ def test_the_bounded_file_reads_into_buffers_within_its_size():
     assert bounded.readline() == b"ef" and bounded.read() == b""
     with pytest.raises(UnsafePickleError, match="asks for 1 bytes where 0 remain"):
         bounded.readinto(bytearray(1))
+
+
+def discriminator_record(**state):
+    from dreamportrait.models import build_discriminator, preset_kwargs
+
+    torch.manual_seed(0)
+    weights = build_discriminator("tiny").state_dict()
+    record = PickledObject("DualDiscriminator", {"_init_kwargs": preset_kwargs("tiny", "discriminator"),
+                                                 "_parameters": dict(weights), **state})
+    return record, weights
+
+
+def test_networks_from_records_load_exactly_and_name_what_does_not_fit():
+    from dreamportrait.models.pretrained import network_from_record
+
+    record, weights = discriminator_record(neural_rendering_resolution=64)  # a generator's key: ignored for D
+    network = network_from_record(record, "discriminator", "net.pkl:D")
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, weights[key].float()), key
+    half, _ = discriminator_record()
+    half.state["_parameters"] = {key: value.double() for key, value in weights.items()}  # stored as float64
+    assert all(p.dtype == torch.float32 for p in network_from_record(half, "discriminator", "s").parameters())
+    for bad, found in ((PickledObject("Foo"), "'Foo'"), ({"G": 1}, "'dict'")):
+        with pytest.raises(ValueError, match=rf"^net.pkl:G: expected an EG3D TriPlaneGenerator, found {found}$"):
+            network_from_record(bad, "generator", "net.pkl:G")
+    positional, _ = discriminator_record(_init_args=(1, 2))
+    with pytest.raises(ValueError, match=r"^net.pkl:D: DualDiscriminator pickled with positional init args; "
+                                         r"expected keyword args only$"):
+        network_from_record(positional, "discriminator", "net.pkl:D")
+    unfit, _ = discriminator_record()
+    unfit.state["_init_kwargs"] = {**unfit.state["_init_kwargs"], "colour": 3}
+    with pytest.raises(ValueError, match=r"^net.pkl:D: its init kwargs do not fit DualDiscriminator: .*colour"):
+        network_from_record(unfit, "discriminator", "net.pkl:D")
+    missing, _ = discriminator_record()
+    del missing.state["_init_kwargs"]  # no kwargs: the class's required arguments are missing
+    with pytest.raises(ValueError, match=r"^net.pkl:D: its init kwargs do not fit DualDiscriminator: .*missing"):
+        network_from_record(missing, "discriminator", "net.pkl:D")
+    odd, _ = discriminator_record()
+    odd.state["_init_kwargs"] = {**odd.state["_init_kwargs"], "extra": {"x": b"1"}}
+    with pytest.raises(ValueError, match=r"^net.pkl:D init_kwargs\.extra\.x: cannot express a bytes in a JSON config$"):
+        network_from_record(odd, "discriminator", "net.pkl:D")
+    extra, _ = discriminator_record()
+    extra.state["_parameters"] = {**extra.state["_parameters"], "surplus": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"^net.pkl:D.*surplus"):
+        network_from_record(extra, "discriminator", "net.pkl:D")
+
+
+def test_import_eg3d_names_each_network_by_the_pickle_and_its_key(tmp_path, monkeypatch):
+    from dreamportrait.models import pretrained
+
+    calls, saved = [], []
+    monkeypatch.setattr(pretrained, "network_from_record", lambda record, role, source: calls.append((role, source)) or role)
+    monkeypatch.setattr(pretrained, "save_pretrained", lambda out, g, d: saved.append((g, d)) or out)
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": 1, "D": 2}, protocol=4))
+    pretrained.import_eg3d(path, tmp_path / "out")
+    assert calls == [("generator", f"{path}:G_ema"), ("discriminator", f"{path}:D")]
+    assert saved == [("generator", "discriminator")]
+    calls.clear()
+    path.write_bytes(pickle.dumps({"G_ema": 1}, protocol=4))
+    pretrained.import_eg3d(path, tmp_path / "out")
+    assert calls == [("generator", f"{path}:G_ema")] and saved[-1] == ("generator", None)
+    path.write_bytes(pickle.dumps({"G": 1}, protocol=4))
+    with pytest.raises(ValueError, match=r"no 'G_ema' network in the pickle \(found \['G'\]\)$"):
+        pretrained.import_eg3d(path, tmp_path / "out")
