@@ -31,6 +31,54 @@ def generator(tiny_pixel_sd):
     return model.eval()
 
 
+def test_parse_seeds():
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_seeds(" 5 , 2-2") == [5, 2]
+    for bad in ("3-1", "a", "1-", "-2", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_grid_places_image_i_at_row_i_div_columns_and_column_i_mod_columns():
+    images = torch.rand(5, 3, 2, 4) * 2 - 1
+    sheet = grid(images, 3)
+    assert sheet.shape == (3, 2 * 2, 3 * 4)
+    for index in range(6):
+        row, column = divmod(index, 3)
+        cell = sheet[:, row * 2:(row + 1) * 2, column * 4:(column + 1) * 4]
+        expected = images[index] if index < 5 else torch.full((3, 2, 4), -1.0)  # a missing cell is black
+        assert torch.equal(cell, expected), index
+    assert torch.equal(grid(images, 1), torch.cat(list(images), dim=1))
+
+
+def test_to_uint8_maps_minus_one_to_zero_and_one_to_255_rounding_to_nearest():
+    values = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.3, 1.0, 2.0])
+    image = values.view(1, 1, -1).expand(3, 1, -1)
+    pixels = to_uint8(image)
+    expected = np.round((np.clip(values.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+    assert pixels.shape == (1, 7, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels[0, :, 0], expected) and list(expected[[0, 1, 5, 6]]) == [0, 0, 255, 255]
+    rgb = torch.stack([torch.full((2, 2), -1.0), torch.zeros(2, 2), torch.ones(2, 2)])
+    assert np.array_equal(to_uint8(rgb)[0, 0], [0, 128, 255])  # channels last, in order
+
+
+def test_depth_encodings():
+    depth = torch.tensor([[[2.0, 3.0], [2.5, float("nan")]]])
+    pixels = depth_to_uint8(depth)
+    assert np.array_equal(pixels, [[255, 0], [128, 0]])  # nearest white, farthest black, per image
+    assert np.array_equal(depth_to_uint8(torch.full((1, 2, 2), 4.0)), np.full((2, 2), 0))
+    grey = depth_grey(torch.tensor([[[[1.0, 3.0, 2.0, 0.0]]]]), near=1.0, far=3.0)
+    assert grey.shape == (1, 3, 1, 4)
+    assert torch.allclose(grey[0, 0, 0], torch.tensor([1.0, -1.0, 0.0, 1.0]))  # fixed scale, clamped
+
+
+def test_slug():
+    assert slug("A portrait of a Bald man, glasses!") == "a-portrait-of-a-bald-man-glasses"
+    assert slug("!!!") == "empty-prompt"
+    long_a, long_b = "x" * 70 + " a", "x" * 70 + " b"
+    assert len(slug(long_a)) <= 60 and slug(long_a) != slug(long_b) and slug(long_a).startswith("x" * 50)
+
+
 def test_each_grid_cell_is_the_view_file_of_its_seed_and_view(generator, tmp_path):
     seeds, views = [3, 0], 3
     result = generate(generator, ["a man"], seeds, tmp_path, views=views, progress=False)
@@ -80,51 +128,3 @@ def test_a_seed_draws_its_latent_from_torchs_cpu_generator_seeded_with_it(genera
     first = sample(generator, "a man", 5)[0]
     torch.manual_seed(99)
     assert torch.equal(sample(generator, "a man", 5)[0], first)
-
-
-def test_parse_seeds():
-    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
-    assert parse_seeds(" 5 , 2-2") == [5, 2]
-    for bad in ("3-1", "a", "1-", "-2", ""):
-        with pytest.raises(ValueError, match="--seeds"):
-            parse_seeds(bad)
-
-
-def test_grid_places_image_i_at_row_i_div_columns_and_column_i_mod_columns():
-    images = torch.rand(5, 3, 2, 4) * 2 - 1
-    sheet = grid(images, 3)
-    assert sheet.shape == (3, 2 * 2, 3 * 4)
-    for index in range(6):
-        row, column = divmod(index, 3)
-        cell = sheet[:, row * 2:(row + 1) * 2, column * 4:(column + 1) * 4]
-        expected = images[index] if index < 5 else torch.full((3, 2, 4), -1.0)  # a missing cell is black
-        assert torch.equal(cell, expected), index
-    assert torch.equal(grid(images, 1), torch.cat(list(images), dim=1))
-
-
-def test_to_uint8_maps_minus_one_to_zero_and_one_to_255_rounding_to_nearest():
-    values = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.3, 1.0, 2.0])
-    image = values.view(1, 1, -1).expand(3, 1, -1)
-    pixels = to_uint8(image)
-    expected = np.round((np.clip(values.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
-    assert pixels.shape == (1, 7, 3) and pixels.dtype == np.uint8
-    assert np.array_equal(pixels[0, :, 0], expected) and list(expected[[0, 1, 5, 6]]) == [0, 0, 255, 255]
-    rgb = torch.stack([torch.full((2, 2), -1.0), torch.zeros(2, 2), torch.ones(2, 2)])
-    assert np.array_equal(to_uint8(rgb)[0, 0], [0, 128, 255])  # channels last, in order
-
-
-def test_depth_encodings():
-    depth = torch.tensor([[[2.0, 3.0], [2.5, float("nan")]]])
-    pixels = depth_to_uint8(depth)
-    assert np.array_equal(pixels, [[255, 0], [128, 0]])  # nearest white, farthest black, per image
-    assert np.array_equal(depth_to_uint8(torch.full((1, 2, 2), 4.0)), np.full((2, 2), 0))
-    grey = depth_grey(torch.tensor([[[[1.0, 3.0, 2.0, 0.0]]]]), near=1.0, far=3.0)
-    assert grey.shape == (1, 3, 1, 4)
-    assert torch.allclose(grey[0, 0, 0], torch.tensor([1.0, -1.0, 0.0, 1.0]))  # fixed scale, clamped
-
-
-def test_slug():
-    assert slug("A portrait of a Bald man, glasses!") == "a-portrait-of-a-bald-man-glasses"
-    assert slug("!!!") == "empty-prompt"
-    long_a, long_b = "x" * 70 + " a", "x" * 70 + " b"
-    assert len(slug(long_a)) <= 60 and slug(long_a) != slug(long_b) and slug(long_a).startswith("x" * 50)
