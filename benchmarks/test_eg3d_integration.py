@@ -108,3 +108,66 @@ def test_sample_and_decode(benchmark, record, implementation, shape, direction):
     call()
     benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
     record(f"sample_and_decode/{shape}/{direction}", implementation, benchmark)
+
+
+def interleaved(batch: int = 1, rounds: int = 3) -> None:
+    """Both sides of each comparison timed alternately (best of ``rounds`` each), so a change in the
+    machine's load affects both alike: ``python benchmarks/test_eg3d_integration.py [BATCH]``."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from eg3d_restated import eg3d_code
+
+    def best_of(calls: dict) -> dict:
+        best = dict.fromkeys(calls, float("inf"))
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+        return best
+
+    with eg3d_code() as eg3d:
+        for direction in ("fwd", "fwd+bwd"):
+            backward = direction == "fwd+bwd"
+            render = render_call(eg3d, batch, backward)
+
+            def installed():
+                with integration.installed():
+                    render()
+
+            render()
+            installed()
+            best = best_of({"baseline": render, "installed": installed})
+            print(f"EG3D renderer  batch {batch} {direction:8} baseline {best['baseline'] * 1e3:8.0f} ms  installed "
+                  f"{best['installed'] * 1e3:8.0f} ms  {best['baseline'] / best['installed']:.2f}x")
+    for direction in ("fwd", "fwd+bwd"):
+        backward = direction == "fwd+bwd"
+        planes, points, w1, b1, w2, b2 = inputs = decode_inputs(batch, backward)
+
+        def timed(fused: bool):
+            def call():
+                with torch.set_grad_enabled(backward):
+                    if fused:
+                        out = sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend="cpu")
+                    else:
+                        out = decode(triplane_sample(planes, points, 1.0, EG3D_AXES, "mean", backend="cpu"),
+                                     w1, b1, w2, b2)
+                    if backward:
+                        torch.autograd.grad(out.sum(), inputs)
+            return call
+
+        calls = {"unfused": timed(False), "fused": timed(True)}
+        for call in calls.values():
+            call()
+        best = best_of(calls)
+        print(f"sample_and_decode batch {batch} {direction:8} unfused {best['unfused'] * 1e3:8.0f} ms  fused "
+              f"{best['fused'] * 1e3:8.0f} ms  {best['unfused'] / best['fused']:.2f}x")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
