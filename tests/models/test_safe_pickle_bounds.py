@@ -417,3 +417,61 @@ def test_import_eg3d_names_each_network_by_the_pickle_and_its_key(tmp_path, monk
     path.write_bytes(pickle.dumps({"G": 1}, protocol=4))
     with pytest.raises(ValueError, match=r"no 'G_ema' network in the pickle \(found \['G'\]\)$"):
         pretrained.import_eg3d(path, tmp_path / "out")
+
+
+def test_load_network_pickle_names_empty_damaged_and_non_dict_files(tmp_path):
+    path = tmp_path / "net.pkl"
+    path.write_bytes(b"")
+    with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is empty: not a network pickle$"):
+        load_network_pickle(path)
+    path.write_bytes(b"P\xff\n.")  # a protocol-0 persistent id that is not ASCII
+    with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged \(not a readable pickle\): persistent IDs"):
+        load_network_pickle(path)
+    path.write_bytes(b".")  # STOP on an empty stack
+    with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged or not a network pickle: pop from empty list$"):
+        load_network_pickle(path)
+    path.write_bytes(b"\xff")  # not an opcode: a KeyError whose message is the byte
+    with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged or not a network pickle: 255$"):
+        load_network_pickle(path)
+    path.write_bytes(b"\x80\x04]K\x01a.")
+    with pytest.raises(UnsafePickleError, match=r"net.pkl: expected a dict of networks at the top level, got list$"):
+        load_network_pickle(path)
+
+
+def test_refusals_name_what_was_refused(tmp_path):
+    with pytest.raises(UnsafePickleError, match=r": refusing to call dtype while loading$"):
+        load(tmp_path, glob("torch", "float32") + b")R")
+    with pytest.raises(UnsafePickleError, match=r": refusing to call ndarray while loading$"):
+        load(tmp_path, glob("numpy", "ndarray") + b")R")
+    with pytest.raises(UnsafePickleError, match=r": refusing to create dtype while loading$"):
+        load(tmp_path, glob("torch", "float32") + b")\x81")
+    with pytest.raises(UnsafePickleError, match=r": refusing to set the state of a set the pickle did not create$"):
+        load(tmp_path, glob("builtins", "set") + b")R}b")  # created, but not a type that takes state
+
+
+def test_bytearray8_sizes_are_unsigned_and_give_their_budget_back(tmp_path):
+    with pytest.raises(UnsafePickleError, match=r": refusing BYTEARRAY8 of 18446744073709551615 bytes: more than"):
+        load(tmp_path, b"\x96" + struct.pack("<Q", (1 << 64) - 1) + b"abc", protocol=b"\x80\x05")
+    # After a BYTEARRAY8 the whole budget (the file's size) is there again for a bytearray(n).
+    head = b"\x80\x05}" + text("G") + b"(\x96" + struct.pack("<Q", 3) + b"abc" + b"l0"  # a list of it, dropped
+    call, tail = glob("builtins", "bytearray") + b"(J", b"tRs."
+    size = len(head) + len(call) + 4 + len(tail)
+    path = tmp_path / "b8.pkl"
+    path.write_bytes(head + call + struct.pack("<i", size) + tail)
+    assert load_network_pickle(path)["G"] == bytearray(size)
+    path.write_bytes(head + call + struct.pack("<i", size + 1) + tail)
+    with pytest.raises(UnsafePickleError, match=f"refusing bytearray of {size + 1} bytes: more than"):
+        load_network_pickle(path)
+
+
+def test_bounded_reads_of_nothing_read_nothing():
+    from dreamportrait.models.safe_pickle import _BoundedFile
+
+    bounded = _BoundedFile(io.BytesIO(b"abcdef"), 6)
+    assert bounded.read(0) == b"" and bounded.read(2) == b"ab" and bounded.read(-1) == b"cdef"
+
+
+def test_named_tensors_keep_non_tensor_values_as_they_are():
+    array = np.arange(3.0)
+    record = PickledObject("M", {"_parameters": {}, "_buffers": {"table": array}})
+    assert record.named_tensors()["table"] is array
