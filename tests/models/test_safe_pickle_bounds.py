@@ -475,3 +475,11 @@ def test_named_tensors_keep_non_tensor_values_as_they_are():
     array = np.arange(3.0)
     record = PickledObject("M", {"_parameters": {}, "_buffers": {"table": array}})
     assert record.named_tensors()["table"] is array
+
+
+def test_tensor_metadata_survives_the_load(tmp_path):
+    # A lazily negated view pickles its storage and {"neg": True}: dropping the metadata flips its sign.
+    negated = torch.arange(1.0, 4.0)._neg_view()
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps({"G": negated}, protocol=4))
+    assert torch.equal(load_network_pickle(path)["G"].resolve_neg(), torch.tensor([-1.0, -2.0, -3.0]))
