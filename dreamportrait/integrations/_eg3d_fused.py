@@ -43,7 +43,8 @@ def osg_decoder_layers(decoder, channels: int):
     return first, second
 
 
-def _effective(layer, dtype):
+def effective_weights(layer, dtype):
+    """A linear layer's weight and bias as used: scaled by its learning-rate gains, in ``dtype``."""
     weight = layer.weight.to(dtype) * layer.weight_gain
     bias = layer.bias.to(dtype)
     if layer.bias_gain != 1:
@@ -67,7 +68,7 @@ def fused_run_model(original):
             layers = osg_decoder_layers(decoder, planes.shape[2])
         if layers is None:
             return original(self, planes, decoder, sample_coordinates, sample_directions, options)
-        (weight1, bias1), (weight2, bias2) = (_effective(layer, planes.dtype) for layer in layers)
+        (weight1, bias1), (weight2, bias2) = (effective_weights(layer, planes.dtype) for layer in layers)
         out = sample_and_decode(planes, sample_coordinates, options["box_warp"], weight1, bias1, weight2, bias2,
                                 axes)
         result = {"rgb": out[..., 1:], "sigma": out[..., 0:1]}

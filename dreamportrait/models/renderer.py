@@ -1,6 +1,8 @@
 """EG3D's neural renderer on DreamPortrait's ops: the OSG decoder and the two-pass importance renderer.
 
-Every sample is decoded from the mean of its three tri-plane features (``triplane_sample``); the
+Every sample is decoded from the mean of its three tri-plane features (``sample_and_decode``, which
+samples, averages and runs the decoder's MLP in one op; a decoder of another structure, or one with
+hooks, gets ``triplane_sample``'s features); the
 coarse pass (stratified depths) and the fine pass (depths drawn where the coarse pass put its
 weight) are merged and composited with ``eg3d_ray_march`` (``composite_rays``).
 """
@@ -12,9 +14,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..ops import EG3D_AXES, ORTHOGONAL_AXES, triplane_sample
+from ..integrations._eg3d_fused import effective_weights, osg_decoder_layers
+from ..ops import EG3D_AXES, ORTHOGONAL_AXES, sample_and_decode, triplane_sample
 from ..rendering import eg3d_ray_march, importance_depths, merge_samples, stratified_depths
 from .layers import FullyConnectedLayer
+
+FUSED_DTYPES = (torch.float32, torch.float64)
 
 TRIPLANE_AXES = {"eg3d": EG3D_AXES, "orthogonal": ORTHOGONAL_AXES}
 """``rendering_kwargs['triplane_axes']``: EG3D's projections (default; what its weights need) or three
@@ -105,9 +110,16 @@ class ImportanceRenderer(nn.Module):
 
     def run_model(self, planes: Tensor, decoder: nn.Module, points: Tensor, options: Mapping) -> dict[str, Tensor]:
         """Decode the tri-planes at ``points`` ``(N, M, 3)``: ``{"rgb": (N, M, ·), "sigma": (N, M, 1)}``."""
-        features = triplane_sample(planes, points, options["box_warp"], triplane_axes(options), "mean",
-                                   backend=self.backend)
-        out = decoder(features)
+        layers = osg_decoder_layers(decoder, planes.shape[2]) if planes.dtype in FUSED_DTYPES else None
+        if layers is not None:  # sampled, averaged and decoded in one op
+            (weight1, bias1), (weight2, bias2) = (effective_weights(layer, planes.dtype) for layer in layers)
+            decoded = sample_and_decode(planes, points, options["box_warp"], weight1, bias1, weight2, bias2,
+                                        triplane_axes(options), backend=self.backend)
+            out = {"rgb": decoded[..., 1:], "sigma": decoded[..., 0:1]}
+        else:
+            features = triplane_sample(planes, points, options["box_warp"], triplane_axes(options), "mean",
+                                       backend=self.backend)
+            out = decoder(features)
         if options.get("density_prior") is not None:
             out["sigma"] = out["sigma"] + density_prior(points, options["density_prior"])
         if options.get("density_noise", 0) > 0:
