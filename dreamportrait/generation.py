@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._atomic import atomic_path
 from .defaults import TRUNCATION_PSI
 from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
 from .models.cameras import FRONTAL
@@ -114,10 +115,9 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
         if mesh:
             shape = extract_mesh(generator.base, ws, resolution=mesh_resolution, level=mesh_level, planes=planes,
                                  progress=False)
-            path = folder / "mesh.ply"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shape.export(path)
-            result.files.append(path)
+            with atomic_path(folder / "mesh.ply") as temporary:
+                shape.export(temporary)
+            result.files.append(folder / "mesh.ply")
     for prompt, images in rows.items():
         result.files.append(write_image(out_dir / slug(prompt) / "grid.png", to_uint8(grid(torch.cat(images), views))))
     return result

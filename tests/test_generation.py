@@ -1,6 +1,7 @@
 """dreamportrait generate and the per-prompt baseline, end to end with tiny models."""
 
 import json
+import os
 
 import imageio.v3 as iio
 import pytest
@@ -46,10 +47,18 @@ def mesh_level(checkpoint, prompts, seeds):
 def test_generate_writes_every_promised_file(checkpoint, tmp_path, capsys):
     prompts = ["a portrait of a bald man with glasses", "a woman with red hair"]
     level = mesh_level(checkpoint, prompts, [0, 1])
-    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
-                 "--seeds", "0-1", "--views", "3", "--video", "--mesh", "--mesh-level", str(level),
-                 "--mesh-resolution", "24", "--out", str(tmp_path)]) == 0
+    umask = os.umask(0o027)  # files and folders readable by the group, as a plain open()/mkdir() makes them
+    try:
+        assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--seeds", "0-1", "--views", "3", "--video", "--mesh", "--mesh-level", str(level),
+                     "--mesh-resolution", "24", "--out", str(tmp_path)]) == 0
+    finally:
+        os.umask(umask)
     assert "s per (prompt, seed) forward pass" in capsys.readouterr().out
+    written = list(tmp_path.rglob("*"))
+    assert len(written) == 2 * (1 + 1 + 2 * (1 + 3 * 2 + 2))  # per prompt: folder, grid, per seed: folder, files
+    for path in written:
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
     for slug in ("a-portrait-of-a-bald-man-with-glasses", "a-woman-with-red-hair"):
         grid = iio.imread(tmp_path / slug / "grid.png")
         assert grid.shape == (2 * 64, 3 * 64, 3)

@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,16 +290,25 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------
 
     def training_state(self) -> dict:
+        """What resuming needs besides the weights. Every process draws its own batches and noise,
+        so the random states of all of them are kept (a collective call under torchrun)."""
+        rng = {"torch": torch.get_rng_state(), "sampler": self.sampler.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        per_process = [rng]
+        if self.world > 1:
+            per_process = [None] * self.world
+            dist.all_gather_object(per_process, rng)
         return {
             "step": self.step, "bad_steps": self.bad_steps,
             "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "sampler": self.sampler.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": per_process,
         }
 
-    def save(self) -> Path:
+    def save(self, state: dict | None = None) -> Path:
+        """Write a checkpoint of the current step (``state``: :meth:`training_state`'s, by default now)."""
         return save_checkpoint(self.config.out_dir, self.step, self.generator, self.generator_ema, self.discriminator,
-                               self.training_state(), self.config.to_dict(), keep=self.config.keep_checkpoints)
+                               self.training_state() if state is None else state, self.config.to_dict(),
+                               keep=self.config.keep_checkpoints)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from ``path`` or the run's latest checkpoint; False when there is none."""
@@ -309,10 +319,16 @@ class Trainer:
         self.g_optimizer.load_state_dict(state["g_optimizer"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
-        torch.set_rng_state(state["rng"]["torch"])
-        self.sampler.set_state(state["rng"]["sampler"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if len(state["rng"]) != self.world:
+            warnings.warn(f"{path} was written by {len(state['rng'])} process(es) and is resumed by {self.world}: "
+                          f"processes without a saved random state keep their own, so the run does not continue "
+                          f"as an uninterrupted one would", stacklevel=2)
+        if self.rank < len(state["rng"]):
+            rng = state["rng"][self.rank]
+            torch.set_rng_state(rng["torch"])
+            self.sampler.set_state(rng["sampler"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         return True
 
     def train(self, steps: int | None = None) -> None:
@@ -339,8 +355,9 @@ class Trainer:
                 if main and self.writer is not None and self.step % cfg.log.image_every == 0:
                     self.log_images()
                 if self.step % cfg.checkpoint_every == 0 or self.step == steps:
+                    state = self.training_state()  # every process takes part
                     if main:
-                        self.save()
+                        self.save(state)
                     if self.world > 1:
                         dist.barrier()
         if self.writer is not None:

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import imageio.v3 as iio
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._atomic import atomic_path
+from .._atomic import atomic_path, temporary_directory
 from .attributes import ATTRIBUTES, HeadAttributes, caption
 from .heads import HeadBatch, render_heads_and_masks, sample_world_cameras
 
@@ -148,7 +147,7 @@ def export_image_folder(samples: WorldSamples, directory: str | Path, progress: 
     if directory.exists():
         raise FileExistsError(f"{directory} exists but holds no dataset.json; remove it or choose another directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    temporary = temporary_directory(directory.parent, prefix=f".{directory.name}.")
     try:
         labels = []
         for index in tqdm(range(len(samples)), desc=f"exporting {directory.name}", disable=not progress):

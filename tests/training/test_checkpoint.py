@@ -4,10 +4,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import traceback
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from test_trainer import make_config
 from tiny_models import write_tiny_stable_diffusion
 
@@ -257,3 +259,37 @@ def test_a_run_killed_again_and_again_ends_bit_identical_to_an_uninterrupted_one
     assert expected.keys() == actual.keys()
     different = [name for name, value in expected.items() if not torch.equal(actual[name], value)]
     assert not different, f"{len(different)} of {len(expected)} tensors differ: {different[:5]}"
+
+
+def _resume_worker(rank, world, port, sd, out_dir, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = make_config(sd, out_dir, "gan.weight=0", "steps=1", "checkpoint_every=1")
+    trainer = Trainer(config)
+    trainer.train()
+    resumed = Trainer(config)
+    assert resumed.resume() and resumed.step == 1
+    torch.save({"saved": trainer.sampler.get_state(), "resumed": resumed.sampler.get_state(),
+                "saved_torch": torch.get_rng_state()}, result_dir / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_each_process_resumes_its_own_random_streams(tiny_latent_sd, tmp_path):
+    # Under torchrun every process draws its own batches and noise: a resume that gave every process
+    # rank 0's streams would train on one batch repeated world-size times.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_resume_worker, args=(2, port, tiny_latent_sd, tmp_path / "run", tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert not torch.equal(ranks[0]["saved"], ranks[1]["saved"])
+    for rank, states in enumerate(ranks):
+        assert torch.equal(states["resumed"], states["saved"]), f"rank {rank}"
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-0000001" / "training_state.pt", weights_only=True)
+    assert [torch.equal(rng["sampler"], states["saved"]) for rng, states in zip(saved["rng"], ranks)] == [True, True]
+    assert [torch.equal(rng["torch"], states["saved_torch"]) for rng, states in zip(saved["rng"], ranks)] == [True] * 2
+    single = Trainer(make_config(tiny_latent_sd, tmp_path / "run", "gan.weight=0", "steps=1"))
+    with pytest.warns(UserWarning, match="written by 2 process\\(es\\) and is resumed by 1"):
+        single.resume()
+    assert torch.equal(single.sampler.get_state(), ranks[0]["saved"])

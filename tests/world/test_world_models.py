@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import random
 
 import imageio.v3 as iio
@@ -40,7 +41,12 @@ def test_datasets_are_deterministic_and_resume(tmp_path, samples, monkeypatch):
 
 
 def test_datasets_export_as_an_eg3d_image_folder(tmp_path, samples, monkeypatch):
-    folder = export_image_folder(samples, tmp_path / "images", progress=False)
+    umask = os.umask(0o022)
+    try:
+        folder = export_image_folder(samples, tmp_path / "images", progress=False)
+    finally:
+        os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o755  # as mkdir makes it, not mkdtemp's 0700
     labels = json.loads((folder / "dataset.json").read_text())["labels"]
     assert [name for name, _ in labels] == [f"00000/img{i:08d}.png" for i in range(len(samples))]
     for index in (0, len(samples) - 1):  # lossless PNGs, each with its own camera label
