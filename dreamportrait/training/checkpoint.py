@@ -8,7 +8,6 @@ directory (``load_pretrained`` gives the EMA generator and the discriminator, re
     generator_raw.safetensors     the generator's current (non-EMA) weights
     training_state.pt             step, optimiser states, RNG states, skipped-step counter
     train_config.yaml             the run's configuration
-
     manifest.json                 every other file's SHA-256 and size (written last)
 
 It is written to a hidden temporary directory and renamed into place, so a crash never leaves a
