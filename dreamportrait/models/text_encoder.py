@@ -145,14 +145,14 @@ def vocabulary_words(vocabulary: dict[str, int]) -> list[str]:
 
 def spelled_out_words(tokenizer, ids: list[int]) -> list[str]:
     """The words of a tokenised text (``ids`` without start and end) that the tokenizer could only
-    spell partly or wholly letter by letter, not as whole words or word pieces of its vocabulary.
-    For the world's closed vocabulary that is any word outside it; a full CLIP vocabulary splits a
-    rare word into word pieces instead."""
+    spell mostly letter by letter (single letters are most of their pieces), not as a whole word
+    or word pieces of its vocabulary. For the world's closed vocabulary that is any word outside
+    it; a full CLIP vocabulary splits a rare word into longer pieces ("hatter", "s")."""
     unread, word = [], []
     for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
         word.append((token_id, token.removesuffix("</w>")))
         if token.endswith("</w>"):
-            if len(word) > 1 and any(len(piece) == 1 for _, piece in word):
+            if len(word) > 1 and 2 * sum(len(piece) == 1 for _, piece in word) > len(word):
                 unread.append(tokenizer.decode([token_id for token_id, _ in word]).strip())
             word = []
     return unread
