@@ -186,3 +186,37 @@ def test_local_model_paths_that_do_not_exist_are_named_not_fetched(tmp_path):
     assert _component("someone/some-model", "unet") == ("someone/some-model", {"subfolder": "unet"})
     (tmp_path / "unet").mkdir()
     assert _component(tmp_path, "unet") == (str(tmp_path / "unet"), {})
+
+
+def test_encoder_states_come_from_the_model_index_or_default_to_all(tmp_path):
+    import json
+
+    from dreamportrait.guidance.stable_diffusion import encoder_states_of
+
+    assert encoder_states_of(tmp_path) == "all"  # no model_index.json: a Stable Diffusion directory or hub id
+    index = tmp_path / "model_index.json"
+    for content, expected in (({}, "all"), ({"teacher_config": {}}, "all"),
+                              ({"teacher_config": {"encoder_states": "words"}}, "words"),
+                              ({"teacher_config": {"encoder_states": "all"}}, "all")):
+        index.write_text(json.dumps(content))
+        assert encoder_states_of(tmp_path) == expected, content
+    index.write_text(json.dumps({"teacher_config": {"encoder_states": "some"}}))
+    with pytest.raises(ValueError, match="encoder_states"):
+        encoder_states_of(tmp_path)
+
+
+def test_guidance_settings_as_given(tiny_pixel_sd):
+    made = StableDiffusionGuidance(tiny_pixel_sd, t_range=(0.0, 1.0), encoder_states="words")
+    assert made.encoder_states == "words" and made.timestep_range() == (0, 999)
+    assert made.dtype == torch.float32 and next(made.unet.parameters()).dtype == torch.float32  # CPU: full precision
+    # Defaults: no attention slicing, no channels-last weights.
+    assert not any("Sliced" in type(p).__name__ for p in made.unet.attn_processors.values())
+    assert all(p.is_contiguous() for p in made.unet.parameters())
+    half = StableDiffusionGuidance(tiny_pixel_sd, half_precision=True, attention_slicing=True)
+    assert half.dtype == torch.float16 and next(half.unet.parameters()).dtype == torch.float16
+    assert any("Sliced" in type(p).__name__ for p in half.unet.attn_processors.values())
+    with pytest.raises(ValueError, match="encoder_states"):
+        StableDiffusionGuidance(tiny_pixel_sd, encoder_states="some")
+    for t_range in ((0.3, 0.3), (0.5, 1.5), (-0.1, 0.5)):
+        with pytest.raises(ValueError, match="t_range"):
+            StableDiffusionGuidance(tiny_pixel_sd, t_range=t_range)
