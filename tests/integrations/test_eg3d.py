@@ -230,3 +230,22 @@ def test_install_checks_its_arguments_and_modules(eg3d):
     integration.install()  # again: nothing to do
     integration.uninstall()
     assert eg3d.renderer.sample_from_planes.__module__ == "training.volumetric_rendering.renderer"
+
+
+def test_restated_eg3d_agrees_with_its_formulation(eg3d):
+    """The re-stated EG3D code these tests treat as EG3D's agrees with EG3D's equations as written out
+    independently in tests/eg3d_formulation.py (ray marcher, ray sampler, plane axes)."""
+    from eg3d_formulation import EG3D_PLANE_AXES, eg3d_rays, published_ray_march
+
+    torch.testing.assert_close(eg3d.renderer.generate_planes(), EG3D_PLANE_AXES, rtol=0, atol=0)
+    colors, densities = torch.rand(2, 20, 9, 4), torch.randn(2, 20, 9, 1) * 3
+    depths = torch.sort(torch.rand(2, 20, 9, 1) + 2.25, dim=2).values
+    for white_back in (False, True):
+        options = dict(OPTIONS, white_back=white_back)
+        for got, want in zip(eg3d.ray_marcher.MipRayMarcher2()(colors, densities, depths, options),
+                             published_ray_march(colors, densities, depths, options)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    c = camera_labels(sample_orbit_poses(2), fov_to_intrinsics(18.837))
+    for got, want in zip(eg3d.ray_sampler.RaySampler()(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3), 6),
+                         eg3d_rays(c, 6)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
