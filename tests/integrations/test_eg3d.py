@@ -203,8 +203,8 @@ def test_install_falls_back_for_other_decoders_and_axes(eg3d, monkeypatch):
             return {"rgb": out["rgb"] * 0.5, "sigma": out["sigma"]}
 
     renderer = eg3d.renderer.ImportanceRenderer()
-    for wrapped, plane_axes in ((OSGDecoder(decoder), None),
-                                (decoder, torch.stack([rotation(0.2, 1) @ p for p in eg3d.renderer.generate_planes()]))):
+    rotated = torch.stack([rotation(0.2, 1) @ p for p in eg3d.renderer.generate_planes()])
+    for wrapped, plane_axes in ((OSGDecoder(decoder), None), (decoder, rotated)):
         if plane_axes is not None:
             renderer.plane_axes = plane_axes
         expected = render(eg3d, renderer, planes, wrapped, seed=3)

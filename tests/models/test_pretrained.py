@@ -94,7 +94,8 @@ def eg3d_networks(generator, discriminator, eg3d, label_std=(0.1, 0.2)):
     modules = G._modules
     G._modules = collections.OrderedDict([("renderer", modules["renderer"]),
                                           ("ray_sampler", eg3d.ray_sampler.RaySampler()),
-                                          *[(name, modules[name]) for name in ("backbone", "superresolution", "decoder")]])
+                                          *[(name, modules[name])
+                                            for name in ("backbone", "superresolution", "decoder")]])
     G._init_kwargs, G._last_planes = kwargs, None
     G.register_buffer("dataset_label_std", torch.tensor(label_std))
     D = as_eg3d(discriminator, eg3d)
@@ -144,7 +145,8 @@ def test_eg3d_snapshot_imports_without_running_its_code(tmp_path, eg3d, capsys):
     assert b"dataset_label_std" in (tmp_path / "network.pkl").read_bytes()
     reconstructions = len(eg3d.persistence.RECONSTRUCTIONS)
     data = load_network_pickle(tmp_path / "network.pkl")
-    assert data["G_ema"].state["_modules"]["renderer"].class_name == "training.volumetric_rendering.renderer.ImportanceRenderer"
+    renderer = data["G_ema"].state["_modules"]["renderer"]
+    assert renderer.class_name == "training.volumetric_rendering.renderer.ImportanceRenderer"
     assert main(["import-eg3d", str(tmp_path / "network.pkl"), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert len(eg3d.persistence.RECONSTRUCTIONS) == reconstructions  # EG3D's loader never ran
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "discriminator.safetensors", "generator.safetensors"]

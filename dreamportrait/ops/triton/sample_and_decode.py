@@ -142,10 +142,14 @@ def _backward_kernel(
             tl.atomic_add(grad_base + p10[:, None] * C + c[None, :], w10[:, None] * grad_sample, mask=m10[:, None])
             tl.atomic_add(grad_base + p11[:, None] * C + c[None, :], w11[:, None] * grad_sample, mask=m11[:, None])
         if NEEDS_POINTS:
-            d00 = tl.sum(grad_sample * tl.load(base + p00[:, None] * C + c[None, :], mask=m00[:, None], other=0.0).to(ACC), axis=1)
-            d01 = tl.sum(grad_sample * tl.load(base + p01[:, None] * C + c[None, :], mask=m01[:, None], other=0.0).to(ACC), axis=1)
-            d10 = tl.sum(grad_sample * tl.load(base + p10[:, None] * C + c[None, :], mask=m10[:, None], other=0.0).to(ACC), axis=1)
-            d11 = tl.sum(grad_sample * tl.load(base + p11[:, None] * C + c[None, :], mask=m11[:, None], other=0.0).to(ACC), axis=1)
+            v00 = tl.load(base + p00[:, None] * C + c[None, :], mask=m00[:, None], other=0.0)
+            d00 = tl.sum(grad_sample * v00.to(ACC), axis=1)
+            v01 = tl.load(base + p01[:, None] * C + c[None, :], mask=m01[:, None], other=0.0)
+            d01 = tl.sum(grad_sample * v01.to(ACC), axis=1)
+            v10 = tl.load(base + p10[:, None] * C + c[None, :], mask=m10[:, None], other=0.0)
+            d10 = tl.sum(grad_sample * v10.to(ACC), axis=1)
+            v11 = tl.load(base + p11[:, None] * C + c[None, :], mask=m11[:, None], other=0.0)
+            d11 = tl.sum(grad_sample * v11.to(ACC), axis=1)
             d_du = ((d01 - d00) * (1.0 - fy) + (d11 - d10) * fy + poison) * (W * 0.5) * scale
             d_dv = ((d10 - d00) * (1.0 - fx) + (d11 - d01) * fx + poison) * (H * 0.5) * scale
             gx += (d_du if U == 0 else 0.0) + (d_dv if V == 0 else 0.0)
@@ -211,8 +215,10 @@ def backward(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: floa
     accumulation = accumulation_dtype(planes.dtype)
     grad_planes = planes.new_zeros((batch, 3, height, width, channels) if needs_planes else (1,), dtype=accumulation)
     grad_points = points.new_zeros(points.shape if needs_points else (1,))
-    sums = [weight1.new_zeros(weight1.shape[::-1], dtype=accumulation), bias1.new_zeros(bias1.shape, dtype=accumulation),
-            weight2.new_zeros(weight2.shape[::-1], dtype=accumulation), bias2.new_zeros(bias2.shape, dtype=accumulation)]
+    sums = [weight1.new_zeros(weight1.shape[::-1], dtype=accumulation),
+            bias1.new_zeros(bias1.shape, dtype=accumulation),
+            weight2.new_zeros(weight2.shape[::-1], dtype=accumulation),
+            bias2.new_zeros(bias2.shape, dtype=accumulation)]
     if batch * count > 0:
         launch(_backward_kernel, (triton.cdiv(count, BLOCK_N), batch), grad_output.contiguous(),
                *_operands(planes, points, weight1, bias1, weight2, bias2), grad_planes, grad_points, *sums,
