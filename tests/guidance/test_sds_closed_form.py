@@ -220,3 +220,39 @@ def test_guidance_settings_as_given(tiny_pixel_sd):
     for t_range in ((0.3, 0.3), (0.5, 1.5), (-0.1, 0.5)):
         with pytest.raises(ValueError, match="t_range"):
             StableDiffusionGuidance(tiny_pixel_sd, t_range=t_range)
+
+
+def test_frozen_models_and_buffers(tiny_latent_sd, tmp_path):
+    from tiny_models import write_tiny_stable_diffusion
+
+    made = StableDiffusionGuidance(tiny_latent_sd, channels_last=True)
+    for module in (made.unet, made.vae):
+        assert not any(p.requires_grad for p in module.parameters()) and not module.training
+    assert "alphas_cumprod" not in made.state_dict() and made.alphas_cumprod.dtype == torch.float32
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in made.unet.parameters())
+    half = StableDiffusionGuidance(tiny_latent_sd, half_precision=True)
+    assert next(half.vae.parameters()).dtype == torch.float16
+    assert next(half.text_encoder.model.parameters()).dtype == torch.float16
+    sample_model = write_tiny_stable_diffusion(tmp_path, latent=False, prediction_type="sample")
+    with pytest.raises(ValueError, match=r"^guidance model predicts 'sample'; supported: 'epsilon', 'v_prediction'$"):
+        StableDiffusionGuidance(sample_model)
+
+
+def test_sds_draws_come_from_the_given_generator_and_timesteps_may_be_floats():
+    g = guidance(t_range=(0.1, 0.9))
+    images = torch.rand(3, 3, 4, 4)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(g.sds_loss(images, ["a"] * 3, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(runs[0].t, runs[1].t) and torch.equal(runs[0].grad, runs[1].grad)
+    expected_t = torch.randint(100, 901, (3,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(runs[0].t, expected_t)
+    as_floats = g.sds_loss(images, ["a"] * 3, t=expected_t.float(), noise=torch.zeros(3, 3, 4, 4))
+    as_ints = g.sds_loss(images, ["a"] * 3, t=expected_t, noise=torch.zeros(3, 3, 4, 4))
+    assert as_floats.t.dtype == torch.long and torch.equal(as_floats.grad, as_ints.grad)
+    for shape in ((2, 3, 8), (2, 4, 8, 8)):
+        with pytest.raises(ValueError, match=rf"^images must have shape \(B, 3, H, W\), got {shape}$".replace("(2", r"\(2")
+                           .replace("8)$", r"8\)$")):
+            g.sds_loss(torch.zeros(shape), ["a", "b"])
