@@ -256,3 +256,9 @@ def test_sds_draws_come_from_the_given_generator_and_timesteps_may_be_floats():
         with pytest.raises(ValueError, match=rf"^images must have shape \(B, 3, H, W\), got {shape}$".replace("(2", r"\(2")
                            .replace("8)$", r"8\)$")):
             g.sds_loss(torch.zeros(shape), ["a", "b"])
+
+
+def test_half_precision_latents_are_encoded_in_the_vaes_precision_and_returned_in_float32(tiny_latent_sd):
+    half = StableDiffusionGuidance(tiny_latent_sd, half_precision=True)
+    latents = half.encode_images(torch.rand(1, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
+    assert latents.dtype == torch.float32 and latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
