@@ -11,7 +11,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -144,9 +143,24 @@ DP_CPU_CLONES void point_grads(const scalar_t* __restrict__ planes_b, const scal
 }
 
 // Elementwise loops of the decoder, vectorised per instruction set.
+// a += bias (per column), h = softplus(a): rows of width `width`.
 template <typename scalar_t>
-DP_CPU_CLONES void softplus_into(const scalar_t* __restrict__ a, scalar_t* __restrict__ h, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus(a[i]);
+DP_CPU_CLONES void bias_softplus(scalar_t* __restrict__ a, const scalar_t* __restrict__ bias,
+                                 scalar_t* __restrict__ h, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) {
+      const scalar_t value = a[r * width + j] + bias[j];
+      a[r * width + j] = value;
+      h[r * width + j] = decoder::softplus(value);
+    }
+  }
+}
+
+// x += bias (per column), rows of width `width`.
+template <typename scalar_t>
+DP_CPU_CLONES void add_bias(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j) x[r * width + j] += bias[j];
 }
 
 // grad_hidden *= softplus'(a), in place.
@@ -198,9 +212,13 @@ void decode_tile(Scratch& s, const scalar_t* planes_b, const scalar_t* points, c
   const int64_t count = end - begin;
   F = s.F.narrow(0, 0, count), A = s.A.narrow(0, 0, count), H = s.H.narrow(0, 0, count), X = s.X.narrow(0, 0, count);
   sample_mean(planes_b, points, F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
-  at::addmm_out(A, b1, F, w1.t());
-  softplus_into(A.const_data_ptr<scalar_t>(), H.mutable_data_ptr<scalar_t>(), count * d.K);
-  at::addmm_out(X, b2, H, w2.t());
+  // Plain matmuls, the biases added in the elementwise passes (addmm would first copy them into
+  // every row of the output).
+  at::mm_out(A, F, w1.t());
+  bias_softplus(A.mutable_data_ptr<scalar_t>(), b1.const_data_ptr<scalar_t>(), H.mutable_data_ptr<scalar_t>(),
+                count, d.K);
+  at::mm_out(X, H, w2.t());
+  add_bias(X.mutable_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(), count, d.O);
 }
 
 // Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers.
