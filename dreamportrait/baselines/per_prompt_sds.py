@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from ..defaults import BASELINE_STEPS
 from ..guidance import StableDiffusionGuidance
 from ..models import camera_rays, sample_camera_labels, split_camera_labels
-from ..models.pretrained import save_weights
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
+from ..weights import save_weights
 
 DEFAULT_STEPS = BASELINE_STEPS
 """threestudio's DreamFusion default (the paper optimises 15,000 steps)."""

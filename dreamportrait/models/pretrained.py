@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._atomic import atomic_path
 from .._manifest import MANIFEST, verify_manifest
+from ..weights import load_weights, read_weights, save_weights  # noqa: F401  (re-exported)
 from .discriminator import DualDiscriminator
 from .safe_pickle import PickledObject, load_network_pickle
 from .text_conditioning import TextConditionedGenerator
@@ -37,21 +37,6 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"generator": "generator.safetensors", "discriminator": "discriminator.safetensors"}
 NETWORK_CLASSES = {"generator": TriPlaneGenerator, "discriminator": DualDiscriminator}
-
-
-def load_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``tensors`` into ``module`` strictly; a ValueError names every missing, unknown or
-    wrongly shaped key (up to ten of each)."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unknown = sorted(set(tensors) - set(expected))
-    wrong = [f"{key} {tuple(tensors[key].shape)} (expected {tuple(expected[key].shape)})"
-             for key in expected if key in tensors and tuple(tensors[key].shape) != tuple(expected[key].shape)]
-    problems = [f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                for what, keys in (("missing keys", missing), ("unknown keys", unknown), ("wrong shapes", wrong)) if keys]
-    if problems:
-        raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(dict(tensors), strict=True)
 
 
 def save_pretrained(directory: str | Path, generator: TriPlaneGenerator | TextConditionedGenerator,
@@ -99,27 +84,6 @@ def _construct(cls, kwargs: dict, what: str, **extra):
         return cls(**kwargs, **extra)
     except TypeError as error:
         raise ValueError(f"{what} does not fit {cls.__name__}: {error}") from None
-
-
-def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """``module``'s state dict as a safetensors file, written atomically."""
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in module.state_dict().items()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-    return Path(path)
-
-
-def read_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``module`` strictly (:func:`load_weights`); a missing file
-    raises FileNotFoundError, a damaged one ValueError, both naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is damaged (not a readable safetensors file): {error}") from None
-    load_weights(module, tensors, str(path))
 
 
 TEXT_ENCODER_PARTS = ("tokenizer", "text_encoder")  # a Stable Diffusion layout's text half, copied beside a generator

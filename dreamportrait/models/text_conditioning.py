@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import gated_cross_attention
+from ..weights import load_weights
 from .renderer import TRIPLANE_AXES
 from .text_encoder import TextEncoder, TextFeatures
 from .triplane_generator import PLANE_CHANNELS, TriPlaneGenerator
@@ -267,6 +268,4 @@ class TextConditionedGenerator(nn.Module):
 
     def load_base_state_dict(self, state_dict) -> None:
         """Load an EG3D (``TriPlaneGenerator``) state dict into the base, strictly."""
-        from .pretrained import load_weights
-
         load_weights(self.base, state_dict, "base state dict")

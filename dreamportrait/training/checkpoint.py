@@ -28,7 +28,8 @@ import yaml
 
 from .._atomic import atomic_path, temporary_directory
 from .._manifest import verify_manifest, write_manifest
-from ..models.pretrained import read_weights, save_pretrained, save_weights
+from ..models.pretrained import save_pretrained
+from ..weights import read_weights, save_weights
 
 RAW_WEIGHTS = "generator_raw.safetensors"
 STATE_FILE = "training_state.pt"

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
-from ..models.pretrained import read_weights, save_weights
+from ..weights import read_weights, save_weights
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples
 
 INPUT_RESOLUTION = 32
