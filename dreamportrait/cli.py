@@ -16,14 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-
-# Inside the package (``configs/`` at the repository root links here), so an installed copy finds it too.
-WORLD_CONFIG = str(Path(__file__).resolve().parent / "configs" / "world.yaml")
-# dreamportrait.baselines.DEFAULT_STEPS, for --help texts: importing it would import torch for every
-# command's help; tests/test_generation.py checks that the two agree.
-BASELINE_DEFAULT_STEPS = 10_000
-# dreamportrait.generation.TRUNCATION_PSI, for the same reason (checked in the same test).
-TRUNCATION_PSI = 0.7
+# The library's defaults, from a module that imports no torch, so every command's --help stays fast.
+from dreamportrait.defaults import BASELINE_STEPS as BASELINE_DEFAULT_STEPS
+from dreamportrait.defaults import TRUNCATION_PSI, WORLD_CONFIG
 
 
 def _info(args: argparse.Namespace) -> int:
