@@ -102,6 +102,7 @@ def test_records_name_their_persistent_tensors_as_state_dict_keys():
     assert torch.equal(tensors["layer.weight"], weight.detach()) and not tensors["layer.weight"].requires_grad
     assert set(root.named_tensors("G.")) == {"G.scale", "G.layer.weight", "G.layer.running"}
     assert PickledObject().named_tensors() == {} and repr(child) == "PickledObject('torch.nn.modules.linear.Linear')"
+    assert PickledObject().class_name == "" and PickledObject().state == {}
 
 
 def test_record_state_is_a_copy_of_a_dict_or_kept_whole():
