@@ -15,7 +15,8 @@ from dreamportrait.outputs import depth_grey, depth_to_uint8, grid, slug, to_uin
 
 # torch's CPU generator (MT19937) seeded with 0 and 1: the first of the standard normals it draws for a
 # vector of 16 or more (torch's vectorised Box-Muller; shorter draws give other numbers).
-FIRST_NORMALS = {0: [-1.1258398, -1.1523602, -0.2505786, -0.4338788], 1: [-1.5255959, -0.7502318, -0.6539809, -1.6094848]}
+FIRST_NORMALS = {0: [-1.1258398, -1.1523602, -0.2505786, -0.4338788],
+                 1: [-1.5255959, -0.7502318, -0.6539809, -1.6094848]}
 
 
 @pytest.fixture(scope="module")

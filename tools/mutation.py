@@ -10,7 +10,8 @@ on the checkout itself. The areas (which files are mutated, which tests judge th
 ``[tool.mutmut]`` there. mutmut runs, per mutant, only the tests that executed the mutated function
 (its per-test selection), one at a time (``--max-children``, default 1) with one OpenMP thread
 (forked children of a multi-threaded torch can hang). The run's summary and the surviving
-mutants' diffs go to ``--out`` (default: the temporary directory's ``dreamportrait-mutation/AREA/``). Needs ``pip install mutmut`` (tested with 3.8).
+mutants' diffs go to ``--out`` (default: the temporary directory's ``dreamportrait-mutation/AREA/``).
+Needs ``pip install mutmut`` (tested with 3.8).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def configure(copy: Path, area: dict) -> None:
     extensions = [f"dreamportrait/{path.name}" for path in (copy / "dreamportrait").glob("_C*.so")]
     settings = (f"only_mutate = {toml_list(area['mutate'])}\n"
                 f"pytest_add_cli_args_test_selection = {toml_list(area['tests'])}\n"
-                f"also_copy = {toml_list(extensions + ['tests/', 'dreamportrait/assets/', 'dreamportrait/configs/'])}\n")
+                f"also_copy = {toml_list(extensions + ['tests/', 'dreamportrait/assets/', 'dreamportrait/configs/'])}"
+                "\n")
     marker = "[tool.mutmut]\n"
     if marker not in text:
         raise SystemExit("pyproject.toml has no [tool.mutmut] section")
@@ -90,7 +92,7 @@ def run_area(name: str, area: dict, out: Path, max_children: int, tree: str) -> 
         out.mkdir(parents=True, exist_ok=True)
         statuses = [line.rsplit(": ", 1)[-1].strip() for line in results.splitlines() if ": " in line]
         counts = {status: statuses.count(status) for status in sorted(set(statuses))}
-        judged = sum(counts.values()) - counts.get("no tests", 0) - counts.get("skipped", 0) - counts.get("not checked", 0)
+        judged = sum(counts.values()) - sum(counts.get(status, 0) for status in ("no tests", "skipped", "not checked"))
         killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
         score = f"{killed}/{judged} = {100 * killed / judged:.1f} %" if judged else "no mutants judged"
         summary = (f"area {name} ({tree}): {score} killed ({counts}); started {started:%Y-%m-%d %H:%M} UTC, "

@@ -73,7 +73,8 @@ def test_hand_worked_origins_yaw_right_moves_the_camera_to_plus_x_pitch_down_mov
         # pitch pi/3: cos(phi) = 1 - 2/3 = 1/3, sin(phi) = sqrt(8)/3: above the head
         (FRONTAL, math.pi / 3): (0.0, r / 3, r * math.sqrt(8) / 3),
         # pitch 2pi/3: cos(phi) = -1/3: below
-        (FRONTAL + math.pi / 6, 2 * math.pi / 3): (r * math.sqrt(8) / 6, -r / 3, r * math.sqrt(8) / 3 * math.sqrt(3) / 2),
+        (FRONTAL + math.pi / 6, 2 * math.pi / 3): (r * math.sqrt(8) / 6, -r / 3,
+                                                   r * math.sqrt(8) / 3 * math.sqrt(3) / 2),
     }
     yaw = torch.tensor([k[0] for k in cases], dtype=torch.float64)
     pitch = torch.tensor([k[1] for k in cases], dtype=torch.float64)
@@ -91,7 +92,8 @@ def test_every_camera_looks_at_the_pivot_without_roll_in_opencv_axes(yaw, pitch)
     assert np.allclose(pose[3], [0, 0, 0, 1])
     assert np.isclose(np.linalg.norm(origin), 2.7)
     forward = rotation[:, 2]
-    assert np.allclose(forward, (PIVOT - origin) / np.linalg.norm(PIVOT - origin), rtol=0, atol=1e-12)  # z looks at the pivot
+    towards_pivot = (PIVOT - origin) / np.linalg.norm(PIVOT - origin)
+    assert np.allclose(forward, towards_pivot, rtol=0, atol=1e-12)  # z looks at the pivot
     assert abs(rotation[1, 0]) < 1e-12  # x (right) is horizontal: no roll
     assert rotation[1, 1] < 0  # y points down the world's +y (OpenCV)
     K = fov_to_intrinsics(18.837).double().numpy()
@@ -285,7 +287,8 @@ def test_sampled_angles_and_labels_are_the_generators_uniform_draws():
         generator = torch.Generator().manual_seed(11)
         torch.manual_seed(0)
         yaw, pitch = sample_orbit_angles(n, yaw_range, pitch_range, distribution, generator)
-        assert torch.allclose(yaw, FRONTAL + offsets[0] * yaw_range) and torch.allclose(pitch, FRONTAL + offsets[1] * pitch_range)
+        assert torch.allclose(yaw, FRONTAL + offsets[0] * yaw_range)
+        assert torch.allclose(pitch, FRONTAL + offsets[1] * pitch_range)
         follow = torch.Generator().manual_seed(11)
         (torch.rand if distribution == "uniform" else torch.randn)(2, n, generator=follow)
         assert torch.equal(generator.get_state(), follow.get_state())

@@ -79,7 +79,8 @@ def accepted(module, name):
 def test_the_allowed_globals_are_exactly_the_reviewed_list():
     names = {(module, name) for module in CANDIDATE_MODULES for name in dir(importlib.import_module(module))}
     names |= ALLOWED | PLAIN_CLASSES | set(DANGEROUS)
-    names |= {("torch_utils.persistence", n) for n in ("_reconstruct_persistent_obj", "persistent_class", "_src_to_module")}
+    names |= {("torch_utils.persistence", n)
+              for n in ("_reconstruct_persistent_obj", "persistent_class", "_src_to_module")}
     names |= {("dnnlib.util", n) for n in ("EasyDict", "call_func_by_name", "get_obj_by_name", "open_url")}
     records = {(m, n) for m, n in names if m.startswith("torch.nn.modules.") and n.isidentifier() and n[0].isupper()}
     assert {key for key in names if accepted(*key)} == ALLOWED | PLAIN_CLASSES | records
@@ -292,7 +293,8 @@ def test_a_pickled_dtype_cannot_change_numpys_shared_dtypes(tmp_path):
     path.write_bytes(pickle.dumps({"G": np.dtype(">f4")}, protocol=4))
     assert load_network_pickle(path)["G"] == np.dtype(">f4")
     # The same global, built with a state that would make float32 big-endian if it were the shared one.
-    body = glob("numpy", "dtype") + b"(" + text("f4") + b"\x89\x88tR" + b"(K\x03" + text(">") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    body = (glob("numpy", "dtype") + b"(" + text("f4") + b"\x89\x88tR"
+            + b"(K\x03" + text(">") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
     loaded = load(tmp_path, body)["G"]
     assert loaded.byteorder == ">" and np.dtype("float32").__reduce__()[2] == state_before
     assert np.dtype("float32").byteorder in ("=", "<")

@@ -268,7 +268,8 @@ def test_legacy_storages_whose_records_do_not_match_their_data_are_refused():
     good = legacy_storage([1.0, 2.0, 3.0])
     key = storage_key(good)
     cases = {
-        "refusing to load os.FloatStorage inside a tensor storage": good.replace(b"ctorch\nFloatStorage", b"cos\nFloatStorage"),
+        "refusing to load os.FloatStorage inside a tensor storage":
+            good.replace(b"ctorch\nFloatStorage", b"cos\nFloatStorage"),
         "refusing to load torch.FooStorage inside a tensor storage": good.replace(b"FloatStorage", b"FooStorage"),
         "a tensor storage that is not in torch.save's format": good.replace(b"\x8a\nl\xfc", b"\x8a\nm\xfc", 1),
         "a tensor storage whose records do not match its data": good[::-1].replace(key[::-1], b"1" * 14, 1)[::-1],
@@ -404,7 +405,8 @@ def test_import_eg3d_names_each_network_by_the_pickle_and_its_key(tmp_path, monk
     from dreamportrait.models import pretrained
 
     calls, saved = [], []
-    monkeypatch.setattr(pretrained, "network_from_record", lambda record, role, source: calls.append((role, source)) or role)
+    monkeypatch.setattr(pretrained, "network_from_record",
+                        lambda record, role, source: calls.append((role, source)) or role)
     monkeypatch.setattr(pretrained, "save_pretrained", lambda out, g, d: saved.append((g, d)) or out)
     path = tmp_path / "net.pkl"
     path.write_bytes(pickle.dumps({"G_ema": 1, "D": 2}, protocol=4))
@@ -429,7 +431,8 @@ def test_load_network_pickle_names_empty_damaged_and_non_dict_files(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged \(not a readable pickle\): persistent IDs"):
         load_network_pickle(path)
     path.write_bytes(b".")  # STOP on an empty stack
-    with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged or not a network pickle: pop from empty list$"):
+    with pytest.raises(pickle.UnpicklingError,
+                       match=r"net.pkl is damaged or not a network pickle: pop from empty list$"):
         load_network_pickle(path)
     path.write_bytes(b"\xff")  # not an opcode: a KeyError whose message is the byte
     with pytest.raises(pickle.UnpicklingError, match=r"net.pkl is damaged or not a network pickle: 255$"):

@@ -233,7 +233,8 @@ class ScaledGenerator(nn.Module):
         return self.a * z
 
     def synthesis(self, ws, c, **kwargs):
-        return {"image": ws[:, None, :, None].expand(-1, 3, 4, 4), "image_raw": ws[:, None, :2, None].expand(-1, 3, 2, 2)}
+        return {"image": ws[:, None, :, None].expand(-1, 3, 4, 4),
+                "image_raw": ws[:, None, :2, None].expand(-1, 3, 2, 2)}
 
 
 def test_gan_trainer_generator_step_descends_softplus_of_minus_d_and_updates_the_ema_by_one_minus_beta():
