@@ -209,6 +209,7 @@ def test_encoder_states_come_from_the_model_index_or_default_to_all(tmp_path):
 
 def test_guidance_settings_as_given(tiny_pixel_sd):
     made = StableDiffusionGuidance(tiny_pixel_sd, t_range=(0.0, 1.0), encoder_states="words")
+    assert made.guidance_scale == 7.5 and made.weighting == "sds" and made.grad_clip is None  # the defaults
     assert made.encoder_states == "words" and made.timestep_range() == (0, 999)
     assert made.dtype == torch.float32 and next(made.unet.parameters()).dtype == torch.float32  # CPU: full precision
     # Defaults: no attention slicing, no channels-last weights.
@@ -254,6 +255,8 @@ def test_sds_draws_come_from_the_given_generator_and_timesteps_may_be_floats():
     as_floats = g.sds_loss(images, ["a"] * 3, t=expected_t.float(), noise=torch.zeros(3, 3, 4, 4))
     as_ints = g.sds_loss(images, ["a"] * 3, t=expected_t, noise=torch.zeros(3, 3, 4, 4))
     assert as_floats.t.dtype == torch.long and torch.equal(as_floats.grad, as_ints.grad)
+    wide = g.sds_loss(images, ["a"] * 3, t=expected_t, noise=torch.zeros(3, 3, 4, 4, dtype=torch.float64))
+    assert wide.grad.dtype == torch.float32 and torch.equal(wide.grad, as_ints.grad)  # noise in the latents' dtype
     for shape in ((2, 3, 8), (2, 4, 8, 8)):
         pattern = re.escape(f"images must have shape (B, 3, H, W), got {shape}")
         with pytest.raises(ValueError, match=f"^{pattern}$"):
