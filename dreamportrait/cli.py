@@ -215,31 +215,11 @@ def _world_build(args: argparse.Namespace) -> int:
 
 
 def _world_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from dreamportrait.training import load_config
-    from dreamportrait.world.assets import asset_dir
-    from dreamportrait.world.train import (SETTINGS, dreamportrait_overrides, real_images_dir, real_images_stage,
-                                           train_gan_stage)
+    from dreamportrait.world.train import prepare_run
 
     try:
-        if args.gan is not None and args.gan_steps is not None:
-            raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
-        setting = SETTINGS[args.setting]
-        if args.gan_steps is not None:
-            setting = dataclasses.replace(setting, gan=dataclasses.replace(setting.gan, steps=args.gan_steps))
-        teacher = args.teacher or asset_dir("teacher")
-        gan = asset_dir("gan") if args.gan == "packaged" else args.gan
-        if gan is not None and not Path(gan, "config.json").is_file():
-            raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {args.gan!r}")
-        config = load_config(args.config, dreamportrait_overrides(args.out, teacher, setting, args.overrides, gan,
-                                                                  gan_real=args.gan_real))
-        if gan is None:
-            train_gan_stage(args.out, setting, seed=args.seed)
-        real = config.gan.real_image_dir  # None when the regulariser is off or reads no images
-        if real is not None and Path(real) == real_images_dir(args.out):  # not when overrides point elsewhere
-            config.gan.image_dir = str(real_images_stage(args.out, setting, seed=args.seed,
-                                                         group_size=config.gan.group_size))
+        config = prepare_run(args.out, args.config, teacher=args.teacher, gan=args.gan, gan_steps=args.gan_steps,
+                             gan_real=args.gan_real, setting=args.setting, overrides=args.overrides, seed=args.seed)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2

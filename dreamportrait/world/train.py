@@ -113,3 +113,37 @@ def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: W
             "renders": ["gan.real=images", f"gan.image_dir={real_images_dir(out)}"]}[gan_real]
     return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={gan}", f"guidance.source={teacher}",
             f"prompt_file={prompts}", *real, *setting.overrides, *overrides]
+
+
+def prepare_run(out_dir: str | Path, config: str | Path, teacher: str | Path | None = None,
+                gan: str | Path | None = None, gan_steps: int | None = None, gan_real: str = "renders",
+                setting: str = "default", overrides: list[str] | tuple[str, ...] = (), seed: int = 0):
+    """Every stage of ``dreamportrait world train`` before DreamPortrait's own training, in order;
+    returns the DreamPortrait run's :class:`~dreamportrait.training.TrainConfig` (``config`` with
+    :func:`dreamportrait_overrides` and the user's ``overrides``). ``teacher``: default the packaged
+    one; ``gan``: a pretrained 3D GAN directory or ``"packaged"``, which skips the GAN stage (default:
+    train one, for ``gan_steps`` steps if given); ``gan_real``: see :func:`dreamportrait_overrides`.
+    Raises ValueError for arguments that do not fit together."""
+    import dataclasses
+
+    from ..training import load_config
+    from .assets import asset_dir
+
+    if gan is not None and gan_steps is not None:
+        raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
+    chosen = SETTINGS[setting]
+    if gan_steps is not None:
+        chosen = dataclasses.replace(chosen, gan=dataclasses.replace(chosen.gan, steps=gan_steps))
+    teacher = teacher or asset_dir("teacher")
+    pretrained = asset_dir("gan") if gan == "packaged" else gan
+    if pretrained is not None and not Path(pretrained, "config.json").is_file():
+        raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {gan!r}")
+    run_config = load_config(config, dreamportrait_overrides(out_dir, teacher, chosen, overrides, pretrained,
+                                                             gan_real=gan_real))
+    if pretrained is None:
+        train_gan_stage(out_dir, chosen, seed=seed)
+    real = run_config.gan.real_image_dir  # None when the regulariser is off or reads no images
+    if real is not None and Path(real) == real_images_dir(out_dir):  # not when overrides point elsewhere
+        run_config.gan.image_dir = str(real_images_stage(out_dir, chosen, seed=seed,
+                                                         group_size=run_config.gan.group_size))
+    return run_config
