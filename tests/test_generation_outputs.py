@@ -3,6 +3,7 @@ view, a seed always draws the same latent (the documented seed -> latent mapping
 grid and depth encodings follow their closed forms."""
 
 import math
+import re
 
 import imageio.v3 as iio
 import numpy as np
@@ -129,3 +130,30 @@ def test_a_seed_draws_its_latent_from_torchs_cpu_generator_seeded_with_it(genera
     first = sample(generator, "a man", 5)[0]
     torch.manual_seed(99)
     assert torch.equal(sample(generator, "a man", 5)[0], first)
+
+
+def test_seed_limits_and_messages():
+    from dreamportrait.generation import MAX_SEEDS, SEED_LIMIT, check_seeds
+
+    assert SEED_LIMIT == 2**32 and MAX_SEEDS == 10_000
+    message = (r"^--seeds must look like 0-3,7: integers from 0 to 4294967295 and ranges of them, "
+               r"at most 10000 seeds in all; got ")
+    assert parse_seeds("4294967295") == [4294967295] and parse_seeds("1") == [1] and parse_seeds("0") == [0]
+    assert len(parse_seeds("0-9999")) == MAX_SEEDS and len(parse_seeds("0-9998,3")) == MAX_SEEDS
+    for bad in ("4294967296", "0-10000", "0-9998,3,4", "10-10010", "1-0", "x" * 150):
+        with pytest.raises(ValueError, match=message + re.escape(repr(bad[:100])) + "$"):
+            parse_seeds(bad)
+    assert check_seeds((0, 4294967295)) == [0, 4294967295] and check_seeds([np.int64(3)]) == [3]
+    for bad in ([], "12", b"1", 3, [True], [-1], [4294967296], [1.0], list(range(60))[::-1] + [-1]):
+        with pytest.raises(ValueError, match=r"^seeds must be a non-empty list of integers from 0 to 4294967295, "
+                                             r"got " + re.escape(str(bad)[:100]) + "$"):
+            check_seeds(bad)
+
+
+def test_depth_encodings_at_their_edges():
+    assert np.array_equal(depth_to_uint8(torch.full((1, 2, 2), float("nan"))), np.zeros((2, 2)))  # nothing finite
+    inf = depth_to_uint8(torch.tensor([[[1.0, float("inf")], [3.0, float("-inf")]]]))
+    assert np.array_equal(inf, [[255, 0], [0, 255]])  # infinities clamp to the ends of the finite range
+    grey = depth_grey(torch.tensor([[[[0.5, 4.0]]], [[[2.0, 1.0]]]]), near=1.0, far=3.0)
+    assert grey.shape == (2, 3, 1, 2)
+    assert torch.equal(grey[:, 0, 0], torch.tensor([[1.0, -1.0], [0.0, 1.0]]))  # beyond near/far: clamped
