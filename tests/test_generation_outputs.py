@@ -157,3 +157,19 @@ def test_depth_encodings_at_their_edges():
     grey = depth_grey(torch.tensor([[[[0.5, 4.0]]], [[[2.0, 1.0]]]]), near=1.0, far=3.0)
     assert grey.shape == (2, 3, 1, 2)
     assert torch.equal(grey[:, 0, 0], torch.tensor([[1.0, -1.0], [0.0, 1.0]]))  # beyond near/far: clamped
+
+
+def test_the_one_forward_pass_renders_what_the_generators_own_forward_does(generator):
+    """sample + render_views (planes computed once, reused for every view) equal the generator's
+    forward for the same latent, prompt, truncation and frontal conditioning: the text reaches the
+    planes (cross-attention) as well as the ws (adapters)."""
+    seed, views = 2, 3
+    cameras = view_cameras(views, math.radians(35.0), 2.7, (0, 0, 0.2), 18.837)
+    with torch.no_grad():
+        ws, sr_ws, planes = sample(generator, "a woman with red hair", seed)
+        split = render_views(generator, ws, sr_ws, planes, cameras)["image"]
+        z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).expand(views, -1)
+        whole = generator(z, cameras, prompts=["a woman with red hair"] * views, truncation_psi=TRUNCATION_PSI,
+                          conditioning=frontal_camera(generator).expand(views, -1), noise_mode="const",
+                          deterministic_sampling=True)["image"]
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
