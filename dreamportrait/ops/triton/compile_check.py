@@ -34,6 +34,8 @@ from .launch import Launch, recording
 
 # sm_80 (A100), sm_90 (H100/H200), sm_100 (B200): every generation users run on.
 TARGET_ARCHS = (80, 90, 100)
+# Shared memory one block may use on each (bytes): 163 KiB on sm_80, 227 KiB on sm_90 and sm_100.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def op_variants() -> Iterator[tuple[str, Callable[[], None]]]:
     """``(description, run)`` for each dtype and variant of the three ops on the triton backend;
     ``run`` calls the public op forward and backward on small CPU (or CUDA) tensors. Shapes come in
     two kinds: sizes divisible by 16 and ragged ones, since Triton specialises on both."""
-    from .. import composite_rays, gated_cross_attention, triplane_sample
+    from .. import composite_rays, gated_cross_attention, sample_and_decode, triplane_sample
     from .._checks import backend_dtypes
     from ..triplane_sample import EG3D_AXES, ORTHOGONAL_AXES, REDUCTIONS
 
@@ -94,6 +96,18 @@ def op_variants() -> Iterator[tuple[str, Callable[[], None]]]:
                 out = triplane_sample(planes, points, box_warp=1.0, axes=axes, reduce=reduce, backend="triton")
                 out.sum().backward()
             yield f"triplane_sample {dtype} reduce={reduce} axes={axes} N={count} C={channels}", run
+
+    # the fused sample-and-decode at EG3D's decoder sizes (C 32, K 64, O 33) and a smaller one
+    for dtype in dtypes:
+        for count, channels, hidden, outputs in ((64, 32, 64, 33), (37, 16, 16, 4)):
+            def run(dtype=dtype, count=count, channels=channels, hidden=hidden, outputs=outputs):
+                planes = randn(1, 3, channels, 8, 8, dtype=dtype)
+                points = (torch.rand(1, count, 3, device=device) - 0.5).to(dtype).requires_grad_()
+                layers = [randn(hidden, channels, dtype=dtype), randn(hidden, dtype=dtype),
+                          randn(outputs, hidden, dtype=dtype), randn(outputs, dtype=dtype)]
+                out = sample_and_decode(planes, points, 1.0, *layers, backend="triton")
+                out.sum().backward()
+            yield f"sample_and_decode {dtype} N={count} C={channels} K={hidden} O={outputs}", run
 
     # compositing: (rays, samples, channels), threshold on (inference) and off (with backward)
     for dtype in dtypes:
@@ -125,6 +139,17 @@ def op_variants() -> Iterator[tuple[str, Callable[[], None]]]:
                 out.sum().backward()
             yield (f"gated_cross_attention {dtype} D={dim} mask={masked} Lq={queries} Lk={keys} "
                    f"gate={gate_shape}"), run
+    # float32 on TF32 tensor cores, as when torch allows TF32 matmuls
+    for dim in (64, 128):
+        def run(dim=dim):
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                q, k, v = (randn(1, 2, length, dim, dtype=torch.float32) for length in (64, 77, 77))
+                gated_cross_attention(q, k, v, randn(2, dtype=torch.float32), backend="triton").sum().backward()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        yield f"gated_cross_attention torch.float32 tf32 D={dim}", run
 
 
 def record_op_launches(variants: Iterable[tuple[str, Callable[[], None]]] | None = None) -> list[Launch]:
@@ -330,7 +355,7 @@ def _demangle(name: str) -> str:
         demangled = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return name
-    return demangled.split("(")[0].replace("dreamportrait::(anonymous namespace)::", "")
+    return demangled.split("(")[0].removeprefix("void ").replace("dreamportrait::(anonymous namespace)::", "")
 
 
 def main() -> int:

@@ -46,18 +46,16 @@ class Tiles(NamedTuple):
 
 def tiles(dtype: torch.dtype, dim: int, backward: bool) -> Tiles:
     """Tile sizes for ``dtype`` and head dim ``dim``, chosen with the compile gate
-    (:mod:`dreamportrait.ops.triton.compile_check`) so that no kernel spills on sm_80/90/100:
-    the backward holds five ``(BLOCK_M, D)`` tiles per program, the forward two."""
+    (:mod:`dreamportrait.ops.triton.compile_check`) so that no kernel spills on sm_80/90/100.
+    Without tensor cores (IEEE float32, float64) a product keeps both operands in registers, so
+    those tiles are small; the backward holds five ``(BLOCK_M, D)`` tiles per program, the forward
+    two."""
     block_d = _block_d(dim)
-    if dtype == torch.float64:
+    if dtype in (torch.float32, torch.float64):
         return Tiles(16, 16, 4) if block_d <= 64 else Tiles(16, 16, 8)
     if backward:
-        if block_d <= 64:
-            return Tiles(64, 32, 4)
-        return Tiles(32, 32, 4) if block_d <= 128 else Tiles(32, 32, 8)
-    if block_d <= 64:
-        return Tiles(64, 32, 4)
-    return Tiles(64, 32, 4) if block_d <= 128 else Tiles(64, 32, 8)
+        return Tiles(32, 32, 4) if block_d <= 64 else Tiles(32, 32, 8)
+    return Tiles(64, 32, 4) if block_d <= 64 else Tiles(64, 32, 8)
 
 
 def _block_d(dim: int) -> int:

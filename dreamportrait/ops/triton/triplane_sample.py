@@ -20,7 +20,9 @@ from .launch import launch
 
 OP = "triplane_sample_triton"
 
-BLOCK_N = 64
+# Points per program. 32: with 64, the plane gradient's four scattered (BLOCK_N, BLOCK_C) corner
+# tiles spilled registers on sm_80 (the compile gate, tests/ops/test_compile_gate.py).
+BLOCK_N = 32
 
 
 @triton.jit
@@ -75,6 +77,15 @@ def _load_point(points_ptr, rows, mask, ACC: tl.constexpr):
 def _plane_taps(px, py, pz, scale, H, W, U: tl.constexpr, V: tl.constexpr):
     """Bilinear cell of the plane that takes axis U along W and axis V along H."""
     return _taps(_pick(px, py, pz, U) * scale, _pick(px, py, pz, V) * scale, H, W)
+
+
+@triton.jit
+def _on_axis(value, AXIS: tl.constexpr, TARGET: tl.constexpr):
+    """``value`` where plane axis AXIS is point axis TARGET, else zeros (decided at compile time)."""
+    if AXIS == TARGET:
+        return value
+    else:
+        return tl.zeros_like(value)
 
 
 @triton.jit
@@ -203,9 +214,9 @@ def _backward_points_kernel(
         d_dy = (d10 - d00) * (1.0 - fx) + (d11 - d01) * fx + poison
         d_du = _reduced(d_dx * (W * 0.5) * scale, MEAN)
         d_dv = _reduced(d_dy * (H * 0.5) * scale, MEAN)
-        gx += (d_du if U == 0 else 0.0) + (d_dv if V == 0 else 0.0)
-        gy += (d_du if U == 1 else 0.0) + (d_dv if V == 1 else 0.0)
-        gz += (d_du if U == 2 else 0.0) + (d_dv if V == 2 else 0.0)
+        gx += _on_axis(d_du, U, 0) + _on_axis(d_dv, V, 0)
+        gy += _on_axis(d_du, U, 1) + _on_axis(d_dv, V, 1)
+        gz += _on_axis(d_du, U, 2) + _on_axis(d_dv, V, 2)
     out_rows = rows.to(tl.int64) * 3
     out_ty = grad_points_ptr.dtype.element_ty
     tl.store(grad_points_ptr + out_rows + 0, gx.to(out_ty), mask=n_mask)
