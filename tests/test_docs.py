@@ -207,13 +207,17 @@ def run_bash(block: Block, cwd: Path) -> None:
 
 
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+# Any relative path that climbs out of the page's folder, linked or written in prose or code.
+RELATIVE_PATH = re.compile(r"(?P<path>(?:\.\./)+[\w.-]+)")
 PATH_IN_CODE = re.compile(r"`(?P<path>(?:docs|dreamportrait|configs|tests|benchmarks|csrc)/[\w./-]+)`")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_links_and_paths_resolve_inside_the_repository(page):
     text = page.read_text()
-    assert "../shared" not in text, f"{page_id(page)} points outside the repository"
+    for match in RELATIVE_PATH.finditer(text):
+        resolved = (page.parent / match["path"]).resolve()
+        assert resolved.is_relative_to(REPO), f"{page_id(page)}: {match['path']} points outside the repository"
     for match in LINK.finditer(text):
         target = match["target"].split("#", 1)[0]
         if not target or re.match(r"[a-z]+:", target):
