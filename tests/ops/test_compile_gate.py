@@ -157,6 +157,13 @@ def test_extension_kernels_do_not_spill():
     assert not spills, "\n".join(spills)
 
 
+def test_extension_table_has_a_row_per_kernel():
+    status = _cuda_build()
+    rows = compile_check.extension_table(status.path).splitlines()[2:]
+    assert len(rows) == len(compile_check.extension_kernels(status.path))
+    assert {f"sm_{arch}" for arch in status.cuda_archs} == {row.split(" | ")[1] for row in rows}
+
+
 def test_extension_holds_ptx_for_its_newest_architecture():
     status = _cuda_build()
     sass, ptx = compile_check.extension_archs(status.path)

@@ -365,12 +365,12 @@ def main() -> int:
     launches = record_op_launches()
     print(f"{len(launches)} distinct Triton launches, compiled for {', '.join(f'sm_{a}' for a in TARGET_ARCHS)}\n")
     print(triton_table(compile_launches(launches)))
-    library = _extension.library_path()
-    if library is not None:
-        sass, ptx = extension_archs(library)
-        print(f"\nCUDA extension: SASS {', '.join(f'sm_{a}' for a in sass) or 'none'}; "
+    status = _extension.status()
+    if status.has_cuda:
+        sass, ptx = extension_archs(status.path)
+        print(f"\nCUDA extension: SASS {', '.join(f'sm_{a}' for a in sass)}; "
               f"PTX {', '.join(f'compute_{a}' for a in ptx) or 'none'}\n")
-        print(extension_table(library))
+        print(extension_table(status.path))
     return 0
 
 
