@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 # The library's defaults, from a module that imports no torch, so every command's --help stays fast.
-from dreamportrait.defaults import BASELINE_STEPS as BASELINE_DEFAULT_STEPS
-from dreamportrait.defaults import TRUNCATION_PSI, WORLD_CONFIG
+from dreamportrait.defaults import BASELINE_STEPS, TRUNCATION_PSI, WORLD_CONFIG
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -126,30 +125,18 @@ def _run_training(config, command: str) -> int:
     return 0
 
 
-def _resolve_checkpoint(path: str):
-    from dreamportrait.training import latest_checkpoint
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"--checkpoint {path}: neither a model directory (config.json) nor a training run "
-                                f"with checkpoints")
-    return latest
-
-
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from dreamportrait.generation import generate, parse_seeds
     from dreamportrait.models import load_pretrained
+    from dreamportrait.training.checkpoint import pretrained_directory
 
     try:
         seeds = parse_seeds(args.seeds)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.checkpoint:
-            generator, _ = load_pretrained(_resolve_checkpoint(args.checkpoint), device=device,
+            generator, _ = load_pretrained(pretrained_directory(args.checkpoint), device=device,
                                            text_encoder=args.text_encoder)
         else:
             from dreamportrait.world.assets import load_default_generator
@@ -168,33 +155,20 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    import json
     import torch
 
-    from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene, save_scene
-    from dreamportrait.models import view_cameras
+    from dreamportrait.baselines import optimise_scene, write_baseline
     from dreamportrait.guidance import StableDiffusionGuidance
-    from dreamportrait.outputs import grid, to_uint8, write_image
 
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         guidance = StableDiffusionGuidance(args.guidance, guidance_scale=args.guidance_scale, device=device)
-        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
         result = optimise_scene(guidance, args.prompt, steps=args.steps, batch_size=args.batch_size,
                                 render_resolution=args.resolution, lr=args.lr, seed=args.seed)
     except (OSError, ValueError) as error:
         print(f"dreamportrait baseline: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    save_scene(result.scene, out / "scene.safetensors")
-    with torch.no_grad():
-        views = result.scene(view_cameras(args.views, 0.6, 2.7, (0, 0, 0.2), 18.837).to(device), args.resolution)
-    for index, image in enumerate(views["image"]):
-        write_image(out / f"view{index:02d}.png", to_uint8(image))
-    write_image(out / "grid.png", to_uint8(grid(views["image"], args.views)))
-    (out / "timing.json").write_text(json.dumps({"prompt": args.prompt, "steps": args.steps,
-                                                 "seconds": result.seconds, "final_sds_loss": result.losses[-1]
-                                                 if result.losses else None}, indent=2) + "\n")
+    out = write_baseline(result, args.out, args.prompt, args.steps, views=args.views, resolution=args.resolution)
     print(f"optimised {args.steps} steps in {result.seconds:.1f} s; wrote {out}")
     return 0
 
@@ -229,90 +203,25 @@ def _world_train(args: argparse.Namespace) -> int:
     return status
 
 
-# Arguments that only some evaluated methods read; given with another method they are refused,
-# not ignored (a checkpoint passed to the baseline would otherwise be silently unused).
-_EVALUATE_METHOD_ARGUMENTS = {"checkpoint": ("generator", "gan"), "guidance": ("baseline",), "config": ("baseline",),
-                              "baseline_steps": ("baseline",), "baseline_checkpoints": ("baseline",),
-                              "truncation": ("generator", "gan")}
-
-
-def _check_evaluate_arguments(args: argparse.Namespace) -> None:
-    for dest, methods in _EVALUATE_METHOD_ARGUMENTS.items():
-        if getattr(args, dest) is not None and args.method not in methods:
-            raise ValueError(f"--{dest.replace('_', '-')} applies only to --method {' or '.join(methods)}, "
-                             f"not --method {args.method}")
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
     from dreamportrait.generation import parse_seeds
-    from dreamportrait.world import evaluate as harness
-    from dreamportrait.world.assets import asset_dir
-    from dreamportrait.world.attributes import caption, held_out_combinations, parse_caption
-    from dreamportrait.world.dataset import load_dataset, render_samples
-    from dreamportrait.world.judge import load_judge
+    from dreamportrait.world.comparison import compare
+    from dreamportrait.world.evaluate import markdown_table
 
     out, name = Path(args.out), args.name or args.method
     try:
-        _check_evaluate_arguments(args)
-        seeds = parse_seeds(args.seeds)
-        prompts = list(args.prompt or [])
-        if args.held_out:
-            prompts += [caption(head, 0) for head in harness.spread(held_out_combinations(), args.held_out)]
-        if not prompts:
-            raise ValueError("give prompts with --prompt or --held-out N")
-        judge = load_judge(args.judge or asset_dir("judge"))
-        if args.real:
-            real = load_dataset(args.real)
-        else:  # renders of the evaluated prompts' attribute combinations, the same for every method
-            real = render_samples(sorted({parse_caption(p) for p in prompts}, key=str), args.real_count, 32, seed=0)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        truncation = TRUNCATION_PSI if args.truncation is None else args.truncation
-        if args.method == "baseline":
-            from dreamportrait.baselines import DEFAULT_STEPS
-            from dreamportrait.training import load_config
-            from dreamportrait.training.trainer import build_guidance
-
-            # The same guidance settings as the DreamPortrait run it is compared with.
-            source = args.guidance or asset_dir("teacher")
-            guidance = build_guidance(load_config(args.config or WORLD_CONFIG, [f"guidance.source={source}"]).guidance,
-                                      device)
-            checkpoints = [int(step) for step in (args.baseline_checkpoints or "").split(",") if step.strip()]
-            steps = DEFAULT_STEPS if args.baseline_steps is None else args.baseline_steps
-            method = harness.baseline_method(guidance, args.views, steps, checkpoints=checkpoints)
-        elif args.method == "world":
-            method = harness.world_method(args.views)
-        elif args.checkpoint or args.method == "gan":
-            from dreamportrait.models import TextConditionedGenerator, load_pretrained
-
-            source = _resolve_checkpoint(args.checkpoint) if args.checkpoint else asset_dir("gan")
-            generator = load_pretrained(source, device=device)[0]
-            if isinstance(generator, TextConditionedGenerator) != (args.method == "generator"):
-                wanted = "a text-conditioned" if args.method == "generator" else "a text-free"
-                raise ValueError(f"--method {args.method} needs {wanted} generator; {source} holds the other kind")
-            factory = harness.generator_method if args.method == "generator" else harness.gan_method
-            method = factory(generator, args.views, truncation)
-        else:  # --method generator without --checkpoint
-            from dreamportrait.world.assets import load_default_generator
-
-            method = harness.generator_method(load_default_generator(device), args.views, truncation)
-        result = harness.evaluate(method, prompts, seeds, judge, real, name=name, out_dir=out)
-        if args.method in _EVALUATE_METHOD_ARGUMENTS["truncation"]:
-            result["truncation_psi"] = truncation
-        if args.method == "baseline" and checkpoints:
-            result["progress"] = harness.baseline_progress(method.snapshots, judge)
+        checkpoints = args.baseline_checkpoints
+        if checkpoints is not None:
+            checkpoints = [int(step) for step in checkpoints.split(",") if step.strip()]
+        result = compare(args.method, out, prompts=args.prompt or (), held_out=args.held_out,
+                         seeds=parse_seeds(args.seeds), views=args.views, name=name, judge=args.judge, real=args.real,
+                         real_count=args.real_count, device=args.device, checkpoint=args.checkpoint,
+                         guidance=args.guidance, config=args.config, baseline_steps=args.baseline_steps,
+                         baseline_checkpoints=checkpoints, truncation=args.truncation)
     except (OSError, ValueError) as error:
         print(f"dreamportrait evaluate: {error}", file=sys.stderr)
         return 2
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
-    tables = [harness.markdown_table(rows), harness.consistency_table(rows), harness.view_turn_table(rows)]
-    tables += [harness.progress_table(row) for row in rows if "progress" in row]
-    (out / "results.md").write_text("\n".join(tables))
-    print(harness.markdown_table([result]))
+    print(markdown_table([result]))
     print(f"wrote {out / (name + '.json')}; {out / 'results.md'} tabulates every method in {out}")
     return 0
 
@@ -323,11 +232,14 @@ def _prompt(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_info(commands) -> None:
+    """``dreamportrait info``."""
     info = commands.add_parser("info", help="versions, usable backends and CUDA architectures of the extension")
     info.set_defaults(run=_info)
+
+
+def _add_import_eg3d(commands) -> None:
+    """``dreamportrait import-eg3d``."""
     convert = commands.add_parser(
         "import-eg3d", help="convert an EG3D network pickle (G_ema, D) to safetensors + JSON config, safely",
         description="Reads NETWORK.pkl with a restricted unpickler (tensors, arrays and plain containers only; "
@@ -336,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("network", metavar="NETWORK.pkl", help="EG3D network pickle, e.g. ffhq512-128.pkl")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
     convert.set_defaults(run=_import_eg3d)
+
+
+def _add_train(commands) -> None:
+    """``dreamportrait train``."""
     train = commands.add_parser(
         "train", help="train the text-conditioned generator by SDS on a distribution + GAN regulariser",
         description="Reads CONFIG.yaml (see configs/), applies key=value overrides (e.g. optim.lr_base=0 "
@@ -346,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.set_defaults(run=_train)
 
+
+def _add_generate(commands) -> None:
+    """``dreamportrait generate``."""
     gen = commands.add_parser(
         "generate", help="generate 3D portraits for prompts: multi-view grid, views, depth maps, video, mesh",
         description="One forward pass of the text-conditioned generator per (prompt, seed), then renders of its "
@@ -368,14 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output directory")
     gen.set_defaults(run=_generate)
 
+
+def _add_baseline(commands) -> None:
+    """``dreamportrait baseline``."""
     base = commands.add_parser(
         "baseline", help="per-prompt SDS baseline: optimise one tri-plane scene for one prompt",
         description="DreamFusion-style optimisation of one scene (tri-planes + decoder) with the same renderer and "
                     "guidance; writes scene.safetensors, views and timing.json to OUT.")
     base.add_argument("--prompt", required=True, type=_prompt)
     base.add_argument("--guidance", required=True, help="diffusers model directory or hub id")
-    base.add_argument("--steps", type=int, default=None,
-                      help=f"optimisation steps (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
+    base.add_argument("--steps", type=int, default=BASELINE_STEPS,
+                      help=f"optimisation steps (default: the baseline's, {BASELINE_STEPS})")
     base.add_argument("--batch-size", type=int, default=1, help="views per step (default 1)")
     base.add_argument("--resolution", type=int, default=32, help="render resolution (default 32)")
     base.add_argument("--lr", type=float, default=0.01)
@@ -386,8 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--out", required=True)
     base.set_defaults(run=_baseline)
 
+
+def _add_world(commands) -> None:
+    """``dreamportrait world`` and its subcommands."""
     world = commands.add_parser("world", help="the synthetic portrait world").add_subparsers(dest="world_command",
                                                                                              required=True)
+    _add_world_build(world)
+    _add_world_train(world)
+
+
+def _add_world_build(world) -> None:
+    """``dreamportrait world build``."""
     build = world.add_parser(
         "build", help="render datasets, train the judge and the teacher (resumable)",
         description="Renders the world's datasets, trains the attribute judge and the text-to-image teacher into "
@@ -398,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_world_build)
 
+
+def _add_world_train(world) -> None:
+    """``dreamportrait world train``."""
     wtrain = world.add_parser(
         "train", help="train the world's 3D GAN, then DreamPortrait from it with the world teacher (resumable)",
         description="Renders 64² training images, trains the text-free 3D GAN on them (OUT/gan/final), writes the "
@@ -424,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)
 
+
+def _add_evaluate(commands) -> None:
+    """``dreamportrait evaluate``."""
     ev = commands.add_parser(
         "evaluate", help="measure a prompt -> 3D method in the synthetic world with the judge",
         description="Renders --views views per (prompt, seed) with the method, judges them and writes "
@@ -438,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")
     ev.add_argument("--baseline-steps", type=int, default=None,
-                    help=f"baseline steps per prompt (default: the baseline's, {BASELINE_DEFAULT_STEPS})")
+                    help=f"baseline steps per prompt (default: the baseline's, {BASELINE_STEPS})")
     ev.add_argument("--baseline-checkpoints", default=None,
                     help="also judge the baseline after these step counts, e.g. 250,1000,4000 (its progress curve)")
     ev.add_argument("--prompt", action="append", type=_prompt, help="a prompt; repeat for several")
@@ -458,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--out", required=True)
     ev.set_defaults(run=_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamportrait", description="DreamPortrait: text-guided 3D-aware portraits.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_info, _add_import_eg3d, _add_train, _add_generate, _add_baseline, _add_world,
+                        _add_evaluate):
+        add_command(commands)
     return parser
 
 

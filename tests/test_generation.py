@@ -10,7 +10,9 @@ import trimesh
 
 from dreamportrait import generation
 from dreamportrait.baselines import DEFAULT_STEPS, optimise_scene
-from dreamportrait.cli import BASELINE_DEFAULT_STEPS, TRUNCATION_PSI, build_parser, main
+from dreamportrait.cli import build_parser, main
+from dreamportrait.defaults import BASELINE_STEPS as BASELINE_DEFAULT_STEPS
+from dreamportrait.defaults import TRUNCATION_PSI
 from dreamportrait.generation import parse_seeds, sample
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, density_grid

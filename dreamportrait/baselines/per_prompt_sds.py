@@ -9,6 +9,7 @@ forward pass.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -21,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ..defaults import BASELINE_STEPS
 from ..guidance import StableDiffusionGuidance
-from ..models import camera_rays, sample_camera_labels, split_camera_labels
+from ..models import camera_rays, sample_camera_labels, split_camera_labels, view_cameras
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
+from ..outputs import grid, to_uint8, write_image
 from ..weights import save_weights
 
 DEFAULT_STEPS = BASELINE_STEPS
@@ -94,3 +96,22 @@ def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = 
 def save_scene(scene: TriplaneScene, path: str | Path) -> Path:
     """The scene's planes and decoder as safetensors, written atomically."""
     return save_weights(scene, path)
+
+
+def write_baseline(result: BaselineResult, out_dir: str | Path, prompt: str, steps: int, views: int = 8,
+                   resolution: int = 32) -> Path:
+    """What ``dreamportrait baseline`` writes to ``out_dir``: ``scene.safetensors``, ``views`` renders
+    (``viewNN.png``) on the generator's default orbit and their ``grid.png``, and ``timing.json``
+    (prompt, steps, seconds, final SDS loss)."""
+    out_dir = Path(out_dir)
+    save_scene(result.scene, out_dir / "scene.safetensors")
+    device = result.scene.planes.device
+    with torch.no_grad():
+        images = result.scene(view_cameras(views, 0.6, 2.7, (0, 0, 0.2), 18.837).to(device), resolution)["image"]
+    for index, image in enumerate(images):
+        write_image(out_dir / f"view{index:02d}.png", to_uint8(image))
+    write_image(out_dir / "grid.png", to_uint8(grid(images, views)))
+    (out_dir / "timing.json").write_text(json.dumps({"prompt": prompt, "steps": steps, "seconds": result.seconds,
+                                                     "final_sds_loss": result.losses[-1] if result.losses else None},
+                                                    indent=2) + "\n")
+    return out_dir

@@ -112,6 +112,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return fallback
 
 
+def pretrained_directory(path: str | Path) -> Path:
+    """``path`` itself when it is a pretrained directory (``config.json``), else the newest
+    checkpoint of the training run it is (what ``--checkpoint`` names); FileNotFoundError if neither."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"--checkpoint {path}: neither a model directory (config.json) nor a training run "
+                                f"with checkpoints")
+    return latest
+
+
 def load_checkpoint(path: str | Path, generator, generator_ema, discriminator) -> dict:
     """Load a checkpoint's weights into the given modules and return its training state.
 
