@@ -66,7 +66,7 @@ def _print_vocabulary() -> None:
     import json
     import textwrap
 
-    from dreamportrait.models.text_encoder import vocabulary_words
+    from dreamportrait.text.encoder import vocabulary_words
     from dreamportrait.world.assets import asset_dir
 
     try:

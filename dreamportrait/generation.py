@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from ._atomic import atomic_path
 from .defaults import TRUNCATION_PSI
-from .models import TextConditionedGenerator, camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
+from .models import camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
 from .models.cameras import FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
+from .text import TextConditionedGenerator
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.text_encoder import TextEncoder, TextFeatures, check_encoder_states
+from ..text.encoder import TextEncoder, TextFeatures, check_encoder_states
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 VIEWS = ("front", "side", "back")
@@ -91,7 +91,7 @@ class StableDiffusionGuidance(nn.Module):
         attention_slicing, channels_last: memory/speed options of the UNet.
         text_encoder: the prompts' encoder (default: the directory's ``tokenizer/`` and
             ``text_encoder/``, which encode a prompt whole or phrase by phrase as the text
-            encoder's config records: :func:`~dreamportrait.models.text_encoder.encode_text`).
+            encoder's config records: :func:`~dreamportrait.text.encoder.encode_text`).
     """
 
     def __init__(self, source: str | Path, guidance_scale: float = 7.5, t_range: tuple[float, float] = (0.02, 0.98),

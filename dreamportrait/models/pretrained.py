@@ -25,11 +25,10 @@ from torch import nn
 
 from .._atomic import atomic_path
 from .._manifest import MANIFEST, verify_manifest
+from ..text import TextConditionedGenerator, TextEncoder
 from ..weights import load_weights, read_weights, save_weights  # noqa: F401  (re-exported)
 from .discriminator import DualDiscriminator
 from .safe_pickle import PickledObject, load_network_pickle
-from .text_conditioning import TextConditionedGenerator
-from .text_encoder import TextEncoder
 from .triplane_generator import TriPlaneGenerator
 
 FORMAT = "dreamportrait.triplane-gan"

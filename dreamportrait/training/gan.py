@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..models import build_discriminator, build_generator, save_pretrained, view_cameras
+from ..models import build_discriminator, build_generator, view_cameras
+from ..models.pretrained import save_pretrained
 from ..outputs import depth_grey, grid, to_uint8, write_image
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .losses import discriminator_loss, generator_adversarial_loss, r1_penalty, update_ema

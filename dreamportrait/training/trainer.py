@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from ..generation import frontal_camera
 from ..guidance import StableDiffusionGuidance
-from ..models import TextConditionedGenerator, build_discriminator, build_generator, load_pretrained
-from ..models import sample_camera_labels, view_cameras
+from ..models import build_discriminator, build_generator, sample_camera_labels, view_cameras
+from ..models.pretrained import load_pretrained
 from ..outputs import grid
+from ..text import TextConditionedGenerator
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .config import GuidanceConfig, TrainConfig
 from .losses import (SPREAD_RENDER, discriminator_loss, generator_adversarial_loss, group_spread, r1_penalty,

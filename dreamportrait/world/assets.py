@@ -19,7 +19,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, read_config
+from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, load_pretrained, read_config
 
 NAMES = ("teacher", "judge", "gan", "generator")
 
@@ -37,8 +37,6 @@ def asset_dir(name: str) -> Path:
 
 def load_default_generator(device="cpu", backend: str | None = None):
     """The packaged DreamPortrait generator with the text encoder packaged beside it."""
-    from ..models import load_pretrained
-
     return load_pretrained(asset_dir("generator"), device=device, backend=backend)[0]
 
 

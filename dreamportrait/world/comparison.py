@@ -80,7 +80,8 @@ def build_method(method: str, views: int, device: str, checkpoint: str | Path | 
         from .assets import load_default_generator
 
         return harness.generator_method(load_default_generator(device), views, truncation)
-    from ..models import TextConditionedGenerator, load_pretrained
+    from ..models.pretrained import load_pretrained
+    from ..text import TextConditionedGenerator
     from ..training.checkpoint import pretrained_directory
 
     source = pretrained_directory(checkpoint) if checkpoint else asset_dir("gan")

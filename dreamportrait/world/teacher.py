@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from ..guidance.stable_diffusion import VIEWS, encoder_states_of
-from ..models.text_encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
+from ..text.encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
 from .attributes import ATTRIBUTES, PHRASINGS
 from .dataset import WorldSamples
 from .heads import MASK_PARTS
@@ -66,7 +66,7 @@ class TeacherConfig:
     choice, and :class:`StableDiffusionGuidance` reads it (docs/notes/experiments.md, *The teacher*).
 
     ``text_encoding``: ``"phrases"`` encodes each phrase of a caption on its own
-    (:func:`~dreamportrait.models.text_encoder.encode_text`), so the words of "a blue hat" have
+    (:func:`~dreamportrait.text.encoder.encode_text`), so the words of "a blue hat" have
     not seen the hair's "red"; ``"caption"`` encodes the caption whole. The text encoder's
     ``config.json`` records it, so every :class:`TextEncoder` of this directory, or of a copy
     beside a generator, encodes as the teacher was trained.
@@ -155,7 +155,7 @@ def part_indices(parts: Collection[str]) -> set[int]:
 
 def token_regions(tokenizer, prompts: list[str], length: int, parts: Collection[str] = tuple(MASK_PARTS)) -> Tensor:
     """``(B, length)``: for each position of a phrase-encoded prompt's UNet context
-    (:func:`~dreamportrait.models.text_encoder.encode_text`: start, each phrase's words, end,
+    (:func:`~dreamportrait.text.encoder.encode_text`: start, each phrase's words, end,
     padding), the :func:`phrase_region` of the phrase whose word sits there when that region is
     one of ``parts`` (names of :data:`~dreamportrait.world.heads.MASK_PARTS`), -1 elsewhere."""
     kept = part_indices(parts)

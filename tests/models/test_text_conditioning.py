@@ -9,8 +9,8 @@ from tiny_models import write_tiny_clip
 
 from dreamportrait.models import build_generator, camera_labels, fov_to_intrinsics, orbit_poses
 from dreamportrait.models.renderer import TRIPLANE_AXES
-from dreamportrait.models.text_conditioning import TextConditionedGenerator, line_features
-from dreamportrait.models.text_encoder import TextEncoder, TextFeatures, encode_text, split_phrases
+from dreamportrait.text.conditioning import TextConditionedGenerator, line_features
+from dreamportrait.text.encoder import TextEncoder, TextFeatures, encode_text, split_phrases
 
 PROMPTS = ["a portrait of a bald man with glasses", "a portrait of a woman with red hair"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreamportrait.guidance import StableDiffusionGuidance
-from dreamportrait.models.text_encoder import encode_text, split_phrases
+from dreamportrait.text.encoder import encode_text, split_phrases
 from dreamportrait.world import all_combinations, caption, training_combinations
 from dreamportrait.world import dataset as dataset_module
 from dreamportrait.training.real_images import ImageFolder

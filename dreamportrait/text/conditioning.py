@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..models.renderer import TRIPLANE_AXES
+from ..models.triplane_generator import PLANE_CHANNELS, TriPlaneGenerator
 from ..ops import gated_cross_attention
 from ..weights import load_weights
-from .renderer import TRIPLANE_AXES
-from .text_encoder import TextEncoder, TextFeatures
-from .triplane_generator import PLANE_CHANNELS, TriPlaneGenerator
+from .encoder import TextEncoder, TextFeatures
 
 ADAPTER_GROUPS = ("coarse", "middle", "fine", "superresolution")
 
