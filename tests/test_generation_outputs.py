@@ -2,17 +2,20 @@
 view, a seed always draws the same latent (the documented seed -> latent mapping), and the image,
 grid and depth encodings follow their closed forms."""
 
+import hashlib
 import math
 import re
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 
-from dreamportrait.generation import TRUNCATION_PSI, frontal_camera, generate, parse_seeds, render_views, sample
+from dreamportrait.generation import (TRUNCATION_PSI, frontal_camera, generate, orbit, parse_seeds, render_views,
+                                      sample)
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, view_cameras
-from dreamportrait.outputs import depth_grey, depth_to_uint8, grid, slug, to_uint8
+from dreamportrait.outputs import depth_grey, depth_to_uint8, grid, slug, to_uint8, write_image, write_video
 
 # torch's CPU generator (MT19937) seeded with 0 and 1: the first of the standard normals it draws for a
 # vector of 16 or more (torch's vectorised Box-Muller; shorter draws give other numbers).
@@ -173,3 +176,63 @@ def test_the_one_forward_pass_renders_what_the_generators_own_forward_does(gener
                           conditioning=frontal_camera(generator).expand(views, -1), noise_mode="const",
                           deterministic_sampling=True)["image"]
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
+
+def _with_rendering_options(options):
+    return SimpleNamespace(base=SimpleNamespace(rendering_kwargs=options))
+
+
+def test_the_orbit_is_the_generators_average_camera_and_ffhqs_without_one():
+    assert orbit(_with_rendering_options({})) == (2.7, (0, 0, 0.2))  # EG3D's FFHQ orbit
+    radius, pivot = orbit(_with_rendering_options({"avg_camera_radius": 3, "avg_camera_pivot": [0.1, -0.2, 0.3]}))
+    assert (radius, pivot) == (3.0, (0.1, -0.2, 0.3)) and type(radius) is float
+    # The frontal camera sits on that orbit (a sphere about the world origin, EG3D's LookAtPoseSampler) on
+    # the +z axis, looking at the pivot, with FFHQ's focal length 1 / (tan(18.837° / 2) · 1.414) = 4.2634.
+    label = frontal_camera(_with_rendering_options({"avg_camera_radius": 3.5, "avg_camera_pivot": [0.1, -0.2, 0.3]}))
+    assert label.shape == (1, 25)
+    cam2world = label[0, :16].view(4, 4).double()
+    forward = np.array([0.1, -0.2, 0.3 - 3.5]) / np.linalg.norm([0.1, -0.2, 0.3 - 3.5])
+    torch.testing.assert_close(cam2world[:3, 3], torch.tensor([0.0, 0.0, 3.5], dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cam2world[:3, 2], torch.from_numpy(forward), atol=1e-5, rtol=0)
+    focal = 1 / (math.tan(math.radians(18.837) / 2) * 1.414)
+    torch.testing.assert_close(label[0, 16:].view(3, 3).double(),
+                               torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1]], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+
+
+def test_slug_keeps_names_up_to_the_limit_and_cuts_longer_ones_to_it_with_a_hash():
+    assert slug("x" * 60) == "x" * 60
+    assert slug("x" * 61) == "x" * 51 + "-" + hashlib.sha1(b"x" * 61).hexdigest()[:8]
+    assert slug("y" * 15, limit=14) == "yyyyy-" + hashlib.sha1(b"y" * 15).hexdigest()[:8]
+    # A cut that ends on a separator drops it (one "-" before the hash), and only at the end.
+    text = "a" * 50 + " " + "b" * 20
+    assert slug(text) == "a" * 50 + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    assert len(slug("c" * 30 + " " + "d" * 30)) == 60
+
+
+def test_depth_grey_keeps_every_pixel():
+    depth = torch.tensor([[[[1.0, 1.5], [2.5, 3.0]]]])  # (1, 1, 2, 2): near 1 white, far 3 black
+    grey = depth_grey(depth, near=1.0, far=3.0)
+    assert grey.shape == (1, 3, 2, 2)
+    assert torch.equal(grey, torch.tensor([[1.0, 0.5], [-0.5, -1.0]]).expand(1, 3, 2, 2))
+
+
+def test_write_image_writes_a_png_whatever_the_file_name(tmp_path):
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    path = write_image(tmp_path / "cell", pixels)
+    assert path == tmp_path / "cell" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(iio.imread(path, extension=".png"), pixels)
+    assert [p.name for p in tmp_path.iterdir()] == ["cell"]  # no temporary file left
+
+
+def test_write_video_writes_h264_at_24_frames_per_second_at_the_frames_size(tmp_path):
+    frames = [np.full((18, 22, 3), 40 * index, dtype=np.uint8) for index in range(5)]  # not multiples of 16
+    path = write_video(tmp_path / "clip.mp4", frames)
+    assert path == tmp_path / "clip.mp4" and [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+    meta = iio.immeta(path, plugin="FFMPEG")
+    assert meta["codec"] == "h264" and meta["fps"] == 24.0 and meta["size"] == (22, 18)
+    video = iio.imread(path, plugin="FFMPEG", index=None)
+    assert video.shape == (5, 18, 22, 3)
+    assert np.abs(video.astype(int) - np.stack(frames).astype(int)).max() <= 3  # flat frames, nearly lossless
+    assert write_video(tmp_path / "slow.mp4", frames, fps=10) and iio.immeta(tmp_path / "slow.mp4",
+                                                                             plugin="FFMPEG")["fps"] == 10.0
