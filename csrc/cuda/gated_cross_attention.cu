@@ -1,154 +1,183 @@
-// CUDA kernels of gated_cross_attention: one warp per query row, lanes over the head dimension
-// (D <= 128, up to 4 values per lane, kept in registers). Scores are warp reductions, the softmax
-// is online (attention::OnlineSoftmax, shared with the CPU kernel). The backward recomputes the
-// probabilities and adds dk, dv and the gate gradient atomically into float32 (or float64) buffers.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+// CUDA kernels of gated_cross_attention: the tiled block programs of attention_tiles.h (shared
+// with the host emulation that tests them), one block of four warps per tile, the tiles in shared
+// memory. The tile products run on tensor cores for float16 and bfloat16 (WMMA 16x16x16, float32
+// accumulation) and for float32 when torch allows TF32 (torch.backends.cuda.matmul.allow_tf32;
+// WMMA 16x16x8), and as exact scalar FMAs for float32 otherwise and for float64.
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
-#include <algorithm>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "dreamportrait/attention_host.h"
 #include "dreamportrait/attention_math.h"
+#include "dreamportrait/attention_tiles.h"
 #include "dreamportrait/ops.h"
 
 namespace dreamportrait {
 namespace {
 
+namespace tiles = attention::tiles;
+namespace wmma = nvcuda::wmma;
 using attention::Problem;
 
 constexpr int kWarp = 32;
-constexpr int kPerLane = 4;  // D <= kWarp * kPerLane = 128
-constexpr int kThreads = 256;
 
-int64_t blocks_for_rows(int64_t rows) {
-  const int64_t warps_per_block = kThreads / kWarp;
-  return std::max<int64_t>(1, std::min<int64_t>((rows + warps_per_block - 1) / warps_per_block, 65535 * 8));
-}
+// The block programs' view of a CUDA block. (Host-device so that the shared templates, which are
+// host-device, may call them; only the device side is ever run.)
+struct CudaBlock {
+  DP_HOST_DEVICE int thread() const {
+#ifdef __CUDA_ARCH__
+    return threadIdx.x;
+#else
+    return 0;
+#endif
+  }
+  DP_HOST_DEVICE int threads() const {
+#ifdef __CUDA_ARCH__
+    return blockDim.x;
+#else
+    return 1;
+#endif
+  }
+  DP_HOST_DEVICE void sync() const {
+#ifdef __CUDA_ARCH__
+    __syncthreads();
+#endif
+  }
+};
 
+template <class Layout>
+struct WmmaLayout {
+  using type = wmma::row_major;
+};
+template <>
+struct WmmaLayout<tiles::ColMajor> {
+  using type = wmma::col_major;
+};
+
+// The CUDA type WMMA takes for a tile element type (at::Half and __half share their bits).
 template <typename T>
-__device__ __forceinline__ T warp_all_sum(T v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
+struct WmmaElement {
+  using type = T;
+};
+template <>
+struct WmmaElement<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaElement<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_row(const scalar_t* row, int64_t D, int lane, acc_t out[kPerLane]) {
-  for (int t = 0; t < kPerLane; ++t) {
-    const int64_t d = lane + t * kWarp;
-    out[t] = d < D ? static_cast<acc_t>(row[d]) : acc_t(0);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t row_dot(const acc_t a[kPerLane], const scalar_t* row, int64_t D, int lane) {
-  acc_t sum = 0;
-  for (int t = 0; t < kPerLane; ++t) {
-    const int64_t d = lane + t * kWarp;
-    if (d < D) sum += a[t] * static_cast<acc_t>(row[d]);
-  }
-  return warp_all_sum(sum);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                               const scalar_t* __restrict__ v, const scalar_t* __restrict__ gate,
-                               const bool* __restrict__ mask, scalar_t* __restrict__ out, acc_t* __restrict__ lse,
-                               Problem p) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t rows = p.B * p.H * p.Lq, warps = int64_t(gridDim.x) * blockDim.x / kWarp;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows; row += warps) {
-    const int64_t bh = row / p.Lq, b = bh / p.H, h = bh % p.H;
-    acc_t q_row[kPerLane], acc[kPerLane] = {0, 0, 0, 0};
-    load_row(q + row * p.D, p.D, lane, q_row);
-    attention::OnlineSoftmax<acc_t> softmax;
-    for (int64_t j = 0; j < p.Lk; ++j) {
-      if (p.has_mask && !mask[b * p.Lk + j]) continue;
-      const scalar_t* key = k + (bh * p.Lk + j) * p.D;
-      const scalar_t* value = v + (bh * p.Lk + j) * p.D;
-      acc_t weight;
-      const acc_t rescale = softmax.add(scale * row_dot(q_row, key, p.D, lane), weight);
-      for (int t = 0; t < kPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        acc[t] = acc[t] * rescale + (d < p.D ? weight * static_cast<acc_t>(value[d]) : acc_t(0));
+// Tile products on tensor cores: each warp computes 16x16 output fragments in turn, over K in
+// steps of kStep; float32 operands are rounded to TF32 (kStep 8), 16-bit ones are used as they are
+// (kStep 16). Accumulation is float32.
+template <int kStep>
+struct TensorCoreGemm {
+  template <class LayoutA, class LayoutB, class Block, typename in_t>
+  static DP_HOST_DEVICE void run(const Block&, float* c, int ldc, const in_t* a, int lda, const in_t* b, int ldb,
+                                 int M, int N, int K, bool accumulate) {
+#ifdef __CUDA_ARCH__
+    using T = typename WmmaElement<in_t>::type;
+    using Fragment = std::conditional_t<std::is_same_v<T, float>, wmma::precision::tf32, T>;
+    const T* a_ = reinterpret_cast<const T*>(a);
+    const T* b_ = reinterpret_cast<const T*>(b);
+    const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp, tiles_n = N / tiles::kFragment;
+    for (int t = warp; t < M / tiles::kFragment * tiles_n; t += warps) {
+      const int i0 = t / tiles_n * tiles::kFragment, j0 = t % tiles_n * tiles::kFragment;
+      wmma::fragment<wmma::accumulator, 16, 16, kStep, float> acc;
+      if (accumulate)
+        wmma::load_matrix_sync(acc, c + i0 * ldc + j0, ldc, wmma::mem_row_major);
+      else
+        wmma::fill_fragment(acc, 0.0f);
+      for (int k0 = 0; k0 < K; k0 += kStep) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kStep, Fragment, typename WmmaLayout<LayoutA>::type> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, kStep, Fragment, typename WmmaLayout<LayoutB>::type> fb;
+        wmma::load_matrix_sync(fa, a_ + LayoutA::at(i0, k0, lda), lda);
+        wmma::load_matrix_sync(fb, b_ + LayoutB::at(k0, j0, ldb), ldb);
+        if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+          for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+#pragma unroll
+          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+        }
+        wmma::mma_sync(acc, fa, fb, acc);
       }
+      wmma::store_matrix_sync(c + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
     }
-    const acc_t factor = softmax.empty() ? acc_t(0) : tanh(static_cast<acc_t>(gate[h])) / softmax.sum;
-    for (int t = 0; t < kPerLane; ++t) {
-      const int64_t d = lane + t * kWarp;
-      if (d < p.D) out[row * p.D + d] = static_cast<scalar_t>(acc[t] * factor);
-    }
-    if (lane == 0) lse[row] = softmax.log_sum_exp();
+#endif
+  }
+};
+using HalfGemm = TensorCoreGemm<16>;
+using Tf32Gemm = TensorCoreGemm<8>;
+
+template <class Gemm, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(tiles::kThreads) forward_kernel(const tiles::ForwardIo<scalar_t, acc_t> io) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  tiles::forward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
+}
+
+template <class Gemm, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(tiles::kThreads) backward_kernel(const tiles::BackwardIo<scalar_t, acc_t> io) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  tiles::backward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
+}
+
+template <typename Kernel, typename Io>
+void launch(Kernel kernel, const Io& io, int64_t blocks, size_t shared_bytes) {
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "gated_cross_attention: ", blocks,
+              " blocks exceed a CUDA grid");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+  kernel<<<int(blocks), tiles::kThreads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(io);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls body(Gemm{}) with the tile product for scalar_t: tensor cores for 16-bit types and for
+// float32 with TF32 allowed, scalar FMAs otherwise.
+template <typename scalar_t, typename Body>
+void with_gemm(Body body) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    body(HalfGemm{});
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (at::globalContext().allowTF32CuBLAS())
+      body(Tf32Gemm{});
+    else
+      body(tiles::ScalarGemm{});
+  } else {
+    body(tiles::ScalarGemm{});
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ q,
-                                const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                                const scalar_t* __restrict__ gate, const bool* __restrict__ mask,
-                                const acc_t* __restrict__ lse, scalar_t* __restrict__ dq, acc_t* __restrict__ dk,
-                                acc_t* __restrict__ dv, acc_t* __restrict__ dgate, Problem p) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t rows = p.B * p.H * p.Lq, warps = int64_t(gridDim.x) * blockDim.x / kWarp;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows; row += warps) {
-    const int64_t bh = row / p.Lq, b = bh / p.H, h = bh % p.H;
-    const acc_t gate_value = tanh(static_cast<acc_t>(gate[h]));
-    const acc_t row_lse = lse[row];
-    acc_t q_row[kPerLane], g_row[kPerLane], attended[kPerLane] = {0, 0, 0, 0}, d_attended[kPerLane],
-        dq_row[kPerLane] = {0, 0, 0, 0};
-    load_row(q + row * p.D, p.D, lane, q_row);
-    load_row(grad_out + row * p.D, p.D, lane, g_row);
-    // A = sum_j p_j v_j.
-    for (int64_t j = 0; j < p.Lk; ++j) {
-      if (p.has_mask && !mask[b * p.Lk + j]) continue;
-      const acc_t prob = attention::probability(scale * row_dot(q_row, k + (bh * p.Lk + j) * p.D, p.D, lane), row_lse);
-      const scalar_t* value = v + (bh * p.Lk + j) * p.D;
-      for (int t = 0; t < kPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        if (d < p.D) attended[t] += prob * static_cast<acc_t>(value[d]);
-      }
-    }
-    acc_t delta = 0, gate_sum = 0;
-    for (int t = 0; t < kPerLane; ++t) {
-      d_attended[t] = gate_value * g_row[t];
-      delta += d_attended[t] * attended[t];
-      gate_sum += g_row[t] * attended[t];
-    }
-    delta = warp_all_sum(delta);
-    gate_sum = warp_all_sum(gate_sum);
-    if (lane == 0) gpuAtomicAdd(dgate + h, attention::gate_slope(gate_value) * gate_sum);
-    for (int64_t j = 0; j < p.Lk; ++j) {
-      if (p.has_mask && !mask[b * p.Lk + j]) continue;
-      const scalar_t* key = k + (bh * p.Lk + j) * p.D;
-      const scalar_t* value = v + (bh * p.Lk + j) * p.D;
-      const acc_t prob = attention::probability(scale * row_dot(q_row, key, p.D, lane), row_lse);
-      if (prob == acc_t(0)) continue;  // uniform across the warp
-      const acc_t ds = attention::score_grad(prob, row_dot(d_attended, value, p.D, lane), delta);
-      for (int t = 0; t < kPerLane; ++t) {
-        const int64_t d = lane + t * kWarp;
-        if (d >= p.D) continue;
-        dq_row[t] += scale * ds * static_cast<acc_t>(key[d]);
-        gpuAtomicAdd(dk + (bh * p.Lk + j) * p.D + d, scale * ds * q_row[t]);
-        gpuAtomicAdd(dv + (bh * p.Lk + j) * p.D + d, prob * d_attended[t]);
-      }
-    }
-    for (int t = 0; t < kPerLane; ++t) {
-      const int64_t d = lane + t * kWarp;
-      if (d < p.D) dq[row * p.D + d] = static_cast<scalar_t>(dq_row[t]);
-    }
+struct LaunchForward {
+  template <typename scalar_t, typename acc_t>
+  void operator()(const tiles::ForwardIo<scalar_t, acc_t>& io, int64_t blocks) const {
+    const size_t bytes = tiles::forward_layout<acc_t>(io.shape, sizeof(scalar_t)).bytes;
+    with_gemm<scalar_t>([&](auto gemm) { launch(forward_kernel<decltype(gemm), scalar_t, acc_t>, io, blocks, bytes); });
   }
-}
+};
 
-void check_head_dim(const Problem& p) {
-  TORCH_CHECK(p.D <= kWarp * kPerLane, "gated_cross_attention: the cuda backend supports D <= ", kWarp * kPerLane,
-              ", got ", p.D, " (use backend='triton' or 'reference')");
+struct LaunchBackward {
+  template <typename scalar_t, typename acc_t>
+  void operator()(const tiles::BackwardIo<scalar_t, acc_t>& io, int64_t blocks) const {
+    const size_t bytes = tiles::backward_layout<acc_t>(io.shape, sizeof(scalar_t)).bytes;
+    with_gemm<scalar_t>([&](auto gemm) { launch(backward_kernel<decltype(gemm), scalar_t, acc_t>, io, blocks, bytes); });
+  }
+};
+
+// Tiles as large as this GPU's shared memory allows; backward blocks for four per SM.
+attention::TilePlan device_plan() {
+  const int device = c10::cuda::current_device();
+  int shared = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return {size_t(shared), 4 * int64_t(sms)};
 }
 
 }  // namespace
@@ -158,25 +187,8 @@ std::tuple<at::Tensor, at::Tensor> gated_cross_attention_cuda(const at::Tensor& 
                                                               const std::optional<at::Tensor>& key_padding_mask,
                                                               double scale) {
   const Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
-  check_head_dim(p);
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto acc_dtype = at::toOpMathType(q.scalar_type());
-  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.D}, q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(acc_dtype));
-  if (lse.numel() > 0) {
-    const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous();
-    const at::Tensor mask_c = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_cross_attention_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      forward_kernel<scalar_t, acc_t><<<blocks_for_rows(p.B * p.H * p.Lq), kThreads, 0, stream>>>(
-          q_c.const_data_ptr<scalar_t>(), k_c.const_data_ptr<scalar_t>(), v_c.const_data_ptr<scalar_t>(),
-          gate_c.const_data_ptr<scalar_t>(), p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {out, lse};  // the log-sum-exp stays in the accumulation type (float32 for 16-bit inputs)
+  return attention::tiled_forward(p, device_plan(), q, k, v, gate, key_padding_mask, LaunchForward{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_cross_attention_backward_cuda(
@@ -184,31 +196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_cross_attention
     const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse,
     double scale) {
   const Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
-  check_head_dim(p);
-  const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
-  attention::check_backward(p, q, grad_out, lse, acc_options.dtype().toScalarType());
+  attention::check_backward(p, q, grad_out, lse, at::toOpMathType(q.scalar_type()));
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), acc_options), dv = at::zeros(v.sizes(), acc_options);
-  at::Tensor dgate = at::zeros({p.H}, acc_options);
-  if (q.numel() > 0) {
-    const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
-                     g_c = grad_out.contiguous(), lse_c = lse.contiguous();
-    const at::Tensor mask_c = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_cross_attention_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t><<<blocks_for_rows(p.B * p.H * p.Lq), kThreads, 0, stream>>>(
-          g_c.const_data_ptr<scalar_t>(), q_c.const_data_ptr<scalar_t>(), k_c.const_data_ptr<scalar_t>(),
-          v_c.const_data_ptr<scalar_t>(), gate_c.const_data_ptr<scalar_t>(),
-          p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr, lse_c.const_data_ptr<acc_t>(),
-          dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<acc_t>(), dv.mutable_data_ptr<acc_t>(),
-          dgate.mutable_data_ptr<acc_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  const auto dtype = q.scalar_type();
-  return {dq, dk.to(dtype), dv.to(dtype), dgate.to(dtype)};
+  return attention::tiled_backward(p, device_plan(), grad_out, q, k, v, gate, key_padding_mask, lse,
+                                   LaunchForward{}, LaunchBackward{});
 }
 
 }  // namespace dreamportrait

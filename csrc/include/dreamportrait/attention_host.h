@@ -3,13 +3,21 @@
 // memory-safe.
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
+#include <tuple>
 
 #include "dreamportrait/attention_math.h"
+#include "dreamportrait/attention_tiles.h"
 
 namespace dreamportrait {
 namespace attention {
@@ -49,6 +57,124 @@ inline void check_backward(const Problem& p, const at::Tensor& q, const at::Tens
                   lse.scalar_type() == lse_type && lse.device() == q.device(),
               "gated_cross_attention_backward: lse must be a ", lse_type, " tensor of shape (", p.B, ", ", p.H,
               ", ", p.Lq, ") on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+}
+
+// ---- The host side of the tiled kernels (attention_tiles.h), shared by the CUDA launcher and the
+// host emulation. They differ in how a launch runs: `launch_forward(io, blocks)` and
+// `launch_backward(io, blocks)` run the block programs forward_tile and backward_tile for blocks
+// 0..blocks-1, on the GPU or one after the other on the host.
+
+// How the tile sizes and query splits are chosen: from the shared memory a block may have and
+// the number of blocks that fills the GPU, unless `shape` (block_q > 0) or `splits` (> 0) are given.
+struct TilePlan {
+  size_t shared_memory;
+  int64_t target_blocks;
+  tiles::Shape shape{0, 0, 0};
+  int64_t splits = 0;
+
+  template <typename acc_t>
+  tiles::Shape shape_for(bool backward, const Problem& p, int element_bytes) const {
+    if (shape.block_q > 0) return {shape.block_q, shape.block_k, tiles::round_up(p.D > 0 ? p.D : 1, tiles::kFragment)};
+    const tiles::Shape chosen = tiles::choose_shape<acc_t>(backward, p.Lk, p.D, element_bytes, shared_memory);
+    TORCH_CHECK(chosen.block_q > 0, "gated_cross_attention: head dimension ", p.D, " needs more than the ",
+                shared_memory, " bytes of shared memory a block may have");
+    return chosen;
+  }
+};
+
+inline at::Tensor contiguous_mask(const std::optional<at::Tensor>& mask) {
+  return mask ? mask->contiguous() : at::Tensor();
+}
+
+template <typename scalar_t, typename acc_t>
+tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& plan, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
+                                             const at::Tensor& mask) {
+  tiles::ForwardIo<scalar_t, acc_t> io{};
+  io.p = p;
+  io.shape = plan.shape_for<acc_t>(false, p, sizeof(scalar_t));
+  io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
+  io.q = q.const_data_ptr<scalar_t>();
+  io.k = k.const_data_ptr<scalar_t>();
+  io.v = v.const_data_ptr<scalar_t>();
+  io.gate = gate.const_data_ptr<scalar_t>();
+  io.mask = p.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+  return io;
+}
+
+// out (B, H, Lq, D) and lse (B, H, Lq) in the accumulation type.
+template <class LaunchForward>
+std::tuple<at::Tensor, at::Tensor> tiled_forward(const Problem& p, const TilePlan& plan, const at::Tensor& q,
+                                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 LaunchForward launch_forward) {
+  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (lse.numel() == 0) return {out, lse};
+  const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
+                   mask_c = contiguous_mask(key_padding_mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_cross_attention_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto io = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
+    io.out = out.mutable_data_ptr<scalar_t>();
+    io.lse = lse.mutable_data_ptr<acc_t>();
+    launch_forward(io, p.B * p.H * io.query_tiles);
+  });
+  return {out, lse};
+}
+
+// dq, dk, dv and dgate (H,) in q's dtype. Two launches: the forward's schedule for delta and
+// dO . A per row, then the key-tile blocks; the partials (dq per key tile, dk and dv per query
+// split, dO . A per row) are summed here, in a fixed order.
+template <class LaunchForward, class LaunchBackward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
+    const Problem& p, const TilePlan& plan, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& lse, LaunchForward launch_forward, LaunchBackward launch_backward) {
+  const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
+  const auto dtype = q.scalar_type();
+  if (q.numel() == 0 || k.numel() == 0) {  // nothing attends or nothing to attend to
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), q.options()), at::zeros(v.sizes(), q.options()),
+            at::zeros({p.H}, q.options())};
+  }
+  const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
+                   g_c = grad_out.contiguous(), lse_c = lse.contiguous(), mask_c = contiguous_mask(key_padding_mask);
+  at::Tensor delta = at::empty({p.B, p.H, p.Lq}, acc_options), gate_dot = at::empty({p.B, p.H, p.Lq}, acc_options);
+  at::Tensor dq_partial, dk_partial, dv_partial;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gated_cross_attention_backward_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto first = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
+    first.grad_out = g_c.const_data_ptr<scalar_t>();
+    first.delta = delta.mutable_data_ptr<acc_t>();
+    first.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
+    launch_forward(first, p.B * p.H * first.query_tiles);
+
+    tiles::BackwardIo<scalar_t, acc_t> io{};
+    io.p = p;
+    io.shape = plan.shape_for<acc_t>(true, p, sizeof(scalar_t));
+    io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
+    io.key_tiles = tiles::ceil_div(p.Lk, io.shape.block_k);
+    io.splits = plan.splits > 0 ? plan.splits
+                                : tiles::backward_splits(io.query_tiles, io.key_tiles, p.B * p.H, plan.target_blocks);
+    dq_partial = at::empty({io.key_tiles, p.B, p.H, p.Lq, p.D}, acc_options);
+    dk_partial = at::empty({io.splits, p.B, p.H, p.Lk, p.D}, acc_options);
+    dv_partial = at::empty({io.splits, p.B, p.H, p.Lk, p.D}, acc_options);
+    io.grad_out = g_c.const_data_ptr<scalar_t>();
+    io.q = q_c.const_data_ptr<scalar_t>();
+    io.k = k_c.const_data_ptr<scalar_t>();
+    io.v = v_c.const_data_ptr<scalar_t>();
+    io.gate = gate_c.const_data_ptr<scalar_t>();
+    io.mask = p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr;
+    io.lse = lse_c.const_data_ptr<acc_t>();
+    io.delta = delta.const_data_ptr<acc_t>();
+    io.dq_partial = dq_partial.mutable_data_ptr<acc_t>();
+    io.dk_partial = dk_partial.mutable_data_ptr<acc_t>();
+    io.dv_partial = dv_partial.mutable_data_ptr<acc_t>();
+    launch_backward(io, p.B * p.H * io.splits * io.key_tiles);
+  });
+  const at::Tensor gate_value = at::tanh(gate_c.to(acc_options.dtype()));
+  const at::Tensor dgate = gate_dot.sum({0, 2}).mul(gate_value.mul(gate_value).neg().add(1));  // (1 - tanh^2) dO . A
+  return {dq_partial.sum(0).to(dtype), dk_partial.sum(0).to(dtype), dv_partial.sum(0).to(dtype), dgate.to(dtype)};
 }
 
 }  // namespace attention

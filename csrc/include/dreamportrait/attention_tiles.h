@@ -1,0 +1,435 @@
+// The tiled schedule of the CUDA gated_cross_attention kernels, written once for the GPU and for
+// a host emulation of it (csrc/cpu/tile_emulation.cpp, tested on CPU against the reference).
+//
+// A block of kThreads threads works on tiles held in shared memory:
+//   forward   one (batch, head) and a tile of block_q query rows; it loops over key tiles of
+//             block_k keys with an online softmax: S = Q K^T, P = softmax step, O += P V.
+//   backward  one (batch, head), one key tile and every splits-th query tile: per query tile
+//             S = Q K^T and dP = dO V^T give P and dS; dV += P^T dO and dK += dS^T Q stay in shared
+//             memory and are written once per block (a per-split partial, summed on the host in a
+//             fixed order); dQ = dS K is written per (query tile, key tile) as a per-key-tile
+//             partial. A first pass (the forward's schedule with dO instead of an output) gives
+//             delta = tanh(g) dO . A and dO . A per row (A: the attention before the gate).
+// Tiles are zero-padded to multiples of 16 (WMMA fragments): rows past Lq or Lk, columns past D,
+// and the keys the mask hides (so their values, even NaN, add nothing).
+//
+// The code here is generic over a Block (thread index, thread count, barrier) and a Gemm (the
+// tile product: tensor cores or scalar FMA on the GPU, scalar loops on the host); the block
+// programs forward_tile and backward_tile are the same code in both.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "dreamportrait/attention_math.h"
+#include "dreamportrait/common.h"
+
+namespace dreamportrait {
+namespace attention {
+namespace tiles {
+
+constexpr int kFragment = 16;  // every tile edge is a multiple of a WMMA fragment's
+constexpr int kThreads = 128;  // four warps per block
+
+DP_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+DP_INLINE int round_up(int64_t x, int m) { return static_cast<int>(ceil_div(x, m) * m); }
+
+// Tile sizes of one launch: block_q query rows and block_k keys (multiples of 16) and the head
+// dimension D rounded up to 16.
+struct Shape {
+  int block_q, block_k, dim;
+};
+
+// Row stride in elements of a tile with `cols` columns: 16 bytes of padding keep every row start
+// 16-byte aligned (WMMA's ldm rule; 16-row steps are then 256-bit aligned) and shift consecutive
+// rows by four banks.
+DP_INLINE int row_stride(int cols, int element_bytes) { return cols + 16 / element_bytes; }
+
+// Byte offsets of the buffers of one block's shared memory, each 128-byte aligned. (32-bit: the
+// GPU keeps the offsets in uniform registers, of which it has few.)
+struct Arena {
+  uint32_t bytes = 0;
+  DP_INLINE uint32_t take(size_t size) {
+    const uint32_t at = bytes;
+    bytes = static_cast<uint32_t>((bytes + size + 127) / 128 * 128);
+    return at;
+  }
+};
+
+// The forward's shared memory; e: element bytes of q, k, v; a: of the accumulation type.
+//   q (block_q, dim)  k, v (block_k, dim)  s (block_q, block_k) scores, then weights, in acc_t
+//   p (block_q, block_k) weights in q's type (the P V operand)  o (block_q, dim) acc_t output
+//   state, factor (block_q) per-row softmax and output factor  key_ok (block_k) attended keys
+struct ForwardLayout {
+  int ld_d, ld_k, ld_d_acc, ld_k_acc;
+  uint32_t q, k, v, s, p, o, state, factor, key_ok, bytes;
+};
+
+template <typename acc_t>
+DP_INLINE ForwardLayout forward_layout(const Shape& t, int e) {
+  const int a = sizeof(acc_t);
+  ForwardLayout l;
+  l.ld_d = row_stride(t.dim, e);
+  l.ld_k = row_stride(t.block_k, e);
+  l.ld_d_acc = row_stride(t.dim, a);
+  l.ld_k_acc = row_stride(t.block_k, a);
+  Arena arena;
+  l.q = arena.take(size_t(t.block_q) * l.ld_d * e);
+  l.k = arena.take(size_t(t.block_k) * l.ld_d * e);
+  l.v = arena.take(size_t(t.block_k) * l.ld_d * e);
+  l.s = arena.take(size_t(t.block_q) * l.ld_k_acc * a);
+  l.p = arena.take(size_t(t.block_q) * l.ld_k * e);
+  l.o = arena.take(size_t(t.block_q) * l.ld_d_acc * a);
+  l.state = arena.take(size_t(t.block_q) * sizeof(OnlineSoftmax<acc_t>));
+  l.factor = arena.take(size_t(t.block_q) * a);
+  l.key_ok = arena.take(size_t(t.block_k));
+  l.bytes = arena.bytes;
+  return l;
+}
+
+// The backward's shared memory:
+//   k, v (block_k, dim)  q, dout (block_q, dim)  s, dp (block_q, block_k) acc_t, whose space
+//   dq (block_q, dim) acc_t reuses once P and dS are formed  p, ds (block_q, block_k) in q's type
+//   dk, dv (block_k, dim) acc_t  lse, delta (block_q)  key_ok (block_k)
+struct BackwardLayout {
+  int ld_d, ld_k, ld_d_acc, ld_k_acc;
+  uint32_t k, v, q, dout, s, dp, dq, p, ds, dk, dv, lse, delta, key_ok, bytes;
+};
+
+template <typename acc_t>
+DP_INLINE BackwardLayout backward_layout(const Shape& t, int e) {
+  const int a = sizeof(acc_t);
+  BackwardLayout l;
+  l.ld_d = row_stride(t.dim, e);
+  l.ld_k = row_stride(t.block_k, e);
+  l.ld_d_acc = row_stride(t.dim, a);
+  l.ld_k_acc = row_stride(t.block_k, a);
+  Arena arena;
+  l.k = arena.take(size_t(t.block_k) * l.ld_d * e);
+  l.v = arena.take(size_t(t.block_k) * l.ld_d * e);
+  l.q = arena.take(size_t(t.block_q) * l.ld_d * e);
+  l.dout = arena.take(size_t(t.block_q) * l.ld_d * e);
+  const size_t scores = size_t(t.block_q) * l.ld_k_acc * a, dq = size_t(t.block_q) * l.ld_d_acc * a;
+  l.s = l.dq = arena.take(2 * scores > dq ? 2 * scores : dq);
+  l.dp = l.s + static_cast<uint32_t>(scores);
+  l.p = arena.take(size_t(t.block_q) * l.ld_k * e);
+  l.ds = arena.take(size_t(t.block_q) * l.ld_k * e);
+  l.dk = arena.take(size_t(t.block_k) * l.ld_d_acc * a);
+  l.dv = arena.take(size_t(t.block_k) * l.ld_d_acc * a);
+  l.lse = arena.take(size_t(t.block_q) * a);
+  l.delta = arena.take(size_t(t.block_q) * a);
+  l.key_ok = arena.take(size_t(t.block_k));
+  l.bytes = arena.bytes;
+  return l;
+}
+
+// The tile sizes for a launch: keys per tile as many as the head has (rounded up to 16, at most
+// 128), queries 64, 32 or 16, the largest combination whose shared memory fits half of `limit`
+// (two blocks per SM), else all of it; 0 when not even 16 x 16 tiles fit.
+template <typename acc_t>
+inline Shape choose_shape(bool backward, int64_t Lk, int64_t D, int element_bytes, size_t limit) {
+  const int dim = round_up(D > 0 ? D : 1, kFragment);
+  const int most_keys = round_up(Lk < 1 ? 1 : (Lk > 128 ? 128 : Lk), kFragment);
+  for (const size_t budget : {limit / 2, limit}) {
+    for (int block_k = most_keys; block_k >= kFragment; block_k -= kFragment) {
+      for (const int block_q : {64, 32, 16}) {
+        const Shape shape{block_q, block_k, dim};
+        const size_t bytes = backward ? backward_layout<acc_t>(shape, element_bytes).bytes
+                                      : forward_layout<acc_t>(shape, element_bytes).bytes;
+        if (bytes <= budget) return shape;
+      }
+    }
+  }
+  return {0, 0, dim};
+}
+
+// ---- The tile product -----------------------------------------------------------------------
+// C (M, N) = [C +] A (M, K) B (K, N), M, N, K multiples of 16. An operand is stored row-major
+// (element (i, k) at [i * ld + k]) or column-major ([k * ld + i]): the transposes the kernels
+// need (K^T, V^T, P^T, dS^T) are column-major views of row-major tiles.
+struct RowMajor {
+  static DP_INLINE int at(int row, int col, int ld) { return row * ld + col; }
+};
+struct ColMajor {
+  static DP_INLINE int at(int row, int col, int ld) { return col * ld + row; }
+};
+
+// The exact product: threads own output elements (float32 without TF32, float64 on the GPU;
+// every type on the host).
+struct ScalarGemm {
+  template <class LayoutA, class LayoutB, class Block, typename acc_t, typename in_t>
+  static DP_INLINE void run(const Block& block, acc_t* c, int ldc, const in_t* a, int lda, const in_t* b, int ldb,
+                            int M, int N, int K, bool accumulate) {
+    for (int e = block.thread(); e < M * N; e += block.threads()) {
+      const int i = e / N, j = e % N;
+      acc_t sum = accumulate ? c[i * ldc + j] : acc_t(0);
+      for (int k = 0; k < K; ++k)
+        sum += static_cast<acc_t>(a[LayoutA::at(i, k, lda)]) * static_cast<acc_t>(b[LayoutB::at(k, j, ldb)]);
+      c[i * ldc + j] = sum;
+    }
+  }
+};
+
+// ---- Per-row steps --------------------------------------------------------------------------
+
+// Adds one key tile to a query row's online softmax. `s` holds the tile's products q . k_j and
+// becomes scale * q . k_j; `p` receives the weights exp(score - new maximum) in the P V operand's
+// type (0 for keys not attended). Returns the factor the row's accumulated output must be
+// multiplied by (it was relative to the old maximum). A NaN score becomes the maximum, so NaN
+// reaches every output of the row, as in OnlineSoftmax::add.
+template <typename acc_t, typename p_t>
+DP_INLINE acc_t softmax_tile_row(OnlineSoftmax<acc_t>& row, acc_t* s, p_t* p, const unsigned char* key_ok,
+                                 int block_k, acc_t scale) {
+  acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
+  bool any = false;
+  for (int j = 0; j < block_k; ++j) {
+    if (!key_ok[j]) continue;
+    const acc_t score = scale * s[j];
+    s[j] = score;
+    if (score > tile_max || score != score) tile_max = score;
+    any = true;
+  }
+  if (!any) {  // every key of the tile masked: the row is unchanged
+    for (int j = 0; j < block_k; ++j) p[j] = p_t(0);
+    return acc_t(1);
+  }
+  const acc_t new_max = (tile_max > row.max || tile_max != tile_max) ? tile_max : row.max;
+  const acc_t rescale = row.any ? std::exp(row.max - new_max) : acc_t(0);
+  acc_t sum = 0;
+  for (int j = 0; j < block_k; ++j) {
+    const acc_t weight = key_ok[j] ? std::exp(s[j] - new_max) : acc_t(0);
+    p[j] = static_cast<p_t>(weight);
+    sum += weight;
+  }
+  row.sum = row.sum * rescale + sum;
+  row.max = new_max;
+  row.any = true;
+  return rescale;
+}
+
+// One query row of a (query tile, key tile) pair in the backward: from s_j = q . k_j,
+// dp_j = dO . v_j, the row's log-sum-exp and delta, the weights p_j and scale * ds_j (ds_j =
+// p_j (tanh(g) dp_j - delta)) in the products' type; 0 for keys not attended and for padding
+// rows (lse -inf).
+template <typename acc_t, typename p_t>
+DP_INLINE void gradient_tile_row(const acc_t* s, const acc_t* dp, p_t* p, p_t* ds, const unsigned char* key_ok,
+                                 int block_k, acc_t scale, acc_t lse, acc_t gate_value, acc_t delta) {
+  for (int j = 0; j < block_k; ++j) {
+    const acc_t prob = key_ok[j] ? probability(scale * s[j], lse) : acc_t(0);
+    p[j] = static_cast<p_t>(prob);
+    ds[j] = static_cast<p_t>(prob == acc_t(0) ? acc_t(0) : scale * score_grad(prob, gate_value * dp[j], delta));
+  }
+}
+
+// ---- Staging --------------------------------------------------------------------------------
+
+// dst (rows, dim) with row stride ld <- rows row0.. of src (n_rows, D) row-major. Rows past
+// n_rows, columns past D and rows with row_ok[r] == 0 are zero. Consecutive threads take
+// consecutive columns (coalesced loads).
+template <class Block, typename T>
+DP_INLINE void stage_rows(const Block& block, T* dst, int ld, const T* src, int64_t row0, int64_t n_rows, int rows,
+                          int D, int dim, const unsigned char* row_ok) {
+  for (int e = block.thread(); e < rows * dim; e += block.threads()) {
+    const int r = e / dim, d = e % dim;
+    const bool inside = row0 + r < n_rows && d < D && (row_ok == nullptr || row_ok[r]);
+    dst[r * ld + d] = inside ? src[(row0 + r) * D + d] : T(0);
+  }
+}
+
+// key_ok[j]: whether key key0 + j exists and the mask row (null: attend to all) lets it be attended.
+template <class Block>
+DP_INLINE void stage_keys(const Block& block, unsigned char* key_ok, const bool* mask_row, int64_t key0, int64_t Lk,
+                          int block_k) {
+  for (int j = block.thread(); j < block_k; j += block.threads())
+    key_ok[j] = key0 + j < Lk && (mask_row == nullptr || mask_row[key0 + j]);
+}
+
+// ---- Block programs -------------------------------------------------------------------------
+
+// Pointers of a forward launch (contiguous tensors, layouts as in attention_math.h). With
+// grad_out null it writes out (B, H, Lq, D) and lse (B, H, Lq); with grad_out set (the backward's
+// first pass) it writes delta = tanh(g) dO . A and gate_dot = dO . A (B, H, Lq) instead.
+template <typename scalar_t, typename acc_t>
+struct ForwardIo {
+  Problem p;
+  Shape shape;
+  int64_t query_tiles;
+  const scalar_t *q, *k, *v, *gate;
+  const bool* mask;
+  const scalar_t* grad_out;
+  scalar_t* out;
+  acc_t *lse, *delta, *gate_dot;
+};
+
+// Block `tile` = bh * query_tiles + query tile. (Index arithmetic is 32-bit where it can be: a
+// 64-bit division is a call on the GPU.)
+template <class Gemm, class Block, typename scalar_t, typename acc_t>
+DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const ForwardIo<scalar_t, acc_t>& io, int tile) {
+  const Problem& p = io.p;
+  const Shape& t = io.shape;
+  const ForwardLayout l = forward_layout<acc_t>(t, sizeof(scalar_t));
+  scalar_t *q = reinterpret_cast<scalar_t*>(smem + l.q), *k = reinterpret_cast<scalar_t*>(smem + l.k),
+           *v = reinterpret_cast<scalar_t*>(smem + l.v), *pw = reinterpret_cast<scalar_t*>(smem + l.p);
+  acc_t *s = reinterpret_cast<acc_t*>(smem + l.s), *o = reinterpret_cast<acc_t*>(smem + l.o),
+        *factor = reinterpret_cast<acc_t*>(smem + l.factor);
+  OnlineSoftmax<acc_t>* state = reinterpret_cast<OnlineSoftmax<acc_t>*>(smem + l.state);
+  unsigned char* key_ok = smem + l.key_ok;
+
+  const int query_tiles = static_cast<int>(io.query_tiles), heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
+  const int bh = tile / query_tiles, b = bh / heads, h = bh % heads;
+  const int64_t row0 = int64_t(tile % query_tiles) * t.block_q;
+  const bool* mask_row = p.has_mask ? io.mask + b * p.Lk : nullptr;
+  const scalar_t* head_k = io.k + bh * p.Lk * p.D;
+  const scalar_t* head_v = io.v + bh * p.Lk * p.D;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+  for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
+    o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
+  for (int r = block.thread(); r < t.block_q; r += block.threads()) state[r] = OnlineSoftmax<acc_t>();
+
+  for (int64_t key0 = 0; key0 < p.Lk; key0 += t.block_k) {
+    block.sync();  // the previous key tile's P V has read k, v and p
+    stage_keys(block, key_ok, mask_row, key0, p.Lk, t.block_k);
+    block.sync();
+    stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, t.dim, key_ok);
+    stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, t.dim, key_ok);
+    block.sync();
+    Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
+                                           false);
+    block.sync();
+    for (int r = block.thread(); r < t.block_q; r += block.threads())
+      factor[r] = softmax_tile_row(state[r], s + r * l.ld_k_acc, pw + r * l.ld_k, key_ok, t.block_k, scale);
+    block.sync();
+    for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
+      o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
+    block.sync();
+    Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, t.dim, t.block_k,
+                                           true);
+  }
+  block.sync();
+  // o / sum is A, the attention before the gate; 0 for a row that attended to nothing.
+  const acc_t gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
+  for (int r = block.thread(); r < t.block_q; r += block.threads())
+    factor[r] = state[r].empty() ? acc_t(0) : acc_t(1) / state[r].sum;
+  const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
+  const int64_t first = bh * p.Lq + row0;  // global index of the tile's first row
+  if (io.grad_out == nullptr) {
+    block.sync();
+    for (int e = block.thread(); e < rows * D; e += block.threads()) {
+      const int r = e / D, d = e % D;
+      io.out[first * p.D + e] = static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
+    }
+    for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
+    return;
+  }
+  // The backward's first pass: dO into q's space (no longer read), then one row per thread.
+  stage_rows(block, q, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+  block.sync();
+  for (int r = block.thread(); r < rows; r += block.threads()) {
+    acc_t dot = 0;
+    for (int d = 0; d < t.dim; ++d) dot += static_cast<acc_t>(q[r * l.ld_d + d]) * (o[r * l.ld_d_acc + d] * factor[r]);
+    io.gate_dot[first + r] = dot;
+    io.delta[first + r] = gate_value * dot;
+  }
+}
+
+// Pointers of the backward's main launch. dq_partial (key_tiles, B, H, Lq, D), dk_partial and
+// dv_partial (splits, B, H, Lk, D), all acc_t: summed over their first dimension on the host.
+template <typename scalar_t, typename acc_t>
+struct BackwardIo {
+  Problem p;
+  Shape shape;
+  int64_t query_tiles, key_tiles, splits;
+  const scalar_t *grad_out, *q, *k, *v, *gate;
+  const bool* mask;
+  const acc_t *lse, *delta;
+  acc_t *dq_partial, *dk_partial, *dv_partial;
+};
+
+// Block `tile` = (bh * splits + split) * key_tiles + key tile: query tiles split, split + splits, ...
+template <class Gemm, class Block, typename scalar_t, typename acc_t>
+DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const BackwardIo<scalar_t, acc_t>& io, int tile) {
+  const Problem& p = io.p;
+  const Shape& t = io.shape;
+  const BackwardLayout l = backward_layout<acc_t>(t, sizeof(scalar_t));
+  scalar_t *k = reinterpret_cast<scalar_t*>(smem + l.k), *v = reinterpret_cast<scalar_t*>(smem + l.v),
+           *q = reinterpret_cast<scalar_t*>(smem + l.q), *dout = reinterpret_cast<scalar_t*>(smem + l.dout),
+           *pw = reinterpret_cast<scalar_t*>(smem + l.p), *ds = reinterpret_cast<scalar_t*>(smem + l.ds);
+  acc_t *s = reinterpret_cast<acc_t*>(smem + l.s), *dp = reinterpret_cast<acc_t*>(smem + l.dp),
+        *dq = reinterpret_cast<acc_t*>(smem + l.dq), *dk = reinterpret_cast<acc_t*>(smem + l.dk),
+        *dv = reinterpret_cast<acc_t*>(smem + l.dv), *lse = reinterpret_cast<acc_t*>(smem + l.lse),
+        *delta = reinterpret_cast<acc_t*>(smem + l.delta);
+  unsigned char* key_ok = smem + l.key_ok;
+
+  const int key_tiles = static_cast<int>(io.key_tiles), splits = static_cast<int>(io.splits);
+  const int heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
+  const int key_tile = tile % key_tiles, split = tile / key_tiles % splits, bh = tile / key_tiles / splits;
+  const int b = bh / heads, h = bh % heads;
+  const int64_t key0 = int64_t(key_tile) * t.block_k;
+  const acc_t scale = static_cast<acc_t>(p.scale), gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
+
+  stage_keys(block, key_ok, p.has_mask ? io.mask + b * p.Lk : nullptr, key0, p.Lk, t.block_k);
+  block.sync();
+  stage_rows(block, k, l.ld_d, io.k + bh * p.Lk * p.D, key0, p.Lk, t.block_k, D, t.dim, key_ok);
+  stage_rows(block, v, l.ld_d, io.v + bh * p.Lk * p.D, key0, p.Lk, t.block_k, D, t.dim, key_ok);
+  for (int e = block.thread(); e < t.block_k * t.dim; e += block.threads()) {
+    const int at = e / t.dim * l.ld_d_acc + e % t.dim;
+    dk[at] = dv[at] = acc_t(0);
+  }
+
+  const int query_tiles = static_cast<int>(io.query_tiles);
+  for (int query_tile = split; query_tile < query_tiles; query_tile += splits) {
+    const int64_t row0 = int64_t(query_tile) * t.block_q, first = bh * p.Lq + row0;
+    block.sync();  // the previous tile's products and dq copy are done
+    stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+    stage_rows(block, dout, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+    for (int r = block.thread(); r < t.block_q; r += block.threads()) {
+      const bool inside = row0 + r < p.Lq;
+      lse[r] = inside ? io.lse[first + r] : -std::numeric_limits<acc_t>::infinity();
+      delta[r] = inside ? io.delta[first + r] : acc_t(0);
+    }
+    block.sync();
+    Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
+                                           false);
+    Gemm::template run<RowMajor, ColMajor>(block, dp, l.ld_k_acc, dout, l.ld_d, v, l.ld_d, t.block_q, t.block_k,
+                                           t.dim, false);
+    block.sync();
+    for (int r = block.thread(); r < t.block_q; r += block.threads())
+      gradient_tile_row(s + r * l.ld_k_acc, dp + r * l.ld_k_acc, pw + r * l.ld_k, ds + r * l.ld_k, key_ok, t.block_k,
+                        scale, lse[r], gate_value, delta[r]);
+    block.sync();
+    Gemm::template run<ColMajor, RowMajor>(block, dv, l.ld_d_acc, pw, l.ld_k, dout, l.ld_d, t.block_k, t.dim,
+                                           t.block_q, true);
+    Gemm::template run<ColMajor, RowMajor>(block, dk, l.ld_d_acc, ds, l.ld_k, q, l.ld_d, t.block_k, t.dim, t.block_q,
+                                           true);
+    Gemm::template run<RowMajor, RowMajor>(block, dq, l.ld_d_acc, ds, l.ld_k, k, l.ld_d, t.block_q, t.dim, t.block_k,
+                                           false);
+    block.sync();
+    const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
+    acc_t* dq_out = io.dq_partial + (key_tile * p.B * p.H * p.Lq + first) * p.D;
+    for (int e = block.thread(); e < rows * D; e += block.threads()) dq_out[e] = dq[e / D * l.ld_d_acc + e % D];
+  }
+  block.sync();
+  // dV = tanh(g) sum_i p_i dO_i: the gate is applied once here rather than to every dO tile.
+  const int keys = p.Lk - key0 < t.block_k ? static_cast<int>(p.Lk - key0) : t.block_k;
+  const int64_t at = ((split * p.B * p.H + bh) * p.Lk + key0) * p.D;
+  for (int e = block.thread(); e < keys * D; e += block.threads()) {
+    const int in = e / D * l.ld_d_acc + e % D;
+    io.dk_partial[at + e] = dk[in];
+    io.dv_partial[at + e] = gate_value * dv[in];
+  }
+}
+
+// Query splits of the backward: enough blocks for `target_blocks` (a few per SM), at most one
+// split per query tile.
+DP_INLINE int64_t backward_splits(int64_t query_tiles, int64_t key_tiles, int64_t heads, int64_t target_blocks) {
+  const int64_t per_split = key_tiles * heads;
+  const int64_t splits = per_split > 0 ? ceil_div(target_blocks, per_split) : 1;
+  return splits < 1 ? 1 : (splits > query_tiles ? (query_tiles > 0 ? query_tiles : 1) : splits);
+}
+
+}  // namespace tiles
+}  // namespace attention
+}  // namespace dreamportrait

@@ -1,0 +1,166 @@
+"""The CUDA kernels' tile schedules, run on the CPU by their host emulations (the same block programs
+as the GPU, block after block; csrc/cpu/tile_emulation.cpp) and checked against the reference: tile
+sizes, zero padding of ragged tails, the online softmax across key tiles, the per-block partial sums
+of the backward and the warp scans of the compositing."""
+
+import math
+
+import pytest
+import torch
+from support import assert_close_scaled, requires_extension
+
+from dreamportrait import _extension
+from dreamportrait.ops import reference
+
+pytestmark = requires_extension
+
+# (B, H, Lq, Lk, D, block_q, block_k): ragged query and key tails, several key tiles (online
+# softmax), one key tile larger than Lk, head dims that are not multiples of 16, up to 256.
+ATTENTION_CASES = [
+    pytest.param((1, 1, 1, 1, 16, 16, 16), id="one-row-one-key"),
+    pytest.param((2, 3, 45, 77, 40, 16, 32), id="Lk77-three-key-tiles-D40"),
+    pytest.param((1, 2, 70, 77, 64, 64, 80), id="Lk77-one-key-tile"),
+    pytest.param((2, 2, 33, 200, 64, 32, 48), id="Lk200-five-key-tiles"),
+    pytest.param((1, 2, 20, 9, 130, 16, 16), id="D130"),
+    pytest.param((1, 1, 17, 23, 256, 16, 16), id="D256"),
+    pytest.param((2, 1, 5, 0, 8, 16, 16), id="no-keys"),
+]
+
+
+def attention_ops():
+    _extension.status()
+    return torch.ops.dreamportrait.attention_tile_emulation, torch.ops.dreamportrait.attention_tile_emulation_backward
+
+
+def attention_inputs(case, dtype=torch.float64, masked=True, seed=0):
+    batch, heads, queries, keys, dim = case[:5]
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=generator, dtype=dtype)
+               for length in (queries, keys, keys))
+    gate = torch.randn(heads, generator=generator, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, keys, generator=generator) > 0.3
+        mask[0] = False  # a batch element whose rows attend to nothing
+    return q, k, v, gate, mask
+
+
+def reference_with_grads(q, k, v, gate, mask, scale, grad_out):
+    inputs = [x.detach().requires_grad_() for x in (q, k, v, gate)]
+    out = reference.gated_cross_attention(*inputs, mask, scale)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_attention_forward_schedule_matches_reference(case, masked):
+    forward, _ = attention_ops()
+    q, k, v, gate, mask = attention_inputs(case, masked=masked)
+    scale = 1 / math.sqrt(case[4])
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6])
+    expected = reference.gated_cross_attention(q, k, v, gate, mask, scale)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("splits", [1, 2, 5, 0], ids=lambda s: f"splits{s}")
+def test_attention_backward_schedule_matches_reference(case, splits):
+    forward, backward = attention_ops()
+    q, k, v, gate, mask = attention_inputs(case)
+    scale = 0.3
+    grad_out = torch.randn_like(q)
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6])
+    grads = backward(grad_out, q, k, v, gate, mask, lse, scale, case[5], case[6], splits)
+    _, expected = reference_with_grads(q, k, v, gate, mask, scale, grad_out)
+    for name, ours, ref in zip(("q", "k", "v", "gate"), grads, expected):
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype, name
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
+    if mask is not None and case[3] > 0:  # masked keys get exactly nothing, the closed batch element neither
+        assert not grads[1][~mask[:, None, :, None].expand_as(k)].any()
+        assert not grads[0][0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attention_schedule_in_the_kernels_types(dtype):
+    """The GPU's types: tiles staged in the input type, the weights P and dS rounded to it for the
+    tile products (as the tensor cores take them), float32 accumulation."""
+    forward, backward = attention_ops()
+    case = (2, 2, 70, 77, 64, 32, 48)
+    q, k, v, gate, mask = attention_inputs(case, dtype=torch.float32)
+    grad_out = torch.randn_like(q)
+    low = [x.to(dtype) for x in (q, k, v, gate, grad_out)]
+    out, lse = forward(*low[:4], mask, 0.125, case[5], case[6])
+    grads = backward(low[4], *low[:4], mask, lse, 0.125, case[5], case[6], 0)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    ref_out, ref_grads = reference_with_grads(*[x.float() for x in low[:4]], mask, 0.125, low[4].float())
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    for name, ours, ref in zip(("out", "q", "k", "v", "gate"), (out, *grads), (ref_out, *ref_grads)):
+        assert_close_scaled(ours.float(), ref, tolerance, name)
+
+
+def test_attention_schedule_propagates_nan_to_its_row_only():
+    forward, backward = attention_ops()
+    case = (1, 1, 40, 50, 24, 16, 16)
+    q, k, v, gate, _ = attention_inputs(case, masked=False)
+    q[0, 0, 21, 3] = math.nan
+    out, lse = forward(q, k, v, gate, None, 0.2, 16, 16)
+    assert out[0, 0, 21].isnan().all() and lse[0, 0, 21].isnan()
+    rows = torch.arange(40) != 21
+    assert not out[0, 0, rows].isnan().any()
+    dq, dk, dv, dgate = backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.2, 16, 16, 3)
+    assert dq[0, 0, 21].isnan().all() and not dq[0, 0, rows].isnan().any()
+    assert dk.isnan().all() and dgate.isnan().all()
+
+
+def test_attention_emulation_checks_its_arguments():
+    forward, backward = attention_ops()
+    q, k, v, gate, _ = attention_inputs((1, 2, 5, 7, 16))
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        forward(q, k, v, gate, None, 0.25, 24, 16)
+    with pytest.raises(RuntimeError, match="gate must have shape"):
+        forward(q, k, v, gate[:1], None, 0.25, 16, 16)
+    _, lse = forward(q, k, v, gate, None, 0.25, 16, 16)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        backward(torch.ones_like(q), q, k, v, gate, None, lse.float(), 0.25, 16, 16, 1)
+    with pytest.raises(RuntimeError, match="splits must be"):
+        backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.25, 16, 16, -1)
+
+
+# --- the tile shapes the CUDA launcher picks -------------------------------------------------------
+
+SHARED = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_90": 227 * 1024}
+
+
+@pytest.mark.parametrize("arch", SHARED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [16, 40, 64, 128, 256])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_tile_shapes_fit_every_target(arch, dtype, dim, backward):
+    """16-bit tiles fit every target up to D 256, float32 ones too except the float32 backward at
+    D 256 on sm_86 (99 KiB); float64 ones (twice the bytes) up to D 64. Where they do not fit the
+    launcher refuses (block_q 0) instead of overrunning shared memory."""
+    attention_ops()
+    block_q, block_k, padded, shared = torch.ops.dreamportrait.attention_tile_shape(backward, 77, dim, dtype, SHARED[arch])
+    assert padded == -(-dim // 16) * 16
+    fits = (dtype == torch.float16 or dim <= 64
+            or (dtype == torch.float32 and not (backward and dim == 256 and arch == "sm_86")))
+    assert (block_q > 0) == fits or (dtype == torch.float64 and block_q > 0)
+    if block_q == 0:
+        assert shared == 0
+        return
+    assert block_q in (16, 32, 64) and block_k % 16 == 0 and 16 <= block_k <= 80
+    assert 0 < shared <= SHARED[arch]
+
+
+def test_tile_shapes_hold_the_text_tokens_in_one_key_tile():
+    """At the benchmark shape (77 text tokens, D 64) an H100 block holds every key of its head, and
+    two blocks fit an SM."""
+    attention_ops()
+    for backward in (False, True):
+        block_q, block_k, _, shared = torch.ops.dreamportrait.attention_tile_shape(backward, 77, 64, torch.float16,
+                                                                                   SHARED["sm_90"])
+        assert block_k == 80 and 2 * shared <= SHARED["sm_90"]
