@@ -19,6 +19,7 @@ and never sees y on a third plane; imported EG3D weights need it."""
 ORTHOGONAL_AXES = (0, 1, 0, 2, 1, 2)
 """Three distinct planes (x, y), (x, z), (y, z), for new models."""
 
+OP = "triplane_sample"
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -53,8 +54,8 @@ def triplane_sample(
     CUDA and Triton kernels also float16 and bfloat16, accumulating in float32.
     """
     axes = _check_arguments(planes, points, box_warp, axes, reduce)
-    chosen = select_backend("triplane_sample", planes.device.type, backend)
-    require_backend_dtype("triplane_sample", chosen, "planes", planes)
+    chosen = select_backend(OP, planes.device.type, backend)
+    require_backend_dtype(OP, chosen, "planes", planes)
     if chosen == "reference":
         return reference.triplane_sample(planes, points, float(box_warp), axes, reduce)
     if chosen == "triton":
@@ -63,41 +64,40 @@ def triplane_sample(
 
 
 def _check_arguments(planes, points, box_warp, axes, reduce) -> list[int]:
-    op = "triplane_sample"
-    require_tensor(op, "planes", planes)
-    require_tensor(op, "points", points)
+    require_tensor(OP, "planes", planes)
+    require_tensor(OP, "points", points)
     if planes.dim() != 5 or planes.shape[1] != 3:
-        raise ValueError(f"{op}: planes must have shape (B, 3, C, H, W), got {tuple(planes.shape)}")
+        raise ValueError(f"{OP}: planes must have shape (B, 3, C, H, W), got {tuple(planes.shape)}")
     if points.dim() != 3 or points.shape[2] != 3:
-        raise ValueError(f"{op}: points must have shape (B, N, 3), got {tuple(points.shape)}")
+        raise ValueError(f"{OP}: points must have shape (B, N, 3), got {tuple(points.shape)}")
     if points.shape[0] != planes.shape[0]:
-        raise ValueError(f"{op}: points has batch size {points.shape[0]} but planes has {planes.shape[0]}")
-    require_floating(op, "planes", planes)
-    require_like(op, "points", points, "planes", planes)
-    if require_real(op, "box_warp", box_warp) <= 0:
-        raise ValueError(f"{op}: box_warp must be positive, got {box_warp}")
+        raise ValueError(f"{OP}: points has batch size {points.shape[0]} but planes has {planes.shape[0]}")
+    require_floating(OP, "planes", planes)
+    require_like(OP, "points", points, "planes", planes)
+    if require_real(OP, "box_warp", box_warp) <= 0:
+        raise ValueError(f"{OP}: box_warp must be positive, got {box_warp}")
     # Points are scaled by 2 / box_warp in their dtype: a box too small for it would turn every
     # coordinate into inf or NaN.
     if 2.0 / box_warp > torch.finfo(points.dtype).max:
-        raise ValueError(f"{op}: box_warp must be at least {2.0 / torch.finfo(points.dtype).max:.3g} for "
+        raise ValueError(f"{OP}: box_warp must be at least {2.0 / torch.finfo(points.dtype).max:.3g} for "
                          f"{str(points.dtype).removeprefix('torch.')} points (2 / box_warp finite), got {box_warp}")
     if reduce not in REDUCTIONS:
-        raise ValueError(f"{op}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        raise ValueError(f"{OP}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
     return _check_axes(axes)
 
 
 def _check_axes(axes) -> list[int]:
     if isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence) or len(axes) != 6:
-        raise ValueError(f"triplane_sample: axes must be a sequence of six ints (u0, v0, u1, v1, u2, v2), got {axes!r}")
+        raise ValueError(f"{OP}: axes must be a sequence of six ints (u0, v0, u1, v1, u2, v2), got {axes!r}")
     checked = []
     for axis in axes:
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not 0 <= axis <= 2:
-            raise ValueError(f"triplane_sample: axes entries must be 0, 1 or 2, got {tuple(axes)}")
+            raise ValueError(f"{OP}: axes entries must be 0, 1 or 2, got {tuple(axes)}")
         checked.append(int(axis))
     for plane in range(3):
         if checked[2 * plane] == checked[2 * plane + 1]:
             raise ValueError(
-                f"triplane_sample: axes gives plane {plane} the same axis {checked[2 * plane]} for u and v, "
+                f"{OP}: axes gives plane {plane} the same axis {checked[2 * plane]} for u and v, "
                 f"got {tuple(axes)}"
             )
     return checked
