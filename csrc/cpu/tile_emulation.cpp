@@ -1,8 +1,8 @@
-// Host emulations of the CUDA kernels' tile schedules, as test-only CPU operators. They run the
-// same block programs as the GPU (attention_tiles.h, composite_scan.h), block after block, with a
-// one-thread block and scalar tile products, so the CPU test suite checks the GPU's schedule: tile
-// sizes, zero padding, the online softmax across key tiles, the per-block partial sums of the
-// backward and the warp scans of the compositing.
+// Host emulations of the CUDA kernels' schedules, as test-only CPU operators. They run the same
+// block and warp programs as the GPU (attention_tiles.h: block after block, with a one-thread
+// block and scalar tile products; composite_scan.h: a warp of 32 threads), so the CPU test suite
+// checks the GPU's schedule: tile sizes, zero padding, the online softmax across key tiles, the
+// per-block partial sums of the backward and the warp scans of the compositing.
 //
 //   attention_tile_emulation(q, k, v, gate, mask, scale, block_q, block_k) -> (out, lse)
 //   attention_tile_emulation_backward(grad_out, q, k, v, gate, mask, lse, scale, block_q, block_k,
@@ -13,17 +13,28 @@
 //   attention_tile_shape(backward, Lk, D, dtype, shared_memory) -> [block_q, block_k, dim, bytes]
 // is the tile shape the CUDA launcher picks on a GPU whose blocks may have `shared_memory` bytes,
 // and the dynamic shared memory a block of it takes (for occupancy figures).
+//   composite_warp_emulation(densities, colors, depths, deltas, threshold) and
+//   composite_warp_emulation_backward(grad_rgb, grad_depth, grad_opacity, grad_weights, densities,
+//                                     colors, depths, deltas)
+// take the arguments of composite_rays(_backward); a warp is 32 threads that meet at every shuffle.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "dreamportrait/attention_host.h"
 #include "dreamportrait/attention_tiles.h"
+#include "dreamportrait/composite_host.h"
+#include "dreamportrait/composite_scan.h"
 
 namespace dreamportrait {
 namespace {
@@ -97,6 +108,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_tile_emulat
                                    EmulateBackward{});
 }
 
+// ---- A warp on the host: 32 threads, one per lane, that run the same warp program and meet at
+// every exchange (shuffle, vote) and sync, as the lanes of a GPU warp do.
+class HostWarpExchange {
+ public:
+  void barrier() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ == composite::scan::kLanes) {
+      arrived_ = 0;
+      ++generation_;
+      all_arrived_.notify_all();
+    } else {
+      all_arrived_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+  // Each lane offers `value` and receives lane `source`'s.
+  template <typename T>
+  T exchange(int lane, T value, int source) {
+    T received;
+    gather(lane, value, [&](const Slot* slots) { std::memcpy(&received, slots[source].bytes, sizeof(T)); });
+    return received;
+  }
+  // The lowest lane whose predicate holds, kLanes if none.
+  int first(int lane, bool predicate) {
+    int first = composite::scan::kLanes;
+    gather(lane, predicate, [&](const Slot* slots) {
+      for (int other = composite::scan::kLanes - 1; other >= 0; --other)
+        if (slots[other].bytes[0]) first = other;
+    });
+    return first;
+  }
+
+ private:
+  struct Slot {
+    alignas(16) unsigned char bytes[16];
+  };
+  template <typename T, class Read>
+  void gather(int lane, T value, Read read) {
+    static_assert(sizeof(T) <= sizeof(Slot));
+    std::memcpy(slots_[lane].bytes, &value, sizeof(T));
+    barrier();
+    read(slots_);
+    barrier();  // every lane has read before the next exchange writes
+  }
+
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+  Slot slots_[composite::scan::kLanes];
+};
+
+struct HostWarp {
+  HostWarpExchange* exchange;
+  int lane_index;
+
+  int lane() const { return lane_index; }
+  template <typename T>
+  T shuffle(T v, int source) const {
+    return exchange->exchange(lane_index, v, source);
+  }
+  int first_lane(bool predicate) const { return exchange->first(lane_index, predicate); }
+  void sync() const { exchange->barrier(); }
+};
+
+// Runs program(warp, chunk_weights, ray) for every ray on one emulated warp.
+template <typename acc_t, class Program>
+void run_warp(int64_t rays, Program program) {
+  HostWarpExchange exchange;
+  acc_t chunk_weights[composite::scan::kLanes];
+  std::vector<std::thread> lanes;
+  for (int lane = 0; lane < composite::scan::kLanes; ++lane)
+    lanes.emplace_back([&, lane] {
+      for (int64_t r = 0; r < rays; ++r) program(HostWarp{&exchange, lane}, chunk_weights, r);
+    });
+  for (std::thread& lane : lanes) lane.join();
+}
+
+void check_cpu(const at::Tensor& densities) {
+  TORCH_CHECK(densities.device().is_cpu(), "composite_warp_emulation: runs on CPU tensors, got ", densities.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulation(
+    const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths, const at::Tensor& deltas,
+    double transmittance_threshold) {
+  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, transmittance_threshold);
+  check_cpu(densities);
+  return composite::warp_forward(p, densities, colors, depths, deltas,
+                                 [](const auto* sigma, const auto* color, const auto* t, const auto* delta,
+                                    auto* rgb, auto* depth, auto* opacity, auto* weights, const composite::Problem& p) {
+    using acc_t = std::remove_pointer_t<decltype(rgb)>;
+    const acc_t threshold = static_cast<acc_t>(p.transmittance_threshold);
+    run_warp<acc_t>(p.R, [&](const HostWarp& warp, acc_t* chunk_weights, int64_t r) {
+      const int64_t row = r * p.S;
+      composite::scan::forward_ray_warp(warp, chunk_weights, sigma + row, color + row * p.C, t + row, delta + row,
+                                        rgb + r * p.C, depth + r, opacity + r, weights + row, p.S, p.C, threshold);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulation_backward(
+    const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
+    const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,
+    const at::Tensor& deltas) {
+  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, 0.0);
+  composite::check_grads(p, densities, grad_rgb, grad_depth, grad_opacity, grad_weights);
+  check_cpu(densities);
+  return composite::warp_backward(
+      p, grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors, depths, deltas,
+      [](const auto* sigma, const auto* color, const auto* t, const auto* delta, const auto* g_rgb,
+         const auto* g_depth, const auto* g_opacity, const auto* g_weights, auto* grad_sigma, auto* grad_color,
+         auto* grad_t, auto* grad_delta, const composite::Problem& p) {
+        using acc_t = std::remove_pointer_t<decltype(grad_sigma)>;
+        run_warp<acc_t>(p.R, [&](const HostWarp& warp, acc_t* chunk_weights, int64_t r) {
+          const int64_t row = r * p.S;
+          composite::scan::backward_ray_warp(warp, chunk_weights, sigma + row, color + row * p.C, t + row,
+                                             delta + row, g_rgb + r * p.C, static_cast<acc_t>(g_depth[r]),
+                                             static_cast<acc_t>(g_opacity[r]), g_weights + row, grad_sigma + row,
+                                             grad_color + row * p.C, grad_t + row, grad_delta + row, p.S, p.C);
+        });
+      });
+}
+
 std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, at::ScalarType dtype,
                                           int64_t shared_memory) {
   TORCH_CHECK(Lk >= 0 && D >= 0 && shared_memory > 0, "attention_tile_shape: Lk and D must be >= 0 and shared_memory > 0");
@@ -122,6 +256,11 @@ TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
   m.def("attention_tile_emulation_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, "
         "Tensor? key_padding_mask, Tensor lse, float scale, int block_q, int block_k, int splits) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("composite_warp_emulation(Tensor densities, Tensor colors, Tensor depths, Tensor deltas, "
+        "float transmittance_threshold) -> (Tensor rgb, Tensor depth, Tensor opacity, Tensor weights)");
+  m.def("composite_warp_emulation_backward(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, "
+        "Tensor grad_weights, Tensor densities, Tensor colors, Tensor depths, Tensor deltas) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_tile_shape(bool backward, int Lk, int D, ScalarType dtype, int shared_memory) -> int[]",
         &dreamportrait::attention_tile_shape);
 }
@@ -129,4 +268,6 @@ TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
 TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) {
   m.impl("attention_tile_emulation", &dreamportrait::attention_tile_emulation);
   m.impl("attention_tile_emulation_backward", &dreamportrait::attention_tile_emulation_backward);
+  m.impl("composite_warp_emulation", &dreamportrait::composite_warp_emulation);
+  m.impl("composite_warp_emulation_backward", &dreamportrait::composite_warp_emulation_backward);
 }

@@ -1,59 +1,96 @@
-// CUDA kernels of composite_rays: one thread per ray running the per-ray code of
-// include/dreamportrait/composite_math.h, the same code the CPU kernels run (and are tested with).
-// Half-precision inputs accumulate rgb and the density/spacing gradients (which double as scratch)
-// in float32 buffers that are converted at the end.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
+// CUDA kernels of composite_rays: a warp per ray running the warp programs of
+// include/dreamportrait/composite_scan.h (shuffle scans of the transmittance and of the backward's
+// suffix recurrence, 32 samples at a time; colours with lanes over channels), the code the host
+// emulation runs and the CPU tests check. Half-precision inputs accumulate rgb and the
+// density/spacing gradients (which double as scratch) in float32 buffers converted at the end.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "dreamportrait/composite_host.h"
 #include "dreamportrait/composite_math.h"
+#include "dreamportrait/composite_scan.h"
 #include "dreamportrait/ops.h"
 
 namespace dreamportrait {
 namespace {
 
 using composite::Problem;
+namespace scan = composite::scan;
 
-constexpr int kThreads = 128;
+// The warp programs' view of a CUDA warp. (Host-device so that the shared templates may call it;
+// only the device side is ever run.)
+struct CudaWarp {
+  DP_HOST_DEVICE int lane() const {
+#ifdef __CUDA_ARCH__
+    return threadIdx.x % scan::kLanes;
+#else
+    return 0;
+#endif
+  }
+  template <typename T>
+  DP_HOST_DEVICE T shuffle(T v, int source) const {
+#ifdef __CUDA_ARCH__
+    return __shfl_sync(0xffffffffu, v, source);
+#else
+    return v;
+#endif
+  }
+  DP_HOST_DEVICE int first_lane(bool predicate) const {
+#ifdef __CUDA_ARCH__
+    const unsigned lanes = __ballot_sync(0xffffffffu, predicate);
+    return lanes ? __ffs(lanes) - 1 : scan::kLanes;
+#else
+    return predicate ? 0 : scan::kLanes;
+#endif
+  }
+  DP_HOST_DEVICE void sync() const {
+#ifdef __CUDA_ARCH__
+    __syncwarp();
+#endif
+  }
+};
 
-int64_t blocks_for(int64_t rays) {
-  return std::max<int64_t>(1, std::min<int64_t>((rays + kThreads - 1) / kThreads, 65535 * 8));
+// One warp per ray.
+int blocks_for(int64_t rays) {
+  const int64_t blocks = (rays + scan::kRaysPerBlock - 1) / scan::kRaysPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "composite_rays: ", rays, " rays exceed a CUDA grid");
+  return static_cast<int>(blocks);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ densities, const scalar_t* __restrict__ colors,
-                               const scalar_t* __restrict__ depths, const scalar_t* __restrict__ deltas,
-                               acc_t* __restrict__ rgb, scalar_t* __restrict__ depth,
-                               scalar_t* __restrict__ opacity, scalar_t* __restrict__ weights, Problem p) {
-  const acc_t threshold = static_cast<acc_t>(p.transmittance_threshold);
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.R; r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = r * p.S;
-    composite::forward_ray(densities + row, colors + row * p.C, depths + row, deltas + row, rgb + r * p.C,
-                           depth + r, opacity + r, weights + row, p.S, p.C, threshold);
-  }
+__global__ void __launch_bounds__(scan::kThreads)
+    forward_kernel(const scalar_t* __restrict__ densities, const scalar_t* __restrict__ colors,
+                   const scalar_t* __restrict__ depths, const scalar_t* __restrict__ deltas, acc_t* __restrict__ rgb,
+                   scalar_t* __restrict__ depth, scalar_t* __restrict__ opacity, scalar_t* __restrict__ weights,
+                   Problem p) {
+  __shared__ acc_t chunk_weights[scan::kRaysPerBlock][scan::kLanes];
+  const int warp = threadIdx.x / scan::kLanes;
+  const int64_t r = int64_t(blockIdx.x) * scan::kRaysPerBlock + warp, row = r * p.S;
+  if (r >= p.R) return;  // the whole warp
+  scan::forward_ray_warp(CudaWarp{}, chunk_weights[warp], densities + row, colors + row * p.C, depths + row,
+                         deltas + row, rgb + r * p.C, depth + r, opacity + r, weights + row, p.S, p.C,
+                         static_cast<acc_t>(p.transmittance_threshold));
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ densities, const scalar_t* __restrict__ colors,
-                                const scalar_t* __restrict__ depths, const scalar_t* __restrict__ deltas,
-                                const scalar_t* __restrict__ grad_rgb, const scalar_t* __restrict__ grad_depth,
-                                const scalar_t* __restrict__ grad_opacity,
-                                const scalar_t* __restrict__ grad_weights, acc_t* __restrict__ grad_densities,
-                                scalar_t* __restrict__ grad_colors, scalar_t* __restrict__ grad_depths,
-                                acc_t* __restrict__ grad_deltas, Problem p) {
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.R; r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = r * p.S;
-    composite::backward_ray(densities + row, colors + row * p.C, depths + row, deltas + row, grad_rgb + r * p.C,
-                            static_cast<acc_t>(grad_depth[r]), static_cast<acc_t>(grad_opacity[r]),
-                            grad_weights + row, grad_densities + row, grad_colors + row * p.C,
-                            grad_depths + row, grad_deltas + row, p.S, p.C);
-  }
+__global__ void __launch_bounds__(scan::kThreads)
+    backward_kernel(const scalar_t* __restrict__ densities, const scalar_t* __restrict__ colors,
+                    const scalar_t* __restrict__ depths, const scalar_t* __restrict__ deltas,
+                    const scalar_t* __restrict__ grad_rgb, const scalar_t* __restrict__ grad_depth,
+                    const scalar_t* __restrict__ grad_opacity, const scalar_t* __restrict__ grad_weights,
+                    acc_t* __restrict__ grad_densities, scalar_t* __restrict__ grad_colors,
+                    scalar_t* __restrict__ grad_depths, acc_t* __restrict__ grad_deltas, Problem p) {
+  __shared__ acc_t chunk_weights[scan::kRaysPerBlock][scan::kLanes];
+  const int warp = threadIdx.x / scan::kLanes;
+  const int64_t r = int64_t(blockIdx.x) * scan::kRaysPerBlock + warp, row = r * p.S;
+  if (r >= p.R) return;  // the whole warp
+  scan::backward_ray_warp(CudaWarp{}, chunk_weights[warp], densities + row, colors + row * p.C, depths + row,
+                          deltas + row, grad_rgb + r * p.C, static_cast<acc_t>(grad_depth[r]),
+                          static_cast<acc_t>(grad_opacity[r]), grad_weights + row, grad_densities + row,
+                          grad_colors + row * p.C, grad_depths + row, grad_deltas + row, p.S, p.C);
 }
 
 }  // namespace
@@ -63,25 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_rays_cuda(
     const at::Tensor& deltas, double transmittance_threshold) {
   const Problem p = composite::check_problem(densities, colors, depths, deltas, transmittance_threshold);
   const c10::cuda::CUDAGuard guard(densities.device());
-  const auto options = densities.options();
-  const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
-  at::Tensor rgb = at::empty({p.R, p.C}, acc_options), depth = at::empty({p.R}, options),
-             opacity = at::empty({p.R}, options), weights = at::empty({p.R, p.S}, options);
-  if (p.R > 0) {
-    const at::Tensor densities_c = densities.contiguous(), colors_c = colors.contiguous(),
-                     depths_c = depths.contiguous(), deltas_c = deltas.contiguous();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, densities.scalar_type(), "composite_rays_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      forward_kernel<scalar_t, acc_t><<<blocks_for(p.R), kThreads, 0, stream>>>(
-          densities_c.const_data_ptr<scalar_t>(), colors_c.const_data_ptr<scalar_t>(),
-          depths_c.const_data_ptr<scalar_t>(), deltas_c.const_data_ptr<scalar_t>(), rgb.mutable_data_ptr<acc_t>(),
-          depth.mutable_data_ptr<scalar_t>(), opacity.mutable_data_ptr<scalar_t>(),
-          weights.mutable_data_ptr<scalar_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {rgb.to(densities.scalar_type()), depth, opacity, weights};
+  return composite::warp_forward(p, densities, colors, depths, deltas, [&p](auto... arguments) {
+    forward_kernel<<<blocks_for(p.R), scan::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(arguments...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_rays_backward_cuda(
@@ -91,30 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_rays_backwa
   const Problem p = composite::check_problem(densities, colors, depths, deltas, 0.0);
   composite::check_grads(p, densities, grad_rgb, grad_depth, grad_opacity, grad_weights);
   const c10::cuda::CUDAGuard guard(densities.device());
-  const auto options = densities.options();
-  const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
-  at::Tensor grad_densities = at::empty({p.R, p.S}, acc_options), grad_colors = at::empty({p.R, p.S, p.C}, options),
-             grad_depths = at::empty({p.R, p.S}, options), grad_deltas = at::empty({p.R, p.S}, acc_options);
-  if (p.R > 0) {
-    const at::Tensor densities_c = densities.contiguous(), colors_c = colors.contiguous(),
-                     depths_c = depths.contiguous(), deltas_c = deltas.contiguous(),
-                     grad_rgb_c = grad_rgb.contiguous(), grad_depth_c = grad_depth.contiguous(),
-                     grad_opacity_c = grad_opacity.contiguous(), grad_weights_c = grad_weights.contiguous();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, densities.scalar_type(), "composite_rays_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t><<<blocks_for(p.R), kThreads, 0, stream>>>(
-          densities_c.const_data_ptr<scalar_t>(), colors_c.const_data_ptr<scalar_t>(),
-          depths_c.const_data_ptr<scalar_t>(), deltas_c.const_data_ptr<scalar_t>(),
-          grad_rgb_c.const_data_ptr<scalar_t>(), grad_depth_c.const_data_ptr<scalar_t>(),
-          grad_opacity_c.const_data_ptr<scalar_t>(), grad_weights_c.const_data_ptr<scalar_t>(),
-          grad_densities.mutable_data_ptr<acc_t>(), grad_colors.mutable_data_ptr<scalar_t>(),
-          grad_depths.mutable_data_ptr<scalar_t>(), grad_deltas.mutable_data_ptr<acc_t>(), p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  const auto dtype = densities.scalar_type();
-  return {grad_densities.to(dtype), grad_colors, grad_depths, grad_deltas.to(dtype)};
+  return composite::warp_backward(p, grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors, depths,
+                                  deltas, [&p](auto... arguments) {
+                                    backward_kernel<<<blocks_for(p.R), scan::kThreads, 0,
+                                                      c10::cuda::getCurrentCUDAStream()>>>(arguments...);
+                                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                  });
 }
 
 }  // namespace dreamportrait

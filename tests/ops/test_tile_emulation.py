@@ -164,3 +164,105 @@ def test_tile_shapes_hold_the_text_tokens_in_one_key_tile():
         block_q, block_k, _, shared = torch.ops.dreamportrait.attention_tile_shape(backward, 77, 64, torch.float16,
                                                                                    SHARED["sm_90"])
         assert block_k == 80 and 2 * shared <= SHARED["sm_90"]
+
+
+# --- compositing: a warp per ray, 32 samples per chunk ----------------------------------------------
+
+COMPOSITE_SHAPES = [  # (R, S, C): ragged last chunks, one sample, several chunks, more channels than lanes
+    pytest.param((3, 1, 1), id="S1"),
+    pytest.param((5, 31, 3), id="S31"),
+    pytest.param((4, 32, 32), id="S32-C32"),
+    pytest.param((6, 33, 3), id="S33"),
+    pytest.param((7, 96, 32), id="S96-C32"),
+    pytest.param((3, 100, 70), id="S100-C70"),
+    pytest.param((2, 0, 4), id="S0"),
+]
+
+
+def composite_ops():
+    _extension.status()
+    return torch.ops.dreamportrait.composite_warp_emulation, torch.ops.dreamportrait.composite_warp_emulation_backward
+
+
+def make_rays(shape, dtype=torch.float64, density_scale=3.0, seed=0):
+    rays, samples, channels = shape
+    generator = torch.Generator().manual_seed(seed)
+    densities = torch.rand(rays, samples, generator=generator, dtype=dtype) * density_scale
+    colors = torch.rand(rays, samples, channels, generator=generator, dtype=dtype)
+    depths = torch.sort(torch.rand(rays, samples, generator=generator, dtype=dtype) * 4 + 1, dim=-1).values
+    deltas = torch.rand(rays, samples, generator=generator, dtype=dtype) * 0.5
+    return densities, colors, depths, deltas
+
+
+def composite_reference(inputs, upstream, threshold=0.0):
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    outputs = reference.composite_rays(*inputs, threshold)
+    return outputs, torch.autograd.grad(outputs, inputs, upstream, allow_unused=True)
+
+
+@pytest.mark.parametrize("shape", COMPOSITE_SHAPES)
+def test_composite_warp_schedule_matches_reference(shape):
+    forward, backward = composite_ops()
+    inputs = make_rays(shape)
+    outputs = forward(*inputs, 0.0)
+    upstream = [torch.randn_like(o) for o in outputs]
+    grads = backward(*upstream, *inputs)
+    ref_outputs, ref_grads = composite_reference(inputs, upstream)
+    for name, ours, ref in zip(("rgb", "depth", "opacity", "weights"), outputs, ref_outputs):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=name)
+    for name, ours, ref in zip(("densities", "colors", "depths", "deltas"), grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12, msg=f"grad {name}")
+
+
+def test_composite_warp_schedule_stops_where_the_sequential_kernel_stops():
+    """The first sample whose transmittance is below the threshold and every later one get weight
+    0, wherever it falls in a chunk; the CPU kernel (sequential) is the reference here."""
+    forward, _ = composite_ops()
+    inputs = make_rays((24, 100, 3), density_scale=0.6)
+    for threshold in (1e-4, 0.05, 0.5, 0.95):
+        ours = forward(*inputs, threshold)
+        expected = torch.ops.dreamportrait.composite_rays(*inputs, threshold)
+        for name, a, b in zip(("rgb", "depth", "opacity", "weights"), ours, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{name} at threshold {threshold}")
+        assert (ours[3] == 0).any() or threshold == 1e-4, "the threshold must stop some rays"
+
+
+def test_composite_warp_schedule_opaque_and_nan_samples():
+    forward, backward = composite_ops()
+    densities, colors, depths, deltas = make_rays((3, 70, 4))
+    densities[0, 40] = 1e30  # opaque: every later transmittance exactly 0
+    densities[1, 50] = math.nan
+    outputs = forward(densities, colors, depths, deltas, 0.0)
+    weights = outputs[3]
+    assert not weights[0, 41:].any() and weights[0, 40] > 0
+    assert weights[1, 50:].isnan().all() and not weights[1, :50].isnan().any()
+    assert outputs[0][1].isnan().all() and not outputs[0][2].isnan().any()
+    grads = backward(*[torch.ones_like(o) for o in outputs], densities, colors, depths, deltas)
+    assert not grads[0][0].isnan().any() and not grads[0][0, 41:].any()
+    assert grads[0][1].isnan().any() and not grads[0][2].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_composite_warp_schedule_in_the_kernels_types(dtype):
+    forward, backward = composite_ops()
+    inputs = [x.to(dtype) for x in make_rays((9, 96, 32))]
+    outputs = forward(*inputs, 0.0)
+    upstream = [torch.randn_like(o) for o in outputs]
+    grads = backward(*upstream, *inputs)
+    ref_outputs, ref_grads = composite_reference([x.double() for x in inputs], [u.double() for u in upstream])
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for name, ours, ref in zip(("rgb", "depth", "opacity", "weights", "densities", "colors", "depths", "deltas"),
+                               (*outputs, *grads), (*ref_outputs, *ref_grads)):
+        assert ours.dtype == dtype, name
+        assert_close_scaled(ours.double(), ref, tolerance, name)
+
+
+def test_composite_warp_emulation_checks_its_arguments():
+    forward, backward = composite_ops()
+    densities, colors, depths, deltas = make_rays((4, 6, 3))
+    with pytest.raises(RuntimeError, match="colors must have shape"):
+        forward(densities, colors[:, :5], depths, deltas, 0.0)
+    with pytest.raises(RuntimeError, match="transmittance_threshold must be in"):
+        forward(densities, colors, depths, deltas, 1.5)
+    with pytest.raises(RuntimeError, match="grad_rgb must have shape"):
+        backward(torch.ones(4, 2), torch.ones(4), torch.ones(4), torch.ones(4, 6), densities, colors, depths, deltas)

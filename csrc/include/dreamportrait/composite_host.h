@@ -3,10 +3,14 @@
 // direct torch.ops calls memory-safe.
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "dreamportrait/composite_math.h"
 
@@ -53,6 +57,61 @@ inline void check_grads(const Problem& p, const at::Tensor& densities, const at:
   check_like(grad_depth, densities, "grad_depth");
   check_like(grad_opacity, densities, "grad_opacity");
   check_like(grad_weights, densities, "grad_weights");
+}
+
+// ---- The host side of the warp-per-ray kernels (composite_scan.h), shared by the CUDA launcher
+// and the host emulation, which differ in how `launch(pointers..., problem)` runs the rays.
+// Half-precision rgb and the density/spacing gradients (which double as scratch) are accumulated
+// in the accumulation type and converted at the end.
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_forward(const Problem& p, const at::Tensor& densities,
+                                                                        const at::Tensor& colors, const at::Tensor& depths,
+                                                                        const at::Tensor& deltas, Launch launch) {
+  const auto options = densities.options();
+  const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
+  at::Tensor rgb = at::empty({p.R, p.C}, acc_options), depth = at::empty({p.R}, options),
+             opacity = at::empty({p.R}, options), weights = at::empty({p.R, p.S}, options);
+  if (p.R > 0) {
+    const at::Tensor densities_c = densities.contiguous(), colors_c = colors.contiguous(),
+                     depths_c = depths.contiguous(), deltas_c = deltas.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, densities.scalar_type(), "composite_rays_warp", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch(densities_c.const_data_ptr<scalar_t>(), colors_c.const_data_ptr<scalar_t>(),
+             depths_c.const_data_ptr<scalar_t>(), deltas_c.const_data_ptr<scalar_t>(), rgb.mutable_data_ptr<acc_t>(),
+             depth.mutable_data_ptr<scalar_t>(), opacity.mutable_data_ptr<scalar_t>(),
+             weights.mutable_data_ptr<scalar_t>(), p);
+    });
+  }
+  return {rgb.to(densities.scalar_type()), depth, opacity, weights};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_backward(
+    const Problem& p, const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
+    const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,
+    const at::Tensor& deltas, Launch launch) {
+  const auto options = densities.options();
+  const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
+  at::Tensor grad_densities = at::empty({p.R, p.S}, acc_options), grad_colors = at::empty({p.R, p.S, p.C}, options),
+             grad_depths = at::empty({p.R, p.S}, options), grad_deltas = at::empty({p.R, p.S}, acc_options);
+  if (p.R > 0) {
+    const at::Tensor densities_c = densities.contiguous(), colors_c = colors.contiguous(),
+                     depths_c = depths.contiguous(), deltas_c = deltas.contiguous(),
+                     grad_rgb_c = grad_rgb.contiguous(), grad_depth_c = grad_depth.contiguous(),
+                     grad_opacity_c = grad_opacity.contiguous(), grad_weights_c = grad_weights.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, densities.scalar_type(), "composite_rays_warp_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch(densities_c.const_data_ptr<scalar_t>(), colors_c.const_data_ptr<scalar_t>(),
+             depths_c.const_data_ptr<scalar_t>(), deltas_c.const_data_ptr<scalar_t>(),
+             grad_rgb_c.const_data_ptr<scalar_t>(), grad_depth_c.const_data_ptr<scalar_t>(),
+             grad_opacity_c.const_data_ptr<scalar_t>(), grad_weights_c.const_data_ptr<scalar_t>(),
+             grad_densities.mutable_data_ptr<acc_t>(), grad_colors.mutable_data_ptr<scalar_t>(),
+             grad_depths.mutable_data_ptr<scalar_t>(), grad_deltas.mutable_data_ptr<acc_t>(), p);
+    });
+  }
+  const auto dtype = densities.scalar_type();
+  return {grad_densities.to(dtype), grad_colors, grad_depths, grad_deltas.to(dtype)};
 }
 
 }  // namespace composite

@@ -48,6 +48,16 @@ DP_INLINE T suffix_step(T suffix_next, T weight_grad_next, Attenuation<T> next) 
   return next.alpha * weight_grad_next + next.survival * suffix_next;
 }
 
+// G_k, the total gradient of w_k: the weights' own gradient plus g_rgb . c_k + g_depth t_k + g_opacity.
+template <typename scalar_t, typename acc_t>
+DP_INLINE acc_t total_weight_grad(const scalar_t* color_k, const scalar_t* g_rgb, scalar_t g_weight, scalar_t t_k,
+                                  acc_t g_depth, acc_t g_opacity, int64_t C) {
+  acc_t color_grad = 0;
+  DP_SIMD_SUM(color_grad)
+  for (int64_t c = 0; c < C; ++c) color_grad += static_cast<acc_t>(g_rgb[c]) * static_cast<acc_t>(color_k[c]);
+  return static_cast<acc_t>(g_weight) + g_depth * static_cast<acc_t>(t_k) + g_opacity + color_grad;
+}
+
 // dL/dtau_k from the transmittance behind sample k, its total weight gradient and R_k.
 template <typename T>
 DP_INLINE T optical_thickness_grad(T transmittance_after, T weight_grad, T suffix) {
@@ -103,12 +113,7 @@ DP_INLINE void backward_ray(const scalar_t* sigma, const scalar_t* color, const 
   // Back to front: G_k (into grad_delta) and R_k (into grad_sigma).
   acc_t suffix = 0;
   for (int64_t k = S - 1; k >= 0; --k) {
-    const scalar_t* color_k = color + k * C;
-    acc_t color_grad = 0;
-    DP_SIMD_SUM(color_grad)
-    for (int64_t c = 0; c < C; ++c) color_grad += static_cast<acc_t>(g_rgb[c]) * static_cast<acc_t>(color_k[c]);
-    const acc_t weight_grad =
-        static_cast<acc_t>(g_weights[k]) + g_depth * static_cast<acc_t>(t[k]) + g_opacity + color_grad;
+    const acc_t weight_grad = total_weight_grad(color + k * C, g_rgb, g_weights[k], t[k], g_depth, g_opacity, C);
     grad_sigma[k] = suffix;
     grad_delta[k] = weight_grad;
     suffix = suffix_step(suffix, weight_grad, attenuation_of(static_cast<acc_t>(sigma[k]) * static_cast<acc_t>(delta[k])));
