@@ -355,7 +355,8 @@ def _demangle(name: str) -> str:
         demangled = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return name
-    return demangled.split("(")[0].removeprefix("void ").replace("dreamportrait::(anonymous namespace)::", "")
+    # Drop the namespace first: "(anonymous namespace)" would end the name at its parenthesis.
+    return demangled.replace("dreamportrait::(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
 
 
 def main() -> int:
