@@ -6,7 +6,8 @@ constants) and shared memory per block (static from the cubin, dynamic from the 
 attention launcher picks for the target, :func:`attention_shared_memory`). :func:`blocks_per_sm`
 applies the limits of :data:`SM_LIMITS`; :func:`kernel_rows` adds, per kernel at the benchmark
 workloads, the grid size in waves of a full H100 and the roofline floor of its pass on an H100
-(:mod:`dreamportrait.roofline`). ``python -m dreamportrait.occupancy`` prints BENCHMARKS.md's table.
+(:mod:`dreamportrait.roofline`). ``python -m dreamportrait.occupancy`` prints BENCHMARKS.md's table
+(sm_80 and sm_90 rows).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ RESERVED_SHARED = 1024
 REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
 SHARED_GRANULE = 128
 H100_SMS = 132
+TABLE_ARCHS = (80, 90)  # A100 and H100/H200: BENCHMARKS.md's table
 
 
 def blocks_per_sm(arch: int, registers: int, threads: int, static_shared: int, dynamic_shared: int = 0) -> int:
@@ -135,10 +137,12 @@ class Row:
 def _attention_grid(backward: bool, block_q: int, block_k: int) -> int:
     w = workloads.ATTENTION_WORKLOADS[0]
     heads = w.batch * w.heads
-    if not backward:
-        return heads * math.ceil(w.queries / block_q)
+    query_tiles = math.ceil(w.queries / block_q)
+    if not backward:  # the forward aims at 8 blocks per SM, each taking several query tiles
+        per_block = max(heads * query_tiles // (2 * 4 * H100_SMS), 1)
+        return heads * math.ceil(query_tiles / per_block)
     key_tiles = math.ceil(w.keys / block_k)
-    splits = min(max(math.ceil(4 * H100_SMS / (key_tiles * heads)), 1), math.ceil(w.queries / block_q))
+    splits = min(max(math.ceil(4 * H100_SMS / (key_tiles * heads)), 1), query_tiles)
     return heads * key_tiles * splits
 
 
@@ -197,7 +201,8 @@ def main() -> int:
     if not status.has_cuda:
         print("the extension was built without CUDA kernels")
         return 1
-    print(table(kernel_rows(status.path, compile_check.extension_kernels(status.path))))
+    rows = kernel_rows(status.path, compile_check.extension_kernels(status.path))
+    print(table([row for row in rows if row.arch in TABLE_ARCHS]))
     return 0
 
 

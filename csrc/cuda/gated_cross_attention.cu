@@ -27,6 +27,9 @@ namespace wmma = nvcuda::wmma;
 using attention::Problem;
 
 constexpr int kWarp = 32;
+// Blocks per SM the tile shapes' shared memory aims at. Stating it lets ptxas use up to 255
+// registers a thread; without it, it held some kernels under ~80 and spilled loop bounds.
+constexpr int kMinBlocks = 2;
 
 // The block programs' view of a CUDA block. (Host-device so that the shared templates, which are
 // host-device, may call them; only the device side is ever run.)
@@ -118,13 +121,13 @@ using HalfGemm = TensorCoreGemm<16>;
 using Tf32Gemm = TensorCoreGemm<8>;
 
 template <class Gemm, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads) forward_kernel(const tiles::ForwardIo<scalar_t, acc_t> io) {
+__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks) forward_kernel(const tiles::ForwardIo<scalar_t, acc_t> io) {
   extern __shared__ __align__(128) unsigned char smem[];
   tiles::forward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
 }
 
 template <class Gemm, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads) backward_kernel(const tiles::BackwardIo<scalar_t, acc_t> io) {
+__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks) backward_kernel(const tiles::BackwardIo<scalar_t, acc_t> io) {
   extern __shared__ __align__(128) unsigned char smem[];
   tiles::backward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
 }

@@ -53,11 +53,12 @@ def reference_with_grads(q, k, v, gate, mask, scale, grad_out):
 
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
-def test_attention_forward_schedule_matches_reference(case, masked):
+@pytest.mark.parametrize("tiles_per_block", [1, 2, 3], ids=lambda n: f"{n}-query-tiles-per-block")
+def test_attention_forward_schedule_matches_reference(case, masked, tiles_per_block):
     forward, _ = attention_ops()
     q, k, v, gate, mask = attention_inputs(case, masked=masked)
     scale = 1 / math.sqrt(case[4])
-    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6])
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], tiles_per_block)
     expected = reference.gated_cross_attention(q, k, v, gate, mask, scale)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -67,14 +68,14 @@ def test_attention_forward_schedule_matches_reference(case, masked):
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES)
-@pytest.mark.parametrize("splits", [1, 2, 5, 0], ids=lambda s: f"splits{s}")
-def test_attention_backward_schedule_matches_reference(case, splits):
+@pytest.mark.parametrize("tiles_per_block,splits", [(1, 1), (2, 2), (1, 5), (0, 0)], ids=lambda n: str(n))
+def test_attention_backward_schedule_matches_reference(case, tiles_per_block, splits):
     forward, backward = attention_ops()
     q, k, v, gate, mask = attention_inputs(case)
     scale = 0.3
     grad_out = torch.randn_like(q)
-    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6])
-    grads = backward(grad_out, q, k, v, gate, mask, lse, scale, case[5], case[6], splits)
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], 0)
+    grads = backward(grad_out, q, k, v, gate, mask, lse, scale, case[5], case[6], tiles_per_block, splits)
     _, expected = reference_with_grads(q, k, v, gate, mask, scale, grad_out)
     for name, ours, ref in zip(("q", "k", "v", "gate"), grads, expected):
         assert ours.shape == ref.shape and ours.dtype == ref.dtype, name
@@ -93,8 +94,8 @@ def test_attention_schedule_in_the_kernels_types(dtype):
     q, k, v, gate, mask = attention_inputs(case, dtype=torch.float32)
     grad_out = torch.randn_like(q)
     low = [x.to(dtype) for x in (q, k, v, gate, grad_out)]
-    out, lse = forward(*low[:4], mask, 0.125, case[5], case[6])
-    grads = backward(low[4], *low[:4], mask, lse, 0.125, case[5], case[6], 0)
+    out, lse = forward(*low[:4], mask, 0.125, case[5], case[6], 2)
+    grads = backward(low[4], *low[:4], mask, lse, 0.125, case[5], case[6], 2, 0)
     assert out.dtype == dtype and lse.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
     ref_out, ref_grads = reference_with_grads(*[x.float() for x in low[:4]], mask, 0.125, low[4].float())
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
@@ -107,11 +108,11 @@ def test_attention_schedule_propagates_nan_to_its_row_only():
     case = (1, 1, 40, 50, 24, 16, 16)
     q, k, v, gate, _ = attention_inputs(case, masked=False)
     q[0, 0, 21, 3] = math.nan
-    out, lse = forward(q, k, v, gate, None, 0.2, 16, 16)
+    out, lse = forward(q, k, v, gate, None, 0.2, 16, 16, 2)
     assert out[0, 0, 21].isnan().all() and lse[0, 0, 21].isnan()
     rows = torch.arange(40) != 21
     assert not out[0, 0, rows].isnan().any()
-    dq, dk, dv, dgate = backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.2, 16, 16, 3)
+    dq, dk, dv, dgate = backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.2, 16, 16, 2, 3)
     assert dq[0, 0, 21].isnan().all() and not dq[0, 0, rows].isnan().any()
     assert dk.isnan().all() and dgate.isnan().all()
 
@@ -120,14 +121,16 @@ def test_attention_emulation_checks_its_arguments():
     forward, backward = attention_ops()
     q, k, v, gate, _ = attention_inputs((1, 2, 5, 7, 16))
     with pytest.raises(RuntimeError, match="multiples of 16"):
-        forward(q, k, v, gate, None, 0.25, 24, 16)
+        forward(q, k, v, gate, None, 0.25, 24, 16, 1)
     with pytest.raises(RuntimeError, match="gate must have shape"):
-        forward(q, k, v, gate[:1], None, 0.25, 16, 16)
-    _, lse = forward(q, k, v, gate, None, 0.25, 16, 16)
+        forward(q, k, v, gate[:1], None, 0.25, 16, 16, 1)
+    with pytest.raises(RuntimeError, match="tiles_per_block and splits must be"):
+        forward(q, k, v, gate, None, 0.25, 16, 16, -1)
+    _, lse = forward(q, k, v, gate, None, 0.25, 16, 16, 1)
     with pytest.raises(RuntimeError, match="lse must be"):
-        backward(torch.ones_like(q), q, k, v, gate, None, lse.float(), 0.25, 16, 16, 1)
-    with pytest.raises(RuntimeError, match="splits must be"):
-        backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.25, 16, 16, -1)
+        backward(torch.ones_like(q), q, k, v, gate, None, lse.float(), 0.25, 16, 16, 1, 1)
+    with pytest.raises(RuntimeError, match="tiles_per_block and splits must be"):
+        backward(torch.ones_like(q), q, k, v, gate, None, lse, 0.25, 16, 16, 1, -1)
 
 
 # --- the tile shapes the CUDA launcher picks -------------------------------------------------------

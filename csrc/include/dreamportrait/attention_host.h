@@ -64,12 +64,16 @@ inline void check_backward(const Problem& p, const at::Tensor& q, const at::Tens
 // `launch_backward(io, blocks)` run the block programs forward_tile and backward_tile for blocks
 // 0..blocks-1, on the GPU or one after the other on the host.
 
-// How the tile sizes and query splits are chosen: from the shared memory a block may have and
-// the number of blocks that fills the GPU, unless `shape` (block_q > 0) or `splits` (> 0) are given.
+// How the tile sizes, the forward's query tiles per block and the backward's query splits are
+// chosen: from the shared memory a block may have and `target_blocks`, a few blocks per SM (the
+// backward's blocks; the forward aims at twice as many, each taking as many query tiles as that
+// leaves, so that K and V are staged once for several), unless `shape` (block_q > 0),
+// `tiles_per_block` or `splits` (> 0) are given.
 struct TilePlan {
   size_t shared_memory;
   int64_t target_blocks;
   tiles::Shape shape{0, 0, 0};
+  int64_t tiles_per_block = 0;
   int64_t splits = 0;
 
   template <typename acc_t>
@@ -94,6 +98,8 @@ tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& p
   io.p = p;
   io.shape = plan.shape_for<acc_t>(false, p, sizeof(scalar_t));
   io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
+  const int64_t per_block = p.B * p.H * io.query_tiles / (2 * plan.target_blocks);
+  io.tiles_per_block = plan.tiles_per_block > 0 ? plan.tiles_per_block : (per_block > 1 ? per_block : 1);
   io.q = q.const_data_ptr<scalar_t>();
   io.k = k.const_data_ptr<scalar_t>();
   io.v = v.const_data_ptr<scalar_t>();
@@ -118,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(const Problem& p, const TilePla
     auto io = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
     io.out = out.mutable_data_ptr<scalar_t>();
     io.lse = lse.mutable_data_ptr<acc_t>();
-    launch_forward(io, p.B * p.H * io.query_tiles);
+    launch_forward(io, p.B * p.H * tiles::forward_blocks_per_head(io.query_tiles, io.tiles_per_block));
   });
   return {out, lse};
 }
@@ -147,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     first.grad_out = g_c.const_data_ptr<scalar_t>();
     first.delta = delta.mutable_data_ptr<acc_t>();
     first.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
-    launch_forward(first, p.B * p.H * first.query_tiles);
+    launch_forward(first, p.B * p.H * tiles::forward_blocks_per_head(first.query_tiles, first.tiles_per_block));
 
     tiles::BackwardIo<scalar_t, acc_t> io{};
     io.p = p;

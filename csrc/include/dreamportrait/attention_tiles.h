@@ -249,12 +249,13 @@ DP_INLINE void stage_keys(const Block& block, unsigned char* key_ok, const bool*
 
 // Pointers of a forward launch (contiguous tensors, layouts as in attention_math.h). With
 // grad_out null it writes out (B, H, Lq, D) and lse (B, H, Lq); with grad_out set (the backward's
-// first pass) it writes delta = tanh(g) dO . A and gate_dot = dO . A (B, H, Lq) instead.
+// first pass) it writes delta = tanh(g) dO . A and gate_dot = dO . A (B, H, Lq) instead. A block
+// takes tiles_per_block consecutive query tiles of one head.
 template <typename scalar_t, typename acc_t>
 struct ForwardIo {
   Problem p;
   Shape shape;
-  int64_t query_tiles;
+  int64_t query_tiles, tiles_per_block;
   const scalar_t *q, *k, *v, *gate;
   const bool* mask;
   const scalar_t* grad_out;
@@ -262,8 +263,13 @@ struct ForwardIo {
   acc_t *lse, *delta, *gate_dot;
 };
 
-// Block `tile` = bh * query_tiles + query tile. (Index arithmetic is 32-bit where it can be: a
-// 64-bit division is a call on the GPU.)
+DP_INLINE int64_t forward_blocks_per_head(int64_t query_tiles, int64_t tiles_per_block) {
+  return ceil_div(query_tiles, tiles_per_block);
+}
+
+// Block `tile` = bh * blocks per head + i: query tiles i * tiles_per_block, ... When the head's
+// keys fit one key tile (77 text tokens do), K and V are staged once for all of them. (Index
+// arithmetic is 32-bit where it can be: a 64-bit division is a call on the GPU.)
 template <class Gemm, class Block, typename scalar_t, typename acc_t>
 DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const ForwardIo<scalar_t, acc_t>& io, int tile) {
   const Problem& p = io.p;
@@ -276,62 +282,77 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
   OnlineSoftmax<acc_t>* state = reinterpret_cast<OnlineSoftmax<acc_t>*>(smem + l.state);
   unsigned char* key_ok = smem + l.key_ok;
 
-  const int query_tiles = static_cast<int>(io.query_tiles), heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
-  const int bh = tile / query_tiles, b = bh / heads, h = bh % heads;
-  const int64_t row0 = int64_t(tile % query_tiles) * t.block_q;
+  const int query_tiles = static_cast<int>(io.query_tiles), per_block = static_cast<int>(io.tiles_per_block);
+  const int blocks_per_head = static_cast<int>(forward_blocks_per_head(io.query_tiles, io.tiles_per_block));
+  const int heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
+  const int bh = tile / blocks_per_head, b = bh / heads, h = bh % heads;
+  const int first_tile = tile % blocks_per_head * per_block;
+  const int end_tile = first_tile + per_block < query_tiles ? first_tile + per_block : query_tiles;
   const bool* mask_row = p.has_mask ? io.mask + b * p.Lk : nullptr;
   const scalar_t* head_k = io.k + bh * p.Lk * p.D;
   const scalar_t* head_v = io.v + bh * p.Lk * p.D;
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t scale = static_cast<acc_t>(p.scale), gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
+  const bool one_key_tile = p.Lk <= t.block_k;
 
-  stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
-  for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-    o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
-  for (int r = block.thread(); r < t.block_q; r += block.threads()) state[r] = OnlineSoftmax<acc_t>();
-
-  for (int64_t key0 = 0; key0 < p.Lk; key0 += t.block_k) {
-    block.sync();  // the previous key tile's P V has read k, v and p
+  auto stage_key_tile = [&](int64_t key0) {
     stage_keys(block, key_ok, mask_row, key0, p.Lk, t.block_k);
     block.sync();
     stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, t.dim, key_ok);
     stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, t.dim, key_ok);
-    block.sync();
-    Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
-                                           false);
-    block.sync();
-    for (int r = block.thread(); r < t.block_q; r += block.threads())
-      factor[r] = softmax_tile_row(state[r], s + r * l.ld_k_acc, pw + r * l.ld_k, key_ok, t.block_k, scale);
-    block.sync();
+  };
+  if (one_key_tile) stage_key_tile(0);
+
+  for (int query_tile = first_tile; query_tile < end_tile; ++query_tile) {
+    const int64_t row0 = int64_t(query_tile) * t.block_q;
+    block.sync();  // the previous query tile's epilogue has read q, o, state and factor
+    stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
     for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-      o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
-    block.sync();
-    Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, t.dim, t.block_k,
-                                           true);
-  }
-  block.sync();
-  // o / sum is A, the attention before the gate; 0 for a row that attended to nothing.
-  const acc_t gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
-  for (int r = block.thread(); r < t.block_q; r += block.threads())
-    factor[r] = state[r].empty() ? acc_t(0) : acc_t(1) / state[r].sum;
-  const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
-  const int64_t first = bh * p.Lq + row0;  // global index of the tile's first row
-  if (io.grad_out == nullptr) {
-    block.sync();
-    for (int e = block.thread(); e < rows * D; e += block.threads()) {
-      const int r = e / D, d = e % D;
-      io.out[first * p.D + e] = static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
+      o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
+    for (int r = block.thread(); r < t.block_q; r += block.threads()) state[r] = OnlineSoftmax<acc_t>();
+
+    for (int64_t key0 = 0; key0 < p.Lk; key0 += t.block_k) {
+      if (!one_key_tile) {
+        block.sync();  // the previous key tile's P V has read k, v and p
+        stage_key_tile(key0);
+      }
+      block.sync();
+      Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
+                                             false);
+      block.sync();
+      for (int r = block.thread(); r < t.block_q; r += block.threads())
+        factor[r] = softmax_tile_row(state[r], s + r * l.ld_k_acc, pw + r * l.ld_k, key_ok, t.block_k, scale);
+      block.sync();
+      for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
+        o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
+      block.sync();
+      Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, t.dim,
+                                             t.block_k, true);
     }
-    for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
-    return;
-  }
-  // The backward's first pass: dO into q's space (no longer read), then one row per thread.
-  stage_rows(block, q, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
-  block.sync();
-  for (int r = block.thread(); r < rows; r += block.threads()) {
-    acc_t dot = 0;
-    for (int d = 0; d < t.dim; ++d) dot += static_cast<acc_t>(q[r * l.ld_d + d]) * (o[r * l.ld_d_acc + d] * factor[r]);
-    io.gate_dot[first + r] = dot;
-    io.delta[first + r] = gate_value * dot;
+    block.sync();
+    // o / sum is A, the attention before the gate; 0 for a row that attended to nothing.
+    for (int r = block.thread(); r < t.block_q; r += block.threads())
+      factor[r] = state[r].empty() ? acc_t(0) : acc_t(1) / state[r].sum;
+    const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
+    const int64_t first = bh * p.Lq + row0;  // global index of the tile's first row
+    if (io.grad_out == nullptr) {
+      block.sync();
+      for (int e = block.thread(); e < rows * D; e += block.threads()) {
+        const int r = e / D, d = e % D;
+        io.out[first * p.D + e] = static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
+      }
+      for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
+    } else {
+      // The backward's first pass: dO into q's space (no longer read), then one row per thread.
+      stage_rows(block, q, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+      block.sync();
+      for (int r = block.thread(); r < rows; r += block.threads()) {
+        acc_t dot = 0;
+        for (int d = 0; d < t.dim; ++d)
+          dot += static_cast<acc_t>(q[r * l.ld_d + d]) * (o[r * l.ld_d_acc + d] * factor[r]);
+        io.gate_dot[first + r] = dot;
+        io.delta[first + r] = gate_value * dot;
+      }
+    }
   }
 }
 
