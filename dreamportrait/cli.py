@@ -61,28 +61,24 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _print_vocabulary() -> None:
-    """The words the packaged generator's text encoder reads (a closed vocabulary: others are
-    spelled letter by letter, and generate warns about them)."""
-    import json
+    """The words the packaged generator's text encoder reads (generate warns about others)."""
     import textwrap
 
-    from dreamportrait.text.encoder import vocabulary_words
-    from dreamportrait.world.assets import asset_dir
+    from dreamportrait.world.assets import generator_vocabulary
 
     try:
-        vocabulary = json.loads((asset_dir("generator") / "tokenizer" / "vocab.json").read_text())
+        words = generator_vocabulary()
     except (OSError, ValueError) as error:
         print(f"vocabulary    unavailable: {error}")
         return
     print("vocabulary    the packaged generator's prompts read these words (and one-letter words):")
-    print(textwrap.fill(", ".join(vocabulary_words(vocabulary)), width=100, initial_indent="  ",
-                        subsequent_indent="  "))
+    print(textwrap.fill(", ".join(words), width=100, initial_indent="  ", subsequent_indent="  "))
 
 
 def _import_eg3d(args: argparse.Namespace) -> int:
     import pickle
 
-    from dreamportrait.models import import_eg3d
+    from dreamportrait.models.pretrained import import_eg3d
 
     try:
         out = import_eg3d(args.network, args.out_dir)
@@ -129,7 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from dreamportrait.generation import generate, parse_seeds
-    from dreamportrait.models import load_pretrained
+    from dreamportrait.models.pretrained import load_pretrained
     from dreamportrait.training.checkpoint import pretrained_directory
 
     try:

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, load_pretrained, read_config
+from ..text.encoder import vocabulary_words
 
 NAMES = ("teacher", "judge", "gan", "generator")
 
@@ -38,6 +39,13 @@ def asset_dir(name: str) -> Path:
 def load_default_generator(device="cpu", backend: str | None = None):
     """The packaged DreamPortrait generator with the text encoder packaged beside it."""
     return load_pretrained(asset_dir("generator"), device=device, backend=backend)[0]
+
+
+def generator_vocabulary() -> list[str]:
+    """The words the packaged generator's text encoder reads (:func:`~dreamportrait.text.encoder.vocabulary_words`
+    of its ``tokenizer/vocab.json``): a closed vocabulary, whose other words are spelled letter by
+    letter (``generate`` warns about them)."""
+    return vocabulary_words(json.loads((asset_dir("generator") / "tokenizer" / "vocab.json").read_text()))
 
 
 def publish(name: str, source: str | Path, assets_root: str | Path | None = None,
