@@ -1,8 +1,11 @@
-"""Every module of the package imports on its own, as the first of the package in a fresh
-interpreter: no import cycle, and no module that works only after another has been imported."""
+"""The package's imports: every module imports on its own, as the first of the package in a fresh
+interpreter (no import cycle, no module that works only after another has been imported), and
+every import follows the layers docs/design.md lists (no module imports from a layer below it)."""
 
+import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +84,73 @@ def test_every_module_imports_on_its_own():
     result = subprocess.run([sys.executable, "-c", IMPORT_EACH, *modules], cwd=PACKAGE.parent, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-8000:]
+
+
+# --- the layers of docs/design.md -------------------------------------------------------------------
+
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+
+IMPORTS_AGAINST_THE_LAYERS = {("dreamportrait._extension", "dreamportrait.ops"),
+                              ("dreamportrait._extension", "dreamportrait.ops._registration")}
+"""The one upward import design.md names: loading the compiled extension registers its ops
+(importing ``ops._registration`` runs ``ops/__init__.py`` first)."""
+
+
+def design_layers() -> list[tuple[str, list[Path]]]:
+    """The rows of design.md's layer table, bottom up: (layer, the paths its "where" cell names; a
+    bare file name is in the folder of the path before it)."""
+    section = DESIGN.read_text().split("## Layers, bottom up", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("layer", "---"):
+            continue
+        folder, paths = PACKAGE.parent, []
+        for name in re.findall(r"`([^`]+)`", cells[1]):
+            path = PACKAGE.parent / name if "/" in name else folder / name
+            folder = path if name.endswith("/") else path.parent
+            paths.append(path)
+        if cells[0]:
+            layers.append((cells[0], paths))
+        else:  # a continuation row of the layer above
+            layers[-1][1].extend(paths)
+    return layers
+
+
+def module_file(name: str) -> Path:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def imported_modules(name: str) -> set[str]:
+    """The package's modules that module ``name`` imports, at the top or inside functions."""
+    path = module_file(name)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
+            target = ".".join(part for part in (base, node.module) if part)
+            found |= {target, *(f"{target}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found & set(package_modules()) - {name, "dreamportrait"}
+
+
+def test_every_import_follows_the_layers_of_the_design_page():
+    layers = design_layers()
+
+    def layer_of(name: str) -> int | None:
+        path = module_file(name)
+        matches = [(len(where.parts), index) for index, (_, paths) in enumerate(layers) for where in paths
+                   if path == where or (where.is_dir() and path.is_relative_to(where))]
+        return max(matches)[1] if matches else None
+
+    modules = [name for name in package_modules() if name != "dreamportrait"]  # the root holds only the version
+    unplaced = [name for name in modules if layer_of(name) is None]
+    assert not unplaced, f"modules in no layer of {DESIGN.name}: {unplaced}"
+    upward = [f"{name} ({layers[layer_of(name)][0]}) imports {imported} ({layers[layer_of(imported)][0]})"
+              for name in modules for imported in sorted(imported_modules(name))
+              if layer_of(imported) > layer_of(name) and (name, imported) not in IMPORTS_AGAINST_THE_LAYERS]
+    assert not upward, "\n".join(upward)
