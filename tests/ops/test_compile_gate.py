@@ -62,10 +62,28 @@ def test_every_dtype_and_variant_is_recorded(launches):
     attention = [dict(launch.arguments) for launch in launches if launch.name == "_forward_kernel"
                  and "HAS_MASK" in dict(launch.arguments)]
     assert {a["HAS_MASK"] for a in attention} == {False, True}
-    assert {a["BLOCK_D"] for a in attention} == {16, 64, 128, 256}
+    # every head-dim tile the op chooses (BLOCK_D: D rounded up to a power of two, at least 16)
+    assert {a["BLOCK_D"] for a in attention} == {16, 32, 64, 128, 256}
     sampling = [dict(launch.arguments) for launch in launches if launch.module.endswith("triplane_sample")]
     assert {(a["PER_PLANE"], a["MEAN"]) for a in sampling} == {(True, False), (False, True), (False, False)}
     assert {(a["A4"], a["A5"]) for a in sampling} == {(2, 0), (1, 2)}
+
+
+def test_every_attention_tile_the_op_can_choose_is_compiled(launches):
+    """For every head dim the op accepts (1..256), dtype and direction, the tile sizes and compile
+    options the op would launch with are among the recorded launches: no configuration reaches a
+    GPU without passing the gate."""
+    from dreamportrait.ops.triton.gated_cross_attention import MAX_D, _block_d, tiles
+
+    def configuration(launch):
+        arguments, options = dict(launch.arguments), dict(launch.options)
+        return (compile_check.launch_dtype(launch), launch.name == "_backward_kernel", arguments["BLOCK_D"],
+                arguments["BLOCK_M"], arguments["BLOCK_N"], options["num_warps"], options["num_stages"])
+
+    recorded = {configuration(launch) for launch in launches if launch.module.endswith("gated_cross_attention")}
+    possible = {(dtype, backward, _block_d(dim), *tiles(dtype, dim, backward)) for dtype in backend_dtypes("triton")
+                for dim in range(1, MAX_D + 1) for backward in (False, True)}
+    assert possible <= recorded, sorted(possible - recorded, key=str)[:10]
 
 
 @compiling

@@ -127,7 +127,7 @@ def op_variants() -> Iterator[tuple[str, Callable[[], None]]]:
 
     # attention: every dtype, head dim (powers of two and not; every tile size) and mask at ragged
     # lengths, and aligned lengths with a scalar gate
-    shapes = [(64, 77, (2,), dim, masked) for dim in (16, 40, 64, 128, 256) for masked in (False, True)]
+    shapes = [(64, 77, (2,), dim, masked) for dim in (16, 24, 40, 64, 128, 256) for masked in (False, True)]
     shapes += [(33, 16, (), 64, masked) for masked in (False, True)]
     for dtype in dtypes:
         for queries, keys, gate_shape, dim, masked in shapes:

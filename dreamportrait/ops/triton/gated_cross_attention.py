@@ -37,25 +37,47 @@ MAX_D = 256
 
 
 class Tiles(NamedTuple):
-    """Query rows and keys per block, and warps per program."""
+    """Query rows and keys per block, warps per program, and the software-pipelining depth of the
+    loop over key blocks."""
 
     block_m: int
     block_n: int
     num_warps: int
+    num_stages: int
 
 
 def tiles(dtype: torch.dtype, dim: int, backward: bool) -> Tiles:
     """Tile sizes for ``dtype`` and head dim ``dim``, chosen with the compile gate
-    (:mod:`dreamportrait.ops.triton.compile_check`) so that no kernel spills on sm_80/90/100.
+    (:mod:`dreamportrait.ops.triton.compile_check`) so that no float32/16 kernel spills on
+    sm_80/90/100 and every kernel fits the shared memory of each.
+
     Without tensor cores (IEEE float32, float64) a product keeps both operands in registers, so
-    those tiles are small; the backward holds five ``(BLOCK_M, D)`` tiles per program, the forward
-    two."""
+    those tiles are small. The backward holds five ``(BLOCK_M, D)`` tiles per program, the forward
+    two. Pipelining the key loop (``num_stages`` 3) buffers K/V blocks in registers and shared
+    memory; with text keys (Lk <= 77: three to five key blocks) it buys little, and where the
+    backward spills with it, it runs one stage (:data:`_BACKWARD_STAGES`). Float64 (a gradcheck
+    tool) always runs one stage, the only way its D = 256 tiles fit sm_80's shared memory."""
     block_d = _block_d(dim)
-    if dtype in (torch.float32, torch.float64):
-        return Tiles(16, 16, 4) if block_d <= 64 else Tiles(16, 16, 8)
-    if backward:
-        return Tiles(32, 32, 4) if block_d <= 64 else Tiles(32, 32, 8)
-    return Tiles(64, 32, 4) if block_d <= 64 else Tiles(64, 32, 8)
+    warps = 4 if block_d <= 64 else 8
+    half = dtype in (torch.float16, torch.bfloat16)
+    if not half:
+        block_m, block_n = 16, 16
+    elif backward:
+        block_m, block_n = (16 if block_d == 256 else 32), 32
+    else:
+        block_m, block_n = 64, 32
+    if dtype == torch.float64:
+        stages = 1
+    elif backward:
+        stages = _BACKWARD_STAGES["half" if half else "float32"][block_d]
+    else:
+        stages = 3
+    return Tiles(block_m, block_n, warps, stages)
+
+
+# The backward's pipelining depth per BLOCK_D: the deepest that the compile gate found spill-free
+# on sm_80/90/100 (the register allocator's choices are not monotonic in it).
+_BACKWARD_STAGES = {"float32": {16: 3, 32: 1, 64: 1, 128: 1, 256: 3}, "half": {16: 3, 32: 1, 64: 1, 128: 1, 256: 1}}
 
 
 def _block_d(dim: int) -> int:
@@ -193,7 +215,7 @@ def _launch_arguments(q: Tensor, gate: Tensor, key_padding_mask: Tensor | None, 
     if q.shape[3] > MAX_D:
         raise ValueError(f"gated_cross_attention: the triton backend supports D <= {MAX_D}, got {q.shape[3]}")
     accumulation = accumulation_dtype(q.dtype)
-    block_m, block_n, num_warps = tiles(q.dtype, q.shape[3], backward)
+    block_m, block_n, num_warps, num_stages = tiles(q.dtype, q.shape[3], backward)
     return dict(
         # tanh of the gate from torch (exact), and the scale as a tensor: Triton would pass a Python
         # float as float32 even for float64 inputs.
@@ -204,12 +226,18 @@ def _launch_arguments(q: Tensor, gate: Tensor, key_padding_mask: Tensor | None, 
         ACC=accumulation_type(q.dtype),
         PRECISION=precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(q.shape[3]), num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
 def _mask_argument(q: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-    # A dummy pointer when there is no mask (never read: HAS_MASK is a compile-time constant).
-    return q.new_empty((1,), dtype=torch.int8) if key_padding_mask is None else key_padding_mask.contiguous().to(torch.int8)
+    # A dummy pointer when there is no mask (never read: HAS_MASK is a compile-time constant). The
+    # mask goes in as int32: with an 8-bit load in the kernel, Triton lays the float64 products out
+    # for 8-bit operands, which its float64 tensor-core lowering rejects ("fp64 don't support
+    # largeK MMA"). The mask is B * Lk values, so the width costs nothing.
+    if key_padding_mask is None:
+        return q.new_empty((1,), dtype=torch.int32)
+    return key_padding_mask.contiguous().to(torch.int32)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, key_padding_mask: Tensor | None, scale: float):
