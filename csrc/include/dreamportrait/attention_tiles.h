@@ -125,13 +125,15 @@ DP_INLINE BackwardLayout backward_layout(const Shape& t, int e) {
 }
 
 // The tile sizes for a launch: keys per tile as many as the head has (rounded up to 16, at most
-// 128), queries 64, 32 or 16, the largest combination whose shared memory fits half of `limit`
-// (two blocks per SM), else all of it; 0 when not even 16 x 16 tiles fit.
+// 128), queries 64, 32 or 16, the largest combination of which two blocks fit an SM (half of the
+// per-block `limit`, less the 1 KiB the system reserves per block), else one; 0 when not even
+// 16 x 16 tiles fit.
 template <typename acc_t>
 inline Shape choose_shape(bool backward, int64_t Lk, int64_t D, int element_bytes, size_t limit) {
+  constexpr size_t kReserved = 1024;
   const int dim = round_up(D > 0 ? D : 1, kFragment);
   const int most_keys = round_up(Lk < 1 ? 1 : (Lk > 128 ? 128 : Lk), kFragment);
-  for (const size_t budget : {limit / 2, limit}) {
+  for (const size_t budget : {limit / 2 > kReserved ? limit / 2 - kReserved : 0, limit}) {
     for (int block_k = most_keys; block_k >= kFragment; block_k -= kFragment) {
       for (const int block_q : {64, 32, 16}) {
         const Shape shape{block_q, block_k, dim};
