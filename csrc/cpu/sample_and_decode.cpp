@@ -1,28 +1,36 @@
 // CPU kernels of sample_and_decode: tri-plane sampling, the mean over planes and EG3D's decoder MLP
 // (FC C->K, softplus, FC K->O, widened sigmoid on outputs 1..O-1), fused per tile of points.
 //
-// Each worker takes tiles of kTile points: it samples the tile's mean features into a buffer that
-// stays in its cache, runs the two small matmuls on it (ATen's single-threaded GEMM inside the
-// parallel region), and writes only the (tile, O) output. The backward recomputes a tile's
-// activations the same way, accumulates the weight gradients in per-worker buffers (summed at the
-// end), computes the point gradients from the feature gradients in place, and hands the feature
-// gradients to triplane_sample's plane-gradient kernel (which owns the race-free scatter).
+// A worker takes tiles of kTile points. Per tile it computes every point's bilinear taps, gathers
+// the mean features into a (tile, C) buffer, and runs the two small matmuls on the tile in register
+// blocks (vector code for AVX-512, AVX2 or SSE, picked at load time), with the weights transposed
+// and zero-padded to whole vectors once per call (they stay in L1). Only the (tile, O) output is
+// written: the (N, 3, C) samples, (N, C) features and (N, K) hidden units never reach memory.
+//
+// The backward recomputes a tile the same way and back-propagates through the MLP on the tile. The
+// weight gradients are summed per worker and the workers' sums added in worker order at the end
+// (deterministic for a given thread count). From the feature gradients it computes the point
+// gradients (the corner rows are still in cache from the gather) and scatters the plane gradients
+// into the worker's own channel-innermost buffer; the buffers are summed and transposed into the
+// output once per batch element.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "dreamportrait/cpu_dispatch.h"
+#include "dreamportrait/decoder_host.h"
 #include "dreamportrait/decoder_math.h"
+#include "dreamportrait/ops.h"
 #include "dreamportrait/triplane_host.h"
 #include "dreamportrait/triplane_math.h"
 
@@ -33,195 +41,334 @@ using triplane::BilinearTaps;
 using triplane::kPlanes;
 using triplane::Problem;
 
-constexpr int64_t kTile = 512;
-using decoder::kSigmoidScale;
-using decoder::kSigmoidShift;
+// Points per tile: the tile's buffers (and the plane rows its points touch) stay in L2.
+constexpr int64_t kTile = 64;
+// Row widths of the tile buffers and weights are padded to whole 64-byte vectors of float32;
+// matrix products run in register blocks of kBlockRows rows by kLanes columns.
+constexpr int64_t kLanes = 16;
+constexpr int kBlockRows = 4;
+// The plane-gradient rows of the point this many ahead are prefetched while one is scattered.
+constexpr int64_t kPrefetchAhead = 4;
+constexpr int64_t kCacheLine = 64;
+// With plane gradients each backward worker holds one batch element's (3, H, W, C) gradient
+// buffer: at most this many workers, so that many-core machines do not hold one per core.
+constexpr int64_t kMaxPlaneGradientBuffers = 8;
 
-struct Decoder {
-  int64_t K, O;
+constexpr int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+constexpr int64_t block_rows(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
+
+// kLanes values as one vector (GCC/Clang vector extension): one 512-bit register of float32 with
+// AVX-512, two with AVX2, four without. Loaded and stored with memcpy (unaligned), inside the
+// cloned functions (a function returning one would have a different ABI per clone).
+template <typename scalar_t>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename scalar_t>
+using Lanes = typename LanesOf<scalar_t>::type;
+
+
+// The channel count as the gather and scatter loops see it: EG3D's 32 as a compile-time constant,
+// so that those loops unroll and keep a point's channels in registers; other counts run the same
+// code with a run-time bound (RuntimeSizes::C).
+struct Eg3dChannels {
+  static constexpr int64_t C = 32;
+};
+using RuntimeSizes = decoder::Sizes;
+
+// The decoder's weights, zero-padded to whole vectors: w1t (C, Kp) = weight1^T, b1 (Kp),
+// w2t (K, Op) = weight2^T, b2 (Op); for the backward also w2 (O, Kp) and w1 (K, Cp).
+template <typename scalar_t>
+struct Weights {
+  std::vector<scalar_t> w1t, b1, w2t, b2, w2, w1;
+
+  Weights(const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2, const at::Tensor& bias2,
+          const RuntimeSizes& s) {
+    const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+    const at::Tensor W1 = weight1.contiguous(), B1 = bias1.contiguous(), W2 = weight2.contiguous(),
+                     B2 = bias2.contiguous();
+    const scalar_t *w1_in = W1.const_data_ptr<scalar_t>(), *w2_in = W2.const_data_ptr<scalar_t>();
+    w1t.assign(s.C * Kp, 0), b1.assign(Kp, 0), w2t.assign(s.K * Op, 0), b2.assign(Op, 0);
+    w2.assign(s.O * Kp, 0), w1.assign(s.K * Cp, 0);
+    for (int64_t k = 0; k < s.K; ++k) {
+      b1[k] = B1.const_data_ptr<scalar_t>()[k];
+      for (int64_t c = 0; c < s.C; ++c) w1t[c * Kp + k] = w1[k * Cp + c] = w1_in[k * s.C + c];
+    }
+    for (int64_t o = 0; o < s.O; ++o) {
+      b2[o] = B2.const_data_ptr<scalar_t>()[o];
+      for (int64_t k = 0; k < s.K; ++k) w2t[k * Op + o] = w2[o * Kp + k] = w2_in[o * s.K + k];
+    }
+  }
 };
 
-Decoder check_decoder(const at::Tensor& planes, const at::Tensor& weight1, const at::Tensor& bias1,
-                      const at::Tensor& weight2, const at::Tensor& bias2) {
-  const int64_t C = planes.size(2);
-  for (const auto* t : {&weight1, &bias1, &weight2, &bias2}) {
-    TORCH_CHECK(t->scalar_type() == planes.scalar_type() && t->device() == planes.device(),
-                "sample_and_decode: the decoder weights must match planes in dtype and device");
-  }
-  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == C && weight1.size(0) >= 1,
-              "sample_and_decode: weight1 must have shape (K, ", C, "), got ", weight1.sizes());
-  const int64_t K = weight1.size(0);
-  TORCH_CHECK(bias1.dim() == 1 && bias1.size(0) == K, "sample_and_decode: bias1 must have shape (", K,
-              ",), got ", bias1.sizes());
-  TORCH_CHECK(weight2.dim() == 2 && weight2.size(1) == K && weight2.size(0) >= 2,
-              "sample_and_decode: weight2 must have shape (O, ", K, ") with O >= 2, got ", weight2.sizes());
-  const int64_t O = weight2.size(0);
-  TORCH_CHECK(bias2.dim() == 1 && bias2.size(0) == O, "sample_and_decode: bias2 must have shape (", O,
-              ",), got ", bias2.sizes());
-  return {K, O};
+// A worker's tile buffers: the points' taps (kTile, 3); features F and their gradient GF
+// (kTile, Cp); pre-activations A and hidden units H (kTile, Kp), H later overwritten by the
+// pre-activations' gradient; raw outputs X and their gradient GX (kTile, Op).
+template <typename scalar_t>
+struct TileBuffers {
+  std::vector<BilinearTaps<scalar_t>> taps;
+  std::vector<scalar_t> F, GF, A, H, X, GX;
+
+  explicit TileBuffers(const RuntimeSizes& s)
+      : taps(kTile * kPlanes), F(kTile * padded(s.C), 0), GF(kTile * padded(s.C), 0), A(kTile * padded(s.K)),
+        H(kTile * padded(s.K)), X(kTile * padded(s.O)), GX(kTile * padded(s.O)) {}
+};
+
+// Per-worker sums of the weight gradients, padded: gw1 (Kp, Cp), gb1 (Kp), gw2 (Op, Kp), gb2 (Op).
+template <typename scalar_t>
+struct WeightGradients {
+  std::vector<scalar_t> gw1, gb1, gw2, gb2;
+
+  explicit WeightGradients(const RuntimeSizes& s)
+      : gw1(padded(s.K) * padded(s.C), 0), gb1(padded(s.K), 0), gw2(padded(s.O) * padded(s.K), 0),
+        gb2(padded(s.O), 0) {}
+};
+
+// First element of corner (dy, dx) of `plane`'s taps in a (3, H, W, C) buffer.
+template <typename scalar_t, typename T>
+inline scalar_t* corner(scalar_t* base, const BilinearTaps<T>& t, const Problem& p, int plane, int dy, int dx) {
+  return base + ((plane * p.H + t.y0 + dy) * p.W + t.x0 + dx) * p.C;
 }
 
-// Mean features of points [begin, end) of batch element b into rows of `features` (count, C);
-// planes_b is (3, H, W, C) contiguous.
-template <typename scalar_t>
-DP_CPU_CLONES void sample_mean(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ points,
-                               scalar_t* __restrict__ features, const Problem& p, int64_t b, int64_t begin,
-                               int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t third = acc_t(1) / acc_t(kPlanes);
-  std::vector<acc_t> acc(p.C);
-  for (int64_t n = begin; n < end; ++n) {
-    const scalar_t* pt = points + (b * p.N + n) * 3;
-    const acc_t point[3] = {pt[0], pt[1], pt[2]};
-    std::fill(acc.begin(), acc.end(), acc_t(0));
+// Prefetches the corner rows of one point's taps (its 3 planes) in a (3, H, W, C) buffer.
+template <bool kForWriting, typename scalar_t, typename Channels>
+inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* taps, const Problem& p,
+                           const Channels& ch) {
+  for (int plane = 0; plane < kPlanes; ++plane) {
+    const BilinearTaps<scalar_t>& t = taps[plane];
+    for (int dy = 0; dy < 2; ++dy) {
+      for (int dx = 0; dx < 2; ++dx) {
+        if (!t.valid(dy, dx)) continue;
+        const char* row = reinterpret_cast<const char*>(corner(base, t, p, plane, dy, dx));
+        for (int64_t byte = 0; byte < ch.C * int64_t(sizeof(scalar_t)); byte += kCacheLine)
+          __builtin_prefetch(row + byte, kForWriting ? 1 : 0, 3);
+      }
+    }
+  }
+}
+
+// Taps and mean features F (rows of Cp) of points [begin, begin + count) of batch element b;
+// planes_b is (3, H, W, C).
+template <typename scalar_t, typename Channels>
+DP_CPU_CLONES void gather_tile(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ points,
+                               const Problem& p, const Channels& ch, int64_t b, int64_t begin,
+                               int64_t count, BilinearTaps<scalar_t>* __restrict__ taps, scalar_t* __restrict__ F) {
+  const int64_t Cp = padded(ch.C);
+  const scalar_t scale = static_cast<scalar_t>(p.scale), third = scalar_t(1) / scalar_t(kPlanes);
+  for (int64_t t = 0; t < count; ++t) {
+    const scalar_t* pt = points + (b * p.N + begin + t) * 3;
+    const scalar_t point[3] = {pt[0], pt[1], pt[2]};
+    for (int plane = 0; plane < kPlanes; ++plane)
+      taps[t * kPlanes + plane] = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    scalar_t* __restrict__ f = F + t * Cp;
+    for (int64_t c = 0; c < ch.C; ++c) f[c] = 0;
     bool finite = true;
     for (int plane = 0; plane < kPlanes; ++plane) {
-      const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
-      finite = finite && t.finite;
-      const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
-      for (int dy = 0; dy < 2 && t.in_bounds; ++dy) {
+      const BilinearTaps<scalar_t>& tp = taps[t * kPlanes + plane];
+      finite = finite && tp.finite;
+      for (int dy = 0; dy < 2 && tp.in_bounds; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
-          if (!t.valid(dy, dx)) continue;
-          const acc_t w = t.weight(dy, dx);
-          const scalar_t* __restrict__ src = base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C;
-          acc_t* __restrict__ a = acc.data();
-          for (int64_t c = 0; c < p.C; ++c) a[c] += w * src[c];
+          if (!tp.valid(dy, dx)) continue;
+          const scalar_t w = tp.weight(dy, dx);
+          const scalar_t* __restrict__ src = corner(planes_b, tp, p, plane, dy, dx);
+          for (int64_t c = 0; c < ch.C; ++c) f[c] += w * src[c];
         }
       }
     }
-    scalar_t* __restrict__ dst = features + (n - begin) * p.C;
-    for (int64_t c = 0; c < p.C; ++c)
-      dst[c] = finite ? static_cast<scalar_t>(acc[c] * third) : std::numeric_limits<scalar_t>::quiet_NaN();
+    const scalar_t factor = finite ? third : std::numeric_limits<scalar_t>::quiet_NaN();
+    for (int64_t c = 0; c < ch.C; ++c) f[c] *= factor;
   }
 }
 
-// Point gradients of points [begin, end) of batch element b from their feature gradients
-// (rows of grad_features, (count, C)).
+// C = init + A B in register blocks of kBlockRows x kLanes, the one matrix product of the kernels:
+// for i < rows (a multiple of kBlockRows) and j < cols (a multiple of kLanes),
+//   C[i * ldc + j] = init + sum_{r < n} A[i * a_row + r * a_inner] * B[r * ldb + j],
+// init being C's own value when `accumulate`, else bias[j] (0 without a bias). The strides of A let
+// the same loops multiply by a transposed A (the weight gradients).
 template <typename scalar_t>
-DP_CPU_CLONES void point_grads(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ points,
-                               const scalar_t* __restrict__ grad_features, scalar_t* __restrict__ grad_points,
-                               const Problem& p, int64_t b, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t third = acc_t(1) / acc_t(kPlanes);
-  const acc_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
-  const acc_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
-  for (int64_t n = begin; n < end; ++n) {
-    const int64_t i = b * p.N + n;
-    const scalar_t* pt = points + i * 3;
-    const acc_t point[3] = {pt[0], pt[1], pt[2]};
-    const scalar_t* __restrict__ g = grad_features + (n - begin) * p.C;
-    acc_t grad[3] = {0, 0, 0};
-    for (int plane = 0; plane < kPlanes; ++plane) {
-      const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
-      if (!t.finite) {
-        grad[p.axes[2 * plane]] = grad[p.axes[2 * plane + 1]] = std::numeric_limits<acc_t>::quiet_NaN();
-        continue;
+DP_CPU_CLONES void matmul(int64_t rows, int64_t cols, int64_t n, const scalar_t* __restrict__ A, int64_t a_row,
+                          int64_t a_inner, const scalar_t* __restrict__ B, int64_t ldb,
+                          const scalar_t* __restrict__ bias, bool accumulate, scalar_t* __restrict__ C, int64_t ldc) {
+  using V = Lanes<scalar_t>;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlockRows) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
+      V acc[kBlockRows] = {};
+      for (int i = 0; i < kBlockRows; ++i) {
+        if (accumulate)
+          std::memcpy(&acc[i], C + (i0 + i) * ldc + j0, sizeof(V));
+        else if (bias != nullptr)
+          std::memcpy(&acc[i], bias + j0, sizeof(V));
       }
-      if (!t.in_bounds) continue;
-      // Dot products of the gradient with the four corners (zero outside the plane).
-      acc_t dot[2][2] = {{0, 0}, {0, 0}};
-      const scalar_t* base = planes_b + plane * p.H * p.W * p.C;
+      for (int64_t r = 0; r < n; ++r) {
+        V b;
+        std::memcpy(&b, B + r * ldb + j0, sizeof(V));
+        for (int i = 0; i < kBlockRows; ++i) acc[i] += A[(i0 + i) * a_row + r * a_inner] * b;
+      }
+      for (int i = 0; i < kBlockRows; ++i) std::memcpy(C + (i0 + i) * ldc + j0, &acc[i], sizeof(V));
+    }
+  }
+}
+
+// h = softplus(a) over `count` elements.
+template <typename scalar_t>
+DP_CPU_CLONES void softplus_rows(const scalar_t* __restrict__ a, scalar_t* __restrict__ h, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus(a[i]);
+}
+
+// The MLP on a tile of features F (rows, Cp), rows a multiple of kBlockRows:
+// A = F W1^T + b1, H = softplus(A), X = H W2^T + b2.
+template <typename scalar_t>
+void decode_tile(const Weights<scalar_t>& w, const RuntimeSizes& s, int64_t rows, const scalar_t* F, scalar_t* A,
+                 scalar_t* H, scalar_t* X) {
+  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+  matmul(rows, Kp, s.C, F, Cp, 1, w.w1t.data(), Kp, w.b1.data(), false, A, Kp);
+  softplus_rows(static_cast<const scalar_t*>(A), H, rows * Kp);
+  matmul(rows, Op, s.K, static_cast<const scalar_t*>(H), Kp, 1, w.w2t.data(), Op, w.b2.data(), false, X, Op);
+}
+
+// Output rows (count, O) from the raw outputs X (count, Op).
+template <typename scalar_t>
+DP_CPU_CLONES void write_outputs(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ X,
+                                 scalar_t* __restrict__ out) {
+  const int64_t Op = padded(s.O);
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t j = 0; j < s.O; ++j) out[t * s.O + j] = decoder::output_value(X[t * Op + j], j);
+}
+
+// GX (count, Op) = the raw outputs' gradient from the output gradient rows grad (count, O), zero in
+// the padding; gb2 += its column sums.
+template <typename scalar_t>
+DP_CPU_CLONES void raw_gradients(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ grad,
+                                 const scalar_t* __restrict__ X, scalar_t* __restrict__ GX, scalar_t* __restrict__ gb2) {
+  const int64_t Op = padded(s.O);
+  for (int64_t t = 0; t < count; ++t) {
+    scalar_t* __restrict__ gx = GX + t * Op;
+    for (int64_t j = 0; j < Op; ++j)
+      gx[j] = j < s.O ? decoder::raw_gradient(X[t * Op + j], grad[t * s.O + j], j) : scalar_t(0);
+    for (int64_t j = 0; j < Op; ++j) gb2[j] += gx[j];
+  }
+}
+
+// GA = GH * softplus'(A) in place over count rows of width Kp; gb1 += its column sums.
+template <typename scalar_t>
+DP_CPU_CLONES void hidden_gradients(int64_t count, int64_t Kp, const scalar_t* __restrict__ A,
+                                    scalar_t* __restrict__ GA, scalar_t* __restrict__ gb1) {
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t j = 0; j < Kp; ++j) GA[t * Kp + j] *= decoder::softplus_grad(A[t * Kp + j]);
+    for (int64_t j = 0; j < Kp; ++j) gb1[j] += GA[t * Kp + j];
+  }
+}
+
+// Back-propagates the output gradient rows grad (count, O) through the MLP of a decoded tile (rows
+// of its buffers, a multiple of kBlockRows, >= count): adds the weight gradients of the tile's
+// count points to `sums` and leaves the feature gradients in GF. H is overwritten by the
+// pre-activations' gradient.
+template <typename scalar_t>
+void backprop_tile(const Weights<scalar_t>& w, const RuntimeSizes& s, int64_t count, int64_t rows,
+                   const scalar_t* grad, const scalar_t* F, const scalar_t* A, scalar_t* H, const scalar_t* X,
+                   scalar_t* GX, scalar_t* GF, WeightGradients<scalar_t>& sums) {
+  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+  raw_gradients(s, count, grad, X, GX, sums.gb2.data());
+  // gw2 (Op, Kp) += GX^T H over the tile's points.
+  matmul(Op, Kp, count, static_cast<const scalar_t*>(GX), 1, Op, static_cast<const scalar_t*>(H), Kp,
+         static_cast<const scalar_t*>(nullptr), true, sums.gw2.data(), Kp);
+  // H <- GX W2, then times softplus'(A).
+  matmul(rows, Kp, s.O, static_cast<const scalar_t*>(GX), Op, 1, w.w2.data(), Kp,
+         static_cast<const scalar_t*>(nullptr), false, H, Kp);
+  hidden_gradients(count, Kp, A, H, sums.gb1.data());
+  // gw1 (Kp, Cp) += GA^T F; GF = GA W1.
+  matmul(Kp, Cp, count, static_cast<const scalar_t*>(H), 1, Kp, F, Cp, static_cast<const scalar_t*>(nullptr), true,
+         sums.gw1.data(), Cp);
+  matmul(rows, Cp, s.K, static_cast<const scalar_t*>(H), Kp, 1, w.w1.data(), Cp,
+         static_cast<const scalar_t*>(nullptr), false, GF, Cp);
+}
+
+// From the feature gradients GF (count, Cp) of a tile: the points' gradients (rows of grad_points,
+// when not null) and the planes' gradient, added into grad_planes_b (3, H, W, C) when not null.
+// `zeros` holds C zeros, read for corners outside the plane.
+template <typename scalar_t, typename Channels>
+DP_CPU_CLONES void scatter_tile(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ zeros,
+                                scalar_t* __restrict__ grad_planes_b, scalar_t* __restrict__ grad_points,
+                                const Problem& p, const Channels& ch, int64_t count,
+                                const BilinearTaps<scalar_t>* __restrict__ taps, const scalar_t* __restrict__ GF) {
+  const int64_t Cp = padded(ch.C);
+  const scalar_t scale = static_cast<scalar_t>(p.scale), third = scalar_t(1) / scalar_t(kPlanes);
+  const scalar_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
+  const scalar_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
+  for (int64_t t = 0; t < count; ++t) {
+    if (grad_planes_b != nullptr && t + kPrefetchAhead < count)
+      prefetch_point<true>(grad_planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
+    const scalar_t* __restrict__ g = GF + t * Cp;
+    scalar_t grad[3] = {0, 0, 0};
+    for (int plane = 0; plane < kPlanes; ++plane) {
+      const BilinearTaps<scalar_t>& tp = taps[t * kPlanes + plane];
+      if (grad_points != nullptr) {
+        scalar_t d_dx = 0, d_dy = 0;
+        if (!tp.finite) {
+          d_dx = d_dy = std::numeric_limits<scalar_t>::quiet_NaN();
+        } else if (tp.in_bounds) {
+          const scalar_t* v[2][2];
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) v[dy][dx] = tp.valid(dy, dx) ? corner(planes_b, tp, p, plane, dy, dx) : zeros;
+          const scalar_t *__restrict__ v00 = v[0][0], *__restrict__ v01 = v[0][1];
+          const scalar_t *__restrict__ v10 = v[1][0], *__restrict__ v11 = v[1][1];
+          DP_SIMD_SUM(d_dx, d_dy)
+          for (int64_t c = 0; c < ch.C; ++c) {
+            scalar_t cx, cy;
+            triplane::bilinear_position_grad(tp, v00[c], v01[c], v10[c], v11[c], cx, cy);
+            d_dx += g[c] * cx;
+            d_dy += g[c] * cy;
+          }
+        }
+        triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
+        triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
+      }
+      if (grad_planes_b == nullptr || !tp.in_bounds) continue;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
-          if (!t.valid(dy, dx)) continue;
-          const scalar_t* __restrict__ src = base + ((t.y0 + dy) * p.W + t.x0 + dx) * p.C;
-          acc_t sum = 0;
-          DP_SIMD_SUM(sum)
-          for (int64_t c = 0; c < p.C; ++c) sum += static_cast<acc_t>(g[c]) * src[c];
-          dot[dy][dx] = sum;
+          if (!tp.valid(dy, dx)) continue;
+          const scalar_t w = tp.weight(dy, dx) * third;
+          scalar_t* __restrict__ dst = corner(grad_planes_b, tp, p, plane, dy, dx);
+          for (int64_t c = 0; c < ch.C; ++c) dst[c] += w * g[c];
         }
       }
-      acc_t d_dx, d_dy;
-      triplane::bilinear_position_grad(t, dot[0][0], dot[0][1], dot[1][0], dot[1][1], d_dx, d_dy);
-      grad[p.axes[2 * plane]] += d_dx * dx_dpoint;
-      grad[p.axes[2 * plane + 1]] += d_dy * dy_dpoint;
     }
-    for (int k = 0; k < 3; ++k) grad_points[i * 3 + k] = static_cast<scalar_t>(grad[k]);
+    if (grad_points != nullptr)
+      for (int k = 0; k < 3; ++k) grad_points[t * 3 + k] = grad[k];
   }
 }
 
-// Elementwise loops of the decoder, vectorised per instruction set.
-// a += bias (per column), h = softplus(a): rows of width `width`.
+// Rows [begin, end) of the 3 * H plane rows: out_b (3, C, H, W) = the sum of the workers'
+// (3, H, W, C) buffers, which are zeroed on the way for the next batch element. `row` holds W * C.
 template <typename scalar_t>
-DP_CPU_CLONES void bias_softplus(scalar_t* __restrict__ a, const scalar_t* __restrict__ bias,
-                                 scalar_t* __restrict__ h, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < width; ++j) {
-      const scalar_t value = a[r * width + j] + bias[j];
-      a[r * width + j] = value;
-      h[r * width + j] = decoder::softplus(value);
+DP_CPU_CLONES void sum_plane_buffers(scalar_t* const* buffers, int64_t count, scalar_t* __restrict__ out_b,
+                                     const Problem& p, int64_t begin, int64_t end, scalar_t* __restrict__ row) {
+  const int64_t width = p.W * p.C;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t plane = r / p.H, y = r % p.H;
+    for (int64_t i = 0; i < width; ++i) row[i] = 0;
+    for (int64_t w = 0; w < count; ++w) {
+      scalar_t* __restrict__ src = buffers[w] + r * width;
+      for (int64_t i = 0; i < width; ++i) row[i] += src[i];
+      for (int64_t i = 0; i < width; ++i) src[i] = 0;
     }
-  }
-}
-
-// x += bias (per column), rows of width `width`.
-template <typename scalar_t>
-DP_CPU_CLONES void add_bias(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < width; ++j) x[r * width + j] += bias[j];
-}
-
-// grad_hidden *= softplus'(a), in place.
-template <typename scalar_t>
-DP_CPU_CLONES void softplus_grad_inplace(const scalar_t* __restrict__ a, scalar_t* __restrict__ g, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) g[i] *= decoder::softplus_grad(a[i]);
-}
-
-// Output rows from raw decoder rows x (rows, O): column 0 as is, the others through the widened sigmoid.
-template <typename scalar_t>
-DP_CPU_CLONES void outputs_from_raw(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows,
-                                    int64_t O) {
-  const scalar_t scale = static_cast<scalar_t>(kSigmoidScale), shift = static_cast<scalar_t>(kSigmoidShift);
-  for (int64_t r = 0; r < rows; ++r) {
-    out[r * O] = x[r * O];
-    for (int64_t j = 1; j < O; ++j) out[r * O + j] = decoder::sigmoid(x[r * O + j]) * scale - shift;
-  }
-}
-
-// Gradient of the raw decoder rows from the output gradient: 1 for column 0, scale * s (1 - s) else.
-template <typename scalar_t>
-DP_CPU_CLONES void raw_grads(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad,
-                             scalar_t* __restrict__ gx, int64_t rows, int64_t O) {
-  const scalar_t scale = static_cast<scalar_t>(kSigmoidScale);
-  for (int64_t r = 0; r < rows; ++r) {
-    gx[r * O] = grad[r * O];
-    for (int64_t j = 1; j < O; ++j) {
-      const scalar_t s = decoder::sigmoid(x[r * O + j]);
-      gx[r * O + j] = grad[r * O + j] * scale * s * (scalar_t(1) - s);
+    for (int64_t c = 0; c < p.C; ++c) {
+      scalar_t* __restrict__ dst = out_b + ((plane * p.C + c) * p.H + y) * p.W;
+      for (int64_t x = 0; x < p.W; ++x) dst[x] = row[x * p.C + c];
     }
   }
 }
 
-// A worker's tile buffers: features F (T, C), pre-activations A and hidden H (T, K), raw outputs X
-// and their gradient GX (T, O).
-struct Scratch {
-  at::Tensor F, A, H, X, GX;
-  Scratch(const Problem& p, const Decoder& d, const at::TensorOptions& options)
-      : F(at::empty({kTile, p.C}, options)), A(at::empty({kTile, d.K}, options)), H(at::empty({kTile, d.K}, options)),
-        X(at::empty({kTile, d.O}, options)), GX(at::empty({kTile, d.O}, options)) {}
-};
-
-// Samples and decodes points [begin, end): fills F, A, H, X of `s` (their first end - begin rows).
-template <typename scalar_t>
-void decode_tile(Scratch& s, const scalar_t* planes_b, const scalar_t* points, const Problem& p, const Decoder& d,
-                 int64_t b, int64_t begin, int64_t end, const at::Tensor& w1, const at::Tensor& b1,
-                 const at::Tensor& w2, const at::Tensor& b2, at::Tensor& F, at::Tensor& A, at::Tensor& H,
-                 at::Tensor& X) {
-  const int64_t count = end - begin;
-  F = s.F.narrow(0, 0, count), A = s.A.narrow(0, 0, count), H = s.H.narrow(0, 0, count), X = s.X.narrow(0, 0, count);
-  sample_mean(planes_b, points, F.mutable_data_ptr<scalar_t>(), p, b, begin, end);
-  // Plain matmuls, the biases added in the elementwise passes (addmm would first copy them into
-  // every row of the output).
-  at::mm_out(A, F, w1.t());
-  bias_softplus(A.mutable_data_ptr<scalar_t>(), b1.const_data_ptr<scalar_t>(), H.mutable_data_ptr<scalar_t>(),
-                count, d.K);
-  at::mm_out(X, H, w2.t());
-  add_bias(X.mutable_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(), count, d.O);
-}
-
-// Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers.
+// Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers:
+// neighbouring points (rays) are processed at the same time, so the threads share plane rows in cache.
 template <typename F>
 void for_tiles(int64_t count, int64_t workers, const F& fn) {
   const int64_t tiles = (count + kTile - 1) / kTile;
@@ -232,9 +379,25 @@ void for_tiles(int64_t count, int64_t workers, const F& fn) {
   });
 }
 
-int64_t worker_count(int64_t count) {
+int64_t worker_count(int64_t count, int64_t limit = std::numeric_limits<int64_t>::max()) {
   const int64_t tiles = (count + kTile - 1) / kTile;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  return std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), tiles, limit}));
+}
+
+// Calls fn(channels) with EG3D's channel count as a compile-time constant when it matches, else
+// with the run-time sizes.
+template <typename F>
+void with_channels(const RuntimeSizes& s, const F& fn) {
+  if (s.C == Eg3dChannels::C)
+    fn(Eg3dChannels{});
+  else
+    fn(s);
+}
+
+void check_cpu(const at::Tensor& planes, const char* op) {
+  TORCH_CHECK(planes.device().is_cpu(), op, ": the cpu kernel needs CPU tensors");
+  TORCH_CHECK(planes.scalar_type() == at::kFloat || planes.scalar_type() == at::kDouble, op,
+              ": the cpu kernel takes float32 or float64, got ", planes.scalar_type());
 }
 
 }  // namespace
@@ -243,31 +406,29 @@ at::Tensor sample_and_decode_cpu(const at::Tensor& planes, const at::Tensor& poi
                                  at::IntArrayRef axes, const at::Tensor& weight1, const at::Tensor& bias1,
                                  const at::Tensor& weight2, const at::Tensor& bias2) {
   const Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean");
-  TORCH_CHECK(planes.device().is_cpu(), "sample_and_decode: the cpu kernel needs CPU tensors");
-  TORCH_CHECK(planes.scalar_type() == at::kFloat || planes.scalar_type() == at::kDouble,
-              "sample_and_decode: the cpu kernel takes float32 or float64, got ", planes.scalar_type());
-  const Decoder d = check_decoder(planes, weight1, bias1, weight2, bias2);
-  at::Tensor out = at::empty({p.B, p.N, d.O}, planes.options());
+  check_cpu(planes, "sample_and_decode");
+  const RuntimeSizes sizes = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
+  at::Tensor out = at::empty({p.B, p.N, sizes.O}, planes.options());
   if (p.B == 0 || p.N == 0) return out;
   const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
-  // Detached: the matmuls below run on the worker threads, where no autograd guard applies.
-  const at::Tensor w1 = weight1.detach().contiguous(), b1 = bias1.detach().contiguous(),
-                   w2 = weight2.detach().contiguous(), b2 = bias2.detach().contiguous();
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_cpu", [&] {
+    const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
     const int64_t workers = worker_count(p.N);
-    std::vector<Scratch> scratch;
-    for (int64_t w = 0; w < workers; ++w) scratch.emplace_back(p, d, planes.options());
-    for (int64_t b = 0; b < p.B; ++b) {
-      const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
-      for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
-        at::Tensor F, A, H, X;
-        decode_tile(scratch[worker], planes_b, pts.const_data_ptr<scalar_t>(), p, d, b, begin, end, w1, b1, w2, b2,
-                    F, A, H, X);
-        outputs_from_raw(X.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * d.O,
-                         end - begin, d.O);
-      });
-    }
+    std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
+    with_channels(sizes, [&](const auto& channels) {
+      for (int64_t b = 0; b < p.B; ++b) {
+        const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
+        for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
+          TileBuffers<scalar_t>& tb = tiles[worker];
+          const int64_t count = end - begin;
+          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin,
+                      count, tb.taps.data(), tb.F.data());
+          decode_tile(w, sizes, block_rows(count), tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
+          write_outputs(sizes, count, tb.X.data(), out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O);
+        });
+      }
+    });
   });
   return out;
 }
@@ -277,77 +438,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::IntArrayRef axes, const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
     const at::Tensor& bias2, bool needs_planes, bool needs_points) {
   const Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean");
-  TORCH_CHECK(planes.device().is_cpu(), "sample_and_decode_backward: the cpu kernel needs CPU tensors");
-  TORCH_CHECK(planes.scalar_type() == at::kFloat || planes.scalar_type() == at::kDouble,
-              "sample_and_decode_backward: the cpu kernel takes float32 or float64, got ", planes.scalar_type());
-  const Decoder d = check_decoder(planes, weight1, bias1, weight2, bias2);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == p.B && grad_output.size(1) == p.N &&
-                  grad_output.size(2) == d.O,
-              "sample_and_decode_backward: grad_output must have shape (", p.B, ", ", p.N, ", ", d.O, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == planes.scalar_type() && grad_output.device() == planes.device(),
-              "sample_and_decode_backward: grad_output must match planes in dtype and device");
+  check_cpu(planes, "sample_and_decode_backward");
+  const RuntimeSizes sizes = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
+  decoder::check_grad_output(grad_output, p, sizes, planes);
+  at::Tensor grad_planes = needs_planes ? at::empty(planes.sizes(), planes.options()) : at::empty({0}, planes.options());
+  at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
+  at::Tensor grads[4] = {at::zeros({sizes.K, sizes.C}, planes.options()), at::zeros({sizes.K}, planes.options()),
+                         at::zeros({sizes.O, sizes.K}, planes.options()), at::zeros({sizes.O}, planes.options())};
+  if (p.B == 0 || p.N == 0) return {grad_planes.zero_(), grad_points, grads[0], grads[1], grads[2], grads[3]};
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
-  // Detached: the matmuls below run on the worker threads, where no autograd guard applies.
-  const at::Tensor w1 = weight1.detach().contiguous(), b1 = bias1.detach().contiguous(),
-                   w2 = weight2.detach().contiguous(), b2 = bias2.detach().contiguous();
-  at::Tensor grad_features = needs_planes ? at::empty({p.B, p.N, p.C}, planes.options()) : at::Tensor();
-  at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
-  const int64_t workers = worker_count(p.N);
-  // Per-worker weight-gradient sums: [gW1 (K, C), gb1 (K), gW2 (O, K), gb2 (O)].
-  std::vector<std::vector<at::Tensor>> sums(workers);
-  for (auto& s : sums)
-    s = {at::zeros({d.K, p.C}, planes.options()), at::zeros({d.K}, planes.options()),
-         at::zeros({d.O, d.K}, planes.options()), at::zeros({d.O}, planes.options())};
-  if (p.B > 0 && p.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
-      std::vector<Scratch> scratch;
-      std::vector<at::Tensor> feature_grads(workers);
-      for (int64_t w = 0; w < workers; ++w) {
-        scratch.emplace_back(p, d, planes.options());
-        feature_grads[w] = at::empty({kTile, p.C}, planes.options());
-      }
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
+    const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
+    const int64_t workers = worker_count(p.N, needs_planes ? kMaxPlaneGradientBuffers : p.N);
+    std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
+    std::vector<WeightGradients<scalar_t>> sums(workers, WeightGradients<scalar_t>(sizes));
+    const int64_t plane_size = kPlanes * p.H * p.W * p.C;
+    std::vector<std::vector<scalar_t>> plane_buffers(needs_planes ? workers : 0, std::vector<scalar_t>(plane_size));
+    std::vector<scalar_t*> plane_buffer_ptrs;
+    for (auto& buffer : plane_buffers) plane_buffer_ptrs.push_back(buffer.data());
+    const std::vector<scalar_t> zeros(p.C, 0);
+    with_channels(sizes, [&](const auto& channels) {
       for (int64_t b = 0; b < p.B; ++b) {
         const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
         for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
+          TileBuffers<scalar_t>& tb = tiles[worker];
           const int64_t count = end - begin;
-          Scratch& s = scratch[worker];
-          at::Tensor F, A, H, X;
-          decode_tile(s, planes_b, pts.const_data_ptr<scalar_t>(), p, d, b, begin, end, w1, b1, w2, b2, F, A, H, X);
-          at::Tensor GX = s.GX.narrow(0, 0, count);
-          raw_grads(X.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * d.O,
-                    GX.mutable_data_ptr<scalar_t>(), count, d.O);
-          auto& acc = sums[worker];
-          acc[2].addmm_(GX.t(), H);
-          acc[3].add_(GX.sum(0));
-          at::Tensor GA = H;  // H is no longer needed: its buffer takes the hidden gradient
-          at::mm_out(GA, GX, w2);
-          softplus_grad_inplace(A.const_data_ptr<scalar_t>(), GA.mutable_data_ptr<scalar_t>(), count * d.K);
-          acc[0].addmm_(GA.t(), F);
-          acc[1].add_(GA.sum(0));
-          at::Tensor GF = needs_planes ? grad_features[b].narrow(0, begin, count)
-                                       : feature_grads[worker].narrow(0, 0, count);
-          at::mm_out(GF, GA, w1);  // (count, C)
-          if (needs_points)
-            point_grads(planes_b, pts.const_data_ptr<scalar_t>(), GF.const_data_ptr<scalar_t>(),
-                        grad_points.mutable_data_ptr<scalar_t>(), p, b, begin, end);
+          scalar_t* grad_planes_b = needs_planes ? plane_buffer_ptrs[worker] : nullptr;
+          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b,
+                      begin, count, tb.taps.data(), tb.F.data());
+          const int64_t rows = block_rows(count);
+          decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
+          backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O, tb.F.data(),
+                        tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(), sums[worker]);
+          scalar_t* grad_points_tile =
+              needs_points ? grad_points.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * 3 : nullptr;
+          scatter_tile(planes_b, zeros.data(), grad_planes_b, grad_points_tile, p, channels, count, tb.taps.data(),
+                       static_cast<const scalar_t*>(tb.GF.data()));
         });
+        if (needs_planes) {
+          scalar_t* out_b = grad_planes.mutable_data_ptr<scalar_t>() + b * grad_planes.stride(0);
+          at::parallel_for(0, kPlanes * p.H, 16, [&](int64_t begin, int64_t end) {
+            std::vector<scalar_t> row(p.W * p.C);
+            sum_plane_buffers(plane_buffer_ptrs.data(), workers, out_b, p, begin, end, row.data());
+          });
+        }
       }
     });
-  }
-  for (int64_t w = 1; w < workers; ++w)
-    for (int k = 0; k < 4; ++k) sums[0][k].add_(sums[w][k]);
-  at::Tensor grad_planes = at::empty({0}, planes.options());
-  if (needs_planes) {
-    static auto scatter = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("dreamportrait::triplane_sample_backward_planes", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                c10::IntArrayRef, c10::string_view)>();
-    grad_planes = scatter.call(grad_features, planes, points, box_warp, axes, "mean");
-  }
-  return {grad_planes, grad_points, sums[0][0], sums[0][1], sums[0][2], sums[0][3]};
+    // The workers' sums, added in worker order, without the padding.
+    const int64_t Cp = padded(sizes.C), Kp = padded(sizes.K);
+    scalar_t *gw1 = grads[0].mutable_data_ptr<scalar_t>(), *gb1 = grads[1].mutable_data_ptr<scalar_t>();
+    scalar_t *gw2 = grads[2].mutable_data_ptr<scalar_t>(), *gb2 = grads[3].mutable_data_ptr<scalar_t>();
+    for (const auto& sum : sums) {
+      for (int64_t k = 0; k < sizes.K; ++k) {
+        gb1[k] += sum.gb1[k];
+        for (int64_t c = 0; c < sizes.C; ++c) gw1[k * sizes.C + c] += sum.gw1[k * Cp + c];
+      }
+      for (int64_t o = 0; o < sizes.O; ++o) {
+        gb2[o] += sum.gb2[o];
+        for (int64_t k = 0; k < sizes.K; ++k) gw2[o * sizes.K + k] += sum.gw2[o * Kp + k];
+      }
+    }
+  });
+  return {grad_planes, grad_points, grads[0], grads[1], grads[2], grads[3]};
 }
 
 }  // namespace dreamportrait

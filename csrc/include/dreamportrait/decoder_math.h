@@ -71,5 +71,20 @@ DP_INLINE T softplus_grad(T x) {
   return x > static_cast<T>(kSoftplusThreshold) ? T(1) : sigmoid(x);
 }
 
+// Output column `column` of the decoder from its raw value: the density (column 0) as is, the
+// colour features through the widened sigmoid.
+template <typename T>
+DP_INLINE T output_value(T raw, int64_t column) {
+  return column == 0 ? raw : sigmoid(raw) * static_cast<T>(kSigmoidScale) - static_cast<T>(kSigmoidShift);
+}
+
+// Gradient of the raw value of column `column` from the gradient of its output value.
+template <typename T>
+DP_INLINE T raw_gradient(T raw, T grad, int64_t column) {
+  if (column == 0) return grad;
+  const T s = sigmoid(raw);
+  return grad * static_cast<T>(kSigmoidScale) * s * (T(1) - s);
+}
+
 }  // namespace decoder
 }  // namespace dreamportrait
