@@ -364,8 +364,9 @@ def _add_evaluate(commands) -> None:
                     "of every method evaluated into OUT.")
     ev.add_argument("--method", choices=["generator", "gan", "baseline", "world"], required=True,
                     help="generator: DreamPortrait (--checkpoint, default the packaged one); gan: a text-free 3D GAN "
-                         "(--checkpoint, default the packaged one; text alignment is then chance level); baseline: per-prompt SDS; world: the "
-                         "world's own renders of each prompt's head (a perfect method: the ceiling of every metric)")
+                         "(--checkpoint, default the packaged one; text alignment is then chance level); baseline: "
+                         "per-prompt SDS; world: the world's own renders of each prompt's head (a perfect method: the "
+                         "ceiling of every metric)")
     ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
     ev.add_argument("--config", default=None,
