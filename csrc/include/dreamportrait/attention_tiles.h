@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "dreamportrait/attention_math.h"
@@ -226,17 +227,64 @@ DP_INLINE void gradient_tile_row(const acc_t* s, const acc_t* dp, p_t* p, p_t* d
 
 // ---- Staging --------------------------------------------------------------------------------
 
+// 16 bytes, the widest load a thread makes.
+struct alignas(16) Bytes16 {
+  uint32_t words[4];
+};
+
 // dst (rows, dim) with row stride ld <- rows row0.. of src (n_rows, D) row-major. Rows past
 // n_rows, columns past D and rows with row_ok[r] == 0 are zero. Consecutive threads take
-// consecutive columns (coalesced loads).
+// consecutive 16-byte pieces of a row when every row of src starts 16-byte aligned (D a multiple
+// of 16 bytes' elements, src aligned), else consecutive elements: coalesced loads either way.
+// (dst's rows are 16-byte aligned: dim is a multiple of 16 and ld adds 16 bytes.)
 template <class Block, typename T>
 DP_INLINE void stage_rows(const Block& block, T* dst, int ld, const T* src, int64_t row0, int64_t n_rows, int rows,
                           int D, int dim, const unsigned char* row_ok) {
+  constexpr int kPiece = sizeof(Bytes16) / sizeof(T) > 0 ? int(sizeof(Bytes16) / sizeof(T)) : 1;
+  if (D % kPiece == 0 && reinterpret_cast<uintptr_t>(src) % sizeof(Bytes16) == 0) {
+    const int pieces = dim / kPiece;
+    for (int e = block.thread(); e < rows * pieces; e += block.threads()) {
+      const int r = e / pieces, d = e % pieces * kPiece;
+      const bool inside = row0 + r < n_rows && d < D && (row_ok == nullptr || row_ok[r]);
+      Bytes16 piece{{0, 0, 0, 0}};
+#ifdef __CUDA_ARCH__
+      if (inside) piece = *reinterpret_cast<const Bytes16*>(src + (row0 + r) * D + d);
+      *reinterpret_cast<Bytes16*>(dst + r * ld + d) = piece;
+#else
+      if (inside) std::memcpy(&piece, src + (row0 + r) * D + d, sizeof(piece));
+      std::memcpy(dst + r * ld + d, &piece, sizeof(piece));
+#endif
+    }
+    return;
+  }
   for (int e = block.thread(); e < rows * dim; e += block.threads()) {
     const int r = e / dim, d = e % dim;
     const bool inside = row0 + r < n_rows && d < D && (row_ok == nullptr || row_ok[r]);
     dst[r * ld + d] = inside ? src[(row0 + r) * D + d] : T(0);
   }
+}
+
+// dst (rows, D) row-major <- value(r, d), with 16-byte stores where dst's rows are 16-byte aligned.
+template <class Block, typename T, class Value>
+DP_INLINE void write_rows(const Block& block, T* dst, int rows, int D, Value value) {
+  constexpr int kPiece = sizeof(Bytes16) / sizeof(T) > 0 ? int(sizeof(Bytes16) / sizeof(T)) : 1;
+  if (D % kPiece == 0 && reinterpret_cast<uintptr_t>(dst) % sizeof(Bytes16) == 0) {
+    const int pieces = D / kPiece;
+    for (int e = block.thread(); e < rows * pieces; e += block.threads()) {
+      const int r = e / pieces, d = e % pieces * kPiece;
+      T values[kPiece];
+      for (int i = 0; i < kPiece; ++i) values[i] = value(r, d + i);
+      Bytes16 piece;
+      std::memcpy(&piece, values, sizeof(piece));
+#ifdef __CUDA_ARCH__
+      *reinterpret_cast<Bytes16*>(dst + int64_t(r) * D + d) = piece;
+#else
+      std::memcpy(dst + int64_t(r) * D + d, &piece, sizeof(piece));
+#endif
+    }
+    return;
+  }
+  for (int e = block.thread(); e < rows * D; e += block.threads()) dst[e] = value(e / D, e % D);
 }
 
 // key_ok[j]: whether key key0 + j exists and the mask row (null: attend to all) lets it be attended.
@@ -338,10 +386,9 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
     const int64_t first = bh * p.Lq + row0;  // global index of the tile's first row
     if (io.grad_out == nullptr) {
       block.sync();
-      for (int e = block.thread(); e < rows * D; e += block.threads()) {
-        const int r = e / D, d = e % D;
-        io.out[first * p.D + e] = static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
-      }
+      write_rows(block, io.out + first * p.D, rows, D, [&](int r, int d) {
+        return static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
+      });
       for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
     } else {
       // The backward's first pass: dO into q's space (no longer read), then one row per thread.
@@ -431,18 +478,15 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
                                            false);
     block.sync();
     const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
-    acc_t* dq_out = io.dq_partial + (key_tile * p.B * p.H * p.Lq + first) * p.D;
-    for (int e = block.thread(); e < rows * D; e += block.threads()) dq_out[e] = dq[e / D * l.ld_d_acc + e % D];
+    write_rows(block, io.dq_partial + (key_tile * p.B * p.H * p.Lq + first) * p.D, rows, D,
+               [&](int r, int d) { return dq[r * l.ld_d_acc + d]; });
   }
   block.sync();
   // dV = tanh(g) sum_i p_i dO_i: the gate is applied once here rather than to every dO tile.
   const int keys = p.Lk - key0 < t.block_k ? static_cast<int>(p.Lk - key0) : t.block_k;
   const int64_t at = ((split * p.B * p.H + bh) * p.Lk + key0) * p.D;
-  for (int e = block.thread(); e < keys * D; e += block.threads()) {
-    const int in = e / D * l.ld_d_acc + e % D;
-    io.dk_partial[at + e] = dk[in];
-    io.dv_partial[at + e] = gate_value * dv[in];
-  }
+  write_rows(block, io.dk_partial + at, keys, D, [&](int r, int d) { return dk[r * l.ld_d_acc + d]; });
+  write_rows(block, io.dv_partial + at, keys, D, [&](int r, int d) { return gate_value * dv[r * l.ld_d_acc + d]; });
 }
 
 // Query splits of the backward: enough blocks for `target_blocks` (a few per SM), at most one
