@@ -87,11 +87,12 @@ def test_attention_backward_schedule_matches_reference(case, tiles_per_block, sp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_attention_schedule_in_the_kernels_types(dtype):
+@pytest.mark.parametrize("block_k", [48, 80], ids=["two-key-tiles", "one-key-tile"])
+def test_attention_schedule_in_the_kernels_types(dtype, block_k):
     """The GPU's types: tiles staged in the input type, the weights P and dS rounded to it for the
     tile products (as the tensor cores take them), float32 accumulation."""
     forward, backward = attention_ops()
-    case = (2, 2, 70, 77, 64, 32, 48)
+    case = (2, 2, 70, 77, 64, 32, block_k)
     q, k, v, gate, mask = attention_inputs(case, dtype=torch.float32)
     grad_out = torch.randn_like(q)
     low = [x.to(dtype) for x in (q, k, v, gate, grad_out)]

@@ -129,9 +129,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(const Problem& p, const TilePla
   return {out, lse};
 }
 
-// dq, dk, dv and dgate (H,) in q's dtype. Two launches: the forward's schedule for delta and
-// dO . A per row, then the key-tile blocks; the partials (dq per key tile, dk and dv per query
-// split, dO . A per row) are summed here, in a fixed order.
+// dq, dk, dv and dgate (H,) in q's dtype. The key-tile blocks, preceded, when the keys take more
+// than one tile, by the forward's schedule for delta and dO . A per row (with one key tile the
+// blocks form them); the partials (dq per key tile, dk and dv per query split, dO . A per row)
+// are summed here, in a fixed order.
 template <class LaunchForward, class LaunchBackward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const Problem& p, const TilePlan& plan, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -145,21 +146,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   }
   const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
                    g_c = grad_out.contiguous(), lse_c = lse.contiguous(), mask_c = contiguous_mask(key_padding_mask);
-  at::Tensor delta = at::empty({p.B, p.H, p.Lq}, acc_options), gate_dot = at::empty({p.B, p.H, p.Lq}, acc_options);
+  at::Tensor gate_dot = at::empty({p.B, p.H, p.Lq}, acc_options), delta;
   at::Tensor dq_partial, dk_partial, dv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gated_cross_attention_backward_tiled", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto first = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
-    first.grad_out = g_c.const_data_ptr<scalar_t>();
-    first.delta = delta.mutable_data_ptr<acc_t>();
-    first.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
-    launch_forward(first, p.B * p.H * tiles::forward_blocks_per_head(first.query_tiles, first.tiles_per_block));
-
     tiles::BackwardIo<scalar_t, acc_t> io{};
     io.p = p;
     io.shape = plan.shape_for<acc_t>(true, p, sizeof(scalar_t));
     io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
     io.key_tiles = tiles::ceil_div(p.Lk, io.shape.block_k);
+    if (io.key_tiles > 1) {
+      delta = at::empty({p.B, p.H, p.Lq}, acc_options);
+      auto first = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
+      first.grad_out = g_c.const_data_ptr<scalar_t>();
+      first.delta = delta.mutable_data_ptr<acc_t>();
+      first.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
+      launch_forward(first, p.B * p.H * tiles::forward_blocks_per_head(first.query_tiles, first.tiles_per_block));
+      io.delta = delta.const_data_ptr<acc_t>();
+    }
     io.splits = plan.splits > 0 ? plan.splits
                                 : tiles::backward_splits(io.query_tiles, io.key_tiles, p.B * p.H, plan.target_blocks);
     dq_partial = at::empty({io.key_tiles, p.B, p.H, p.Lq, p.D}, acc_options);
@@ -172,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     io.gate = gate_c.const_data_ptr<scalar_t>();
     io.mask = p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr;
     io.lse = lse_c.const_data_ptr<acc_t>();
-    io.delta = delta.const_data_ptr<acc_t>();
+    io.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
     io.dq_partial = dq_partial.mutable_data_ptr<acc_t>();
     io.dk_partial = dk_partial.mutable_data_ptr<acc_t>();
     io.dv_partial = dv_partial.mutable_data_ptr<acc_t>();

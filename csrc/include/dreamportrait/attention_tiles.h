@@ -8,8 +8,10 @@
 //             S = Q K^T and dP = dO V^T give P and dS; dV += P^T dO and dK += dS^T Q stay in shared
 //             memory and are written once per block (a per-split partial, summed on the host in a
 //             fixed order); dQ = dS K is written per (query tile, key tile) as a per-key-tile
-//             partial. A first pass (the forward's schedule with dO instead of an output) gives
-//             delta = tanh(g) dO . A and dO . A per row (A: the attention before the gate).
+//             partial. delta = tanh(g) dO . A per row (A: the attention before the gate) is
+//             tanh(g) sum_j p_j dp_j: a block whose key tile holds every key (77 text tokens
+//             do) forms it from its own P and dP; with several key tiles a first pass (the
+//             forward's schedule with dO instead of an output) gives it.
 // Tiles are zero-padded to multiples of 16 (WMMA fragments): rows past Lq or Lk, columns past D,
 // and the keys the mask hides (so their values, even NaN, add nothing).
 //
@@ -211,18 +213,29 @@ DP_INLINE acc_t softmax_tile_row(OnlineSoftmax<acc_t>& row, acc_t* s, p_t* p, co
   return rescale;
 }
 
-// One query row of a (query tile, key tile) pair in the backward: from s_j = q . k_j,
-// dp_j = dO . v_j, the row's log-sum-exp and delta, the weights p_j and scale * ds_j (ds_j =
-// p_j (tanh(g) dp_j - delta)) in the products' type; 0 for keys not attended and for padding
-// rows (lse -inf).
+// One query row of a (query tile, key tile) pair in the backward. From s_j = q . k_j (replaced by
+// p_j), dp_j = dO . v_j and the row's log-sum-exp it forms the weights p_j and scale * ds_j,
+// ds_j = p_j (tanh(g) dp_j - delta), in the products' type; 0 for keys not attended and for padding
+// rows (lse -inf). delta is given (from the first pass), or, when the tile holds every key of the
+// row (`delta_from_tile`), formed here: delta = tanh(g) sum_j p_j dp_j = tanh(g) dO . A. Returns
+// sum_j p_j dp_j, which is then dO . A, the row's share of the gate's gradient.
 template <typename acc_t, typename p_t>
-DP_INLINE void gradient_tile_row(const acc_t* s, const acc_t* dp, p_t* p, p_t* ds, const unsigned char* key_ok,
-                                 int block_k, acc_t scale, acc_t lse, acc_t gate_value, acc_t delta) {
+DP_INLINE acc_t gradient_tile_row(acc_t* s, const acc_t* dp, p_t* p, p_t* ds, const unsigned char* key_ok,
+                                  int block_k, acc_t scale, acc_t lse, acc_t gate_value, acc_t delta,
+                                  bool delta_from_tile) {
+  acc_t dot = 0;
   for (int j = 0; j < block_k; ++j) {
     const acc_t prob = key_ok[j] ? probability(scale * s[j], lse) : acc_t(0);
+    s[j] = prob;
+    if (prob != acc_t(0)) dot += prob * dp[j];
+  }
+  if (delta_from_tile) delta = gate_value * dot;
+  for (int j = 0; j < block_k; ++j) {
+    const acc_t prob = s[j];
     p[j] = static_cast<p_t>(prob);
     ds[j] = static_cast<p_t>(prob == acc_t(0) ? acc_t(0) : scale * score_grad(prob, gate_value * dp[j], delta));
   }
+  return dot;
 }
 
 // ---- Staging --------------------------------------------------------------------------------
@@ -406,7 +419,9 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
 }
 
 // Pointers of the backward's main launch. dq_partial (key_tiles, B, H, Lq, D), dk_partial and
-// dv_partial (splits, B, H, Lk, D), all acc_t: summed over their first dimension on the host.
+// dv_partial (splits, B, H, Lk, D), all acc_t: summed over their first dimension on the host. With
+// one key tile the blocks form delta themselves and write gate_dot = dO . A (B, H, Lq); with
+// several, the first pass has written delta and gate_dot.
 template <typename scalar_t, typename acc_t>
 struct BackwardIo {
   Problem p;
@@ -415,7 +430,7 @@ struct BackwardIo {
   const scalar_t *grad_out, *q, *k, *v, *gate;
   const bool* mask;
   const acc_t *lse, *delta;
-  acc_t *dq_partial, *dk_partial, *dv_partial;
+  acc_t *dq_partial, *dk_partial, *dv_partial, *gate_dot;
 };
 
 // Block `tile` = (bh * splits + split) * key_tiles + key tile: query tiles split, split + splits, ...
@@ -439,6 +454,7 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
   const int b = bh / heads, h = bh % heads;
   const int64_t key0 = int64_t(key_tile) * t.block_k;
   const acc_t scale = static_cast<acc_t>(p.scale), gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
+  const bool one_key_tile = key_tiles == 1;
 
   stage_keys(block, key_ok, p.has_mask ? io.mask + b * p.Lk : nullptr, key0, p.Lk, t.block_k);
   block.sync();
@@ -458,7 +474,7 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
     for (int r = block.thread(); r < t.block_q; r += block.threads()) {
       const bool inside = row0 + r < p.Lq;
       lse[r] = inside ? io.lse[first + r] : -std::numeric_limits<acc_t>::infinity();
-      delta[r] = inside ? io.delta[first + r] : acc_t(0);
+      delta[r] = inside && !one_key_tile ? io.delta[first + r] : acc_t(0);
     }
     block.sync();
     Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
@@ -466,9 +482,11 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
     Gemm::template run<RowMajor, ColMajor>(block, dp, l.ld_k_acc, dout, l.ld_d, v, l.ld_d, t.block_q, t.block_k,
                                            t.dim, false);
     block.sync();
-    for (int r = block.thread(); r < t.block_q; r += block.threads())
-      gradient_tile_row(s + r * l.ld_k_acc, dp + r * l.ld_k_acc, pw + r * l.ld_k, ds + r * l.ld_k, key_ok, t.block_k,
-                        scale, lse[r], gate_value, delta[r]);
+    for (int r = block.thread(); r < t.block_q; r += block.threads()) {
+      const acc_t dot = gradient_tile_row(s + r * l.ld_k_acc, dp + r * l.ld_k_acc, pw + r * l.ld_k, ds + r * l.ld_k,
+                                          key_ok, t.block_k, scale, lse[r], gate_value, delta[r], one_key_tile);
+      if (one_key_tile && row0 + r < p.Lq) io.gate_dot[first + r] = dot;
+    }
     block.sync();
     Gemm::template run<ColMajor, RowMajor>(block, dv, l.ld_d_acc, pw, l.ld_k, dout, l.ld_d, t.block_k, t.dim,
                                            t.block_q, true);
