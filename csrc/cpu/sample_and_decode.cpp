@@ -47,7 +47,9 @@ constexpr int64_t kTile = 64;
 // matrix products run in register blocks of kBlockRows rows by kLanes columns.
 constexpr int64_t kLanes = 16;
 constexpr int kBlockRows = 4;
-// The plane-gradient rows of the point this many ahead are prefetched while one is scattered.
+// The plane rows (gather) and plane-gradient rows (scatter) of the point this many ahead are
+// prefetched while one point is processed: the points are scattered over the planes, so both
+// passes otherwise wait on memory for every point.
 constexpr int64_t kPrefetchAhead = 4;
 constexpr int64_t kCacheLine = 64;
 // With plane gradients each backward worker holds one batch element's (3, H, W, C) gradient
@@ -136,19 +138,31 @@ inline scalar_t* corner(scalar_t* base, const BilinearTaps<T>& t, const Problem&
   return base + ((plane * p.H + t.y0 + dy) * p.W + t.x0 + dx) * p.C;
 }
 
-// Prefetches the corner rows of one point's taps (its 3 planes) in a (3, H, W, C) buffer.
+// Prefetches the rows that a point's taps (3 planes) touch in a (3, H, W, C) buffer, for reading
+// or for writing: per plane and tap row the 2 C values from column x0. The addresses are formed as
+// integers: a tap outside the plane gives an address outside the buffer, which a prefetch ignores.
+// On x86 the instructions are written out (GCC deletes loops that hold only __builtin_prefetch).
+template <bool kForWriting>
+inline void prefetch_line(uintptr_t address) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kForWriting)
+    asm volatile("prefetchw (%0)" : : "r"(address));
+  else
+    asm volatile("prefetcht0 (%0)" : : "r"(address));
+#else
+  __builtin_prefetch(reinterpret_cast<const void*>(address), kForWriting ? 1 : 0, 3);
+#endif
+}
+
 template <bool kForWriting, typename scalar_t, typename Channels>
 inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* taps, const Problem& p,
                            const Channels& ch) {
+  const int64_t bytes = 2 * ch.C * int64_t(sizeof(scalar_t));
   for (int plane = 0; plane < kPlanes; ++plane) {
-    const BilinearTaps<scalar_t>& t = taps[plane];
     for (int dy = 0; dy < 2; ++dy) {
-      for (int dx = 0; dx < 2; ++dx) {
-        if (!t.valid(dy, dx)) continue;
-        const char* row = reinterpret_cast<const char*>(corner(base, t, p, plane, dy, dx));
-        for (int64_t byte = 0; byte < ch.C * int64_t(sizeof(scalar_t)); byte += kCacheLine)
-          __builtin_prefetch(row + byte, kForWriting ? 1 : 0, 3);
-      }
+      const int64_t offset = ((plane * p.H + taps[plane].y0 + dy) * p.W + taps[plane].x0) * ch.C;
+      const uintptr_t row = reinterpret_cast<uintptr_t>(base) + offset * int64_t(sizeof(scalar_t));
+      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line<kForWriting>(row + byte);
     }
   }
 }
@@ -167,7 +181,10 @@ DP_CPU_CLONES void gather_tile(const scalar_t* __restrict__ planes_b, const scal
     for (int plane = 0; plane < kPlanes; ++plane)
       taps[t * kPlanes + plane] = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
   }
+  // The corner rows of the points kPrefetchAhead ahead are fetched while one point is summed.
+  for (int64_t t = 0; t < std::min(kPrefetchAhead, count); ++t) prefetch_point<false>(planes_b, taps + t * kPlanes, p, ch);
   for (int64_t t = 0; t < count; ++t) {
+    if (t + kPrefetchAhead < count) prefetch_point<false>(planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
     scalar_t* __restrict__ f = F + t * Cp;
     for (int64_t c = 0; c < ch.C; ++c) f[c] = 0;
     bool finite = true;
