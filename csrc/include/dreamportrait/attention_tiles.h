@@ -2,8 +2,9 @@
 // a host emulation of it (csrc/cpu/tile_emulation.cpp, tested on CPU against the reference).
 //
 // A block of kThreads threads works on tiles held in shared memory:
-//   forward   one (batch, head) and a tile of block_q query rows; it loops over key tiles of
-//             block_k keys with an online softmax: S = Q K^T, P = softmax step, O += P V.
+//   forward   one (batch, head) and a few consecutive tiles of block_q query rows; per query
+//             tile it loops over key tiles of block_k keys with an online softmax: S = Q K^T,
+//             P = softmax step, O += P V (K and V are staged once when they fit one key tile).
 //   backward  one (batch, head), one key tile and every splits-th query tile: per query tile
 //             S = Q K^T and dP = dO V^T give P and dS; dV += P^T dO and dK += dS^T Q stay in shared
 //             memory and are written once per block (a per-split partial, summed on the host in a
