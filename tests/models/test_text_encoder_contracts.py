@@ -2,6 +2,7 @@
 holds, the context length, where a model is loaded from, the checked names and their messages, the
 UNet context, the features' device, the cache's size and order, and a trainable encoder."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from tiny_models import write_tiny_clip
 
 from dreamportrait.text.encoder import (TextEncoder, TextFeatures, _resolve, check_encoder_states, check_text_encoding,
-                                        context_length, spelled_out_words, text_encoding_of, vocabulary_words)
+                                        context_length, encode_text, spelled_out_words, text_encoding_of,
+                                        vocabulary_words, warn_about_unread_words)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,90 @@ def test_a_trainable_encoder_trains_and_is_never_cached(clip_dir):
     trainable.eval()
     assert not trainable.model.training
     assert TextEncoder(clip_dir, dtype=torch.float64)(["a man"]).tokens.dtype == torch.float64
+
+
+def test_refusals_word_for_word(clip_dir):
+    encoder = TextEncoder(clip_dir)
+    assert encoder.source == str(clip_dir)
+    with pytest.raises(ValueError, match=r"^prompts must be a list of strings \(one per sample\); wrap a single "
+                                         r"prompt in a list$"):
+        encoder("a man")
+    with pytest.raises(ValueError, match="^prompts is empty: give at least one prompt$"):
+        encoder([])
+
+
+def test_a_stable_diffusion_checkpoint_is_read_from_its_subfolders(tmp_path):
+    encoder = TextEncoder(write_tiny_clip(tmp_path, layout="stable-diffusion"))
+    assert encoder.tokenizer.name_or_path == str(tmp_path / "tokenizer")
+    assert encoder.model.name_or_path == str(tmp_path / "text_encoder")
+
+
+def test_caches_of_one_prompt_and_none_and_a_trainable_encoder_that_never_caches(clip_dir, monkeypatch):
+    encoded = []
+
+    def counting(encoder):
+        original = encoder._encode
+        monkeypatch.setattr(encoder, "_encode", lambda prompts: encoded.append(list(prompts)) or original(prompts))
+        return encoder
+
+    one = counting(TextEncoder(clip_dir, cache_size=1))
+    one(["a man"]), one(["a man"])
+    assert encoded == [["a man"]]
+    trainable = counting(TextEncoder(clip_dir, trainable=True))
+    trainable(["a man"]), trainable(["a man", "a woman"])
+    assert encoded[1:] == [["a man"], ["a man", "a woman"]]  # every call encodes, in one batch
+
+
+@pytest.mark.parametrize("text_encoding", ["caption", "phrases"])
+def test_features_are_made_on_the_text_models_device_at_its_context_length(tmp_path, text_encoding):
+    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding=text_encoding), device="meta")
+    assert next(encoder.model.parameters()).device.type == "meta"
+    features = encoder(["a bald man with red hair", "a woman"])
+    assert {features.tokens.device.type, features.mask.device.type, features.pooled.device.type} == {"meta"}
+    assert features.tokens.shape == (2, 77, 32) and features.mask.shape == (2, 77)
+    assert features.word_tokens().device.type == "meta"
+
+
+class StandInTokenizer:
+    """Token ids are indices into ``pieces``; a piece ending in ``</w>`` ends a word."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i].replace("</w>", " ") for i in ids)
+
+
+def test_a_word_is_spelled_out_when_more_than_half_its_pieces_are_single_letters():
+    tokenizer = StandInTokenizer(["a</w>", "x", "y</w>", "yz</w>", "ha", "t", "ter</w>", "p", "u", "ple</w>"])
+    assert spelled_out_words(tokenizer, [0]) == []  # one piece: a word of the vocabulary
+    assert spelled_out_words(tokenizer, [1, 2]) == ["xy"]  # 2 of 2 single letters
+    assert spelled_out_words(tokenizer, [1, 3]) == []  # 1 of 2: not more than half
+    assert spelled_out_words(tokenizer, [4, 5, 6]) == []  # 1 of 3
+    assert spelled_out_words(tokenizer, [7, 8, 7, 9, 0, 1, 2]) == ["pupple", "xy"]  # 3 of 4, then "a", then 2 of 2
+
+
+def test_truncation_warnings_name_each_prompt_and_what_it_loses(clip_dir):
+    encoder = TextEncoder(clip_dir)
+
+    def warned(prompts):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_about_unread_words(encoder.tokenizer, encoder.model, prompts)
+        return [str(warning.message) for warning in caught]
+
+    assert warned(["bald " * 75]) == []  # 75 words, start and end: 77 tokens
+    (message,) = warned(["bald " * 76])
+    assert message == "1 prompt(s) longer than the text model's 77 tokens were truncated: " + repr(("bald " * 76)[:60]) \
+        + " loses 'bald'"
+    (message,) = warned(["bald " * 150])  # 75 words lost: 374 characters, 200 of them named
+    assert message.endswith(" loses " + repr(("bald " * 75).strip()[:200]))
+    # A caption is counted whole, with its "with" and "and" (the phrases' separators).
+    assert len(warned(["bald " * 74 + "with bald"])) == 1
+    (message,) = warned([f"bald {index} " * 40 for index in range(6)])
+    assert message.startswith("6 prompt(s) longer") and message.count(" loses ") == 5
+    with pytest.warns(UserWarning, match="'wearing'"):  # encode_text warns by default
+        encode_text(encoder.tokenizer, encoder.model, ["a man wearing a hat"])
