@@ -196,8 +196,8 @@ def test_truncation_warnings_name_each_prompt_and_what_it_loses(clip_dir):
 
     assert warned(["bald " * 75]) == []  # 75 words, start and end: 77 tokens
     (message,) = warned(["bald " * 76])
-    assert message == "1 prompt(s) longer than the text model's 77 tokens were truncated: " + repr(("bald " * 76)[:60]) \
-        + " loses 'bald'"
+    prefix = "1 prompt(s) longer than the text model's 77 tokens were truncated: "
+    assert message == prefix + repr(("bald " * 76)[:60]) + " loses 'bald'"
     (message,) = warned(["bald " * 150])  # 75 words lost: 374 characters, 200 of them named
     assert message.endswith(" loses " + repr(("bald " * 75).strip()[:200]))
     # A caption is counted whole, with its "with" and "and" (the phrases' separators).
