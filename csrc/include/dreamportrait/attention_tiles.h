@@ -370,8 +370,10 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
     const int64_t row0 = int64_t(query_tile) * t.block_q;
     block.sync();  // the previous query tile's epilogue has read q, o, state and factor
     stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
-    for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-      o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
+    if (p.Lk == 0) {  // no key tile writes o
+      for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
+        o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
+    }
     for (int r = block.thread(); r < t.block_q; r += block.threads()) state[r] = OnlineSoftmax<acc_t>();
 
     for (int64_t key0 = 0; key0 < p.Lk; key0 += t.block_k) {
@@ -386,11 +388,13 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
       for (int r = block.thread(); r < t.block_q; r += block.threads())
         factor[r] = softmax_tile_row(state[r], s + r * l.ld_k_acc, pw + r * l.ld_k, key_ok, t.block_k, scale);
       block.sync();
-      for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-        o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
-      block.sync();
+      if (key0 > 0) {  // the first key tile's P V sets o instead of rescaling and adding to it
+        for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
+          o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
+        block.sync();
+      }
       Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, t.dim,
-                                             t.block_k, true);
+                                             t.block_k, key0 > 0);
     }
     block.sync();
     // o / sum is A, the attention before the gate; 0 for a row that attended to nothing.
