@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamportrait.ops import EG3D_AXES, ORTHOGONAL_AXES, sample_and_decode
-from support import kernel_backends, requires_extension
+from support import assert_close_scaled, kernel_backends, requires_extension
 
 
 def written_out(planes, points, box_warp, axes, weight1, bias1, weight2, bias2):
@@ -65,6 +65,26 @@ def test_matches_written_out_float32(backend, device):
     for got, want in zip(actual, expected):
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in kernel_backends() if p.id != "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, device, dtype):
+    """Half inputs against the written-out composition of the same rounded values in float32: the
+    layers multiply in the inputs' dtype (tensor cores) with float32 sums, as a half nn.Linear does."""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("Triton's interpreter computes bfloat16 tl.dot wrongly; checked on a GPU")
+    inputs = [t.detach().to(dtype) for t in make_inputs(torch.float32, count=300, channels=32, hidden=64, out=33)]
+    rounded = [t.float().to(device).requires_grad_() for t in inputs]
+    inputs = [t.to(device).requires_grad_() for t in inputs]
+    actual = values_and_grads(ours(backend), inputs, 1.0, EG3D_AXES)
+    expected = values_and_grads(written_out, rounded, 1.0, EG3D_AXES)
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    names = ["output", "planes", "points", "weight1", "bias1", "weight2", "bias2"]
+    for name, got, want in zip(names, actual, expected):
+        assert got.dtype == dtype
+        # position gradients amplify rounding (a difference of corner values over a texel)
+        assert_close_scaled(got.float(), want, 10 * tol if name == "points" else tol, name)
 
 
 @requires_extension

@@ -376,6 +376,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # Recording runs the ops on CPU tensors, which needs the interpreter, and the interpreter
+        # must be on before triton.jit wraps the kernels (when the package is imported): start
+        # again with it.
+        os.execve(sys.executable, [sys.executable, "-m", "dreamportrait.ops.triton.compile_check", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
     raise SystemExit(main())

@@ -2,10 +2,12 @@
 
 A program owns a block of points of one batch element: it samples their mean features (planes
 read channel-innermost, as ``triplane_sample``'s kernels do), runs the two layers as ``tl.dot``
-(tensor cores: TF32 for float32 when torch allows TF32 matmuls, else IEEE float32), and writes
-only the ``(BLOCK_N, O)`` output. The backward recomputes a block's activations, adds its weight
-and bias gradients with one atomic add per element, scatters the plane gradient with atomic adds
-into a ``(B, 3, H, W, C)`` buffer in the accumulation type, and writes the point gradients.
+through the hidden layer in chunks of ``HIDDEN_BLOCK`` units (operands in the inputs' dtype with
+float32 sums: tensor cores for float16/bfloat16, TF32 for float32 when torch allows TF32 matmuls,
+else IEEE float32), and writes only the ``(BLOCK_N, O)`` output. The backward recomputes a block's
+activations, adds its weight and bias gradients with one atomic add per element per block, scatters
+the plane gradient with atomic adds into a ``(B, 3, H, W, C)`` buffer in the accumulation type, and
+writes the point gradients.
 Channels and hidden units must be powers of two from 16 to 128, outputs at most 128 (EG3D: 32, 64,
 33); :func:`supported` says whether a call fits.
 """
@@ -23,6 +25,9 @@ from .triplane_sample import _corner, _load_point, _on_axis, _plane_taps
 
 # Points per program (64 spilled registers on sm_80 and sm_100: the compile gate).
 BLOCK_N = 32
+# Hidden units per chunk: the hidden layer is computed (and, in the backward, differentiated)
+# 16 units at a time, so a program never holds a (BLOCK_N, K) activation, nor a whole weight.
+HIDDEN_BLOCK = 16
 
 
 def _power_of_two(n: int) -> bool:
@@ -53,16 +58,34 @@ def _mean_features(planes_ptr, b, px, py, pz, n_mask, c, scale, H, W, C: tl.cons
 
 
 @triton.jit
-def _decode(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, k, o, o_mask, O, ACC: tl.constexpr,
-            PRECISION: tl.constexpr, K: tl.constexpr):
-    """Pre-activations, hidden units and raw outputs of a block, and the (transposed) weights."""
-    w1t = tl.load(w1t_ptr + c[:, None] * K + k[None, :]).to(ACC)  # (C, K)
-    pre = tl.dot(features, w1t, input_precision=PRECISION, out_dtype=ACC) + tl.load(b1_ptr + k).to(ACC)[None, :]
+def _dot(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr):
+    """a @ b with both operands in OPERAND, the inputs' dtype (float16/bfloat16 tensor cores, as a
+    float16 ``nn.Linear`` would multiply), accumulated in ACC."""
+    return tl.dot(a.to(OPERAND), b.to(OPERAND), input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _hidden_units(features, w1t_ptr, b1_ptr, c, j, K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Pre-activations and softplus of hidden units ``j`` (one chunk) for a block of mean features,
+    each ``(BLOCK_N, HIDDEN_BLOCK)``, and the chunk's first-layer weights ``(C, HIDDEN_BLOCK)``."""
+    w1t = tl.load(w1t_ptr + c[:, None] * K + j[None, :])
+    pre = _dot(features, w1t, PRECISION, ACC, w1t_ptr.dtype.element_ty) + tl.load(b1_ptr + j).to(ACC)[None, :]
     hidden = tl.where(pre > 20.0, pre, tl.maximum(pre, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(pre))))
-    w2t = tl.load(w2t_ptr + k[:, None] * O + o[None, :], mask=o_mask[None, :], other=0.0).to(ACC)  # (K, BLOCK_O)
-    raw = tl.dot(hidden, w2t, input_precision=PRECISION, out_dtype=ACC)
-    raw += tl.load(b2_ptr + o, mask=o_mask, other=0.0).to(ACC)[None, :]
-    return pre, hidden, raw, w1t, w2t
+    return pre, hidden, w1t
+
+
+@triton.jit
+def _raw_outputs(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, o, o_mask, O, K: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, HIDDEN_BLOCK: tl.constexpr):
+    """The decoder's raw outputs ``(BLOCK_N, BLOCK_O)`` for a block of mean features, through the
+    hidden layer in chunks of HIDDEN_BLOCK units: only a chunk of hidden activations is ever held."""
+    raw = tl.zeros((BLOCK_N, BLOCK_O), dtype=ACC) + tl.load(b2_ptr + o, mask=o_mask, other=0.0).to(ACC)[None, :]
+    for k0 in range(0, K, HIDDEN_BLOCK):
+        j = k0 + tl.arange(0, HIDDEN_BLOCK)
+        _, hidden, _ = _hidden_units(features, w1t_ptr, b1_ptr, c, j, K, ACC, PRECISION)
+        w2t = tl.load(w2t_ptr + j[:, None] * O + o[None, :], mask=o_mask[None, :], other=0.0)  # (HIDDEN_BLOCK, BLOCK_O)
+        raw += _dot(hidden, w2t, PRECISION, ACC, w2t_ptr.dtype.element_ty)
+    return raw
 
 
 @triton.jit
@@ -70,19 +93,20 @@ def _forward_kernel(
     planes_ptr, points_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, out_ptr, N, H, W, O, scale_ptr,
     A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr, A4: tl.constexpr, A5: tl.constexpr,
     C: tl.constexpr, K: tl.constexpr, BLOCK_O: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, HIDDEN_BLOCK: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
     b = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     rows = b.to(tl.int64) * N + n
-    c, k, o = tl.arange(0, C), tl.arange(0, K), tl.arange(0, BLOCK_O)
+    c, o = tl.arange(0, C), tl.arange(0, BLOCK_O)
     o_mask = o < O
     px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
     features = _mean_features(planes_ptr, b, px, py, pz, n_mask, c, scale, H, W, C, A0, A1, A2, A3, A4, A5, ACC,
                               BLOCK_N)
-    _, _, raw, _, _ = _decode(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, k, o, o_mask, O, ACC, PRECISION, K)
+    raw = _raw_outputs(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, o, o_mask, O, K, ACC, PRECISION, BLOCK_N,
+                       BLOCK_O, HIDDEN_BLOCK)
     colour = 1.0 / (1.0 + tl.exp(-raw)) * 1.002 - 0.001
     out = tl.where(o[None, :] == 0, raw, colour)
     tl.store(out_ptr + rows[:, None] * O + o[None, :], out.to(out_ptr.dtype.element_ty),
@@ -95,35 +119,44 @@ def _backward_kernel(
     grad_planes_ptr, grad_points_ptr, gw1t_ptr, gb1_ptr, gw2t_ptr, gb2_ptr, N, H, W, O, scale_ptr,
     A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr, A4: tl.constexpr, A5: tl.constexpr,
     C: tl.constexpr, K: tl.constexpr, BLOCK_O: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    NEEDS_PLANES: tl.constexpr, NEEDS_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEEDS_PLANES: tl.constexpr, NEEDS_POINTS: tl.constexpr, BLOCK_N: tl.constexpr, HIDDEN_BLOCK: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
     b = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     rows = b.to(tl.int64) * N + n
-    c, k, o = tl.arange(0, C), tl.arange(0, K), tl.arange(0, BLOCK_O)
+    c, o = tl.arange(0, C), tl.arange(0, BLOCK_O)
     o_mask = o < O
     px, py, pz = _load_point(points_ptr, rows, n_mask, ACC)
     features = _mean_features(planes_ptr, b, px, py, pz, n_mask, c, scale, H, W, C, A0, A1, A2, A3, A4, A5, ACC,
                               BLOCK_N)
-    pre, hidden, raw, w1t, w2t = _decode(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, k, o, o_mask, O, ACC,
-                                         PRECISION, K)
+    raw = _raw_outputs(features, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, c, o, o_mask, O, K, ACC, PRECISION, BLOCK_N,
+                       BLOCK_O, HIDDEN_BLOCK)
     # Rows past N load a zero gradient, so they add nothing below.
     grad = tl.load(grad_ptr + rows[:, None] * O + o[None, :], mask=n_mask[:, None] & o_mask[None, :],
                    other=0.0).to(ACC)
     s = 1.0 / (1.0 + tl.exp(-raw))
     grad_raw = tl.where(o[None, :] == 0, grad, grad * 1.002 * s * (1.0 - s))
-    tl.atomic_add(gw2t_ptr + k[:, None] * O + o[None, :],
-                  tl.dot(tl.trans(hidden), grad_raw, input_precision=PRECISION, out_dtype=ACC), mask=o_mask[None, :])
     tl.atomic_add(gb2_ptr + o, tl.sum(grad_raw, axis=0), mask=o_mask)
-    grad_hidden = tl.dot(grad_raw, tl.trans(w2t), input_precision=PRECISION, out_dtype=ACC)
-    grad_pre = grad_hidden * tl.where(pre > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-pre)))
-    tl.atomic_add(gw1t_ptr + c[:, None] * K + k[None, :],
-                  tl.dot(tl.trans(features), grad_pre, input_precision=PRECISION, out_dtype=ACC))
-    tl.atomic_add(gb1_ptr + k, tl.sum(grad_pre, axis=0))
+    # The hidden layer's backward chunk by chunk, its activations recomputed: each chunk adds its
+    # rows of the second layer's weight gradient, its columns of the first's, and its share of the
+    # features' gradient.
+    grad_features = tl.zeros((BLOCK_N, C), dtype=ACC)
+    for k0 in range(0, K, HIDDEN_BLOCK):
+        j = k0 + tl.arange(0, HIDDEN_BLOCK)
+        pre, hidden, w1t = _hidden_units(features, w1t_ptr, b1_ptr, c, j, K, ACC, PRECISION)
+        tl.atomic_add(gw2t_ptr + j[:, None] * O + o[None, :],
+                      _dot(tl.trans(hidden), grad_raw, PRECISION, ACC, w2t_ptr.dtype.element_ty), mask=o_mask[None, :])
+        w2t = tl.load(w2t_ptr + j[:, None] * O + o[None, :], mask=o_mask[None, :], other=0.0)
+        grad_hidden = _dot(grad_raw, tl.trans(w2t), PRECISION, ACC, w2t_ptr.dtype.element_ty)
+        grad_pre = grad_hidden * tl.where(pre > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-pre)))
+        tl.atomic_add(gw1t_ptr + c[:, None] * K + j[None, :],
+                      _dot(tl.trans(features), grad_pre, PRECISION, ACC, w1t_ptr.dtype.element_ty))
+        tl.atomic_add(gb1_ptr + j, tl.sum(grad_pre, axis=0))
+        grad_features += _dot(grad_pre, tl.trans(w1t), PRECISION, ACC, w1t_ptr.dtype.element_ty)
     # Gradient of each plane's sample (the mean's 1/3 included).
-    grad_sample = tl.dot(grad_pre, tl.trans(w1t), input_precision=PRECISION, out_dtype=ACC) / 3.0
+    grad_sample = grad_features / 3.0
     gx = tl.zeros((BLOCK_N,), dtype=ACC)
     gy = tl.zeros((BLOCK_N,), dtype=ACC)
     gz = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -163,6 +196,14 @@ def _backward_kernel(
         tl.store(grad_points_ptr + rows * 3 + 2, gz.to(out_ty), mask=n_mask)
 
 
+def backward_options(dtype: torch.dtype) -> dict:
+    """Compile options of the backward, chosen with the compile gate: one stage (the hidden-chunk
+    loop has K / 16 iterations; pipelining it only holds the next chunk's weights in registers);
+    8 warps for float32 and float64, whose products without tensor cores hold their operands in
+    registers (4 spilled on sm_80 and sm_100), and 4 for float16/bfloat16 (8 spilled on sm_100)."""
+    return dict(num_warps=4 if dtype in (torch.float16, torch.bfloat16) else 8, num_stages=1)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float64:
         return "ieee"
@@ -177,6 +218,7 @@ def _common(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], we
         **{f"A{i}": int(a) for i, a in enumerate(axes)},
         C=planes.shape[2], K=weight1.shape[0], BLOCK_O=max(16, triton.next_power_of_2(weight2.shape[0])),
         ACC=accumulation_type(planes.dtype), PRECISION=_precision(planes.dtype), BLOCK_N=BLOCK_N,
+        HIDDEN_BLOCK=HIDDEN_BLOCK,
     )
 
 
@@ -224,6 +266,7 @@ def backward(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: floa
         launch(_backward_kernel, (triton.cdiv(count, BLOCK_N), batch), grad_output.contiguous(),
                *_operands(planes, points, weight1, bias1, weight2, bias2), grad_planes, grad_points, *sums,
                count, height, width, outputs, NEEDS_PLANES=needs_planes, NEEDS_POINTS=needs_points,
+               **backward_options(planes.dtype),
                **_common(planes, points, box_warp, axes, weight1, weight2))
     dtype = planes.dtype
     grad_planes = (grad_planes.to(dtype).permute(0, 1, 4, 2, 3).contiguous() if needs_planes

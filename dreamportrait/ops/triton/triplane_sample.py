@@ -23,6 +23,9 @@ OP = "triplane_sample_triton"
 # Points per program. 32: with 64, the plane gradient's four scattered (BLOCK_N, BLOCK_C) corner
 # tiles spilled registers on sm_80 (the compile gate, tests/ops/test_compile_gate.py).
 BLOCK_N = 32
+# Warps per program: with 4, the plane gradient at 64-channel tiles spilled on sm_80, and the point
+# gradient (whose pipelined channel loop holds the next tiles of four corners) on sm_90.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -234,6 +237,7 @@ def _common(planes: Tensor, box_warp: float, axes: list[int], reduce: str) -> di
         MEAN=reduce == "mean",
         ACC=accumulation_type(planes.dtype),
         BLOCK_N=BLOCK_N,
+        num_warps=NUM_WARPS,
     )
 
 
