@@ -46,6 +46,11 @@ TORCH_LIBRARY(dreamportrait, m) {
         "float scale) -> (Tensor out, Tensor lse)");
   m.def("gated_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, "
         "Tensor? key_padding_mask, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sample_and_decode(Tensor planes, Tensor points, float box_warp, int[6] axes, Tensor weight1, "
+        "Tensor bias1, Tensor weight2, Tensor bias2) -> Tensor");
+  m.def("sample_and_decode_backward(Tensor grad_output, Tensor planes, Tensor points, float box_warp, "
+        "int[6] axes, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, bool needs_planes, "
+        "bool needs_points) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define DP_REGISTER_KERNELS(m, device)                                           \
@@ -56,7 +61,9 @@ TORCH_LIBRARY(dreamportrait, m) {
   m.impl("composite_rays", &dreamportrait::composite_rays_##device);                       \
   m.impl("composite_rays_backward", &dreamportrait::composite_rays_backward_##device);     \
   m.impl("gated_cross_attention", &dreamportrait::gated_cross_attention_##device);         \
-  m.impl("gated_cross_attention_backward", &dreamportrait::gated_cross_attention_backward_##device);
+  m.impl("gated_cross_attention_backward", &dreamportrait::gated_cross_attention_backward_##device); \
+  m.impl("sample_and_decode", &dreamportrait::sample_and_decode_##device);                 \
+  m.impl("sample_and_decode_backward", &dreamportrait::sample_and_decode_backward_##device);
 
 TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) { DP_REGISTER_KERNELS(m, cpu) }
 

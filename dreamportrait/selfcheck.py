@@ -4,8 +4,9 @@
 
 On a machine with a CUDA GPU it
 
-1. checks every op on the ``cuda`` and ``triton`` backends in every dtype they take against the
-   reference (forward and every input gradient, the reference run in float64 on the same inputs),
+1. checks every op (``CHECKED_OPS``) on the ``cuda`` and ``triton`` backends in every dtype they
+   take against the reference (forward and every input gradient, the reference run in float64 on
+   the same inputs),
 2. runs the repository's op tests (``tests/ops``, ``tests/test_extension.py``) on the GPU when the
    package sits in a checkout that has them,
 3. times every op at the benchmark shapes (:mod:`dreamportrait.workloads`), forward and
@@ -36,6 +37,9 @@ import torch
 
 NO_GPU_STATUS = 3
 OPS = ("triplane_sample", "composite_rays", "gated_cross_attention")
+# Checked against the reference on every backend and dtype; only OPS are also timed (the fused
+# sample_and_decode has no benchmark workload or roofline cost yet).
+CHECKED_OPS = (*OPS, "sample_and_decode")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest error allowed against the float64 reference, relative to the reference's magnitude: the
 # rounding of the dtype over a few hundred accumulated terms.
@@ -108,7 +112,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _small_inputs(op: str, device: str, generator: torch.Generator) -> tuple[Callable, list[torch.Tensor]]:
     """The op (taking ``backend=``) and float64 inputs of a shape with ragged tiles."""
-    from .ops import EG3D_AXES, composite_rays, gated_cross_attention, triplane_sample
+    from .ops import EG3D_AXES, composite_rays, gated_cross_attention, sample_and_decode, triplane_sample
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
@@ -129,6 +133,14 @@ def _small_inputs(op: str, device: str, generator: torch.Generator) -> tuple[Cal
             return gated_cross_attention(q, k, v, gate, key_padding_mask=mask, backend=backend)
 
         return attention, [randn(2, 4, 150, 40), randn(2, 4, 77, 40), randn(2, 4, 77, 40), randn(4)]
+    if op == "sample_and_decode":
+        points = (torch.rand(2, 300, 3, generator=generator, dtype=torch.float64) - 0.5).to(device)
+
+        def decoded(planes, points, w1, b1, w2, b2, backend):
+            return sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend=backend)
+
+        return decoded, [randn(2, 3, 24, 17, 19), points, randn(20, 24) * 0.3, randn(20), randn(7, 20) * 0.3,
+                         randn(7)]
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     report.environment["peak"] = (f"{peak.name}: {peak.bandwidth / 1e12:.2f} TB/s, {peak.float16 / 1e12:.0f} TFLOP/s "
                                   "fp16 dense" if peak else None)
     report.environment["measured_copy_GBps"] = round(measured_bandwidth(device) / 1e9)
-    for op in OPS:
+    for op in CHECKED_OPS:
         for backend in backends:
             for dtype in DTYPES:
                 check = check_op(op, backend, dtype, device)

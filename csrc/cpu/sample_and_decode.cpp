@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -522,16 +521,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace dreamportrait
-
-TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
-  m.def("sample_and_decode(Tensor planes, Tensor points, float box_warp, int[6] axes, Tensor weight1, "
-        "Tensor bias1, Tensor weight2, Tensor bias2) -> Tensor");
-  m.def("sample_and_decode_backward(Tensor grad_output, Tensor planes, Tensor points, float box_warp, "
-        "int[6] axes, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, bool needs_planes, "
-        "bool needs_points) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) {
-  m.impl("sample_and_decode", &dreamportrait::sample_and_decode_cpu);
-  m.impl("sample_and_decode_backward", &dreamportrait::sample_and_decode_backward_cpu);
-}

@@ -5,10 +5,10 @@ Per point: ``f = mean_p sample_p(planes, point)`` (as :func:`~dreamportrait.ops.
 with ``reduce="mean"``), ``h = softplus(W1 f + b1)`` (torch's softplus: ``x`` above 20), ``x = W2 h +
 b2``; the output is ``x[0]`` (the raw density) followed by ``sigmoid(x[1:]) * 1.002 - 0.001`` (the
 colour features, MipNeRF's widened sigmoid). ``W1, b1, W2, b2`` are the layers' effective weights
-(EG3D's ``weight * weight_gain`` and ``bias * bias_gain``). The compiled CPU kernel keeps each
-point's features and hidden units in registers: neither the ``(B, N, 3, C)`` samples nor the
-``(B, N, C)`` features nor the ``(B, N, 64)`` hidden units are written to memory, forward or
-backward.
+(EG3D's ``weight * weight_gain`` and ``bias * bias_gain``). The compiled CPU and CUDA kernels keep a
+tile of points' features and hidden units in cache or shared memory: neither the ``(B, N, 3, C)``
+samples nor the ``(B, N, C)`` features nor the ``(B, N, 64)`` hidden units are written to memory,
+forward or backward.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def sample_and_decode(planes: Tensor, points: Tensor, box_warp: float, weight1: 
             :func:`~dreamportrait.ops.triplane_sample`.
         weight1: ``(K, C)``, bias1 ``(K,)``: the first layer (K = 64 in EG3D).
         weight2: ``(O, K)``, bias2 ``(O,)``: the second layer, O >= 2 (1 + 32 in EG3D).
-        backend: as the other ops: ``"reference"``, ``"cpu"`` (C++ kernel), ``"triton"`` (fused kernel
-            when C and K are powers of two from 16 to 128 and O <= 128, as EG3D's 32, 64, 33);
-            ``"cuda"`` (and Triton for other sizes) composes the tri-plane kernel with PyTorch's matmuls.
+        backend: as the other ops: ``"reference"``, ``"cpu"`` (C++ kernel), ``"cuda"`` (CUDA kernel; the
+            decoder's weights must fit in a thread block's shared memory, as EG3D's do many times over),
+            ``"triton"`` (fused kernel when C and K are powers of two from 16 to 128 and O <= 128, as
+            EG3D's 32, 64, 33; for other sizes the tri-plane kernel composed with PyTorch's matmuls).
 
     Returns ``(B, N, O)``: the raw density in column 0, the colour features after the widened
     sigmoid in columns 1..O-1. Differentiable with respect to all tensor arguments.
@@ -68,7 +69,7 @@ def sample_and_decode(planes: Tensor, points: Tensor, box_warp: float, weight1: 
     require_backend_dtype(OP, chosen, "planes", planes)
     if chosen == "reference":
         return reference(planes, points, float(box_warp), axes, weight1, bias1, weight2, bias2)
-    if chosen == "cpu" and hasattr(torch.ops.dreamportrait, OP):
+    if chosen in ("cpu", "cuda") and hasattr(torch.ops.dreamportrait, OP):
         _register_compiled()
         return torch.ops.dreamportrait.sample_and_decode(planes, points, float(box_warp), axes, weight1, bias1,
                                                          weight2, bias2)

@@ -1,9 +1,9 @@
 // Elementwise math of EG3D's tri-plane decoder (softplus with torch's threshold of 20, the widened
 // sigmoid, and their derivatives), shared by the CPU and CUDA kernels of sample_and_decode.
 //
-// float uses a branch-free exp (Cephes' polynomial after Cody-Waite range reduction, ~1 ulp) and
-// log1p on (0, 1] (the atanh series, ~1e-9 relative), which the compiler vectorises on the CPU;
-// double uses the C library.
+// On the CPU float uses a branch-free exp (Cephes' polynomial after Cody-Waite range reduction,
+// ~1 ulp) and log1p on (0, 1] (the atanh series, ~1e-9 relative), which the compiler vectorises;
+// on the GPU float uses CUDA's expf/log1pf; double uses the C library (CUDA's on the GPU).
 #pragma once
 
 #include <cmath>
@@ -53,16 +53,26 @@ DP_INLINE float log1p_unit(float e) {
 }
 
 DP_INLINE float softplus(float x) {
+#ifdef __CUDA_ARCH__
+  return x > static_cast<float>(kSoftplusThreshold) ? x : log1pf(expf(x));
+#else
   const float magnitude = x < 0.0f ? -x : x;
   const float soft = (x > 0.0f ? x : 0.0f) + log1p_unit(exp_approx(-magnitude));
   return x > static_cast<float>(kSoftplusThreshold) ? x : soft;
+#endif
 }
 
 DP_INLINE double softplus(double x) {
   return x > kSoftplusThreshold ? x : std::log1p(std::exp(x));
 }
 
-DP_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+DP_INLINE float sigmoid(float x) {
+#ifdef __CUDA_ARCH__
+  return 1.0f / (1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + exp_approx(-x));
+#endif
+}
 DP_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // d softplus / dx: sigmoid(x), 1 above the threshold (as torch's softplus_backward).

@@ -47,17 +47,35 @@ namespace dreamportrait {
       const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse, \
       double scale);
 
+// sample_and_decode: planes and points as triplane_sample; weight1 (K, C), bias1 (K,), weight2 (O, K),
+// bias2 (O,). Returns (B, N, O); the backward returns the gradients of planes and points (empty
+// when not asked for) and of weight1, bias1, weight2, bias2.
+#define DP_DECLARE_DECODER_KERNELS(device)                                                          \
+  at::Tensor sample_and_decode_##device(const at::Tensor& planes, const at::Tensor& points, double box_warp, \
+                                        at::IntArrayRef axes, const at::Tensor& weight1,             \
+                                        const at::Tensor& bias1, const at::Tensor& weight2,          \
+                                        const at::Tensor& bias2);                                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>                \
+  sample_and_decode_backward_##device(const at::Tensor& grad_output, const at::Tensor& planes,       \
+                                      const at::Tensor& points, double box_warp, at::IntArrayRef axes, \
+                                      const at::Tensor& weight1, const at::Tensor& bias1,            \
+                                      const at::Tensor& weight2, const at::Tensor& bias2,            \
+                                      bool needs_planes, bool needs_points);
+
 DP_DECLARE_TRIPLANE_KERNELS(cpu)
 DP_DECLARE_COMPOSITE_KERNELS(cpu)
 DP_DECLARE_ATTENTION_KERNELS(cpu)
+DP_DECLARE_DECODER_KERNELS(cpu)
 #ifdef DREAMPORTRAIT_WITH_CUDA
 DP_DECLARE_TRIPLANE_KERNELS(cuda)
 DP_DECLARE_COMPOSITE_KERNELS(cuda)
 DP_DECLARE_ATTENTION_KERNELS(cuda)
+DP_DECLARE_DECODER_KERNELS(cuda)
 #endif
 
 #undef DP_DECLARE_TRIPLANE_KERNELS
 #undef DP_DECLARE_COMPOSITE_KERNELS
 #undef DP_DECLARE_ATTENTION_KERNELS
+#undef DP_DECLARE_DECODER_KERNELS
 
 }  // namespace dreamportrait
