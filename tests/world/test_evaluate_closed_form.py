@@ -5,6 +5,7 @@ progress."""
 
 import math
 import re
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -208,7 +209,138 @@ def test_the_baselines_progress_per_checkpoint():
     assert rows[1]["text_alignment"] == pytest.approx({**dict.fromkeys(ATTRIBUTES, 1.0), "hat": 0.0})
     assert rows[0]["mean_alignment"] == pytest.approx((5 + 3 / 4) / 6) and rows[1]["mean_alignment"] == pytest.approx(
         5 / 6)
+    guidance = SimpleNamespace(device=torch.device("cpu"))
+    assert sorted(baseline_method(guidance, 2, 3, checkpoints=[1, 3]).snapshots) == [1, 3]  # both ends allowed
     for checkpoints in ([0], [4], [1, 5]):
         with pytest.raises(ValueError, match=re.escape(f"checkpoints must lie in [1, 3] (the baseline's steps), got "
                                                        f"{checkpoints}")):
             baseline_method(None, 2, 3, checkpoints=checkpoints)
+
+
+def test_only_the_pixels_the_world_head_covers_count_in_the_depth_error():
+    from dreamportrait.world.evaluate import FOREGROUND_OPACITY, world_head
+    from dreamportrait.world.heads import render_heads
+
+    prompt = caption(held_out_combinations()[1], 0)
+    cameras = evaluation_cameras(3)
+    _, depth, opacity = render_heads(world_head(prompt, 2).repeat_interleave(3), cameras, 8)
+    covered = opacity > FOREGROUND_OPACITY
+    assert 0 < covered.float().mean() < 1
+    poisoned = torch.where(covered, depth + 0.5, torch.full_like(depth, 100.0))
+    assert depth_error(poisoned, prompt, 2) == pytest.approx(0.5, rel=1e-5)
+    assert world_method(2)(prompt, 0)["image"].shape == (2, 3, 64, 64)  # 64² by default
+
+
+class Clock:
+    """A stand-in for time.perf_counter that moves only when told."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_baseline_method_optimises_one_scene_per_prompt_and_seed_and_keeps_snapshots(monkeypatch):
+    import dreamportrait.baselines
+    import dreamportrait.world.evaluate as evaluate_module
+
+    clock = Clock()
+    monkeypatch.setattr(evaluate_module.time, "perf_counter", clock)
+    renders, optimised = [], []
+
+    def scene(cameras, resolution):  # rendering takes 1 s
+        clock.now += 1
+        renders.append((cameras, resolution))
+        return {"image": torch.full((len(cameras), 3, resolution, resolution), float(len(renders)),
+                                    dtype=torch.float64),
+                "image_depth": torch.full((len(cameras), 1, resolution, resolution), 2.0, dtype=torch.float64)}
+
+    def optimise_scene(guidance, prompt, **kwargs):  # each step takes 10 s
+        optimised.append((guidance, prompt, kwargs))
+        for step in range(kwargs["steps"]):
+            clock.now += 10
+            kwargs["callback"](step, scene)
+        return SimpleNamespace(scene=scene)
+
+    monkeypatch.setattr(dreamportrait.baselines, "optimise_scene", optimise_scene)
+    guidance = SimpleNamespace(device=torch.device("cpu"))
+    method = baseline_method(guidance, views=2, steps=3, resolution=8, checkpoints=[3, 1, 3])
+    result = method("a bald man", 7)
+    ((given, prompt, kwargs),) = optimised
+    callback = kwargs.pop("callback")
+    assert given is guidance and prompt == "a bald man" and callable(callback)
+    assert kwargs == {"steps": 3, "render_resolution": 8, "seed": 7, "progress": False, **world_orbit()}
+    assert sorted(method.snapshots) == [1, 3]
+    # after step 1: 10 s of optimisation; after step 3: 30 s, the 1 s of the first snapshot's rendering left out
+    (first,), (third,) = method.snapshots[1], method.snapshots[3]
+    assert first[:2] == ("a bald man", 10.0) and third[:2] == ("a bald man", 30.0)
+    assert torch.equal(first[2], torch.full((2, 3, 8, 8), 1.0)) and first[2].dtype == torch.float32
+    assert torch.equal(third[2], torch.full((2, 3, 8, 8), 2.0))
+    assert len(renders) == 3 and all(torch.equal(c, evaluation_cameras(2)) and r == 8 for c, r in renders)
+    assert result["image"].dtype == torch.float32 and torch.equal(result["image"], torch.full((2, 3, 8, 8), 3.0))
+    assert torch.equal(result["depth"], torch.full((2, 1, 8, 8), 2.0)) and result["depth"].dtype == torch.float32
+    assert baseline_method(guidance, 2, 3).snapshots == {}
+    baseline_method(guidance, 2, 3)("a man", 0)
+    assert renders[-1][1] == 32  # the default resolution
+
+
+class StandInGan(torch.nn.Module):
+    """mapping(z, c, truncation_psi) = z (one w); synthesis shows the w's first value per view."""
+
+    z_dim = 4
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def mapping(self, z, c, truncation_psi=1.0):
+        self.calls.append(("mapping", z, c, truncation_psi))
+        return z[:, None, :].double()
+
+    def synthesis(self, ws, c, **kwargs):
+        self.calls.append(("synthesis", ws, c, kwargs))
+        return {"image": ws[:, :1, :1, None].expand(-1, 3, 4, 4),
+                "image_depth": ws[:, :1, 1:2, None].expand(-1, 1, 2, 2), "image_raw": None}
+
+
+def test_the_gan_method_draws_z_from_the_seed_and_renders_the_evaluation_views():
+    from dreamportrait.world.evaluate import gan_method
+
+    generator = StandInGan()
+    result = gan_method(generator, 3, truncation_psi=0.4)("ignored prompt", 9)
+    (_, z, c, psi), (_, ws, cameras, kwargs) = generator.calls
+    assert torch.equal(z, torch.randn(1, 4, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(c, evaluation_cameras(1)) and psi == 0.4
+    assert ws.shape == (3, 1, 4) and torch.equal(ws[2, 0], z[0].double())
+    assert torch.equal(cameras, evaluation_cameras(3))
+    assert kwargs == {"noise_mode": "const", "deterministic_sampling": True}
+    assert result["image"].dtype == torch.float32 and result["image"].shape == (3, 3, 4, 4)
+    assert torch.equal(result["image"][:, 0, 0, 0], z[0, 0].expand(3)) and set(result) == {"image", "depth"}
+    assert torch.equal(result["depth"][:, 0, 0, 0], z[0, 1].expand(3)) and result["depth"].dtype == torch.float32
+    generator.calls.clear()
+    gan_method(generator, 2)("p", 0)
+    assert generator.calls[0][3] == 0.7  # generate's truncation by default
+
+
+def test_the_generator_method_is_one_sample_rendered_from_the_evaluation_views(monkeypatch):
+    import dreamportrait.generation
+    from dreamportrait.world.evaluate import generator_method
+
+    calls = []
+    monkeypatch.setattr(dreamportrait.generation, "sample", lambda *args: calls.append(("sample", args)) or (
+        "ws", "sr_ws", "planes"))
+    monkeypatch.setattr(dreamportrait.generation, "render_views", lambda *args: calls.append(("render", args)) or {
+        "image": torch.ones(2, 3, 4, 4, dtype=torch.float64), "image_depth": torch.zeros(2, 1, 2, 2),
+        "image_raw": None})
+    generator = StandInGan()
+    result = generator_method(generator, 2, truncation_psi=0.3)("a man", 4)
+    (_, sample_args), (_, render_args) = calls
+    assert sample_args[:4] == (generator, "a man", 4, 0.3) and torch.equal(sample_args[4], evaluation_cameras(1))
+    assert render_args[:4] == (generator, "ws", "sr_ws", "planes")
+    assert torch.equal(render_args[4], evaluation_cameras(2))
+    assert result["image"].dtype == torch.float32 and set(result) == {"image", "depth"}
+    calls.clear()
+    generator_method(generator, 2)("a man", 4)
+    assert calls[0][1][3] == 0.7
