@@ -154,7 +154,8 @@ def _floor_us(kernel: Kernel) -> float:
             w.batch, w.heads, w.queries, w.keys, w.dim, kernel.dtype, backward)
     else:
         w = workloads.COMPOSITE_WORKLOADS[0]
-        cost = lambda backward: roofline.composite_rays_cost(w.rays, w.samples, w.channels, kernel.dtype, backward)  # noqa: E731
+        cost = lambda backward: roofline.composite_rays_cost(  # noqa: E731
+            w.rays, w.samples, w.channels, kernel.dtype, backward)
     forward = cost(False).floor_seconds(roofline.H100, kernel.dtype)
     total = cost(True).floor_seconds(roofline.H100, kernel.dtype) if kernel.backward else 2 * forward
     return (total - forward) * 1e6 if kernel.backward else forward * 1e6

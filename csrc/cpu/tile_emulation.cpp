@@ -65,7 +65,8 @@ struct EmulateForward {
   template <typename scalar_t, typename acc_t>
   void operator()(const tiles::ForwardIo<scalar_t, acc_t>& io, int64_t blocks) const {
     SharedMemory smem(tiles::forward_layout<acc_t>(io.shape, sizeof(scalar_t)).bytes);
-    for (int tile = 0; tile < blocks; ++tile) tiles::forward_tile<tiles::ScalarGemm>(HostBlock{}, smem.data(), io, tile);
+    for (int tile = 0; tile < blocks; ++tile)
+      tiles::forward_tile<tiles::ScalarGemm>(HostBlock{}, smem.data(), io, tile);
   }
 };
 
@@ -73,7 +74,8 @@ struct EmulateBackward {
   template <typename scalar_t, typename acc_t>
   void operator()(const tiles::BackwardIo<scalar_t, acc_t>& io, int64_t blocks) const {
     SharedMemory smem(tiles::backward_layout<acc_t>(io.shape, sizeof(scalar_t)).bytes);
-    for (int tile = 0; tile < blocks; ++tile) tiles::backward_tile<tiles::ScalarGemm>(HostBlock{}, smem.data(), io, tile);
+    for (int tile = 0; tile < blocks; ++tile)
+      tiles::backward_tile<tiles::ScalarGemm>(HostBlock{}, smem.data(), io, tile);
   }
 };
 
@@ -239,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulat
 
 std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, at::ScalarType dtype,
                                           int64_t shared_memory) {
-  TORCH_CHECK(Lk >= 0 && D >= 0 && shared_memory > 0, "attention_tile_shape: Lk and D must be >= 0 and shared_memory > 0");
+  TORCH_CHECK(Lk >= 0 && D >= 0 && shared_memory > 0,
+              "attention_tile_shape: Lk and D must be >= 0 and shared_memory > 0");
   TORCH_CHECK(at::isFloatingType(dtype), "attention_tile_shape: dtype must be a floating-point type, got ", dtype);
   std::vector<int64_t> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_tile_shape", [&] {

@@ -121,13 +121,15 @@ using HalfGemm = TensorCoreGemm<16>;
 using Tf32Gemm = TensorCoreGemm<8>;
 
 template <class Gemm, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks) forward_kernel(const tiles::ForwardIo<scalar_t, acc_t> io) {
+__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks)
+    forward_kernel(const tiles::ForwardIo<scalar_t, acc_t> io) {
   extern __shared__ __align__(128) unsigned char smem[];
   tiles::forward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
 }
 
 template <class Gemm, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks) backward_kernel(const tiles::BackwardIo<scalar_t, acc_t> io) {
+__global__ void __launch_bounds__(tiles::kThreads, kMinBlocks)
+    backward_kernel(const tiles::BackwardIo<scalar_t, acc_t> io) {
   extern __shared__ __align__(128) unsigned char smem[];
   tiles::backward_tile<Gemm>(CudaBlock{}, smem, io, blockIdx.x);
 }
@@ -170,7 +172,8 @@ struct LaunchBackward {
   template <typename scalar_t, typename acc_t>
   void operator()(const tiles::BackwardIo<scalar_t, acc_t>& io, int64_t blocks) const {
     const size_t bytes = tiles::backward_layout<acc_t>(io.shape, sizeof(scalar_t)).bytes;
-    with_gemm<scalar_t>([&](auto gemm) { launch(backward_kernel<decltype(gemm), scalar_t, acc_t>, io, blocks, bytes); });
+    with_gemm<scalar_t>(
+        [&](auto gemm) { launch(backward_kernel<decltype(gemm), scalar_t, acc_t>, io, blocks, bytes); });
   }
 };
 

@@ -165,7 +165,8 @@ def test_tile_shapes_fit_every_target(arch, dtype, dim, backward):
     D 256 on sm_86 (99 KiB); float64 ones (twice the bytes) up to D 64. Where they do not fit the
     launcher refuses (block_q 0) instead of overrunning shared memory."""
     attention_ops()
-    block_q, block_k, padded, shared = torch.ops.dreamportrait.attention_tile_shape(backward, 77, dim, dtype, SHARED[arch])
+    shape = torch.ops.dreamportrait.attention_tile_shape(backward, 77, dim, dtype, SHARED[arch])
+    block_q, block_k, padded, shared = shape
     assert padded == -(-dim // 16) * 16
     fits = (dtype == torch.float16 or dim <= 64
             or (dtype == torch.float32 and not (backward and dim == 256 and arch == "sm_86")))

@@ -80,8 +80,9 @@ struct TilePlan {
   tiles::Shape shape_for(bool backward, const Problem& p, int element_bytes) const {
     if (shape.block_q > 0) return {shape.block_q, shape.block_k, tiles::round_up(p.D > 0 ? p.D : 1, tiles::kFragment)};
     const tiles::Shape chosen = tiles::choose_shape<acc_t>(backward, p.Lk, p.D, element_bytes, shared_memory);
-    TORCH_CHECK(chosen.block_q > 0, "gated_cross_attention: head dimension ", p.D, " needs more than the ",
-                shared_memory, " bytes of shared memory a block may have");
+    TORCH_CHECK(chosen.block_q > 0, "gated_cross_attention: head dimension ", p.D, " in this dtype needs more ",
+                "than the ", shared_memory, " bytes of shared memory a block may have on this GPU (use ",
+                "backend='triton' or 'reference')");
     return chosen;
   }
 };

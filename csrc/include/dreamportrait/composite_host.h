@@ -66,7 +66,8 @@ inline void check_grads(const Problem& p, const at::Tensor& densities, const at:
 
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_forward(const Problem& p, const at::Tensor& densities,
-                                                                        const at::Tensor& colors, const at::Tensor& depths,
+                                                                        const at::Tensor& colors,
+                                                                        const at::Tensor& depths,
                                                                         const at::Tensor& deltas, Launch launch) {
   const auto options = densities.options();
   const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
@@ -91,8 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_backward(
     const Problem& p, const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
     const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,
     const at::Tensor& deltas, Launch launch) {
+  const auto dtype = densities.scalar_type();
   const auto options = densities.options();
-  const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
+  const auto acc_options = options.dtype(at::toOpMathType(dtype));
   at::Tensor grad_densities = at::empty({p.R, p.S}, acc_options), grad_colors = at::empty({p.R, p.S, p.C}, options),
              grad_depths = at::empty({p.R, p.S}, options), grad_deltas = at::empty({p.R, p.S}, acc_options);
   if (p.R > 0) {
@@ -100,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_backward(
                      depths_c = depths.contiguous(), deltas_c = deltas.contiguous(),
                      grad_rgb_c = grad_rgb.contiguous(), grad_depth_c = grad_depth.contiguous(),
                      grad_opacity_c = grad_opacity.contiguous(), grad_weights_c = grad_weights.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, densities.scalar_type(), "composite_rays_warp_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "composite_rays_warp_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       launch(densities_c.const_data_ptr<scalar_t>(), colors_c.const_data_ptr<scalar_t>(),
              depths_c.const_data_ptr<scalar_t>(), deltas_c.const_data_ptr<scalar_t>(),
@@ -110,7 +112,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_backward(
              grad_depths.mutable_data_ptr<scalar_t>(), grad_deltas.mutable_data_ptr<acc_t>(), p);
     });
   }
-  const auto dtype = densities.scalar_type();
   return {grad_densities.to(dtype), grad_colors, grad_depths, grad_deltas.to(dtype)};
 }
 

@@ -178,7 +178,8 @@ DP_INLINE void backward_ray_warp(const Warp& warp, acc_t* chunk_weights, const s
     const int64_t samples = S - base < kLanes ? S - base : kLanes;
     for (int64_t c = lane; c < C; c += kLanes) {
       const acc_t g = static_cast<acc_t>(g_rgb[c]);
-      for (int64_t s = 0; s < samples; ++s) grad_color[(base + s) * C + c] = static_cast<scalar_t>(chunk_weights[s] * g);
+      for (int64_t s = 0; s < samples; ++s)
+        grad_color[(base + s) * C + c] = static_cast<scalar_t>(chunk_weights[s] * g);
     }
     warp.sync();
     transmittance_in *= warp.shuffle(through, kLanes - 1);
