@@ -178,6 +178,35 @@ def test_half_precision_on_cuda(backend, dtype):
         assert_close_scaled(ours.float(), ref, tol, "half")
 
 
+@requires_cuda
+@pytest.mark.parametrize("dim", [200, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_head_dims_up_to_256(dim, dtype):
+    """Tiles sized by the GPU's shared memory: several key tiles (Lk 150) at D up to 256."""
+    inputs = [x.to(dtype) for x in make_inputs((2, 2, 100, 150, dim), torch.float32, "cuda")]
+    mask = random_mask(2, 150, "cuda")
+    out, grads, grad_out = run(lambda *x: gated_cross_attention(*x, key_padding_mask=mask, backend="cuda"), inputs)
+    ref_out, ref_grads, _ = run(
+        lambda q, k, v, g: reference.gated_cross_attention(q, k, v, g, mask, 1 / math.sqrt(dim)),
+        [x.double() for x in inputs], grad_out.double(),
+    )
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    for ours, ref in zip((out, *grads), (ref_out, *ref_grads)):
+        assert_close_scaled(ours.double(), ref, tol, f"D {dim}")
+
+
+@requires_cuda
+def test_cuda_float32_on_tf32_tensor_cores_when_torch_allows_it(monkeypatch):
+    inputs = make_inputs((2, 4, 300, 77, 64), torch.float32, "cuda")
+    mask = random_mask(2, 77, "cuda")
+    exact, exact_grads, grad_out = run(lambda *x: gated_cross_attention(*x, key_padding_mask=mask, backend="cuda"), inputs)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32, tf32_grads, _ = run(lambda *x: gated_cross_attention(*x, key_padding_mask=mask, backend="cuda"), inputs, grad_out)
+    assert not torch.equal(tf32, exact), "allow_tf32 must switch the products to TF32"
+    for ours, ref in zip((tf32, *tf32_grads), (exact, *exact_grads)):
+        assert_close_scaled(ours, ref, 5e-3, "tf32")
+
+
 @pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 def test_opcheck_registrations(backend, device, masked):
