@@ -30,6 +30,7 @@
 #include "dreamportrait/decoder_host.h"
 #include "dreamportrait/decoder_math.h"
 #include "dreamportrait/ops.h"
+#include "dreamportrait/triplane_cpu.h"
 #include "dreamportrait/triplane_host.h"
 #include "dreamportrait/triplane_math.h"
 
@@ -426,24 +427,22 @@ at::Tensor sample_and_decode_cpu(const at::Tensor& planes, const at::Tensor& poi
   const RuntimeSizes sizes = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
   at::Tensor out = at::empty({p.B, p.N, sizes.O}, planes.options());
   if (p.B == 0 || p.N == 0) return out;
-  const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_cpu", [&] {
     const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
     const int64_t workers = worker_count(p.N);
     std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
     with_channels(sizes, [&](const auto& channels) {
-      for (int64_t b = 0; b < p.B; ++b) {
-        const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
+      for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
         for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
           TileBuffers<scalar_t>& tb = tiles[worker];
           const int64_t count = end - begin;
-          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin,
-                      count, tb.taps.data(), tb.F.data());
+          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
+                      tb.F.data());
           decode_tile(w, sizes, block_rows(count), tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
           write_outputs(sizes, count, tb.X.data(), out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O);
         });
-      }
+      });
     });
   });
   return out;
@@ -463,7 +462,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          at::zeros({sizes.O, sizes.K}, planes.options()), at::zeros({sizes.O}, planes.options())};
   if (p.B == 0 || p.N == 0) return {grad_planes.zero_(), grad_points, grads[0], grads[1], grads[2], grads[3]};
   const at::Tensor grad = grad_output.contiguous();
-  const at::Tensor planes_ci = triplane::channels_innermost(planes);
   const at::Tensor pts = points.contiguous();
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
     const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
@@ -476,18 +474,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (auto& buffer : plane_buffers) plane_buffer_ptrs.push_back(buffer.data());
     const std::vector<scalar_t> zeros(p.C, 0);
     with_channels(sizes, [&](const auto& channels) {
-      for (int64_t b = 0; b < p.B; ++b) {
-        const scalar_t* planes_b = planes_ci.const_data_ptr<scalar_t>() + b * planes_ci.stride(0);
+      for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
         for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
           TileBuffers<scalar_t>& tb = tiles[worker];
-          const int64_t count = end - begin;
+          const int64_t count = end - begin, rows = block_rows(count);
           scalar_t* grad_planes_b = needs_planes ? plane_buffer_ptrs[worker] : nullptr;
-          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b,
-                      begin, count, tb.taps.data(), tb.F.data());
-          const int64_t rows = block_rows(count);
+          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
+                      tb.F.data());
           decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
-          backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O, tb.F.data(),
-                        tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(), sums[worker]);
+          backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O,
+                        tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(), sums[worker]);
           scalar_t* grad_points_tile =
               needs_points ? grad_points.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * 3 : nullptr;
           scatter_tile(planes_b, zeros.data(), grad_planes_b, grad_points_tile, p, channels, count, tb.taps.data(),
@@ -500,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             sum_plane_buffers(plane_buffer_ptrs.data(), workers, out_b, p, begin, end, row.data());
           });
         }
-      }
+      });
     });
     // The workers' sums, added in worker order, without the padding.
     const int64_t Cp = padded(sizes.C), Kp = padded(sizes.K);

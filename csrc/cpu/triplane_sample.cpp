@@ -16,6 +16,7 @@
 
 #include "dreamportrait/cpu_dispatch.h"
 #include "dreamportrait/ops.h"
+#include "dreamportrait/triplane_cpu.h"
 #include "dreamportrait/triplane_host.h"
 #include "dreamportrait/triplane_math.h"
 
@@ -69,27 +70,6 @@ void copy_planes(const scalar_t* src, PlaneStrides from, scalar_t* dst, PlaneStr
   at::parallel_for(0, kPlanes * p.H, 4, [&](int64_t begin, int64_t end) {
     copy_plane_rows(src, from, dst, to, p, begin, end);
   });
-}
-
-// Calls fn(b, planes_b) for each batch element b in turn, with planes_b its planes
-// channel-innermost, (3, H, W, C) contiguous. Planes stored that way are used in place; others
-// are transposed one batch element at a time into one reused workspace (half the output at EG3D's
-// inference shape, a quarter at a batch of 4).
-// Processing one element at a time lets the threads share its planes in the last-level cache
-// instead of each streaming a different element's (which made a batch of 4 twice as slow per point).
-template <typename scalar_t, typename F>
-void for_each_batch_element(const at::Tensor& planes, const Problem& p, const F& fn) {
-  const scalar_t* data = planes.const_data_ptr<scalar_t>();
-  if (triplane::is_channels_innermost(planes)) {
-    for (int64_t b = 0; b < p.B; ++b) fn(b, data + b * planes.stride(0));
-    return;
-  }
-  at::Tensor workspace = at::empty({kPlanes, p.H, p.W, p.C}, planes.options());
-  scalar_t* workspace_ptr = workspace.mutable_data_ptr<scalar_t>();
-  for (int64_t b = 0; b < p.B; ++b) {
-    copy_planes(data + b * planes.stride(0), strides_of(planes), workspace_ptr, channels_innermost_strides(p), p);
-    fn(b, static_cast<const scalar_t*>(workspace_ptr));
-  }
 }
 
 // Runs fn(begin, end) over [0, count) in tiles of kPointGrain, dealt to the threads round-robin:
@@ -232,6 +212,30 @@ DP_CPU_CLONES void backward_points_range(const scalar_t* __restrict__ grad_out,
 }
 
 }  // namespace
+
+// Processing one element at a time lets the threads share its planes in the last-level cache
+// instead of each streaming a different element's (which made a batch of 4 twice as slow per point).
+// The workspace is half the output at EG3D's inference shape, a quarter at a batch of 4.
+template <typename scalar_t>
+void for_each_batch_element(const at::Tensor& planes, const Problem& p,
+                            const std::function<void(int64_t, const scalar_t*)>& fn) {
+  const scalar_t* data = planes.const_data_ptr<scalar_t>();
+  if (triplane::is_channels_innermost(planes)) {
+    for (int64_t b = 0; b < p.B; ++b) fn(b, data + b * planes.stride(0));
+    return;
+  }
+  at::Tensor workspace = at::empty({kPlanes, p.H, p.W, p.C}, planes.options());
+  scalar_t* workspace_ptr = workspace.mutable_data_ptr<scalar_t>();
+  for (int64_t b = 0; b < p.B; ++b) {
+    copy_planes(data + b * planes.stride(0), strides_of(planes), workspace_ptr, channels_innermost_strides(p), p);
+    fn(b, static_cast<const scalar_t*>(workspace_ptr));
+  }
+}
+
+template void for_each_batch_element<float>(const at::Tensor&, const Problem&,
+                                            const std::function<void(int64_t, const float*)>&);
+template void for_each_batch_element<double>(const at::Tensor&, const Problem&,
+                                             const std::function<void(int64_t, const double*)>&);
 
 at::Tensor triplane_sample_cpu(const at::Tensor& planes, const at::Tensor& points, double box_warp,
                                at::IntArrayRef axes, std::string_view reduce) {

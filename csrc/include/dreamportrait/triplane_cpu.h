@@ -1,0 +1,22 @@
+// CPU helpers of the tri-plane kernels shared by triplane_sample and sample_and_decode (defined in
+// cpu/triplane_sample.cpp for float and double).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+
+#include "dreamportrait/triplane_math.h"
+
+namespace dreamportrait {
+
+// Calls fn(b, planes_b) for each batch element b of planes (B, 3, C, H, W) in turn, with planes_b
+// its planes channel-innermost, (3, H, W, C) contiguous. Planes stored that way are used in place;
+// others are transposed one batch element at a time into one reused workspace (a cache-blocked
+// transpose, about twice as fast as torch's strided copy of the whole tensor).
+template <typename scalar_t>
+void for_each_batch_element(const at::Tensor& planes, const triplane::Problem& p,
+                            const std::function<void(int64_t, const scalar_t*)>& fn);
+
+}  // namespace dreamportrait
