@@ -84,6 +84,9 @@ def test_fourier_positions_are_sines_and_cosines_of_the_texel_centres():
     angles = [u * 2**k * math.pi for k in range(frequencies)] + [v * 2**k * math.pi for k in range(frequencies)]
     expected = np.stack([np.sin(a) for a in angles] + [np.cos(a) for a in angles])
     np.testing.assert_allclose(features.numpy(), expected, rtol=0, atol=1e-12)
+    thirds = fourier_positions(3, 1, "cpu", torch.float64)  # centres -2/3, 0, 2/3: not exact in float32
+    np.testing.assert_allclose(thirds[0, 0].numpy(), np.sin(np.array([-2 / 3, 0, 2 / 3]) * math.pi), rtol=0,
+                               atol=1e-14)
     assert fourier_positions(2, 1, "meta", torch.float32).device.type == "meta"
 
 
@@ -124,8 +127,8 @@ def test_text_checks_and_messages(encoder):
     encoded = generator._text(["a man", "a woman"], None, 2)
     assert torch.equal(encoded.tokens, text.tokens) and torch.equal(encoded.pooled, text.pooled)
     for prompts, given in ((None, None), (["a man", "a woman"], text)):
-        with pytest.raises(ValueError, match=re.escape("give exactly one of prompts (list of strings) and text "
-                                                       "(TextFeatures)")):
+        with pytest.raises(ValueError, match="^" + re.escape("give exactly one of prompts (list of strings) and text "
+                                                             "(TextFeatures)") + "$"):
             generator._text(prompts, given, 2)
     with pytest.raises(ValueError, match="^2 prompts/text features for a batch of 3 samples$"):
         generator._text(None, text, 3)
@@ -133,8 +136,8 @@ def test_text_checks_and_messages(encoder):
     with pytest.raises(ValueError, match="^text features have width 16, the generator expects 32$"):
         generator._text(None, narrow, 2)
     bare = TextConditionedGenerator(build_generator("tiny"), encoder.dim, use_cross_attention=False)
-    with pytest.raises(ValueError, match=re.escape("prompts given but the generator has no text_encoder; pass "
-                                                   "text=TextFeatures instead")):
+    with pytest.raises(ValueError, match="^" + re.escape("prompts given but the generator has no text_encoder; pass "
+                                                         "text=TextFeatures instead") + "$"):
         bare.encode(["a man"])
     # A copy (the EMA generator) shares the frozen text encoder instead of duplicating it.
     assert copy.deepcopy(generator).text_encoder is encoder
@@ -217,7 +220,7 @@ def test_the_defaults_of_the_cross_attention_and_the_generator(encoder):
     assert sorted(generator.cross_attention) == ["32", "64"]
     for block in generator.cross_attention.values():
         assert (block.heads, block.head_dim) == (4, 32) and block.axes == tuple(TRIPLANE_AXES["orthogonal"])
-    assert generator.adapters.groups["coarse"][0].out_features == 7
+    assert generator.adapters.groups["coarse"][0].out_features == 7 and generator.init_kwargs["adapter_hidden"] == 7
     assert "ws_group" not in generator.adapters.state_dict()  # not saved: it follows from the generator
     assert set(generator.parameter_groups()) == {"adapters", "cross_attention", "base"}
     small = TextConditionedGenerator(build_generator("tiny"), 32, attention_resolutions=(16,), attention_heads=2,
@@ -244,6 +247,9 @@ def test_the_mapping_adds_each_groups_offset_after_the_base_mapping_and_leaves_i
     torch.testing.assert_close(ws, base + offsets[None, :, None], rtol=0, atol=1e-6)
     assert sr_ws.shape == (2, 1, 64)
     torch.testing.assert_close(sr_ws, base[:, -1:] + 4.0, rtol=0, atol=1e-6)
+    with torch.no_grad():  # asked for, the base mapping's running average of w moves
+        generator.mapping(z, c, text, update_emas=True)
+    assert not torch.equal(generator.base.backbone.mapping.w_avg, w_avg)
 
 
 def test_the_forward_passes_its_arguments_on(encoder, monkeypatch):
