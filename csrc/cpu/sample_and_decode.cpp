@@ -182,7 +182,8 @@ DP_CPU_CLONES void gather_tile(const scalar_t* __restrict__ planes_b, const scal
       taps[t * kPlanes + plane] = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
   }
   // The corner rows of the points kPrefetchAhead ahead are fetched while one point is summed.
-  for (int64_t t = 0; t < std::min(kPrefetchAhead, count); ++t) prefetch_point<false>(planes_b, taps + t * kPlanes, p, ch);
+  for (int64_t t = 0; t < std::min(kPrefetchAhead, count); ++t)
+    prefetch_point<false>(planes_b, taps + t * kPlanes, p, ch);
   for (int64_t t = 0; t < count; ++t) {
     if (t + kPrefetchAhead < count) prefetch_point<false>(planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
     scalar_t* __restrict__ f = F + t * Cp;
@@ -264,7 +265,8 @@ DP_CPU_CLONES void write_outputs(const RuntimeSizes& s, int64_t count, const sca
 // the padding; gb2 += its column sums.
 template <typename scalar_t>
 DP_CPU_CLONES void raw_gradients(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ grad,
-                                 const scalar_t* __restrict__ X, scalar_t* __restrict__ GX, scalar_t* __restrict__ gb2) {
+                                 const scalar_t* __restrict__ X, scalar_t* __restrict__ GX,
+                                 scalar_t* __restrict__ gb2) {
   const int64_t Op = padded(s.O);
   for (int64_t t = 0; t < count; ++t) {
     scalar_t* __restrict__ gx = GX + t * Op;
@@ -334,7 +336,8 @@ DP_CPU_CLONES void scatter_tile(const scalar_t* __restrict__ planes_b, const sca
         } else if (tp.in_bounds) {
           const scalar_t* v[2][2];
           for (int dy = 0; dy < 2; ++dy)
-            for (int dx = 0; dx < 2; ++dx) v[dy][dx] = tp.valid(dy, dx) ? corner(planes_b, tp, p, plane, dy, dx) : zeros;
+            for (int dx = 0; dx < 2; ++dx)
+              v[dy][dx] = tp.valid(dy, dx) ? corner(planes_b, tp, p, plane, dy, dx) : zeros;
           const scalar_t *__restrict__ v00 = v[0][0], *__restrict__ v01 = v[0][1];
           const scalar_t *__restrict__ v10 = v[1][0], *__restrict__ v11 = v[1][1];
           DP_SIMD_SUM(d_dx, d_dy)
@@ -364,10 +367,12 @@ DP_CPU_CLONES void scatter_tile(const scalar_t* __restrict__ planes_b, const sca
 }
 
 // Rows [begin, end) of the 3 * H plane rows: out_b (3, C, H, W) = the sum of the workers'
-// (3, H, W, C) buffers, which are zeroed on the way for the next batch element. `row` holds W * C.
+// (3, H, W, C) buffers, which are zeroed on the way when `clear` (for the next batch element).
+// `row` holds W * C.
 template <typename scalar_t>
-DP_CPU_CLONES void sum_plane_buffers(scalar_t* const* buffers, int64_t count, scalar_t* __restrict__ out_b,
-                                     const Problem& p, int64_t begin, int64_t end, scalar_t* __restrict__ row) {
+DP_CPU_CLONES void sum_plane_buffers(scalar_t* const* buffers, int64_t count, bool clear,
+                                     scalar_t* __restrict__ out_b, const Problem& p, int64_t begin, int64_t end,
+                                     scalar_t* __restrict__ row) {
   const int64_t width = p.W * p.C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t plane = r / p.H, y = r % p.H;
@@ -375,7 +380,7 @@ DP_CPU_CLONES void sum_plane_buffers(scalar_t* const* buffers, int64_t count, sc
     for (int64_t w = 0; w < count; ++w) {
       scalar_t* __restrict__ src = buffers[w] + r * width;
       for (int64_t i = 0; i < width; ++i) row[i] += src[i];
-      for (int64_t i = 0; i < width; ++i) src[i] = 0;
+      if (clear) std::fill(src, src + width, scalar_t(0));
     }
     for (int64_t c = 0; c < p.C; ++c) {
       scalar_t* __restrict__ dst = out_b + ((plane * p.C + c) * p.H + y) * p.W;
@@ -456,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_cpu(planes, "sample_and_decode_backward");
   const RuntimeSizes sizes = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
   decoder::check_grad_output(grad_output, p, sizes, planes);
-  at::Tensor grad_planes = needs_planes ? at::empty(planes.sizes(), planes.options()) : at::empty({0}, planes.options());
+  at::Tensor grad_planes =
+      needs_planes ? at::empty(planes.sizes(), planes.options()) : at::empty({0}, planes.options());
   at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
   at::Tensor grads[4] = {at::zeros({sizes.K, sizes.C}, planes.options()), at::zeros({sizes.K}, planes.options()),
                          at::zeros({sizes.O, sizes.K}, planes.options()), at::zeros({sizes.O}, planes.options())};
@@ -468,10 +474,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t workers = worker_count(p.N, needs_planes ? kMaxPlaneGradientBuffers : p.N);
     std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
     std::vector<WeightGradients<scalar_t>> sums(workers, WeightGradients<scalar_t>(sizes));
-    const int64_t plane_size = kPlanes * p.H * p.W * p.C;
-    std::vector<std::vector<scalar_t>> plane_buffers(needs_planes ? workers : 0, std::vector<scalar_t>(plane_size));
+    // (workers, 3, H, W, C), zeroed by all threads (torch's parallel fill).
+    at::Tensor plane_buffers = at::zeros({needs_planes ? workers : 0, kPlanes * p.H * p.W * p.C}, planes.options());
     std::vector<scalar_t*> plane_buffer_ptrs;
-    for (auto& buffer : plane_buffers) plane_buffer_ptrs.push_back(buffer.data());
+    for (int64_t w = 0; w < plane_buffers.size(0); ++w)
+      plane_buffer_ptrs.push_back(plane_buffers.mutable_data_ptr<scalar_t>() + w * plane_buffers.stride(0));
     const std::vector<scalar_t> zeros(p.C, 0);
     with_channels(sizes, [&](const auto& channels) {
       for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
@@ -493,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           scalar_t* out_b = grad_planes.mutable_data_ptr<scalar_t>() + b * grad_planes.stride(0);
           at::parallel_for(0, kPlanes * p.H, 16, [&](int64_t begin, int64_t end) {
             std::vector<scalar_t> row(p.W * p.C);
-            sum_plane_buffers(plane_buffer_ptrs.data(), workers, out_b, p, begin, end, row.data());
+            sum_plane_buffers(plane_buffer_ptrs.data(), workers, b + 1 < p.B, out_b, p, begin, end, row.data());
           });
         }
       });

@@ -277,7 +277,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(
     }
   }
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < l.weights; idx += blockDim.x) partials[blockIdx.x * l.weights + idx] = sums[idx];
+  for (int64_t idx = threadIdx.x; idx < l.weights; idx += blockDim.x)
+    partials[blockIdx.x * l.weights + idx] = sums[idx];
 }
 
 // out[e] = sum over blocks, in block order, of partials[block, e].
@@ -361,7 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor grad_c = grad_output.contiguous(), points_c = points.contiguous(), w1 = weight1.contiguous(),
                      b1 = bias1.contiguous(), w2 = weight2.contiguous(), b2 = bias2.contiguous();
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, planes.scalar_type(), "sample_and_decode_backward_cuda", [&] {
+    const auto dtype = planes.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sample_and_decode_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Launch launch = plan(backward_kernel<scalar_t>, d, p, true, sizeof(acc_t));
       at::Tensor partials = at::empty({launch.blocks, weights}, planes.options().dtype(acc_dtype));
