@@ -234,8 +234,8 @@ def test_only_the_pixels_the_world_head_covers_count_in_the_depth_error():
 class Clock:
     """A stand-in for time.perf_counter that moves only when told."""
 
-    def __init__(self):
-        self.now = 0.0
+    def __init__(self, now):
+        self.now = now
 
     def __call__(self):
         return self.now
@@ -245,7 +245,7 @@ def test_the_baseline_method_optimises_one_scene_per_prompt_and_seed_and_keeps_s
     import dreamportrait.baselines
     import dreamportrait.world.evaluate as evaluate_module
 
-    clock = Clock()
+    clock = Clock(100.0)
     monkeypatch.setattr(evaluate_module.time, "perf_counter", clock)
     renders, optimised = [], []
 
@@ -265,20 +265,20 @@ def test_the_baseline_method_optimises_one_scene_per_prompt_and_seed_and_keeps_s
 
     monkeypatch.setattr(dreamportrait.baselines, "optimise_scene", optimise_scene)
     guidance = SimpleNamespace(device=torch.device("cpu"))
-    method = baseline_method(guidance, views=2, steps=3, resolution=8, checkpoints=[3, 1, 3])
+    method = baseline_method(guidance, views=2, steps=3, resolution=8, checkpoints=[3, 1, 2, 3])
     result = method("a bald man", 7)
     ((given, prompt, kwargs),) = optimised
     callback = kwargs.pop("callback")
     assert given is guidance and prompt == "a bald man" and callable(callback)
     assert kwargs == {"steps": 3, "render_resolution": 8, "seed": 7, "progress": False, **world_orbit()}
-    assert sorted(method.snapshots) == [1, 3]
-    # after step 1: 10 s of optimisation; after step 3: 30 s, the 1 s of the first snapshot's rendering left out
-    (first,), (third,) = method.snapshots[1], method.snapshots[3]
-    assert first[:2] == ("a bald man", 10.0) and third[:2] == ("a bald man", 30.0)
+    assert sorted(method.snapshots) == [1, 2, 3]
+    # after step k: 10 k s of optimisation, the 1 s of each earlier snapshot's rendering left out
+    (first,), (second,), (third,) = method.snapshots[1], method.snapshots[2], method.snapshots[3]
+    assert [first[:2], second[:2], third[:2]] == [("a bald man", 10.0), ("a bald man", 20.0), ("a bald man", 30.0)]
     assert torch.equal(first[2], torch.full((2, 3, 8, 8), 1.0)) and first[2].dtype == torch.float32
-    assert torch.equal(third[2], torch.full((2, 3, 8, 8), 2.0))
-    assert len(renders) == 3 and all(torch.equal(c, evaluation_cameras(2)) and r == 8 for c, r in renders)
-    assert result["image"].dtype == torch.float32 and torch.equal(result["image"], torch.full((2, 3, 8, 8), 3.0))
+    assert torch.equal(third[2], torch.full((2, 3, 8, 8), 3.0))
+    assert len(renders) == 4 and all(torch.equal(c, evaluation_cameras(2)) and r == 8 for c, r in renders)
+    assert result["image"].dtype == torch.float32 and torch.equal(result["image"], torch.full((2, 3, 8, 8), 4.0))
     assert torch.equal(result["depth"], torch.full((2, 1, 8, 8), 2.0)) and result["depth"].dtype == torch.float32
     assert baseline_method(guidance, 2, 3).snapshots == {}
     baseline_method(guidance, 2, 3)("a man", 0)
@@ -297,7 +297,7 @@ class StandInGan(torch.nn.Module):
 
     def mapping(self, z, c, truncation_psi=1.0):
         self.calls.append(("mapping", z, c, truncation_psi))
-        return z[:, None, :].double()
+        return z[:, None, :].double().expand(-1, 3, -1)  # three ws, as a real mapping has several
 
     def synthesis(self, ws, c, **kwargs):
         self.calls.append(("synthesis", ws, c, kwargs))
@@ -313,7 +313,7 @@ def test_the_gan_method_draws_z_from_the_seed_and_renders_the_evaluation_views()
     (_, z, c, psi), (_, ws, cameras, kwargs) = generator.calls
     assert torch.equal(z, torch.randn(1, 4, generator=torch.Generator().manual_seed(9)))
     assert torch.equal(c, evaluation_cameras(1)) and psi == 0.4
-    assert ws.shape == (3, 1, 4) and torch.equal(ws[2, 0], z[0].double())
+    assert ws.shape == (3, 3, 4) and torch.equal(ws[2, 0], z[0].double())
     assert torch.equal(cameras, evaluation_cameras(3))
     assert kwargs == {"noise_mode": "const", "deterministic_sampling": True}
     assert result["image"].dtype == torch.float32 and result["image"].shape == (3, 3, 4, 4)
@@ -344,3 +344,31 @@ def test_the_generator_method_is_one_sample_rendered_from_the_evaluation_views(m
     calls.clear()
     generator_method(generator, 2)("a man", 4)
     assert calls[0][1][3] == 0.7
+
+
+def test_the_methods_move_their_cameras_and_latents_to_the_models_device(monkeypatch):
+    import dreamportrait.baselines
+    import dreamportrait.generation
+    from dreamportrait.world.evaluate import gan_method, generator_method
+
+    generator = StandInGan().to("meta")
+    generator.synthesis = lambda ws, c, **kwargs: generator.calls.append(("synthesis", ws, c, kwargs)) or {
+        "image": torch.zeros(2, 3, 4, 4), "image_depth": torch.zeros(2, 1, 2, 2)}  # renders on the CPU
+    gan_method(generator, 2)("p", 1)
+    (_, z, c, _), (_, _, cameras, _) = generator.calls
+    assert (z.device.type, c.device.type, cameras.device.type) == ("meta", "meta", "meta")
+    seen = []
+    monkeypatch.setattr(dreamportrait.generation, "sample", lambda *args: seen.append(args[4].device.type) or (
+        None, None, None))
+    monkeypatch.setattr(dreamportrait.generation, "render_views", lambda *args: seen.append(args[4].device.type) or {
+        "image": torch.zeros(2, 3, 4, 4), "image_depth": torch.zeros(2, 1, 2, 2)})
+    generator_method(generator, 2)("p", 1)
+    assert seen == ["meta", "meta"]
+
+    def scene(cameras, resolution):
+        seen.append(cameras.device.type)
+        return {"image": torch.zeros(2, 3, 4, 4), "image_depth": torch.zeros(2, 1, 2, 2)}
+
+    monkeypatch.setattr(dreamportrait.baselines, "optimise_scene", lambda *args, **kwargs: SimpleNamespace(scene=scene))
+    baseline_method(SimpleNamespace(device=torch.device("meta")), 2, 1)("p", 1)
+    assert seen[-1] == "meta"
