@@ -69,7 +69,7 @@ def occupancy(arch: int, blocks: int, threads: int) -> float:
 
 def attention_shared_memory(backward: bool, keys: int, dim: int, dtype: torch.dtype, arch: int) -> tuple[int, int, int]:
     """(block_q, block_k, dynamic shared bytes) the CUDA attention launcher picks on ``arch``."""
-    block_q, block_k, _, shared = torch.ops.dreamportrait.attention_tile_shape(
+    block_q, block_k, _, _, shared = torch.ops.dreamportrait.attention_tile_shape(
         backward, keys, dim, dtype, SM_LIMITS[arch].shared_per_block)
     return block_q, block_k, shared
 

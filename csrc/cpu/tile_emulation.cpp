@@ -4,14 +4,15 @@
 // checks the GPU's schedule: tile sizes, zero padding, the online softmax across key tiles, the
 // per-block partial sums of the backward and the warp scans of the compositing.
 //
-//   attention_tile_emulation(q, k, v, gate, mask, scale, block_q, block_k, tiles_per_block)
-//       -> (out, lse)
+//   attention_tile_emulation(q, k, v, gate, mask, scale, block_q, block_k, tiles_per_block,
+//                            block_d=0) -> (out, lse)
 //   attention_tile_emulation_backward(grad_out, q, k, v, gate, mask, lse, scale, block_q, block_k,
-//                                     tiles_per_block, splits) -> (dq, dk, dv, dgate)
+//                                     tiles_per_block, splits, block_d=0) -> (dq, dk, dv, dgate)
 // take the arguments of gated_cross_attention(_backward) plus the tile sizes (multiples of 16), the
-// query tiles per forward block and the number of query splits of the backward (0: as many as the
-// GPU launcher would make for an H100's 132 SMs).
-//   attention_tile_shape(backward, Lk, D, dtype, shared_memory) -> [block_q, block_k, dim, bytes]
+// query tiles per forward block, the number of query splits of the backward (0: as many as the
+// GPU launcher would make for an H100's 132 SMs) and the head dim's columns per tile (0: all).
+//   attention_tile_shape(backward, Lk, D, dtype, shared_memory)
+//       -> [block_q, block_k, dim, block_d, bytes]
 // is the tile shape the CUDA launcher picks on a GPU whose blocks may have `shared_memory` bytes,
 // and the dynamic shared memory a block of it takes (for occupancy figures).
 //   composite_warp_emulation(densities, colors, depths, deltas, threshold) and
@@ -80,16 +81,19 @@ struct EmulateBackward {
 };
 
 attention::TilePlan emulation_plan(const at::Tensor& q, int64_t block_q, int64_t block_k, int64_t tiles_per_block,
-                                   int64_t splits) {
+                                   int64_t splits, int64_t block_d) {
   TORCH_CHECK(q.device().is_cpu(), "attention_tile_emulation: runs on CPU tensors, got ", q.device());
   for (const int64_t size : {block_q, block_k})
     TORCH_CHECK(size > 0 && size <= 256 && size % tiles::kFragment == 0,
                 "attention_tile_emulation: block_q and block_k must be multiples of 16 in [16, 256], got ", size);
+  TORCH_CHECK(block_d >= 0 && block_d <= 256 && block_d % tiles::kFragment == 0,
+              "attention_tile_emulation: block_d must be 0 (the whole head dim) or a multiple of 16 in [16, 256], ",
+              "got ", block_d);
   TORCH_CHECK(tiles_per_block >= 0 && splits >= 0,
               "attention_tile_emulation: tiles_per_block and splits must be >= 0 (0: as on the GPU), got ",
               tiles_per_block, " and ", splits);
   attention::TilePlan plan{0, 4 * 132};  // the backward's splits as for an H100's 132 SMs unless given
-  plan.shape = {int(block_q), int(block_k), 0};
+  plan.shape = {int(block_q), int(block_k), 0, int(block_d)};
   plan.tiles_per_block = tiles_per_block;
   plan.splits = splits;
   return plan;
@@ -99,19 +103,19 @@ std::tuple<at::Tensor, at::Tensor> attention_tile_emulation(const at::Tensor& q,
                                                             const at::Tensor& v, const at::Tensor& gate,
                                                             const std::optional<at::Tensor>& key_padding_mask,
                                                             double scale, int64_t block_q, int64_t block_k,
-                                                            int64_t tiles_per_block) {
+                                                            int64_t tiles_per_block, int64_t block_d) {
   const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
-  const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, 0);
+  const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, 0, block_d);
   return attention::tiled_forward(p, plan, q, k, v, gate, key_padding_mask, EmulateForward{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_tile_emulation_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse, double scale,
-    int64_t block_q, int64_t block_k, int64_t tiles_per_block, int64_t splits) {
+    int64_t block_q, int64_t block_k, int64_t tiles_per_block, int64_t splits, int64_t block_d) {
   const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
   attention::check_backward(p, q, grad_out, lse, at::toOpMathType(q.scalar_type()));
-  const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, splits);
+  const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, splits, block_d);
   return attention::tiled_backward(p, plan, grad_out, q, k, v, gate, key_padding_mask, lse, EmulateForward{},
                                    EmulateBackward{});
 }
@@ -251,7 +255,7 @@ std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, 
     const size_t bytes = shape.block_q == 0 ? 0
                          : backward       ? tiles::backward_layout<acc_t>(shape, sizeof(scalar_t)).bytes
                                           : tiles::forward_layout<acc_t>(shape, sizeof(scalar_t)).bytes;
-    result = {shape.block_q, shape.block_k, shape.dim, int64_t(bytes)};
+    result = {shape.block_q, shape.block_k, shape.dim, shape.block_d, int64_t(bytes)};
   });
   return result;
 }
@@ -261,11 +265,10 @@ std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, 
 
 TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
   m.def("attention_tile_emulation(Tensor q, Tensor k, Tensor v, Tensor gate, Tensor? key_padding_mask, "
-        "float scale, int block_q, int block_k, int tiles_per_block) -> (Tensor out, Tensor lse)");
+        "float scale, int block_q, int block_k, int tiles_per_block, int block_d=0) -> (Tensor out, Tensor lse)");
   m.def("attention_tile_emulation_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, "
         "Tensor? key_padding_mask, Tensor lse, float scale, int block_q, int block_k, int tiles_per_block, "
-        "int splits) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "int splits, int block_d=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("composite_warp_emulation(Tensor densities, Tensor colors, Tensor depths, Tensor deltas, "
         "float transmittance_threshold) -> (Tensor rgb, Tensor depth, Tensor opacity, Tensor weights)");
   m.def("composite_warp_emulation_backward(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, "

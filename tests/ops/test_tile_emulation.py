@@ -14,17 +14,22 @@ from dreamportrait.ops import reference
 
 pytestmark = requires_extension
 
-# (B, H, Lq, Lk, D, block_q, block_k): ragged query and key tails, several key tiles (online
-# softmax), one key tile larger than Lk, head dims that are not multiples of 16, up to 256.
+# (B, H, Lq, Lk, D, block_q, block_k, block_d): ragged query and key tails, several key tiles
+# (online softmax), one key tile larger than Lk, head dims that are not multiples of 16, up to 256,
+# head dims split into column chunks (block_d; 0: not split), a narrower last chunk among them.
 ATTENTION_CASES = [
-    pytest.param((1, 1, 1, 1, 16, 16, 16), id="one-row-one-key"),
-    pytest.param((2, 3, 45, 77, 40, 16, 32), id="Lk77-three-key-tiles-D40"),
-    pytest.param((1, 2, 70, 77, 64, 64, 80), id="Lk77-one-key-tile"),
-    pytest.param((2, 2, 33, 200, 64, 32, 48), id="Lk200-five-key-tiles"),
-    pytest.param((1, 2, 20, 9, 130, 16, 16), id="D130"),
-    pytest.param((1, 1, 17, 23, 256, 16, 16), id="D256"),
-    pytest.param((2, 1, 5, 0, 8, 16, 16), id="no-keys"),
-    pytest.param((1, 2, 19, 30, 9, 16, 16), id="D9-element-loads"),
+    pytest.param((1, 1, 1, 1, 16, 16, 16, 0), id="one-row-one-key"),
+    pytest.param((2, 3, 45, 77, 40, 16, 32, 0), id="Lk77-three-key-tiles-D40"),
+    pytest.param((1, 2, 70, 77, 64, 64, 80, 0), id="Lk77-one-key-tile"),
+    pytest.param((2, 2, 33, 200, 64, 32, 48, 0), id="Lk200-five-key-tiles"),
+    pytest.param((1, 2, 20, 9, 130, 16, 16, 0), id="D130"),
+    pytest.param((1, 1, 17, 23, 256, 16, 16, 0), id="D256"),
+    pytest.param((2, 1, 5, 0, 8, 16, 16, 0), id="no-keys"),
+    pytest.param((1, 2, 19, 30, 9, 16, 16, 0), id="D9-element-loads"),
+    pytest.param((2, 3, 45, 77, 40, 16, 32, 16), id="D40-three-column-chunks-three-key-tiles"),
+    pytest.param((1, 2, 70, 77, 130, 64, 80, 64), id="D130-column-chunks-64-64-16-one-key-tile"),
+    pytest.param((1, 1, 17, 40, 256, 16, 16, 96), id="D256-column-chunks-96-96-64"),
+    pytest.param((2, 1, 5, 0, 40, 16, 16, 16), id="no-keys-column-chunks"),
 ]
 
 
@@ -59,7 +64,7 @@ def test_attention_forward_schedule_matches_reference(case, masked, tiles_per_bl
     forward, _ = attention_ops()
     q, k, v, gate, mask = attention_inputs(case, masked=masked)
     scale = 1 / math.sqrt(case[4])
-    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], tiles_per_block)
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], tiles_per_block, case[7])
     expected = reference.gated_cross_attention(q, k, v, gate, mask, scale)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -75,8 +80,8 @@ def test_attention_backward_schedule_matches_reference(case, tiles_per_block, sp
     q, k, v, gate, mask = attention_inputs(case)
     scale = 0.3
     grad_out = torch.randn_like(q)
-    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], 0)
-    grads = backward(grad_out, q, k, v, gate, mask, lse, scale, case[5], case[6], tiles_per_block, splits)
+    out, lse = forward(q, k, v, gate, mask, scale, case[5], case[6], 0, case[7])
+    grads = backward(grad_out, q, k, v, gate, mask, lse, scale, case[5], case[6], tiles_per_block, splits, case[7])
     _, expected = reference_with_grads(q, k, v, gate, mask, scale, grad_out)
     for name, ours, ref in zip(("q", "k", "v", "gate"), grads, expected):
         assert ours.shape == ref.shape and ours.dtype == ref.dtype, name
@@ -144,6 +149,8 @@ def test_attention_emulation_checks_its_arguments():
         forward(q, k, v, gate[:1], None, 0.25, 16, 16, 1)
     with pytest.raises(RuntimeError, match="tiles_per_block and splits must be"):
         forward(q, k, v, gate, None, 0.25, 16, 16, -1)
+    with pytest.raises(RuntimeError, match="block_d must be 0"):
+        forward(q, k, v, gate, None, 0.25, 16, 16, 1, 24)
     _, lse = forward(q, k, v, gate, None, 0.25, 16, 16, 1)
     with pytest.raises(RuntimeError, match="lse must be"):
         backward(torch.ones_like(q), q, k, v, gate, None, lse.float(), 0.25, 16, 16, 1, 1)
@@ -156,26 +163,90 @@ def test_attention_emulation_checks_its_arguments():
 SHARED = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_90": 227 * 1024}
 
 
-@pytest.mark.parametrize("arch", SHARED)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("dim", [16, 40, 64, 128, 256])
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_tile_shapes_fit_every_target(arch, dtype, dim, backward):
-    """16-bit tiles fit every target up to D 256, float32 ones too except the float32 backward at
-    D 256 on sm_86 (99 KiB); float64 ones (twice the bytes) up to D 64. Where they do not fit the
-    launcher refuses (block_q 0) instead of overrunning shared memory."""
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def tile_shape(backward, keys, dim, dtype, arch):
     attention_ops()
-    shape = torch.ops.dreamportrait.attention_tile_shape(backward, 77, dim, dtype, SHARED[arch])
-    block_q, block_k, padded, shared = shape
-    assert padded == -(-dim // 16) * 16
-    fits = (dtype == torch.float16 or dim <= 64
-            or (dtype == torch.float32 and not (backward and dim == 256 and arch == "sm_86")))
-    assert (block_q > 0) == fits or (dtype == torch.float64 and block_q > 0)
-    if block_q == 0:
-        assert shared == 0
+    return torch.ops.dreamportrait.attention_tile_shape(backward, keys, dim, dtype, SHARED[arch])
+
+
+@pytest.mark.parametrize("arch", SHARED)
+def test_tile_shapes_fit_every_target(arch):
+    """Every dtype, head dim 1..256 and direction gets tiles that fit the target's shared memory:
+    the whole head dim in a tile where that fits, else column chunks of it; the launcher refuses
+    none of them."""
+    for dtype in DTYPES:
+        for backward in (False, True):
+            for keys in (77, 1000):
+                for dim in range(1, 257):
+                    block_q, block_k, padded, block_d, shared = tile_shape(backward, keys, dim, dtype, arch)
+                    where = (arch, dtype, backward, keys, dim)
+                    assert padded == -(-dim // 16) * 16, where
+                    assert block_q in (16, 32, 64) and block_k % 16 == 0 and 16 <= block_k <= 128, where
+                    assert block_d % 16 == 0 and 16 <= block_d <= padded, where
+                    assert 0 < shared <= SHARED[arch], where
+
+
+# The head dims from which 16 x 16 tiles of the whole head dim outgrow a block's shared memory;
+# 16-bit tiles never do, float32 ones only for the backward on sm_86 (99 KiB).
+SPLIT_FROM = {("sm_80", torch.float64, True): 177, ("sm_86", torch.float32, True): 209,
+              ("sm_86", torch.float64, False): 177, ("sm_86", torch.float64, True): 97,
+              ("sm_90", torch.float64, True): 241}
+
+
+@pytest.mark.parametrize("arch", SHARED)
+def test_tile_shapes_split_the_head_dim_only_where_it_does_not_fit(arch):
+    for dtype in DTYPES:
+        for backward in (False, True):
+            split_from = SPLIT_FROM.get((arch, dtype, backward), 257)
+            for dim in range(1, 257):
+                _, _, padded, block_d, _ = tile_shape(backward, 77, dim, dtype, arch)
+                assert (block_d < padded) == (dim >= split_from), (dtype, backward, dim)
+
+
+# Shapes the old tiles refused on some target: float64 at D 128 and up, the float32 backward at D 256.
+ARCH_LIMIT_CASES = [
+    pytest.param(dtype, dim, backward, id=f"{str(dtype).removeprefix('torch.')}-D{dim}-{'bwd' if backward else 'fwd'}")
+    for dtype, backward in ((torch.float64, False), (torch.float64, True), (torch.float32, True))
+    for dim in (128, 200, 256)
+]
+
+
+@pytest.mark.parametrize("arch", SHARED)
+@pytest.mark.parametrize("dtype,dim,backward", ARCH_LIMIT_CASES)
+@pytest.mark.parametrize("keys", [77, 150], ids=["one-key-tile", "several-key-tiles"])
+def test_attention_schedule_at_each_targets_tile_shapes(arch, dtype, dim, backward, keys):
+    """The schedule with the tiles the launcher picks on each target (split head dims among them)
+    matches the reference."""
+    forward_op, backward_op = attention_ops()
+    fwd_q, fwd_k, _, fwd_d, _ = tile_shape(False, keys, dim, dtype, arch)
+    q, k, v, gate, mask = attention_inputs((2, 2, 40, keys, dim), dtype=dtype)
+    scale = 1 / math.sqrt(dim)
+    out, lse = forward_op(q, k, v, gate, mask, scale, fwd_q, fwd_k, 0, fwd_d)
+    wide = [x.double() for x in (q, k, v, gate)]
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    if not backward:
+        assert_close_scaled(out.double(), reference.gated_cross_attention(*wide, mask, scale), tolerance, "out")
         return
-    assert block_q in (16, 32, 64) and block_k % 16 == 0 and 16 <= block_k <= 80
-    assert 0 < shared <= SHARED[arch]
+    block_q, block_k, _, block_d, _ = tile_shape(True, keys, dim, dtype, arch)
+    grad_out = torch.randn_like(q)
+    grads = backward_op(grad_out, q, k, v, gate, mask, lse, scale, block_q, block_k, 0, 0, block_d)
+    _, expected = reference_with_grads(*wide, mask, scale, grad_out.double())
+    for name, ours, ref in zip(("q", "k", "v", "gate"), grads, expected):
+        assert ours.dtype == dtype, name
+        assert_close_scaled(ours.double(), ref, 1e-10 if dtype == torch.float64 else 1e-5, f"grad {name}")
+
+
+def test_attention_forward_is_the_same_with_the_head_dim_split():
+    """The chunks' score products add the head dim's terms in the order one tile does, so the
+    forward in float64 has the same bits split or not."""
+    forward, _ = attention_ops()
+    q, k, v, gate, mask = attention_inputs((2, 2, 40, 100, 200))
+    whole = forward(q, k, v, gate, mask, 0.07, 32, 48, 1)
+    for block_d in (16, 64, 96):
+        split = forward(q, k, v, gate, mask, 0.07, 32, 48, 1, block_d)
+        assert all(torch.equal(a, b) for a, b in zip(whole, split)), block_d
 
 
 def test_tile_shapes_hold_the_text_tokens_in_one_key_tile():
@@ -183,9 +254,8 @@ def test_tile_shapes_hold_the_text_tokens_in_one_key_tile():
     two blocks fit an SM."""
     attention_ops()
     for backward in (False, True):
-        block_q, block_k, _, shared = torch.ops.dreamportrait.attention_tile_shape(backward, 77, 64, torch.float16,
-                                                                                   SHARED["sm_90"])
-        assert block_k == 80 and 2 * shared <= SHARED["sm_90"]
+        block_q, block_k, padded, block_d, shared = tile_shape(backward, 77, 64, torch.float16, "sm_90")
+        assert block_k == 80 and block_d == padded == 64 and 2 * shared <= SHARED["sm_90"]
 
 
 # --- compositing: a warp per ray, 32 samples per chunk ----------------------------------------------

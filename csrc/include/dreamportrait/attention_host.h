@@ -67,22 +67,24 @@ inline void check_backward(const Problem& p, const at::Tensor& q, const at::Tens
 // How the tile sizes, the forward's query tiles per block and the backward's query splits are
 // chosen: from the shared memory a block may have and `target_blocks`, a few blocks per SM (the
 // backward's blocks; the forward aims at twice as many, each taking as many query tiles as that
-// leaves, so that K and V are staged once for several), unless `shape` (block_q > 0),
-// `tiles_per_block` or `splits` (> 0) are given.
+// leaves, so that K and V are staged once for several), unless `shape` (block_q > 0; block_d 0
+// or past the head dim: not split), `tiles_per_block` or `splits` (> 0) are given.
 struct TilePlan {
   size_t shared_memory;
   int64_t target_blocks;
-  tiles::Shape shape{0, 0, 0};
+  tiles::Shape shape{0, 0, 0, 0};
   int64_t tiles_per_block = 0;
   int64_t splits = 0;
 
   template <typename acc_t>
   tiles::Shape shape_for(bool backward, const Problem& p, int element_bytes) const {
-    if (shape.block_q > 0) return {shape.block_q, shape.block_k, tiles::round_up(p.D > 0 ? p.D : 1, tiles::kFragment)};
+    if (shape.block_q > 0) {
+      const int dim = tiles::round_up(p.D > 0 ? p.D : 1, tiles::kFragment);
+      return {shape.block_q, shape.block_k, dim, shape.block_d > 0 && shape.block_d < dim ? shape.block_d : dim};
+    }
     const tiles::Shape chosen = tiles::choose_shape<acc_t>(backward, p.Lk, p.D, element_bytes, shared_memory);
-    TORCH_CHECK(chosen.block_q > 0, "gated_cross_attention: head dimension ", p.D, " in this dtype needs more ",
-                "than the ", shared_memory, " bytes of shared memory a block may have on this GPU (use ",
-                "backend='triton' or 'reference')");
+    TORCH_CHECK(chosen.block_q > 0, "gated_cross_attention: the ", shared_memory, " bytes of shared memory a ",
+                "block may have on this GPU do not hold even 16 x 16 tiles (use backend='triton' or 'reference')");
     return chosen;
   }
 };
@@ -99,7 +101,7 @@ tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& p
   io.p = p;
   io.shape = plan.shape_for<acc_t>(false, p, sizeof(scalar_t));
   io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
-  const int64_t per_block = p.B * p.H * io.query_tiles / (2 * plan.target_blocks);
+  const int64_t per_block = p.B * p.H * io.query_tiles * tiles::column_parts(io.shape) / (2 * plan.target_blocks);
   io.tiles_per_block = plan.tiles_per_block > 0 ? plan.tiles_per_block : (per_block > 1 ? per_block : 1);
   io.q = q.const_data_ptr<scalar_t>();
   io.k = k.const_data_ptr<scalar_t>();
@@ -107,6 +109,13 @@ tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& p
   io.gate = gate.const_data_ptr<scalar_t>();
   io.mask = p.has_mask ? mask.const_data_ptr<bool>() : nullptr;
   return io;
+}
+
+// Per (batch, head): its groups of query tiles times the head dim's column chunks.
+template <typename scalar_t, typename acc_t>
+int64_t forward_blocks(const Problem& p, const tiles::ForwardIo<scalar_t, acc_t>& io) {
+  return p.B * p.H * tiles::forward_blocks_per_head(io.query_tiles, io.tiles_per_block) *
+         tiles::column_parts(io.shape);
 }
 
 // out (B, H, Lq, D) and lse (B, H, Lq) in the accumulation type.
@@ -125,15 +134,15 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(const Problem& p, const TilePla
     auto io = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
     io.out = out.mutable_data_ptr<scalar_t>();
     io.lse = lse.mutable_data_ptr<acc_t>();
-    launch_forward(io, p.B * p.H * tiles::forward_blocks_per_head(io.query_tiles, io.tiles_per_block));
+    launch_forward(io, forward_blocks(p, io));
   });
   return {out, lse};
 }
 
 // dq, dk, dv and dgate (H,) in q's dtype. The key-tile blocks, preceded, when the keys take more
-// than one tile, by the forward's schedule for delta and dO . A per row (with one key tile the
-// blocks form them); the partials (dq per key tile, dk and dv per query split, dO . A per row)
-// are summed here, in a fixed order.
+// than one tile, by the forward's schedule for dO . A per row and column chunk, summed here into
+// dO . A and delta = tanh(g) dO . A (with one key tile the blocks form them); the partials (dq per
+// key tile, dk and dv per query split, dO . A per row) are summed here, in a fixed order.
 template <class LaunchForward, class LaunchBackward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const Problem& p, const TilePlan& plan, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -147,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   }
   const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
                    g_c = grad_out.contiguous(), lse_c = lse.contiguous(), mask_c = contiguous_mask(key_padding_mask);
-  at::Tensor gate_dot = at::empty({p.B, p.H, p.Lq}, acc_options), delta;
+  const at::Tensor gate_value = at::tanh(gate_c.to(acc_options.dtype()));
+  at::Tensor gate_dot, delta;
   at::Tensor dq_partial, dk_partial, dv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gated_cross_attention_backward_tiled", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -157,16 +167,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
     io.key_tiles = tiles::ceil_div(p.Lk, io.shape.block_k);
     if (io.key_tiles > 1) {
-      delta = at::empty({p.B, p.H, p.Lq}, acc_options);
       auto first = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
+      const at::Tensor chunk_dots = at::empty({tiles::column_parts(first.shape), p.B, p.H, p.Lq}, acc_options);
       first.grad_out = g_c.const_data_ptr<scalar_t>();
-      first.delta = delta.mutable_data_ptr<acc_t>();
-      first.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
-      launch_forward(first, p.B * p.H * tiles::forward_blocks_per_head(first.query_tiles, first.tiles_per_block));
+      first.gate_dot = chunk_dots.mutable_data_ptr<acc_t>();
+      launch_forward(first, forward_blocks(p, first));
+      gate_dot = chunk_dots.sum(0);
+      delta = gate_dot.mul(gate_value.view({1, p.H, 1})).contiguous();
       io.delta = delta.const_data_ptr<acc_t>();
+    } else {
+      gate_dot = at::empty({p.B, p.H, p.Lq}, acc_options);
+      io.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
     }
     io.splits = plan.splits > 0 ? plan.splits
-                                : tiles::backward_splits(io.query_tiles, io.key_tiles, p.B * p.H, plan.target_blocks);
+                                : tiles::backward_splits(io.query_tiles, io.key_tiles * tiles::column_parts(io.shape),
+                                                         p.B * p.H, plan.target_blocks);
     dq_partial = at::empty({io.key_tiles, p.B, p.H, p.Lq, p.D}, acc_options);
     dk_partial = at::empty({io.splits, p.B, p.H, p.Lk, p.D}, acc_options);
     dv_partial = at::empty({io.splits, p.B, p.H, p.Lk, p.D}, acc_options);
@@ -177,13 +192,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     io.gate = gate_c.const_data_ptr<scalar_t>();
     io.mask = p.has_mask ? mask_c.const_data_ptr<bool>() : nullptr;
     io.lse = lse_c.const_data_ptr<acc_t>();
-    io.gate_dot = gate_dot.mutable_data_ptr<acc_t>();
     io.dq_partial = dq_partial.mutable_data_ptr<acc_t>();
     io.dk_partial = dk_partial.mutable_data_ptr<acc_t>();
     io.dv_partial = dv_partial.mutable_data_ptr<acc_t>();
-    launch_backward(io, p.B * p.H * io.splits * io.key_tiles);
+    launch_backward(io, p.B * p.H * io.splits * io.key_tiles * tiles::column_parts(io.shape));
   });
-  const at::Tensor gate_value = at::tanh(gate_c.to(acc_options.dtype()));
   const at::Tensor dgate = gate_dot.sum({0, 2}).mul(gate_value.mul(gate_value).neg().add(1));  // (1 - tanh^2) dO . A
   return {dq_partial.sum(0).to(dtype), dk_partial.sum(0).to(dtype), dv_partial.sum(0).to(dtype), dgate.to(dtype)};
 }

@@ -15,6 +15,10 @@
 //             forward's schedule with dO instead of an output) gives it.
 // Tiles are zero-padded to multiples of 16 (WMMA fragments): rows past Lq or Lk, columns past D,
 // and the keys the mask hides (so their values, even NaN, add nothing).
+// A head dim whose tiles do not fit shared memory is split into column chunks of block_d: each
+// block then owns one chunk of the outputs (O; dQ, dK, dV), forms S = Q K^T and dP = dO V^T from
+// every chunk in turn (staged one at a time, in a fixed order, so each block of a tile gets the
+// same S and P) and stages its own chunk of V (Q, dO, K) for the products that output it.
 //
 // The code here is generic over a Block (thread index, thread count, barrier) and a Gemm (the
 // tile product: tensor cores or scalar FMA on the GPU, scalar loops on the host); the block
@@ -39,11 +43,18 @@ constexpr int kThreads = 128;  // four warps per block
 DP_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 DP_INLINE int round_up(int64_t x, int m) { return static_cast<int>(ceil_div(x, m) * m); }
 
-// Tile sizes of one launch: block_q query rows and block_k keys (multiples of 16) and the head
-// dimension D rounded up to 16.
+// Tile sizes of one launch: block_q query rows and block_k keys (multiples of 16), the head
+// dimension D rounded up to 16 and the columns of it a tile holds, block_d (a multiple of 16;
+// dim when the head dim is not split).
 struct Shape {
-  int block_q, block_k, dim;
+  int block_q, block_k, dim, block_d;
 };
+
+// The column chunks of the head dim, and the width of chunk c (the last may be narrower).
+DP_INLINE int column_parts(const Shape& t) { return static_cast<int>(ceil_div(t.dim, t.block_d)); }
+DP_INLINE int chunk_cols(const Shape& t, int c) {
+  return t.dim - c * t.block_d < t.block_d ? t.dim - c * t.block_d : t.block_d;
+}
 
 // Row stride in elements of a tile with `cols` columns: 16 bytes of padding keep every row start
 // 16-byte aligned (WMMA's ldm rule; 16-row steps are then 256-bit aligned) and shift consecutive
@@ -62,8 +73,8 @@ struct Arena {
 };
 
 // The forward's shared memory; e: element bytes of q, k, v; a: of the accumulation type.
-//   q (block_q, dim)  k, v (block_k, dim)  s (block_q, block_k) scores, then weights, in acc_t
-//   p (block_q, block_k) weights in q's type (the P V operand)  o (block_q, dim) acc_t output
+//   q (block_q, block_d)  k, v (block_k, block_d)  s (block_q, block_k) scores, then weights, in
+//   acc_t  p (block_q, block_k) weights in q's type (the P V operand)  o (block_q, block_d) acc_t
 //   state, factor (block_q) per-row softmax and output factor  key_ok (block_k) attended keys
 struct ForwardLayout {
   int ld_d, ld_k, ld_d_acc, ld_k_acc;
@@ -74,9 +85,9 @@ template <typename acc_t>
 DP_INLINE ForwardLayout forward_layout(const Shape& t, int e) {
   const int a = sizeof(acc_t);
   ForwardLayout l;
-  l.ld_d = row_stride(t.dim, e);
+  l.ld_d = row_stride(t.block_d, e);
   l.ld_k = row_stride(t.block_k, e);
-  l.ld_d_acc = row_stride(t.dim, a);
+  l.ld_d_acc = row_stride(t.block_d, a);
   l.ld_k_acc = row_stride(t.block_k, a);
   Arena arena;
   l.q = arena.take(size_t(t.block_q) * l.ld_d * e);
@@ -93,9 +104,9 @@ DP_INLINE ForwardLayout forward_layout(const Shape& t, int e) {
 }
 
 // The backward's shared memory:
-//   k, v (block_k, dim)  q, dout (block_q, dim)  s, dp (block_q, block_k) acc_t, whose space
-//   dq (block_q, dim) acc_t reuses once P and dS are formed  p, ds (block_q, block_k) in q's type
-//   dk, dv (block_k, dim) acc_t  lse, delta (block_q)  key_ok (block_k)
+//   k, v (block_k, block_d)  q, dout (block_q, block_d)  s, dp (block_q, block_k) acc_t, whose
+//   space dq (block_q, block_d) acc_t reuses once P and dS are formed  p, ds (block_q, block_k) in
+//   q's type  dk, dv (block_k, block_d) acc_t  lse, delta (block_q)  key_ok (block_k)
 struct BackwardLayout {
   int ld_d, ld_k, ld_d_acc, ld_k_acc;
   uint32_t k, v, q, dout, s, dp, dq, p, ds, dk, dv, lse, delta, key_ok, bytes;
@@ -105,9 +116,9 @@ template <typename acc_t>
 DP_INLINE BackwardLayout backward_layout(const Shape& t, int e) {
   const int a = sizeof(acc_t);
   BackwardLayout l;
-  l.ld_d = row_stride(t.dim, e);
+  l.ld_d = row_stride(t.block_d, e);
   l.ld_k = row_stride(t.block_k, e);
-  l.ld_d_acc = row_stride(t.dim, a);
+  l.ld_d_acc = row_stride(t.block_d, a);
   l.ld_k_acc = row_stride(t.block_k, a);
   Arena arena;
   l.k = arena.take(size_t(t.block_k) * l.ld_d * e);
@@ -130,24 +141,30 @@ DP_INLINE BackwardLayout backward_layout(const Shape& t, int e) {
 
 // The tile sizes for a launch: keys per tile as many as the head has (rounded up to 16, at most
 // 128), queries 64, 32 or 16, the largest combination of which two blocks fit an SM (half of the
-// per-block `limit`, less the 1 KiB the system reserves per block), else one; 0 when not even
-// 16 x 16 tiles fit.
+// per-block `limit`, less the 1 KiB the system reserves per block), else one. The whole head dim
+// in a tile when some combination fits; else it is split into the fewest column chunks that fit
+// (splitting repeats the score products in every chunk's block, so it comes last). 16 x 16 x 16
+// tiles take under 23 KiB in every type, so only a `limit` below that gets block_q 0.
 template <typename acc_t>
 inline Shape choose_shape(bool backward, int64_t Lk, int64_t D, int element_bytes, size_t limit) {
   constexpr size_t kReserved = 1024;
   const int dim = round_up(D > 0 ? D : 1, kFragment);
   const int most_keys = round_up(Lk < 1 ? 1 : (Lk > 128 ? 128 : Lk), kFragment);
-  for (const size_t budget : {limit / 2 > kReserved ? limit / 2 - kReserved : 0, limit}) {
-    for (int block_k = most_keys; block_k >= kFragment; block_k -= kFragment) {
-      for (const int block_q : {64, 32, 16}) {
-        const Shape shape{block_q, block_k, dim};
-        const size_t bytes = backward ? backward_layout<acc_t>(shape, element_bytes).bytes
-                                      : forward_layout<acc_t>(shape, element_bytes).bytes;
-        if (bytes <= budget) return shape;
+  for (int parts = 1; parts <= dim / kFragment; ++parts) {
+    const int block_d = round_up(ceil_div(dim, parts), kFragment);
+    if (ceil_div(dim, block_d) != parts) continue;  // the same chunks as fewer parts
+    for (const size_t budget : {limit / 2 > kReserved ? limit / 2 - kReserved : 0, limit}) {
+      for (int block_k = most_keys; block_k >= kFragment; block_k -= kFragment) {
+        for (const int block_q : {64, 32, 16}) {
+          const Shape shape{block_q, block_k, dim, block_d};
+          const size_t bytes = backward ? backward_layout<acc_t>(shape, element_bytes).bytes
+                                        : forward_layout<acc_t>(shape, element_bytes).bytes;
+          if (bytes <= budget) return shape;
+        }
       }
     }
   }
-  return {0, 0, dim};
+  return {0, 0, dim, dim};
 }
 
 // ---- The tile product -----------------------------------------------------------------------
@@ -246,44 +263,46 @@ struct alignas(16) Bytes16 {
   uint32_t words[4];
 };
 
-// dst (rows, dim) with row stride ld <- rows row0.. of src (n_rows, D) row-major. Rows past
-// n_rows, columns past D and rows with row_ok[r] == 0 are zero. Consecutive threads take
-// consecutive 16-byte pieces of a row when every row of src starts 16-byte aligned (D a multiple
-// of 16 bytes' elements, src aligned), else consecutive elements: coalesced loads either way.
-// (dst's rows are 16-byte aligned: dim is a multiple of 16 and ld adds 16 bytes.)
+// dst (rows, cols) with row stride ld <- rows row0.. and columns col0.. of src (n_rows, D)
+// row-major (col0 and cols multiples of 16). Rows past n_rows, columns past D and rows with
+// row_ok[r] == 0 are zero. Consecutive threads take consecutive 16-byte pieces of a row when every
+// row of src starts 16-byte aligned (D a multiple of 16 bytes' elements, src aligned), else
+// consecutive elements: coalesced loads either way. (dst's rows are 16-byte aligned: cols is a
+// multiple of 16 and ld adds 16 bytes.)
 template <class Block, typename T>
 DP_INLINE void stage_rows(const Block& block, T* dst, int ld, const T* src, int64_t row0, int64_t n_rows, int rows,
-                          int D, int dim, const unsigned char* row_ok) {
+                          int D, int col0, int cols, const unsigned char* row_ok) {
   constexpr int kPiece = sizeof(Bytes16) / sizeof(T) > 0 ? int(sizeof(Bytes16) / sizeof(T)) : 1;
   if (D % kPiece == 0 && reinterpret_cast<uintptr_t>(src) % sizeof(Bytes16) == 0) {
-    const int pieces = dim / kPiece;
+    const int pieces = cols / kPiece;
     for (int e = block.thread(); e < rows * pieces; e += block.threads()) {
       const int r = e / pieces, d = e % pieces * kPiece;
-      const bool inside = row0 + r < n_rows && d < D && (row_ok == nullptr || row_ok[r]);
+      const bool inside = row0 + r < n_rows && col0 + d < D && (row_ok == nullptr || row_ok[r]);
       Bytes16 piece{{0, 0, 0, 0}};
 #ifdef __CUDA_ARCH__
-      if (inside) piece = *reinterpret_cast<const Bytes16*>(src + (row0 + r) * D + d);
+      if (inside) piece = *reinterpret_cast<const Bytes16*>(src + (row0 + r) * D + col0 + d);
       *reinterpret_cast<Bytes16*>(dst + r * ld + d) = piece;
 #else
-      if (inside) std::memcpy(&piece, src + (row0 + r) * D + d, sizeof(piece));
+      if (inside) std::memcpy(&piece, src + (row0 + r) * D + col0 + d, sizeof(piece));
       std::memcpy(dst + r * ld + d, &piece, sizeof(piece));
 #endif
     }
     return;
   }
-  for (int e = block.thread(); e < rows * dim; e += block.threads()) {
-    const int r = e / dim, d = e % dim;
-    const bool inside = row0 + r < n_rows && d < D && (row_ok == nullptr || row_ok[r]);
-    dst[r * ld + d] = inside ? src[(row0 + r) * D + d] : T(0);
+  for (int e = block.thread(); e < rows * cols; e += block.threads()) {
+    const int r = e / cols, d = e % cols;
+    const bool inside = row0 + r < n_rows && col0 + d < D && (row_ok == nullptr || row_ok[r]);
+    dst[r * ld + d] = inside ? src[(row0 + r) * D + col0 + d] : T(0);
   }
 }
 
-// dst (rows, D) row-major <- value(r, d), with 16-byte stores where dst's rows are 16-byte aligned.
+// dst (rows, cols) with row stride ld <- value(r, d), with 16-byte stores where dst's rows are
+// 16-byte aligned.
 template <class Block, typename T, class Value>
-DP_INLINE void write_rows(const Block& block, T* dst, int rows, int D, Value value) {
+DP_INLINE void write_rows(const Block& block, T* dst, int rows, int cols, int ld, Value value) {
   constexpr int kPiece = sizeof(Bytes16) / sizeof(T) > 0 ? int(sizeof(Bytes16) / sizeof(T)) : 1;
-  if (D % kPiece == 0 && reinterpret_cast<uintptr_t>(dst) % sizeof(Bytes16) == 0) {
-    const int pieces = D / kPiece;
+  if (cols % kPiece == 0 && ld % kPiece == 0 && reinterpret_cast<uintptr_t>(dst) % sizeof(Bytes16) == 0) {
+    const int pieces = cols / kPiece;
     for (int e = block.thread(); e < rows * pieces; e += block.threads()) {
       const int r = e / pieces, d = e % pieces * kPiece;
       T values[kPiece];
@@ -291,14 +310,15 @@ DP_INLINE void write_rows(const Block& block, T* dst, int rows, int D, Value val
       Bytes16 piece;
       std::memcpy(&piece, values, sizeof(piece));
 #ifdef __CUDA_ARCH__
-      *reinterpret_cast<Bytes16*>(dst + int64_t(r) * D + d) = piece;
+      *reinterpret_cast<Bytes16*>(dst + int64_t(r) * ld + d) = piece;
 #else
-      std::memcpy(dst + int64_t(r) * D + d, &piece, sizeof(piece));
+      std::memcpy(dst + int64_t(r) * ld + d, &piece, sizeof(piece));
 #endif
     }
     return;
   }
-  for (int e = block.thread(); e < rows * D; e += block.threads()) dst[e] = value(e / D, e % D);
+  for (int e = block.thread(); e < rows * cols; e += block.threads())
+    dst[int64_t(e / cols) * ld + e % cols] = value(e / cols, e % cols);
 }
 
 // key_ok[j]: whether key key0 + j exists and the mask row (null: attend to all) lets it be attended.
@@ -313,8 +333,8 @@ DP_INLINE void stage_keys(const Block& block, unsigned char* key_ok, const bool*
 
 // Pointers of a forward launch (contiguous tensors, layouts as in attention_math.h). With
 // grad_out null it writes out (B, H, Lq, D) and lse (B, H, Lq); with grad_out set (the backward's
-// first pass) it writes delta = tanh(g) dO . A and gate_dot = dO . A (B, H, Lq) instead. A block
-// takes tiles_per_block consecutive query tiles of one head.
+// first pass) it writes gate_dot = dO . A (parts, B, H, Lq) instead, each column chunk's share.
+// A block takes tiles_per_block consecutive query tiles of one head and one column chunk.
 template <typename scalar_t, typename acc_t>
 struct ForwardIo {
   Problem p;
@@ -324,16 +344,17 @@ struct ForwardIo {
   const bool* mask;
   const scalar_t* grad_out;
   scalar_t* out;
-  acc_t *lse, *delta, *gate_dot;
+  acc_t *lse, *gate_dot;
 };
 
 DP_INLINE int64_t forward_blocks_per_head(int64_t query_tiles, int64_t tiles_per_block) {
   return ceil_div(query_tiles, tiles_per_block);
 }
 
-// Block `tile` = bh * blocks per head + i: query tiles i * tiles_per_block, ... When the head's
-// keys fit one key tile (77 text tokens do), K and V are staged once for all of them. (Index
-// arithmetic is 32-bit where it can be: a 64-bit division is a call on the GPU.)
+// Block `tile` = (bh * blocks per head + i) * parts + part: query tiles i * tiles_per_block, ...
+// and column chunk `part` of the output. When the head's keys fit one key tile (77 text tokens
+// do) and its columns one chunk, K and V are staged once for all of them. (Index arithmetic is
+// 32-bit where it can be: a 64-bit division is a call on the GPU.)
 template <class Gemm, class Block, typename scalar_t, typename acc_t>
 DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const ForwardIo<scalar_t, acc_t>& io, int tile) {
   const Problem& p = io.p;
@@ -348,52 +369,64 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
 
   const int query_tiles = static_cast<int>(io.query_tiles), per_block = static_cast<int>(io.tiles_per_block);
   const int blocks_per_head = static_cast<int>(forward_blocks_per_head(io.query_tiles, io.tiles_per_block));
+  const int parts = column_parts(t), part = tile % parts, col0 = part * t.block_d, cols = chunk_cols(t, part);
   const int heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
-  const int bh = tile / blocks_per_head, b = bh / heads, h = bh % heads;
-  const int first_tile = tile % blocks_per_head * per_block;
+  const int bh = tile / parts / blocks_per_head, b = bh / heads, h = bh % heads;
+  const int first_tile = tile / parts % blocks_per_head * per_block;
   const int end_tile = first_tile + per_block < query_tiles ? first_tile + per_block : query_tiles;
   const bool* mask_row = p.has_mask ? io.mask + b * p.Lk : nullptr;
+  const scalar_t* head_q = io.q + bh * p.Lq * p.D;
   const scalar_t* head_k = io.k + bh * p.Lk * p.D;
   const scalar_t* head_v = io.v + bh * p.Lk * p.D;
   const acc_t scale = static_cast<acc_t>(p.scale), gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
-  const bool one_key_tile = p.Lk <= t.block_k;
+  const bool resident = p.Lk <= t.block_k && parts == 1;  // K and V staged once for every query tile
 
-  auto stage_key_tile = [&](int64_t key0) {
-    stage_keys(block, key_ok, mask_row, key0, p.Lk, t.block_k);
+  if (resident) {
+    stage_keys(block, key_ok, mask_row, 0, p.Lk, t.block_k);
     block.sync();
-    stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, t.dim, key_ok);
-    stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, t.dim, key_ok);
-  };
-  if (one_key_tile) stage_key_tile(0);
+    stage_rows(block, k, l.ld_d, head_k, 0, p.Lk, t.block_k, D, 0, cols, key_ok);
+    stage_rows(block, v, l.ld_d, head_v, 0, p.Lk, t.block_k, D, 0, cols, key_ok);
+  }
 
   for (int query_tile = first_tile; query_tile < end_tile; ++query_tile) {
     const int64_t row0 = int64_t(query_tile) * t.block_q;
     block.sync();  // the previous query tile's epilogue has read q, o, state and factor
-    stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+    if (parts == 1) stage_rows(block, q, l.ld_d, head_q, row0, p.Lq, t.block_q, D, 0, cols, nullptr);
     if (p.Lk == 0) {  // no key tile writes o
-      for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-        o[e / t.dim * l.ld_d_acc + e % t.dim] = acc_t(0);
+      for (int e = block.thread(); e < t.block_q * cols; e += block.threads())
+        o[e / cols * l.ld_d_acc + e % cols] = acc_t(0);
     }
     for (int r = block.thread(); r < t.block_q; r += block.threads()) state[r] = OnlineSoftmax<acc_t>();
 
     for (int64_t key0 = 0; key0 < p.Lk; key0 += t.block_k) {
-      if (!one_key_tile) {
+      if (!resident) {
         block.sync();  // the previous key tile's P V has read k, v and p
-        stage_key_tile(key0);
+        stage_keys(block, key_ok, mask_row, key0, p.Lk, t.block_k);
+        block.sync();
       }
-      block.sync();
-      Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
-                                             false);
+      // S = Q K^T, chunk after chunk of the head dim (one chunk unless it is split).
+      for (int c = 0; c < parts; ++c) {
+        if (!resident) {
+          if (c > 0) block.sync();  // the previous chunk's product has read q and k
+          if (parts > 1) stage_rows(block, q, l.ld_d, head_q, row0, p.Lq, t.block_q, D, c * t.block_d,
+                                    chunk_cols(t, c), nullptr);
+          stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, c * t.block_d, chunk_cols(t, c), key_ok);
+        }
+        block.sync();
+        Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k,
+                                               chunk_cols(t, c), c > 0);
+      }
+      if (!resident) stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, col0, cols, key_ok);
       block.sync();
       for (int r = block.thread(); r < t.block_q; r += block.threads())
         factor[r] = softmax_tile_row(state[r], s + r * l.ld_k_acc, pw + r * l.ld_k, key_ok, t.block_k, scale);
       block.sync();
       if (key0 > 0) {  // the first key tile's P V sets o instead of rescaling and adding to it
-        for (int e = block.thread(); e < t.block_q * t.dim; e += block.threads())
-          o[e / t.dim * l.ld_d_acc + e % t.dim] *= factor[e / t.dim];
+        for (int e = block.thread(); e < t.block_q * cols; e += block.threads())
+          o[e / cols * l.ld_d_acc + e % cols] *= factor[e / cols];
         block.sync();
       }
-      Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, t.dim,
+      Gemm::template run<RowMajor, RowMajor>(block, o, l.ld_d_acc, pw, l.ld_k, v, l.ld_d, t.block_q, cols,
                                              t.block_k, key0 > 0);
     }
     block.sync();
@@ -404,29 +437,30 @@ DP_INLINE void forward_tile(const Block& block, unsigned char* smem, const Forwa
     const int64_t first = bh * p.Lq + row0;  // global index of the tile's first row
     if (io.grad_out == nullptr) {
       block.sync();
-      write_rows(block, io.out + first * p.D, rows, D, [&](int r, int d) {
+      const int out_cols = D - col0 < cols ? D - col0 : cols;
+      write_rows(block, io.out + first * p.D + col0, rows, out_cols, D, [&](int r, int d) {
         return static_cast<scalar_t>(gate_value * (o[r * l.ld_d_acc + d] * factor[r]));
       });
-      for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
+      if (part == 0)
+        for (int r = block.thread(); r < rows; r += block.threads()) io.lse[first + r] = state[r].log_sum_exp();
     } else {
       // The backward's first pass: dO into q's space (no longer read), then one row per thread.
-      stage_rows(block, q, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
+      stage_rows(block, q, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, col0, cols, nullptr);
       block.sync();
       for (int r = block.thread(); r < rows; r += block.threads()) {
         acc_t dot = 0;
-        for (int d = 0; d < t.dim; ++d)
+        for (int d = 0; d < cols; ++d)
           dot += static_cast<acc_t>(q[r * l.ld_d + d]) * (o[r * l.ld_d_acc + d] * factor[r]);
-        io.gate_dot[first + r] = dot;
-        io.delta[first + r] = gate_value * dot;
+        io.gate_dot[part * p.B * p.H * p.Lq + first + r] = dot;
       }
     }
   }
 }
 
 // Pointers of the backward's main launch. dq_partial (key_tiles, B, H, Lq, D), dk_partial and
-// dv_partial (splits, B, H, Lk, D), all acc_t: summed over their first dimension on the host. With
-// one key tile the blocks form delta themselves and write gate_dot = dO . A (B, H, Lq); with
-// several, the first pass has written delta and gate_dot.
+// dv_partial (splits, B, H, Lk, D), all acc_t: summed over their first dimension on the host;
+// each block writes its column chunk of them. With one key tile the blocks form delta themselves
+// and write gate_dot = dO . A (B, H, Lq); with several, the first pass has given delta and gate_dot.
 template <typename scalar_t, typename acc_t>
 struct BackwardIo {
   Problem p;
@@ -438,7 +472,8 @@ struct BackwardIo {
   acc_t *dq_partial, *dk_partial, *dv_partial, *gate_dot;
 };
 
-// Block `tile` = (bh * splits + split) * key_tiles + key tile: query tiles split, split + splits, ...
+// Block `tile` = ((bh * splits + split) * key_tiles + key tile) * parts + part: query tiles split,
+// split + splits, ... and column chunk `part` of the gradients.
 template <class Gemm, class Block, typename scalar_t, typename acc_t>
 DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const BackwardIo<scalar_t, acc_t>& io, int tile) {
   const Problem& p = io.p;
@@ -454,19 +489,25 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
   unsigned char* key_ok = smem + l.key_ok;
 
   const int key_tiles = static_cast<int>(io.key_tiles), splits = static_cast<int>(io.splits);
+  const int parts = column_parts(t), part = tile % parts, col0 = part * t.block_d, cols = chunk_cols(t, part);
   const int heads = static_cast<int>(p.H), D = static_cast<int>(p.D);
-  const int key_tile = tile % key_tiles, split = tile / key_tiles % splits, bh = tile / key_tiles / splits;
-  const int b = bh / heads, h = bh % heads;
+  const int index = tile / parts, key_tile = index % key_tiles, split = index / key_tiles % splits;
+  const int bh = index / key_tiles / splits, b = bh / heads, h = bh % heads;
+  const int out_cols = D - col0 < cols ? D - col0 : cols;  // the chunk's columns of the gradients
   const int64_t key0 = int64_t(key_tile) * t.block_k;
   const acc_t scale = static_cast<acc_t>(p.scale), gate_value = std::tanh(static_cast<acc_t>(io.gate[h]));
   const bool one_key_tile = key_tiles == 1;
+  const scalar_t *head_q = io.q + bh * p.Lq * p.D, *head_dout = io.grad_out + bh * p.Lq * p.D,
+                 *head_k = io.k + bh * p.Lk * p.D, *head_v = io.v + bh * p.Lk * p.D;
 
   stage_keys(block, key_ok, p.has_mask ? io.mask + b * p.Lk : nullptr, key0, p.Lk, t.block_k);
   block.sync();
-  stage_rows(block, k, l.ld_d, io.k + bh * p.Lk * p.D, key0, p.Lk, t.block_k, D, t.dim, key_ok);
-  stage_rows(block, v, l.ld_d, io.v + bh * p.Lk * p.D, key0, p.Lk, t.block_k, D, t.dim, key_ok);
-  for (int e = block.thread(); e < t.block_k * t.dim; e += block.threads()) {
-    const int at = e / t.dim * l.ld_d_acc + e % t.dim;
+  if (parts == 1) {  // K and V once for every query tile
+    stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, 0, cols, key_ok);
+    stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, 0, cols, key_ok);
+  }
+  for (int e = block.thread(); e < t.block_k * cols; e += block.threads()) {
+    const int at = e / cols * l.ld_d_acc + e % cols;
     dk[at] = dv[at] = acc_t(0);
   }
 
@@ -474,42 +515,59 @@ DP_INLINE void backward_tile(const Block& block, unsigned char* smem, const Back
   for (int query_tile = split; query_tile < query_tiles; query_tile += splits) {
     const int64_t row0 = int64_t(query_tile) * t.block_q, first = bh * p.Lq + row0;
     block.sync();  // the previous tile's products and dq copy are done
-    stage_rows(block, q, l.ld_d, io.q + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
-    stage_rows(block, dout, l.ld_d, io.grad_out + bh * p.Lq * p.D, row0, p.Lq, t.block_q, D, t.dim, nullptr);
     for (int r = block.thread(); r < t.block_q; r += block.threads()) {
       const bool inside = row0 + r < p.Lq;
       lse[r] = inside ? io.lse[first + r] : -std::numeric_limits<acc_t>::infinity();
       delta[r] = inside && !one_key_tile ? io.delta[first + r] : acc_t(0);
     }
-    block.sync();
-    Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, t.dim,
-                                           false);
-    Gemm::template run<RowMajor, ColMajor>(block, dp, l.ld_k_acc, dout, l.ld_d, v, l.ld_d, t.block_q, t.block_k,
-                                           t.dim, false);
+    // S = Q K^T and dP = dO V^T, chunk after chunk of the head dim; the last chunk staged stays for
+    // the gradient products when it is the block's own.
+    for (int c = 0; c < parts; ++c) {
+      const int c0 = c * t.block_d, width = chunk_cols(t, c);
+      if (c > 0) block.sync();  // the previous chunk's products have read q, dout, k and v
+      stage_rows(block, q, l.ld_d, head_q, row0, p.Lq, t.block_q, D, c0, width, nullptr);
+      stage_rows(block, dout, l.ld_d, head_dout, row0, p.Lq, t.block_q, D, c0, width, nullptr);
+      if (parts > 1) {
+        stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, c0, width, key_ok);
+        stage_rows(block, v, l.ld_d, head_v, key0, p.Lk, t.block_k, D, c0, width, key_ok);
+      }
+      block.sync();
+      Gemm::template run<RowMajor, ColMajor>(block, s, l.ld_k_acc, q, l.ld_d, k, l.ld_d, t.block_q, t.block_k, width,
+                                             c > 0);
+      Gemm::template run<RowMajor, ColMajor>(block, dp, l.ld_k_acc, dout, l.ld_d, v, l.ld_d, t.block_q, t.block_k,
+                                             width, c > 0);
+    }
+    if (part != parts - 1) {  // the block's own chunk of Q, dO and K
+      block.sync();
+      stage_rows(block, q, l.ld_d, head_q, row0, p.Lq, t.block_q, D, col0, cols, nullptr);
+      stage_rows(block, dout, l.ld_d, head_dout, row0, p.Lq, t.block_q, D, col0, cols, nullptr);
+      stage_rows(block, k, l.ld_d, head_k, key0, p.Lk, t.block_k, D, col0, cols, key_ok);
+    }
     block.sync();
     for (int r = block.thread(); r < t.block_q; r += block.threads()) {
       const acc_t dot = gradient_tile_row(s + r * l.ld_k_acc, dp + r * l.ld_k_acc, pw + r * l.ld_k, ds + r * l.ld_k,
                                           key_ok, t.block_k, scale, lse[r], gate_value, delta[r], one_key_tile);
-      if (one_key_tile && row0 + r < p.Lq) io.gate_dot[first + r] = dot;
+      if (one_key_tile && part == 0 && row0 + r < p.Lq) io.gate_dot[first + r] = dot;
     }
     block.sync();
-    Gemm::template run<ColMajor, RowMajor>(block, dv, l.ld_d_acc, pw, l.ld_k, dout, l.ld_d, t.block_k, t.dim,
+    Gemm::template run<ColMajor, RowMajor>(block, dv, l.ld_d_acc, pw, l.ld_k, dout, l.ld_d, t.block_k, cols,
                                            t.block_q, true);
-    Gemm::template run<ColMajor, RowMajor>(block, dk, l.ld_d_acc, ds, l.ld_k, q, l.ld_d, t.block_k, t.dim, t.block_q,
+    Gemm::template run<ColMajor, RowMajor>(block, dk, l.ld_d_acc, ds, l.ld_k, q, l.ld_d, t.block_k, cols, t.block_q,
                                            true);
-    Gemm::template run<RowMajor, RowMajor>(block, dq, l.ld_d_acc, ds, l.ld_k, k, l.ld_d, t.block_q, t.dim, t.block_k,
+    Gemm::template run<RowMajor, RowMajor>(block, dq, l.ld_d_acc, ds, l.ld_k, k, l.ld_d, t.block_q, cols, t.block_k,
                                            false);
     block.sync();
     const int rows = p.Lq - row0 < t.block_q ? static_cast<int>(p.Lq - row0) : t.block_q;
-    write_rows(block, io.dq_partial + (key_tile * p.B * p.H * p.Lq + first) * p.D, rows, D,
+    write_rows(block, io.dq_partial + (key_tile * p.B * p.H * p.Lq + first) * p.D + col0, rows, out_cols, D,
                [&](int r, int d) { return dq[r * l.ld_d_acc + d]; });
   }
   block.sync();
   // dV = tanh(g) sum_i p_i dO_i: the gate is applied once here rather than to every dO tile.
   const int keys = p.Lk - key0 < t.block_k ? static_cast<int>(p.Lk - key0) : t.block_k;
-  const int64_t at = ((split * p.B * p.H + bh) * p.Lk + key0) * p.D;
-  write_rows(block, io.dk_partial + at, keys, D, [&](int r, int d) { return dk[r * l.ld_d_acc + d]; });
-  write_rows(block, io.dv_partial + at, keys, D, [&](int r, int d) { return gate_value * dv[r * l.ld_d_acc + d]; });
+  const int64_t at = ((split * p.B * p.H + bh) * p.Lk + key0) * p.D + col0;
+  write_rows(block, io.dk_partial + at, keys, out_cols, D, [&](int r, int d) { return dk[r * l.ld_d_acc + d]; });
+  write_rows(block, io.dv_partial + at, keys, out_cols, D,
+             [&](int r, int d) { return gate_value * dv[r * l.ld_d_acc + d]; });
 }
 
 // Query splits of the backward: enough blocks for `target_blocks` (a few per SM), at most one
