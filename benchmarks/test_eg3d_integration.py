@@ -110,9 +110,10 @@ def test_sample_and_decode(benchmark, record, implementation, shape, direction):
     record(f"sample_and_decode/{shape}/{direction}", implementation, benchmark)
 
 
-def interleaved(batch: int = 1, rounds: int = 3) -> None:
+def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
     """Both sides of each comparison timed alternately (best of ``rounds`` each), so a change in the
-    machine's load affects both alike: ``python benchmarks/test_eg3d_integration.py [BATCH]``."""
+    machine's load affects both alike: ``python benchmarks/test_eg3d_integration.py [BATCH [ROUNDS
+    [decode]]]`` (``decode``: the fused op against the unfused composition only, not the renderer)."""
     import sys
     import time
     from pathlib import Path
@@ -130,7 +131,7 @@ def interleaved(batch: int = 1, rounds: int = 3) -> None:
         return best
 
     with eg3d_code() as eg3d:
-        for direction in ("fwd", "fwd+bwd"):
+        for direction in ("fwd", "fwd+bwd") if renderer else ():
             backward = direction == "fwd+bwd"
             render = render_call(eg3d, batch, backward)
 
@@ -170,4 +171,5 @@ def interleaved(batch: int = 1, rounds: int = 3) -> None:
 if __name__ == "__main__":
     import sys
 
-    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 1, int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+                renderer=sys.argv[3:] != ["decode"])
