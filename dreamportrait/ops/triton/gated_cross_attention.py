@@ -58,8 +58,10 @@ def tiles(dtype: torch.dtype, dim: int, backward: bool) -> Tiles:
     backward spills with it, it runs one stage (:data:`_BACKWARD_STAGES`). Float64 (a gradcheck
     tool) always runs one stage, the only way its D = 256 tiles fit sm_80's shared memory."""
     block_d = _block_d(dim)
-    warps = 4 if block_d <= 64 else 8
     half = dtype in (torch.float16, torch.bfloat16)
+    # 8 warps for wide heads, and for the half backward's narrow ones (8 bytes spilled on sm_80
+    # with 4).
+    warps = 8 if block_d > 64 or (half and backward and block_d <= 32) else 4
     if not half:
         block_m, block_n = 16, 16
     elif backward:
@@ -77,7 +79,7 @@ def tiles(dtype: torch.dtype, dim: int, backward: bool) -> Tiles:
 
 # The backward's pipelining depth per BLOCK_D: the deepest that the compile gate found spill-free
 # on sm_80/90/100 (the register allocator's choices are not monotonic in it).
-_BACKWARD_STAGES = {"float32": {16: 3, 32: 1, 64: 1, 128: 1, 256: 3}, "half": {16: 3, 32: 1, 64: 1, 128: 1, 256: 1}}
+_BACKWARD_STAGES = {"float32": {16: 3, 32: 1, 64: 1, 128: 1, 256: 3}, "half": {16: 3, 32: 3, 64: 1, 128: 1, 256: 1}}
 
 
 def _block_d(dim: int) -> int:
