@@ -101,3 +101,22 @@ def test_config_checks_word_for_word(tmp_path, clip_dir):
         config_path.write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=f"^{re.escape(str(config_path))}: {what}: .*no_such_argument"):
             load_pretrained(tmp_path)
+
+
+def test_a_directory_with_a_manifest_is_checked_against_it_and_a_config_may_omit_the_encoder(tmp_path):
+    from dreamportrait._manifest import write_manifest
+
+    save_pretrained(tmp_path, conditioned())
+    write_manifest(tmp_path)  # as a training checkpoint has
+    assert load_pretrained(tmp_path)[0].text_encoder is None
+    weights = tmp_path / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(ValueError, match="generator.safetensors"):
+        load_pretrained(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_conditioning"]["text_encoder"]  # written by hand, without the entry: no recorded source
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_pretrained(tmp_path / "fresh", conditioned())
+    (tmp_path / "generator.safetensors").write_bytes((tmp_path / "fresh" / "generator.safetensors").read_bytes())
+    assert load_pretrained(tmp_path)[0].text_encoder is None
