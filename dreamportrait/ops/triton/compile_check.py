@@ -215,8 +215,8 @@ def _error_message(error: BaseException) -> str:
 def compile_launches(launches: Iterable[Launch], archs: Iterable[int] = TARGET_ARCHS,
                      workers: int | None = None) -> list[CompiledLaunch]:
     """:func:`compile_launch` of every launch for every arch, in ``workers`` fresh processes
-    (default: one per CPU) that run triton without the interpreter. Triton caches cubins on disk,
-    so a second run is fast."""
+    (default: one per CPU, at most 8: each imports torch, about 1 GB) that run triton without the
+    interpreter. Triton caches cubins on disk, so a second run is fast."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -226,7 +226,7 @@ def compile_launches(launches: Iterable[Launch], archs: Iterable[int] = TARGET_A
     interpret = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers or min(os.cpu_count() or 1, 8), mp_context=context) as pool:
             return list(pool.map(_compile_job, jobs, chunksize=2))
     finally:
         if interpret is None:
