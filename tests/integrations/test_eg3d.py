@@ -249,3 +249,35 @@ def test_restated_eg3d_agrees_with_its_formulation(eg3d):
     for got, want in zip(eg3d.ray_sampler.RaySampler()(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3), 6),
                          eg3d_rays(c, 6)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _detach_weight(layer):  # a layer without a weight tensor
+    del layer.weight
+    layer.weight = None
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: setattr(d.net[0], "activation", "lrelu"),
+    lambda d: _detach_weight(d.net[0]),
+    lambda d: setattr(d.net[0], "bias", None),
+    lambda d: setattr(d.net[2], "bias", torch.nn.Parameter(torch.zeros(5))),  # bias of the wrong length
+    lambda d: setattr(d.net[0], "weight_gain", torch.tensor(1.0)),  # a gain that is not a number
+    lambda d: setattr(d.net[2], "bias_gain", None),
+    lambda d: setattr(d.net[2], "weight", torch.nn.Parameter(torch.zeros(33, 63))),  # inputs != hidden units
+    lambda d: (setattr(d.net[2], "weight", torch.nn.Parameter(torch.zeros(1, 64))),
+               setattr(d.net[2], "bias", torch.nn.Parameter(torch.zeros(1)))),  # fewer than 2 outputs
+    lambda d: d.net.__setitem__(1, torch.nn.Softplus(beta=2)),
+    lambda d: d.net.__setitem__(1, torch.nn.Softplus(threshold=10)),
+    lambda d: d.register_forward_pre_hook(lambda *args: None),
+    lambda d: d.net[0].register_full_backward_hook(lambda *args: None),
+    lambda d: d.net[2].register_full_backward_pre_hook(lambda *args: None),
+], ids=["activation", "no-weight", "no-bias", "bias-shape", "weight-gain", "bias-gain", "hidden-mismatch",
+        "one-output", "softplus-beta", "softplus-threshold", "forward-pre-hook", "backward-hook",
+        "backward-pre-hook"])
+def test_only_eg3ds_own_decoder_structure_is_fused(eg3d, change):
+    """Any departure from OSGDecoder's structure (a layer's kind, shapes, gains, the softplus, a
+    hook of any kind) keeps the decoder on the unfused path, which runs it as written."""
+    decoder, _ = decoder_and_planes(eg3d)
+    assert fused_module.osg_decoder_layers(decoder, 32) is not None
+    change(decoder)
+    assert fused_module.osg_decoder_layers(decoder, 32) is None
