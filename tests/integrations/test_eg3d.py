@@ -281,3 +281,15 @@ def test_only_eg3ds_own_decoder_structure_is_fused(eg3d, change):
     assert fused_module.osg_decoder_layers(decoder, 32) is not None
     change(decoder)
     assert fused_module.osg_decoder_layers(decoder, 32) is None
+
+
+def test_fused_decoder_weights_at_their_edges(eg3d):
+    """Two outputs (density and one channel) are still fused; a layer's weights come out in the
+    planes' dtype with both learning-rate gains applied, whatever the gain."""
+    decoder = eg3d.triplane.OSGDecoder(32, {"decoder_lr_mul": 2.0, "decoder_output_dim": 1})
+    first, second = fused_module.osg_decoder_layers(decoder, 32)
+    assert second.weight.shape[0] == 2
+    weight, bias = fused_module.effective_weights(second, torch.float64)
+    assert weight.dtype == bias.dtype == torch.float64
+    torch.testing.assert_close(weight, second.weight.double() * second.weight_gain)
+    torch.testing.assert_close(bias, second.bias.double() * 2.0)  # bias_gain is the lr multiplier
