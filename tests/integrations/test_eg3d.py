@@ -289,6 +289,8 @@ def test_fused_decoder_weights_at_their_edges(eg3d):
     decoder = eg3d.triplane.OSGDecoder(32, {"decoder_lr_mul": 2.0, "decoder_output_dim": 1})
     first, second = fused_module.osg_decoder_layers(decoder, 32)
     assert second.weight.shape[0] == 2
+    with torch.no_grad():
+        second.bias.copy_(torch.tensor([0.5, -1.5]))  # EG3D initialises biases to zero
     weight, bias = fused_module.effective_weights(second, torch.float64)
     assert weight.dtype == bias.dtype == torch.float64
     torch.testing.assert_close(weight, second.weight.double() * second.weight_gain)
