@@ -3,6 +3,7 @@ default FFHQ orbit (EG3D's radius 2.7, pivot (0, 0, 0.2), field of view 18.837, 
 the grid holds the views, and timing.json is exactly the run's record."""
 
 import json
+import math
 
 import imageio.v3 as iio
 import numpy as np
@@ -41,3 +42,43 @@ def test_write_baseline_without_losses_records_none(tmp_path):
     write_baseline(result, tmp_path, "p", steps=0, views=1)
     assert json.loads((tmp_path / "timing.json").read_text())["final_sds_loss"] is None
     assert iio.imread(tmp_path / "view00.png").shape[:2] == (32, 32)  # the default resolution
+
+
+class RecordingGuidance:
+    """A stand-in for Stable Diffusion guidance: records each call, loss = sum of the images."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = []
+
+    def sds_loss(self, images, prompts, yaws, step_ratio, generator):
+        self.calls.append(dict(shape=tuple(images.shape), prompts=prompts, yaws=yaws.clone(), step_ratio=step_ratio,
+                               generator=generator))
+        return type("SDS", (), {"loss": images.sum()})()
+
+
+def test_optimise_scene_wiring(monkeypatch):
+    from dreamportrait.baselines import optimise_scene, per_prompt_sds
+    from dreamportrait.models import sample_camera_labels
+
+    clock = iter([100.0, 103.5])
+    monkeypatch.setattr(per_prompt_sds.time, "perf_counter", lambda: next(clock))
+    guidance, seen = RecordingGuidance(), []
+    torch.manual_seed(0)
+    before = TriplaneScene().planes.detach().clone()  # the scene optimise_scene builds after seeding with 0
+    result = optimise_scene(guidance, "a bald man", steps=3, batch_size=2, progress=False,
+                            callback=lambda step, scene: seen.append((step, scene)))
+    assert result.seconds == 3.5
+    assert [s for s, _ in seen] == [0, 1, 2] and all(scene is result.scene for _, scene in seen)
+    assert [c["step_ratio"] for c in guidance.calls] == [0.0, 1 / 3, 2 / 3]
+    assert all(c["shape"] == (2, 3, 32, 32) and c["prompts"] == ["a bald man"] * 2 for c in guidance.calls)
+    assert all(isinstance(c["generator"], torch.Generator) for c in guidance.calls)
+    # the first views' yaws are the first draw of a generator seeded with the seed, over +-45 degrees
+    _, yaws = sample_camera_labels(2, math.radians(45.0), math.radians(20.0), 2.7, (0.0, 0.0, 0.2), 18.837,
+                                   torch.Generator().manual_seed(0))
+    torch.testing.assert_close(guidance.calls[0]["yaws"], yaws)
+    assert len(result.losses) == 3 and all(isinstance(loss, float) for loss in result.losses)
+    # Adam's first steps move each parameter by about the learning rate (0.01)
+    moved = (result.scene.planes.detach() - before).abs().max().item()
+    assert 0.005 < moved <= 0.031
