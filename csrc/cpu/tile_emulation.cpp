@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> attention_tile_emulation(const at::Tensor& q,
                                                             const std::optional<at::Tensor>& key_padding_mask,
                                                             double scale, int64_t block_q, int64_t block_k,
                                                             int64_t tiles_per_block, int64_t block_d) {
-  const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
+  const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale, true);
   const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, 0, block_d);
   return attention::tiled_forward(p, plan, q, k, v, gate, key_padding_mask, EmulateForward{});
 }
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_tile_emulat
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& gate, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& lse, double scale,
     int64_t block_q, int64_t block_k, int64_t tiles_per_block, int64_t splits, int64_t block_d) {
-  const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale);
+  const attention::Problem p = attention::check_problem(q, k, v, gate, key_padding_mask, scale, true);
   attention::check_backward(p, q, grad_out, lse, at::toOpMathType(q.scalar_type()));
   const attention::TilePlan plan = emulation_plan(q, block_q, block_k, tiles_per_block, splits, block_d);
   return attention::tiled_backward(p, plan, grad_out, q, k, v, gate, key_padding_mask, lse, EmulateForward{},
@@ -205,7 +205,7 @@ void check_cpu(const at::Tensor& densities) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulation(
     const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths, const at::Tensor& deltas,
     double transmittance_threshold) {
-  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, transmittance_threshold);
+  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, transmittance_threshold, true);
   check_cpu(densities);
   return composite::warp_forward(p, densities, colors, depths, deltas,
                                  [](const auto* sigma, const auto* color, const auto* t, const auto* delta,
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulat
     const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
     const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,
     const at::Tensor& deltas) {
-  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, 0.0);
+  const composite::Problem p = composite::check_problem(densities, colors, depths, deltas, 0.0, true);
   composite::check_grads(p, densities, grad_rgb, grad_depth, grad_opacity, grad_weights);
   check_cpu(densities);
   return composite::warp_backward(

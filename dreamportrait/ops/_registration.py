@@ -28,6 +28,7 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
 
     @torch.library.register_fake(forward)
     def _forward_fake(planes, points, box_warp, axes, reduce):
+        _arguments().check_triplane(forward, planes, points, box_warp, axes, reduce, indexing=False)
         batch, _, channels = planes.shape[:3]
         count = points.shape[1]
         shape = (batch, count, 3, channels) if reduce == "none" else (batch, count, channels)
@@ -35,10 +36,12 @@ def register_triplane_sample(forward: str, backward_planes: str, backward_points
 
     @torch.library.register_fake(backward_planes)
     def _planes_fake(grad_output, planes, points, box_warp, axes, reduce):
+        _arguments().check_triplane(backward_planes, planes, points, box_warp, axes, reduce, grad_output, indexing=False)
         return planes.new_empty(planes.shape)
 
     @torch.library.register_fake(backward_points)
     def _points_fake(grad_output, planes, points, box_warp, axes, reduce):
+        _arguments().check_triplane(backward_points, planes, points, box_warp, axes, reduce, grad_output, indexing=False)
         return points.new_empty(points.shape)
 
     def setup_context(ctx, inputs, output):
@@ -73,6 +76,7 @@ def register_composite_rays(forward: str, backward: str) -> None:
 
     @torch.library.register_fake(forward)
     def _forward_fake(densities, colors, depths, deltas, transmittance_threshold):
+        _arguments().check_composite(forward, densities, colors, depths, deltas, indexing=False)
         rays, samples = densities.shape
         return (
             densities.new_empty((rays, colors.shape[2])),
@@ -83,6 +87,9 @@ def register_composite_rays(forward: str, backward: str) -> None:
 
     @torch.library.register_fake(backward)
     def _backward_fake(grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors, depths, deltas):
+        checks = _arguments()
+        checks.check_composite(backward, densities, colors, depths, deltas, indexing=False)
+        checks.check_composite_gradients(backward, densities, colors, grad_rgb, grad_depth, grad_opacity, grad_weights)
         return densities.new_empty(densities.shape), colors.new_empty(colors.shape), \
             depths.new_empty(depths.shape), deltas.new_empty(deltas.shape)
 
@@ -117,12 +124,15 @@ def register_gated_cross_attention(forward: str, backward: str) -> None:
 
     @torch.library.register_fake(forward)
     def _forward_fake(q, k, v, gate, key_padding_mask, scale):
+        _arguments().check_attention(forward, q, k, v, gate, key_padding_mask, scale, indexing=False)
         # The log-sum-exp is kept in the accumulation type: float32 for 16-bit inputs.
-        lse_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake(backward)
     def _backward_fake(grad_out, q, k, v, gate, key_padding_mask, lse, scale):
+        checks = _arguments()
+        checks.check_attention(backward, q, k, v, gate, key_padding_mask, scale, indexing=False)
+        checks.check_attention_gradients(backward, q, grad_out, lse, _lse_dtype(q.dtype))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
 
     def setup_context(ctx, inputs, output):
@@ -136,6 +146,17 @@ def register_gated_cross_attention(forward: str, backward: str) -> None:
         return dq, dk, dv, dgate, None, None
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _arguments():
+    """The operators' argument checks (imported late: they import the op modules, which import this)."""
+    from .triton import arguments
+
+    return arguments
 
 
 def _resolve(qualname: str):
@@ -153,3 +174,47 @@ def register_compiled_ops() -> None:
     register_gated_cross_attention(
         "dreamportrait::gated_cross_attention", "dreamportrait::gated_cross_attention_backward"
     )
+    if hasattr(torch.ops.dreamportrait, "sample_and_decode"):
+        from .sample_and_decode import _register_compiled
+
+        _register_compiled()
+    _register_emulation_fakes()
+
+
+def _register_emulation_fakes() -> None:
+    """Fake kernels of the test-only host emulations of the CUDA schedules (csrc/cpu/tile_emulation.cpp):
+    they check their tensors as the operators they emulate do."""
+    if "emulation" in _registered or not hasattr(torch.ops.dreamportrait, "attention_tile_emulation"):
+        return
+    _registered.add("emulation")
+    name = "dreamportrait::attention_tile_emulation"
+
+    @torch.library.register_fake(name)
+    def _attention_fake(q, k, v, gate, key_padding_mask, scale, *tiles):
+        _arguments().check_attention(name, q, k, v, gate, key_padding_mask, scale, indexing=False)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake(name + "_backward")
+    def _attention_backward_fake(grad_out, q, k, v, gate, key_padding_mask, lse, scale, *tiles):
+        checks = _arguments()
+        checks.check_attention(name + "_backward", q, k, v, gate, key_padding_mask, scale, indexing=False)
+        checks.check_attention_gradients(name + "_backward", q, grad_out, lse, _lse_dtype(q.dtype))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gate.new_empty(gate.shape)
+
+    warp = "dreamportrait::composite_warp_emulation"
+
+    @torch.library.register_fake(warp)
+    def _warp_fake(densities, colors, depths, deltas, transmittance_threshold):
+        _arguments().check_composite(warp, densities, colors, depths, deltas, indexing=False)
+        rays, samples = densities.shape
+        return (densities.new_empty((rays, colors.shape[2])), densities.new_empty((rays,)),
+                densities.new_empty((rays,)), densities.new_empty((rays, samples)))
+
+    @torch.library.register_fake(warp + "_backward")
+    def _warp_backward_fake(grad_rgb, grad_depth, grad_opacity, grad_weights, densities, colors, depths, deltas):
+        checks = _arguments()
+        checks.check_composite(warp + "_backward", densities, colors, depths, deltas, indexing=False)
+        checks.check_composite_gradients(warp + "_backward", densities, colors, grad_rgb, grad_depth, grad_opacity,
+                                         grad_weights)
+        return (densities.new_empty(densities.shape), colors.new_empty(colors.shape), depths.new_empty(depths.shape),
+                deltas.new_empty(deltas.shape))

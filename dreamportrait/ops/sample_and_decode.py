@@ -118,11 +118,18 @@ def _register(forward: str, backward: str) -> None:
 
     @torch.library.register_fake(forward)
     def _forward_fake(planes, points, box_warp, axes, weight1, bias1, weight2, bias2):
+        from .triton.arguments import check_decoder
+
+        check_decoder(forward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, indexing=False)
         return planes.new_empty((planes.shape[0], points.shape[1], weight2.shape[0]))
 
     @torch.library.register_fake(backward)
     def _backward_fake(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
                        needs_planes, needs_points):
+        from .triton.arguments import check_decoder
+
+        check_decoder(backward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, grad_output,
+                      indexing=False)
         return (planes.new_empty(planes.shape if needs_planes else (0,)),
                 points.new_empty(points.shape if needs_points else (0,)), weight1.new_empty(weight1.shape),
                 bias1.new_empty(bias1.shape), weight2.new_empty(weight2.shape), bias2.new_empty(bias2.shape))

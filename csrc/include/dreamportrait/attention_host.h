@@ -15,25 +15,33 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "dreamportrait/attention_math.h"
 #include "dreamportrait/attention_tiles.h"
+#include "dreamportrait/host_checks.h"
 
 namespace dreamportrait {
 namespace attention {
 
+// Every tensor's shape, dtype and device; any strides (the kernels read through .contiguous()).
+// float16 and bfloat16 are taken by the CUDA kernels, or where `reduced_precision` says so.
 inline Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& gate, const std::optional<at::Tensor>& mask, double scale) {
+                             const at::Tensor& gate, const std::optional<at::Tensor>& mask, double scale,
+                             std::optional<bool> reduced_precision = std::nullopt) {
   TORCH_CHECK(q.dim() == 4, "gated_cross_attention: q must have shape (B, H, Lq, D), got ", q.sizes());
+  check_kernel_dtype("gated_cross_attention", "q", q, reduced_precision.value_or(takes_reduced_precision(q)));
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(3) == D,
               "gated_cross_attention: k must have shape (B, H, Lk, D) matching q, got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "gated_cross_attention: v must have the shape of k, got ", v.sizes());
   TORCH_CHECK(gate.dim() == 1 && gate.size(0) == H, "gated_cross_attention: gate must have shape (H,), got ",
               gate.sizes());
-  for (const at::Tensor* t : {&k, &v, &gate})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(),
-                "gated_cross_attention: k, v and gate must match q in dtype and device");
+  const std::pair<const at::Tensor*, const char*> like_q[] = {{&k, "k"}, {&v, "v"}, {&gate, "gate"}};
+  for (const auto& [t, name] : like_q)
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), "gated_cross_attention: ", name,
+                " must match q in dtype and device (", q.scalar_type(), " on ", q.device(), "), got ",
+                t->scalar_type(), " on ", t->device());
   if (mask) {
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == k.size(2) &&
                     mask->scalar_type() == at::kBool && mask->device() == q.device(),
@@ -93,21 +101,41 @@ inline at::Tensor contiguous_mask(const std::optional<at::Tensor>& mask) {
   return mask ? mask->contiguous() : at::Tensor();
 }
 
+// The tile programs index blocks, (batch, head) pairs, query and key tiles and head-dim columns with
+// 32-bit ints, as a CUDA grid does its blocks: a problem past that is refused before anything is
+// allocated or read (the CPU kernel has no such limit).
+inline void check_head_dim(const Problem& p) {
+  check_int32("gated_cross_attention", "q", "head-dim columns (D rounded up to 16)",
+              p.D <= kMaxInt32 - tiles::kFragment ? p.D : kMaxInt32 + int64_t(1));
+  check_int32("gated_cross_attention", "q", "(batch, head) pairs", saturating_mul(p.B, p.H));
+}
+
+inline void check_tiles(const Problem& p, const tiles::Shape& shape) {
+  check_int32("gated_cross_attention", "q", "query tiles per head", tiles::ceil_div(p.Lq, shape.block_q));
+  check_int32("gated_cross_attention", "k", "key tiles per head", tiles::ceil_div(p.Lk, shape.block_k));
+}
+
+// Blocks of a launch: the (batch, head) pairs times `per_head` blocks each.
+inline int64_t checked_blocks(const Problem& p, int64_t per_head) {
+  const int64_t blocks = saturating_mul(saturating_mul(p.B, p.H), per_head);
+  check_int32("gated_cross_attention", "q", "blocks", blocks);
+  return blocks;
+}
+
+// The forward's tiles and blocks, checked; no tensor is read.
 template <typename scalar_t, typename acc_t>
-tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& plan, const at::Tensor& q,
-                                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
-                                             const at::Tensor& mask) {
+tiles::ForwardIo<scalar_t, acc_t> forward_schedule(const Problem& p, const TilePlan& plan) {
+  check_head_dim(p);
   tiles::ForwardIo<scalar_t, acc_t> io{};
   io.p = p;
   io.shape = plan.shape_for<acc_t>(false, p, sizeof(scalar_t));
+  check_tiles(p, io.shape);
   io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
-  const int64_t per_block = p.B * p.H * io.query_tiles * tiles::column_parts(io.shape) / (2 * plan.target_blocks);
+  const int64_t per_block =
+      saturating_mul(saturating_mul(p.B * p.H, io.query_tiles), tiles::column_parts(io.shape)) / (2 * plan.target_blocks);
   io.tiles_per_block = plan.tiles_per_block > 0 ? plan.tiles_per_block : (per_block > 1 ? per_block : 1);
-  io.q = q.const_data_ptr<scalar_t>();
-  io.k = k.const_data_ptr<scalar_t>();
-  io.v = v.const_data_ptr<scalar_t>();
-  io.gate = gate.const_data_ptr<scalar_t>();
-  io.mask = p.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+  checked_blocks(p, saturating_mul(tiles::forward_blocks_per_head(io.query_tiles, io.tiles_per_block),
+                                   tiles::column_parts(io.shape)));
   return io;
 }
 
@@ -118,12 +146,29 @@ int64_t forward_blocks(const Problem& p, const tiles::ForwardIo<scalar_t, acc_t>
          tiles::column_parts(io.shape);
 }
 
+template <typename scalar_t, typename acc_t>
+tiles::ForwardIo<scalar_t, acc_t> forward_io(const Problem& p, const TilePlan& plan, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
+                                             const at::Tensor& mask) {
+  tiles::ForwardIo<scalar_t, acc_t> io = forward_schedule<scalar_t, acc_t>(p, plan);
+  io.q = q.const_data_ptr<scalar_t>();
+  io.k = k.const_data_ptr<scalar_t>();
+  io.v = v.const_data_ptr<scalar_t>();
+  io.gate = gate.const_data_ptr<scalar_t>();
+  io.mask = p.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+  return io;
+}
+
 // out (B, H, Lq, D) and lse (B, H, Lq) in the accumulation type.
 template <class LaunchForward>
 std::tuple<at::Tensor, at::Tensor> tiled_forward(const Problem& p, const TilePlan& plan, const at::Tensor& q,
                                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  LaunchForward launch_forward) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_cross_attention_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_schedule<scalar_t, acc_t>(p, plan);  // checks the tiles and blocks before anything is allocated
+  });
   at::Tensor out = at::empty({p.B, p.H, p.Lq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (lse.numel() == 0) return {out, lse};
@@ -154,6 +199,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), q.options()), at::zeros(v.sizes(), q.options()),
             at::zeros({p.H}, q.options())};
   }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gated_cross_attention_backward_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // the tiles and blocks, checked before anything is allocated or read
+    check_head_dim(p);
+    const tiles::Shape shape = plan.shape_for<acc_t>(true, p, sizeof(scalar_t));
+    check_tiles(p, shape);
+    const int64_t query_tiles = tiles::ceil_div(p.Lq, shape.block_q), key_tiles = tiles::ceil_div(p.Lk, shape.block_k);
+    const int64_t per_head = saturating_mul(key_tiles, tiles::column_parts(shape));
+    checked_blocks(p, per_head);  // so that the splits' arithmetic cannot overflow
+    const int64_t splits = plan.splits > 0 ? plan.splits
+                                           : tiles::backward_splits(query_tiles, per_head, p.B * p.H, plan.target_blocks);
+    checked_blocks(p, saturating_mul(splits, per_head));
+    if (key_tiles > 1) forward_schedule<scalar_t, acc_t>(p, plan);
+  });
   const at::Tensor q_c = q.contiguous(), k_c = k.contiguous(), v_c = v.contiguous(), gate_c = gate.contiguous(),
                    g_c = grad_out.contiguous(), lse_c = lse.contiguous(), mask_c = contiguous_mask(key_padding_mask);
   const at::Tensor gate_value = at::tanh(gate_c.to(acc_options.dtype()));

@@ -10,9 +10,12 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "dreamportrait/composite_math.h"
+#include "dreamportrait/composite_scan.h"
+#include "dreamportrait/host_checks.h"
 
 namespace dreamportrait {
 namespace composite {
@@ -23,10 +26,14 @@ inline void check_like(const at::Tensor& t, const at::Tensor& densities, const c
               t.scalar_type(), " on ", t.device());
 }
 
+// Every tensor's shape, dtype and device; any strides (the kernels read through .contiguous()).
+// float16 and bfloat16 are taken by the CUDA kernels, or where `reduced_precision` says so.
 inline Problem check_problem(const at::Tensor& densities, const at::Tensor& colors,
                              const at::Tensor& depths, const at::Tensor& deltas,
-                             double transmittance_threshold) {
+                             double transmittance_threshold, std::optional<bool> reduced_precision = std::nullopt) {
   TORCH_CHECK(densities.dim() == 2, "composite_rays: densities must have shape (R, S), got ", densities.sizes());
+  check_kernel_dtype("composite_rays", "densities", densities,
+                     reduced_precision.value_or(takes_reduced_precision(densities)));
   const int64_t R = densities.size(0), S = densities.size(1);
   TORCH_CHECK(colors.dim() == 3 && colors.size(0) == R && colors.size(1) == S,
               "composite_rays: colors must have shape (R, S, C) = (", R, ", ", S, ", C), got ", colors.sizes());
@@ -61,6 +68,12 @@ inline void check_grads(const Problem& p, const at::Tensor& densities, const at:
 
 // ---- The host side of the warp-per-ray kernels (composite_scan.h), shared by the CUDA launcher
 // and the host emulation, which differ in how `launch(pointers..., problem)` runs the rays.
+
+// A block of the grid per kRaysPerBlock rays, its index 32-bit: checked before anything is allocated.
+inline void check_warp_grid(const Problem& p) {
+  check_int32("composite_rays", "densities", "blocks of rays",
+              (p.R + scan::kRaysPerBlock - 1) / scan::kRaysPerBlock);
+}
 // Half-precision rgb and the density/spacing gradients (which double as scratch) are accumulated
 // in the accumulation type and converted at the end.
 
@@ -69,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_forward(const Pr
                                                                         const at::Tensor& colors,
                                                                         const at::Tensor& depths,
                                                                         const at::Tensor& deltas, Launch launch) {
+  check_warp_grid(p);
   const auto options = densities.options();
   const auto acc_options = options.dtype(at::toOpMathType(densities.scalar_type()));
   at::Tensor rgb = at::empty({p.R, p.C}, acc_options), depth = at::empty({p.R}, options),
@@ -92,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> warp_backward(
     const Problem& p, const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
     const at::Tensor& grad_weights, const at::Tensor& densities, const at::Tensor& colors, const at::Tensor& depths,
     const at::Tensor& deltas, Launch launch) {
+  check_warp_grid(p);
   const auto dtype = densities.scalar_type();
   const auto options = densities.options();
   const auto acc_options = options.dtype(at::toOpMathType(dtype));

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
+
 #include "dreamportrait/triplane_math.h"
 
 namespace dreamportrait {
@@ -20,9 +22,12 @@ struct Sizes {
 inline Sizes check_weights(const at::Tensor& planes, const at::Tensor& weight1, const at::Tensor& bias1,
                            const at::Tensor& weight2, const at::Tensor& bias2) {
   const int64_t C = planes.size(2);
-  for (const auto* t : {&weight1, &bias1, &weight2, &bias2}) {
-    TORCH_CHECK(t->scalar_type() == planes.scalar_type() && t->device() == planes.device(),
-                "sample_and_decode: the decoder weights must match planes in dtype and device");
+  const std::pair<const at::Tensor*, const char*> weights[] = {
+      {&weight1, "weight1"}, {&bias1, "bias1"}, {&weight2, "weight2"}, {&bias2, "bias2"}};
+  for (const auto& [t, name] : weights) {
+    TORCH_CHECK(t->scalar_type() == planes.scalar_type() && t->device() == planes.device(), "sample_and_decode: ",
+                name, " must match planes in dtype and device (", planes.scalar_type(), " on ", planes.device(),
+                "), got ", t->scalar_type(), " on ", t->device());
   }
   TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == C && weight1.size(0) >= 1,
               "sample_and_decode: weight1 must have shape (K, ", C, "), got ", weight1.sizes());
@@ -45,7 +50,8 @@ inline void check_grad_output(const at::Tensor& grad_output, const triplane::Pro
               "sample_and_decode_backward: grad_output must have shape (", p.B, ", ", p.N, ", ", d.O, "), got ",
               grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == planes.scalar_type() && grad_output.device() == planes.device(),
-              "sample_and_decode_backward: grad_output must match planes in dtype and device");
+              "sample_and_decode_backward: grad_output must match planes in dtype and device (", planes.scalar_type(),
+              " on ", planes.device(), "), got ", grad_output.scalar_type(), " on ", grad_output.device());
 }
 
 }  // namespace decoder

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string_view>
 
+#include "dreamportrait/host_checks.h"
 #include "dreamportrait/triplane_math.h"
 
 namespace dreamportrait {
@@ -23,11 +24,14 @@ inline Reduce parse_reduce(std::string_view reduce) {
   TORCH_CHECK(false, "triplane_sample: reduce must be 'mean', 'sum' or 'none', got '", reduce, "'");
 }
 
+// Every tensor's shape, dtype and device; any strides (the kernels read through .contiguous() or
+// a channel-innermost copy).
 inline Problem check_problem(const at::Tensor& planes, const at::Tensor& points, double box_warp,
                              at::IntArrayRef axes, std::string_view reduce,
                              const std::optional<at::Tensor>& grad_output = std::nullopt) {
   TORCH_CHECK(planes.dim() == 5 && planes.size(1) == kPlanes,
               "triplane_sample: planes must have shape (B, 3, C, H, W), got ", planes.sizes());
+  check_kernel_dtype("triplane_sample", "planes", planes, takes_reduced_precision(planes));
   TORCH_CHECK(points.dim() == 3 && points.size(2) == 3,
               "triplane_sample: points must have shape (B, N, 3), got ", points.sizes());
   TORCH_CHECK(points.size(0) == planes.size(0), "triplane_sample: points batch ", points.size(0),

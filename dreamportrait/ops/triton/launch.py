@@ -54,11 +54,15 @@ _dry_runs: list[bool] = []  # one per active recording: whether it skips the ker
 
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # programs along a CUDA grid's axes
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, recorded by every active :func:`recording`. Keyword
     arguments named in :data:`LAUNCH_OPTIONS` are compile options, the others kernel arguments."""
+    if len(grid) > 3 or not all(0 <= g <= limit for g, limit in zip(grid, GRID_LIMITS)):
+        raise ValueError(f"{kernel.fn.__name__}: a launch grid of {tuple(grid)} programs exceeds a CUDA grid's "
+                         f"{GRID_LIMITS}")
     if _recordings:
         record = _describe(kernel, grid, args, kwargs)
         for recorded in _recordings:

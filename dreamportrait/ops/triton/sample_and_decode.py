@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .arguments import check_decoder
 from .common import accumulation_dtype, accumulation_type
 from .launch import launch
 from .triplane_sample import _corner, _load_point, _on_axis, _plane_taps
@@ -236,6 +237,7 @@ def _operands(planes, points, weight1, bias1, weight2, bias2):
 
 def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], weight1: Tensor, bias1: Tensor,
             weight2: Tensor, bias2: Tensor) -> Tensor:
+    check_decoder("sample_and_decode_triton", planes, points, box_warp, axes, weight1, bias1, weight2, bias2)
     _check("sample_and_decode_triton", planes, weight1, weight2)
     batch, count, outputs = planes.shape[0], points.shape[1], weight2.shape[0]
     out = planes.new_empty((batch, count, outputs))
@@ -249,12 +251,11 @@ def forward(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], we
 
 def backward(grad_output: Tensor, planes: Tensor, points: Tensor, box_warp: float, axes: list[int], weight1: Tensor,
              bias1: Tensor, weight2: Tensor, bias2: Tensor, needs_planes: bool, needs_points: bool):
+    check_decoder("sample_and_decode_triton_backward", planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
+                  grad_output)
     _check("sample_and_decode_triton_backward", planes, weight1, weight2)
     batch, _, channels, height, width = planes.shape
     count, outputs = points.shape[1], weight2.shape[0]
-    if tuple(grad_output.shape) != (batch, count, outputs):
-        raise ValueError(f"sample_and_decode_triton_backward: grad_output must have shape {(batch, count, outputs)}, "
-                         f"got {tuple(grad_output.shape)}")
     accumulation = accumulation_dtype(planes.dtype)
     grad_planes = planes.new_zeros((batch, 3, height, width, channels) if needs_planes else (1,), dtype=accumulation)
     grad_points = points.new_zeros(points.shape if needs_points else (1,))
