@@ -82,9 +82,11 @@ def test_the_newest_keep_checkpoints_are_kept(tmp_path):
     for step in (13, 14, 15, 16):
         save(tmp_path, step, keep=0)  # 0 keeps every one
     assert len(list(root.glob("step-*"))) == 5
-    save(tmp_path, 17, keep=3)
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000015", "step-0000016", "step-0000017"]
-    assert (root / "latest").read_text() == "step-0000017\n"
+    save(tmp_path, 17, keep=-1)  # as 0
+    assert len(list(root.glob("step-*"))) == 6
+    save(tmp_path, 18, keep=3)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000016", "step-0000017", "step-0000018"]
+    assert (root / "latest").read_text() == "step-0000018\n"
 
 
 def test_saving_a_step_again_replaces_it(tmp_path):
@@ -206,3 +208,26 @@ def test_the_training_state_is_loaded_onto_the_cpu(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         ckpt.load_checkpoint(path, None, None, None)
     assert calls == [{"map_location": "cpu", "weights_only": True}]
+
+
+def test_three_checkpoints_are_kept_by_default(tmp_path):
+    generator, ema, discriminator = nets()
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, step, generator, ema, discriminator, {"step": step}, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == \
+        ["step-0000003", "step-0000004", "step-0000005"]
+
+
+def test_a_checkpoint_is_written_in_a_hidden_temporary_directory_named_after_it(tmp_path, monkeypatch):
+    written = []
+    real_write_manifest = ckpt.write_manifest
+
+    def recording(directory):
+        written.append(directory)
+        return real_write_manifest(directory)
+
+    monkeypatch.setattr(ckpt, "write_manifest", recording)
+    path = save(tmp_path, 12)
+    (directory,) = written
+    assert directory.parent == tmp_path / "checkpoints" and directory.name.startswith(".step-0000012.")
+    assert directory.name.endswith(".tmp") and not directory.exists() and path.is_dir()

@@ -111,7 +111,8 @@ def test_the_guidance_source_is_required():
     (["gan.real=images", "gan.image_dir=''"], r"'gan.image_dir' is required"),
     (["gan.group_size=0"], r"^config key 'gan.group_size' must be >= 1 and divide batch_size \(4\), got 0$"),
     (["gan.group_size=3"], r"'gan.group_size' must be >= 1 and divide batch_size \(4\), got 3$"),
-    (["gan.group_size=2"], r"^config key 'gan.group_size' above 1 needs gan.real: images"),
+    (["gan.group_size=2"], r"^config key 'gan.group_size' above 1 needs gan.real: images \(real groups of one attribute "
+                           r"combination seen from one camera\); the pretrained generator's samples have no such groups$"),
     (["gan.spread_weight=-0.5"], r"^config key 'gan.spread_weight' must be >= 0 and, above 0, needs gan.group_size "
                                  r">= 2 \(it compares the renders of one prompt's group\), got -0.5 with group_size 1$"),
     (["gan.spread_weight=0.1"], r"'gan.spread_weight' must be >= 0 .* got 0.1 with group_size 1$"),
@@ -159,7 +160,8 @@ def test_prompts_come_from_the_list_then_the_file_without_blank_lines(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="the prompt list is empty"):
         load(f"prompt_file={tmp_path / 'blank.txt'}").all_prompts()
-    with pytest.raises(ValueError, match=r"^config key 'prompts' holds an empty prompt; every prompt must have words"):
+    with pytest.raises(ValueError, match=r"^config key 'prompts' holds an empty prompt; every prompt must have words "
+                                         r"\(the empty one is guidance's unconditional prompt\)$"):
         load("prompts=['a', ' ']").all_prompts()
 
 

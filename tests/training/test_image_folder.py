@@ -124,7 +124,8 @@ def test_group_errors_are_named(tmp_path):
     folder = ImageFolder(write_folder(tmp_path / "faces", groups=[[0, 1]]), 4, 4)
     with pytest.raises(ValueError, match=r"^count \(5\) must be a multiple of group_size \(2\)$"):
         folder.sample(5, group_size=2)
-    with pytest.raises(ValueError, match=r"has no 'groups' of 3 or more images, which gan.group_size=3 needs"):
+    with pytest.raises(ValueError, match=r"^\S*faces/dataset.json has no 'groups' of 3 or more images, which "
+                                         r"gan.group_size=3 needs$"):
         folder.sample(6, group_size=3)
     # A group of exactly the size is enough.
     images, _ = folder.sample(4, group_size=2)
@@ -133,7 +134,8 @@ def test_group_errors_are_named(tmp_path):
 
 @pytest.mark.parametrize("groups", ["0,1", [[0]], [[0, 6]], [[0, -1]], [[0, True]], [[0, 1.0]], [[0, 1], 2], {"a": [0, 1]}])
 def test_bad_groups_are_refused(tmp_path, groups):
-    with pytest.raises(ValueError, match=r"'groups' must be a list of lists of at least 2 image indices \(0 to 5\)"):
+    with pytest.raises(ValueError, match=r"^\S*faces/dataset.json: 'groups' must be a list of lists of at least 2 "
+                                         r"image indices \(0 to 5\)$"):
         ImageFolder(write_folder(tmp_path / "faces", groups=groups), 4, 4)
 
 
@@ -173,3 +175,27 @@ def test_group_spread_is_the_mean_difference_of_real_groups(tmp_path):
     gaps = [51 / 127.5 if pick == 0 else 102 / 127.5 for pick in picks]
     assert spread == pytest.approx(sum(gaps) / 16)
     assert 0 < picks.count(0) < 16  # both groups drawn
+
+
+def test_integer_labels_are_read_as_float32(tmp_path):
+    directory = write_folder(tmp_path / "faces", levels=[0, 255])
+    listing = json.loads((directory / "dataset.json").read_text())
+    listing["labels"] = [[name, list(range(25))] for name, _ in listing["labels"]]
+    (directory / "dataset.json").write_text(json.dumps(listing))
+    folder = ImageFolder(directory, 4, 4)
+    assert folder.labels.dtype == torch.float32
+    assert torch.equal(folder.labels, torch.arange(25, dtype=torch.float32).expand(2, 25))
+
+
+def test_group_spread_measures_64_groups_by_default(tmp_path, monkeypatch):
+    folder = ImageFolder(write_folder(tmp_path / "faces", groups=[[0, 5]]), 8, 4)
+    counts = []
+    sample = folder.sample
+
+    def recording_sample(count, generator=None, group_size=1):
+        counts.append((count, group_size))
+        return sample(count, generator, group_size=group_size)
+
+    monkeypatch.setattr(folder, "sample", recording_sample)
+    folder.group_spread(2)
+    assert counts == [(128, 2)]
