@@ -64,10 +64,7 @@ def configure(copy: Path, area: dict) -> None:
     """The copy's [tool.mutmut]: the shared settings plus the area's files and tests."""
     text = (copy / "pyproject.toml").read_text()
     extensions = [f"dreamportrait/{path.name}" for path in (copy / "dreamportrait").glob("_C*.so")]
-    # An area's optional "skip": regular expressions of lines whose whole statement (a `def` line: the
-    # function) mutmut leaves unmutated.
     settings = (f"only_mutate = {toml_list(area['mutate'])}\n"
-                f"do_not_mutate_patterns = {toml_list(area.get('skip', []))}\n"
                 f"pytest_add_cli_args_test_selection = {toml_list(area['tests'])}\n"
                 f"also_copy = {toml_list(extensions + ['tests/', 'dreamportrait/assets/', 'dreamportrait/configs/'])}"
                 "\n")
