@@ -108,6 +108,10 @@ def test_one_ray_by_hand():
         with torch.no_grad():
             _, _, opacity, weights = composite_rays(densities, colors, depths, deltas, 0.6, backend=backend)
         torch.testing.assert_close(weights, torch.tensor([0.5, 0.0], dtype=torch.float64))
+        # At exactly 1/2 the second sample is not below the threshold: it keeps its weight.
+        with torch.no_grad():
+            _, _, _, weights = composite_rays(densities, colors, depths, deltas, 0.5, backend=backend)
+        torch.testing.assert_close(weights, torch.tensor([0.5, 0.25], dtype=torch.float64))
 
 
 def composite_call(**overrides):
@@ -278,6 +282,9 @@ def test_triplane_sample_passes_its_arguments_to_its_backend(backend, monkeypatc
      r"triplane_sample: axes gives plane 0 the same axis 1 for u and v, got \(1, 1, 0, 2, 1, 2\)"),
     (dict(axes=(0, 1, 0, 2, 2, 2)), ValueError, "triplane_sample: axes gives plane 2 the same axis 2 for u and v"),
     (dict(reduce="max"), ValueError, r"triplane_sample: reduce must be one of \('mean', 'sum', 'none'\), got 'max'"),
+    (dict(backend="fast"), ValueError, "triplane_sample: backend must be one of reference, cpu, cuda, triton; got 'fast'"),
+    (dict(planes=torch.randn(2, 3, 4, 5, 6, dtype=torch.float16), points=torch.rand(2, 7, 3, dtype=torch.float16),
+          backend="cpu"), TypeError, "triplane_sample: the cpu backend takes planes of dtype float32, float64; got torch.float16"),
 ])
 def test_triplane_sample_argument_errors_word_for_word(overrides, error, message):
     arguments = dict(planes=torch.randn(2, 3, 4, 5, 6), points=torch.rand(2, 7, 3))
