@@ -10,6 +10,12 @@ Layout of a pretrained directory::
                                   "discriminator": {DualDiscriminator kwargs} (optional)}
     generator.safetensors        (the text-conditioned generator's, base included, when conditioned)
     discriminator.safetensors    (when the config has a discriminator)
+    manifest.json                every other file's SHA-256 and size, written last
+                                 (:mod:`dreamportrait._manifest`)
+
+Loading checks every file against the manifest first and refuses a directory whose manifest does
+not match (naming the file), or that reads a file the manifest does not list. A directory without
+a manifest (converted or assembled by hand) loads with a warning that it is unverified.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_path
-from .._manifest import MANIFEST, verify_manifest
+from .._manifest import require_listed, verify_or_warn, write_manifest
 from ..text import TextConditionedGenerator, TextEncoder
 from ..weights import load_weights, read_weights, save_weights  # noqa: F401  (re-exported)
 from .discriminator import DualDiscriminator
@@ -41,7 +47,9 @@ NETWORK_CLASSES = {"generator": TriPlaneGenerator, "discriminator": DualDiscrimi
 def save_pretrained(directory: str | Path, generator: TriPlaneGenerator | TextConditionedGenerator,
                     discriminator: DualDiscriminator | None = None) -> Path:
     """Write ``generator`` (and ``discriminator``) to ``directory``; every file is written atomically,
-    the config last, so an interrupted save leaves no config pointing at missing weights."""
+    the config after the weights, so an interrupted save leaves no config pointing at missing weights,
+    and the manifest of every file below ``directory`` last (an interrupted save into a directory
+    that had one leaves it not matching: loading refuses the mix)."""
     directory = Path(directory)
     base = generator.base if isinstance(generator, TextConditionedGenerator) else generator
     config = {"format": FORMAT, "version": VERSION,
@@ -58,6 +66,7 @@ def save_pretrained(directory: str | Path, generator: TriPlaneGenerator | TextCo
         save_weights(network, directory / WEIGHT_FILES[role], metadata={"format": FORMAT, "role": role})
     with atomic_path(directory / CONFIG_FILE) as temporary:
         temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_manifest(directory)
     return directory
 
 
@@ -95,10 +104,11 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
     directory; ``backend`` selects the generator's rendering ops. A text-conditioned generator gets
     ``text_encoder`` (an encoder or its source; default: the source recorded when it was saved, or,
     where none is recorded, the :data:`TEXT_ENCODER_PARTS` beside it, as a published generator has).
-    A directory with a manifest (a training checkpoint) is checked against it first."""
+    Every file is checked against the directory's manifest first (ValueError naming a damaged,
+    missing or unlisted file); a directory without one loads with an
+    :class:`~dreamportrait._manifest.UnverifiedDirectoryWarning`."""
     directory = Path(directory)
-    if (directory / MANIFEST).is_file():
-        verify_manifest(directory)
+    listed = verify_or_warn(directory, (CONFIG_FILE, WEIGHT_FILES["generator"]))
     config = read_config(directory)
     what = f"{directory / CONFIG_FILE}: the generator config"
     generator = _construct(TriPlaneGenerator, config["generator"], what, backend=backend)
@@ -107,6 +117,10 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
         source = kwargs.pop("text_encoder", None)
         if source is None and all((directory / part).is_dir() for part in TEXT_ENCODER_PARTS):
             source = directory
+        if source is not None and text_encoder is None and Path(source).resolve() == directory.resolve():
+            require_listed(directory, listed, (path.relative_to(directory).as_posix()
+                                               for part in TEXT_ENCODER_PARTS
+                                               for path in sorted((directory / part).rglob("*")) if path.is_file()))
         encoder = text_encoder if text_encoder is not None else source
         if encoder is not None and not isinstance(encoder, TextEncoder):
             encoder = TextEncoder(encoder, device=device)
@@ -115,6 +129,7 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu", b
     read_weights(generator, directory / WEIGHT_FILES["generator"])
     discriminator = None
     if "discriminator" in config:
+        require_listed(directory, listed, (WEIGHT_FILES["discriminator"],))
         discriminator = _construct(DualDiscriminator, config["discriminator"],
                                    f"{directory / CONFIG_FILE}: the discriminator config")
         read_weights(discriminator, directory / WEIGHT_FILES["discriminator"])

@@ -9,7 +9,8 @@ nothing has to be trained or downloaded before generating or evaluating::
                  copy of the text encoder it was trained with (``tokenizer/``, ``text_encoder/``),
                  so a rebuilt teacher cannot change what its prompts mean
 
-Each is a copy of a build's output (:func:`publish` writes them).
+Each is a copy of a build's output (:func:`publish` writes them) with a manifest of its files'
+content hashes (``manifest.json``), checked by :func:`asset_dir` before anything is read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from .._manifest import MANIFEST, verify_manifest, write_manifest
 from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, load_pretrained, read_config
 from ..text.encoder import vocabulary_words
 
@@ -33,7 +35,22 @@ def asset_dir(name: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"the packaged world {name} is missing ({path}); reinstall dreamportrait or build it "
                                 f"with `dreamportrait world build` / `dreamportrait world train`")
+    _verify_once(path)
     return path
+
+
+_verified: set[tuple[str, int]] = set()
+
+
+def _verify_once(path: Path) -> None:
+    """Check a packaged directory against its manifest (which :func:`publish` writes), whatever
+    loads it (the teacher and the judge have loaders of their own); once per process while the
+    manifest is unchanged. A damaged, missing or altered file is a ValueError naming it."""
+    manifest = path / MANIFEST
+    key = (str(path), manifest.stat().st_mtime_ns if manifest.is_file() else -1)
+    if key not in _verified:
+        verify_manifest(path)
+        _verified.add(key)
 
 
 def load_default_generator(device="cpu", backend: str | None = None):
@@ -78,7 +95,8 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
         for part in TEXT_ENCODER_PARTS:
             shutil.copytree(encoder / part, temporary / part)
     else:
-        shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("training_state.pt", "tensorboard"))
+        shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("training_state.pt", "tensorboard", MANIFEST))
+    write_manifest(temporary)  # what was left out is not listed; what was copied is checked on load
     shutil.rmtree(target, ignore_errors=True)
     temporary.rename(target)
     return target

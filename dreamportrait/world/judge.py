@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
+from .._manifest import verify_or_warn, write_manifest
 from ..weights import read_weights, save_weights
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples
 
@@ -103,6 +104,7 @@ def save_judge(judge: AttributeJudge, directory: str | Path) -> Path:
     save_weights(judge, directory / "judge.safetensors")
     with atomic_path(directory / "judge.json") as temporary:
         temporary.write_text(json.dumps({"width": judge.width, "classes": ATTRIBUTE_CLASSES}, indent=2) + "\n")
+    write_manifest(directory)
     return directory
 
 
@@ -111,6 +113,7 @@ def load_judge(directory: str | Path) -> AttributeJudge:
     config_path = directory / "judge.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory}: judge.json is missing")
+    verify_or_warn(directory, ("judge.json", "judge.safetensors"))
     config = json.loads(config_path.read_text())
     if {k: tuple(v) for k, v in config["classes"].items()} != ATTRIBUTE_CLASSES:
         raise ValueError(f"{config_path}: the judge was trained for other attribute classes")

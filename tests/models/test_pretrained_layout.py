@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import write_tiny_clip
 
+from dreamportrait._manifest import write_manifest
 from dreamportrait.models import build_discriminator, build_generator, load_pretrained, save_pretrained
 from dreamportrait.models.pretrained import read_config
 from dreamportrait.text import TextConditionedGenerator, TextEncoder
@@ -36,7 +37,7 @@ def test_a_text_conditioned_directory_holds_the_documented_config_and_weight_fil
     text = (tmp_path / "config.json").read_text()
     assert text == json.dumps(json.loads(json.dumps(config)), indent=2, sort_keys=True) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "discriminator.safetensors",
-                                                          "generator.safetensors"]
+                                                          "generator.safetensors", "manifest.json"]
     for role in ("generator", "discriminator"):
         with safe_open(tmp_path / f"{role}.safetensors", "pt") as weights:
             assert weights.metadata() == {"format": "dreamportrait.triplane-gan", "role": role}
@@ -44,7 +45,8 @@ def test_a_text_conditioned_directory_holds_the_documented_config_and_weight_fil
     save_pretrained(tmp_path / "bare", conditioned())
     bare = json.loads((tmp_path / "bare" / "config.json").read_text())
     assert bare["text_conditioning"]["text_encoder"] is None and "discriminator" not in bare
-    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.json", "generator.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.json", "generator.safetensors",
+                                                                    "manifest.json"]
 
 
 def test_loading_takes_the_encoder_given_recorded_or_beside_the_generator(tmp_path, clip_dir):
@@ -64,6 +66,7 @@ def test_loading_takes_the_encoder_given_recorded_or_beside_the_generator(tmp_pa
     save_pretrained(tmp_path / "published", conditioned())
     assert load_pretrained(tmp_path / "published")[0].text_encoder is None
     write_tiny_clip(tmp_path / "published", layout="stable-diffusion")
+    write_manifest(tmp_path / "published")  # as publishing does
     beside = load_pretrained(tmp_path / "published")[0].text_encoder
     assert beside.source == str(tmp_path / "published")
 
@@ -93,6 +96,7 @@ def test_config_checks_word_for_word(tmp_path, clip_dir):
     with pytest.raises(ValueError, match=f"^{re.escape(str(config_path))}: unknown entries \\['another', 'extra'\\]$"):
         read_config(tmp_path)
     save_pretrained(tmp_path, conditioned(), build_discriminator("tiny"))
+    (tmp_path / "manifest.json").unlink()  # the config is edited by hand below
     config = json.loads(config_path.read_text())
     for entry, what in (("generator", "the generator config does not fit TriPlaneGenerator"),
                         ("text_conditioning", "text_conditioning does not fit TextConditionedGenerator"),
@@ -104,8 +108,6 @@ def test_config_checks_word_for_word(tmp_path, clip_dir):
 
 
 def test_a_directory_with_a_manifest_is_checked_against_it_and_a_config_may_omit_the_encoder(tmp_path):
-    from dreamportrait._manifest import write_manifest
-
     save_pretrained(tmp_path, conditioned())
     write_manifest(tmp_path)  # as a training checkpoint has
     assert load_pretrained(tmp_path)[0].text_encoder is None

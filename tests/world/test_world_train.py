@@ -38,8 +38,8 @@ def test_world_train_runs_every_stage_and_resumes(tmp_path, capsys):
 
     # Publishing into (a stand-in for) the package's assets keeps what using the model needs.
     published = publish("generator", checkpoint, assets_root=tmp_path / "assets")  # the teacher it records
-    assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors", "text_encoder",
-                                                           "tokenizer"]
+    assert sorted(p.name for p in published.iterdir()) == ["config.json", "generator.safetensors", "manifest.json",
+                                                           "text_encoder", "tokenizer"]
     copy, discriminator = load_pretrained(published)  # self-contained: it loads the encoder beside it
     assert discriminator is None and copy.text_encoder.source == str(published)
     for key, value in generator.state_dict().items():  # the text encoder's weights included
