@@ -105,9 +105,6 @@ def _check_weights(planes, weight1, bias1, weight2, bias2) -> tuple[int, int]:
 _registered: set[str] = set()
 
 
-# Not mutated (docs/testing.md, ops): a mutant that registers an operator twice or not at all deadlocks
-# mutation testing's forked test processes instead of failing a test.
-# pragma: no mutate start
 def _register(forward: str, backward: str) -> None:
     """Autograd and fake kernels of an operator pair: ``forward(planes, points, box_warp, axes, weight1,
     bias1, weight2, bias2) -> (B, N, O)`` and ``backward(grad_output, <the same>, needs_planes,
@@ -155,7 +152,6 @@ def _register(forward: str, backward: str) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-# pragma: no mutate end
 def _register_compiled() -> None:
     """The C++ operator's Python registrations (its schema comes from C++, once the extension loads)."""
     _register("dreamportrait::sample_and_decode", "dreamportrait::sample_and_decode_backward")
