@@ -480,3 +480,73 @@ def test_the_shared_checks_messages():
     with pytest.raises(TypeError, match="^op: r must be a real number, got complex$"):
         require_real("op", "r", 1j)
     require_like("op", "a", torch.zeros(1), "b", torch.ones(2))
+
+
+# --- the decoder operators' registrations ------------------------------------------------------------------------
+
+BACKWARD_CALLS = []
+
+
+@torch.library.custom_op("dreamportrait_test::decode", mutates_args=())
+def _decode_op(planes: torch.Tensor, points: torch.Tensor, box_warp: float, axes: list[int], weight1: torch.Tensor,
+               bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor) -> torch.Tensor:
+    return sample_and_decode_module.reference(planes, points, box_warp, axes, weight1, bias1, weight2, bias2)
+
+
+@torch.library.custom_op("dreamportrait_test::decode_backward", mutates_args=())
+def _decode_backward_op(grad_output: torch.Tensor, planes: torch.Tensor, points: torch.Tensor, box_warp: float,
+                        axes: list[int], weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
+                        bias2: torch.Tensor, needs_planes: bool, needs_points: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's gradients, in the layout the compiled backward operators return."""
+    BACKWARD_CALLS.append((needs_planes, needs_points, grad_output.is_contiguous(), box_warp, axes))
+    def function(*tensors):
+        return sample_and_decode_module.reference(tensors[0], tensors[1], box_warp, axes, *tensors[2:])
+
+    _, vjp = torch.func.vjp(function, planes, points, weight1, bias1, weight2, bias2)
+    grads = vjp(grad_output)
+    return (grads[0] if needs_planes else planes.new_empty(0), grads[1] if needs_points else points.new_empty(0),
+            *grads[2:])
+
+
+def test_register_gives_a_decoder_operator_pair_autograd_and_fake_kernels():
+    sample_and_decode_module._register("dreamportrait_test::decode", "dreamportrait_test::decode_backward")
+    sample_and_decode_module._register("dreamportrait_test::decode", "dreamportrait_test::decode_backward")  # once
+    assert "dreamportrait_test::decode" in sample_and_decode_module._registered
+    op = torch.ops.dreamportrait_test.decode
+    inputs = [t.double().requires_grad_() for t in decoder_inputs()]
+    weights = torch.randn(2, 5, 3, dtype=torch.float64)
+    expected_out = sample_and_decode_module.reference(inputs[0], inputs[1], 1.5, [0, 1, 0, 2, 1, 2], *inputs[2:])
+    expected = torch.autograd.grad((expected_out * weights).sum(), inputs, retain_graph=True)
+    BACKWARD_CALLS.clear()
+    out = op(inputs[0], inputs[1], 1.5, [0, 1, 0, 2, 1, 2], *inputs[2:])
+    torch.testing.assert_close(out, expected_out)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    for name, g, e in zip(["planes", "points", "weight1", "bias1", "weight2", "bias2"], got, expected):
+        torch.testing.assert_close(g, e, msg=lambda m: f"{name}: {m}")
+    assert BACKWARD_CALLS == [(True, True, True, 1.5, [0, 1, 0, 2, 1, 2])]
+    # Only what is asked for: the planes' and points' gradients are neither computed nor returned.
+    for wanted in ([2, 3, 4, 5], [0, 2], [1]):
+        BACKWARD_CALLS.clear()
+        fresh = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+        out = op(fresh[0], fresh[1], 1.5, [0, 1, 0, 2, 1, 2], *fresh[2:])
+        # A gradient that is not contiguous reaches the backward operator contiguous.
+        grad_output = torch.randn(3, 5, 2, dtype=torch.float64).permute(2, 1, 0)
+        grads = torch.autograd.grad(out, [fresh[i] for i in wanted], grad_output)
+        expected = torch.autograd.grad(expected_out, [inputs[i] for i in wanted], grad_output, retain_graph=True)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e)
+        assert BACKWARD_CALLS == [(0 in wanted, 1 in wanted, True, 1.5, [0, 1, 0, 2, 1, 2])]
+    # Fake kernels: shapes on meta tensors, and the arguments checked there too.
+    meta = [t.detach().to("meta") for t in inputs]
+    assert op(meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:]).shape == (2, 5, 3)
+    backward = torch.ops.dreamportrait_test.decode_backward
+    grad_meta = torch.empty(2, 5, 3, device="meta", dtype=torch.float64)
+    shapes = [tuple(t.shape) for t in backward(grad_meta, meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:], True, False)]
+    assert shapes == [(2, 3, 16, 4, 4), (0,), (16, 16), (16,), (3, 16), (3,)]
+    shapes = [tuple(t.shape) for t in backward(grad_meta, meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:], False, True)]
+    assert shapes[:2] == [(0,), (2, 5, 3)]
+    with pytest.raises(Exception, match="weight2"):
+        op(meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], meta[2], meta[3], meta[4][:, :3], meta[5])
+    with pytest.raises(Exception, match="grad_output"):
+        backward(grad_meta[:, :2], meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:], True, True)
