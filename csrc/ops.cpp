@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "dreamportrait/cpu_dispatch.h"
 #include "dreamportrait/ops.h"
 
 namespace {
@@ -28,11 +29,20 @@ std::vector<int64_t> cuda_ptx_archs() {
 #endif
 }
 
+// The width in bytes of the vectors the CPU kernels' register tiles use on this CPU: 64 (AVX-512),
+// 32 (AVX2 with FMA) or 16 (cpu_dispatch.h).
+int64_t cpu_vector_bytes() {
+  int64_t bytes = 0;
+  dreamportrait::run_with_widest_vectors([&](auto vector_bytes) { bytes = decltype(vector_bytes)::value; });
+  return bytes;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dreamportrait, m) {
   m.def("cuda_archs() -> int[]", &cuda_archs);
   m.def("cuda_ptx_archs() -> int[]", &cuda_ptx_archs);
+  m.def("cpu_vector_bytes() -> int", &cpu_vector_bytes);
   m.def("triplane_sample(Tensor planes, Tensor points, float box_warp, int[6] axes, str reduce) -> Tensor");
   m.def("triplane_sample_backward_planes(Tensor grad_output, Tensor planes, Tensor points, "
         "float box_warp, int[6] axes, str reduce) -> Tensor");

@@ -22,6 +22,10 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 # The language standard is torch's (C++20 for torch 2.14). -fopenmp-simd only enables
 # `#pragma omp simd` (vectorised reductions), no OpenMP runtime.
 CXX_FLAGS = ["-O3", "-fopenmp"]
+# DREAMPORTRAIT_CPU_ARCH=x86-64-v3 (any -march value) builds the CPU kernels for that one target
+# instead of the instruction-set clones of cpu_dispatch.h: to measure, on an AVX-512 machine, what
+# an AVX2-only CPU runs (with ATEN_CPU_CAPABILITY=avx2 for torch's own kernels; BENCHMARKS.md).
+CPU_ARCH_VARIABLE = "DREAMPORTRAIT_CPU_ARCH"
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
@@ -138,11 +142,13 @@ def target_archs(visible_capabilities: list[tuple[int, int]]) -> tuple[list[int]
 
 def compile_flags(with_cuda: bool, sass_archs: list[int], ptx_archs: list[int] = ()) -> dict[str, list[str]]:
     """Compiler flags for the C++ (``cxx``) and CUDA (``nvcc``) translation units."""
+    cpu_arch = os.environ.get(CPU_ARCH_VARIABLE, "").strip()
+    cxx = CXX_FLAGS + ([f"-march={cpu_arch}", "-DDREAMPORTRAIT_CPU_SINGLE_TARGET"] if cpu_arch else [])
     if not with_cuda:
-        return {"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)}
+        return {"cxx": cxx, "nvcc": list(NVCC_FLAGS)}
     defines = ["-DDREAMPORTRAIT_WITH_CUDA"]
     # Read by ops.cpp only (so `dreamportrait info` can say what the build holds); nvcc would split
     # the comma-separated values into separate arguments.
     archs_defines = [f"-DDREAMPORTRAIT_CUDA_{name}_ARCHS=" + ",".join(str(a) for a in archs)
                      for name, archs in (("SASS", sass_archs), ("PTX", ptx_archs)) if archs]
-    return {"cxx": CXX_FLAGS + defines + archs_defines, "nvcc": NVCC_FLAGS + defines}
+    return {"cxx": cxx + defines + archs_defines, "nvcc": NVCC_FLAGS + defines}

@@ -34,6 +34,7 @@ class ExtensionStatus:
     error: str | None = None  # why it is unavailable
     cuda_ptx_archs: tuple[int, ...] = ()  # compute capabilities with PTX, e.g. (90,)
     path: str | None = None  # the loaded library
+    cpu_vector_bytes: int = 0  # vector width of the CPU kernels on this CPU: 64 AVX-512, 32 AVX2, 16 SSE2
 
     @property
     def has_cuda(self) -> bool:
@@ -73,7 +74,8 @@ def _load() -> ExtensionStatus:
         _registration.register_compiled_ops()
         sass = tuple(int(a) for a in torch.ops.dreamportrait.cuda_archs())
         ptx = tuple(int(a) for a in torch.ops.dreamportrait.cuda_ptx_archs())
-        return ExtensionStatus(True, origin, sass, cuda_ptx_archs=ptx, path=str(path))
+        return ExtensionStatus(True, origin, sass, cuda_ptx_archs=ptx, path=str(path),
+                               cpu_vector_bytes=int(torch.ops.dreamportrait.cpu_vector_bytes()))
     return ExtensionStatus(False, "unavailable", (), "\n".join(errors))
 
 

@@ -41,6 +41,9 @@ def _info(args: argparse.Namespace) -> int:
             print(f"extension     {status.origin}; CUDA SASS for: {sass}; PTX for: {ptx}")
         else:
             print(f"extension     {status.origin}; CUDA code for: none (built without CUDA)")
+        vectors = {64: "AVX-512", 32: "AVX2 with FMA", 16: "SSE2 (no AVX2 or not x86-64)"}
+        print(f"CPU kernels   {vectors.get(status.cpu_vector_bytes, 'unknown')} "
+              f"({status.cpu_vector_bytes}-byte vectors)")
     else:
         print("extension     unavailable:")
         for line in (status.error or "").splitlines():

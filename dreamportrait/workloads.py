@@ -96,8 +96,10 @@ ATTENTION_WORKLOADS = [
 ]
 
 
-def attention_inputs(workload: AttentionWorkload, device: str = "cpu", dtype=torch.float32, seed: int = 0):
-    """q, k, v, a per-head gate and a padding mask (prompts of 8 to 77 tokens, as CLIP pads them)."""
+def attention_inputs(workload: AttentionWorkload, device: str = "cpu", dtype=torch.float32, seed: int = 0,
+                     prompt_tokens: int | None = None):
+    """q, k, v, a per-head gate and a padding mask: prompts of 8 to 77 tokens, as CLIP pads them, or
+    every prompt ``prompt_tokens`` long."""
     generator = torch.Generator().manual_seed(seed)
     w = workload
     q = torch.randn(w.batch, w.heads, w.queries, w.dim, generator=generator)
@@ -105,6 +107,8 @@ def attention_inputs(workload: AttentionWorkload, device: str = "cpu", dtype=tor
     v = torch.randn(w.batch, w.heads, w.keys, w.dim, generator=generator)
     gate = torch.randn(w.heads, generator=generator)
     lengths = torch.randint(min(8, w.keys), w.keys + 1, (w.batch,), generator=generator)
+    if prompt_tokens is not None:
+        lengths = torch.full_like(lengths, prompt_tokens)
     mask = torch.arange(w.keys)[None, :] < lengths[:, None]
     return [x.to(device, dtype) for x in (q, k, v, gate)] + [mask.to(device)]
 

@@ -95,6 +95,35 @@ def test_info_lists_versions_and_backends(capsys):
         assert f"  {backend} " in out
 
 
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif(not _extension.status().available or not Path("/proc/cpuinfo").exists()
+                    or os.uname().machine != "x86_64" or os.environ.get(_build.CPU_ARCH_VARIABLE),
+                    reason="the CPU kernels' instruction set, from the kernel's CPU flags, on x86-64 Linux")
+def test_cpu_kernels_use_the_widest_vectors_of_this_cpu(capsys):
+    """x86-64-v4 (AVX-512 F/BW/CD/DQ/VL) gives 64-byte vectors, v3 (AVX2, FMA and the rest) 32,
+    anything else 16; `dreamportrait info` says which."""
+    flags = _cpu_flags()
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"} <= flags
+    v4 = v3 and {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+    expected = 64 if v4 else 32 if v3 else 16
+    assert _extension.status().cpu_vector_bytes == expected
+    assert main(["info"]) == 0
+    name = {64: "AVX-512", 32: "AVX2 with FMA", 16: "SSE2"}[expected]
+    assert f"CPU kernels   {name}" in capsys.readouterr().out
+
+
+def test_one_cpu_target_builds_without_clones(monkeypatch):
+    monkeypatch.setenv(_build.CPU_ARCH_VARIABLE, "x86-64-v3")
+    cxx = _build.compile_flags(False, [])["cxx"]
+    assert "-march=x86-64-v3" in cxx and "-DDREAMPORTRAIT_CPU_SINGLE_TARGET" in cxx
+    monkeypatch.delenv(_build.CPU_ARCH_VARIABLE)
+    assert not any(flag.startswith("-march") for flag in _build.compile_flags(True, [80])["cxx"])
+
+
 @pytest.mark.skipif(
     _build.find_nvcc() is None or os.environ.get("BUILD_NO_CUDA") == "1"
     or _extension.status().origin != "prebuilt",

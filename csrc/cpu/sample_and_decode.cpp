@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "dreamportrait/cpu_dispatch.h"
+#include "dreamportrait/cpu_products.h"
 #include "dreamportrait/decoder_host.h"
 #include "dreamportrait/decoder_math.h"
 #include "dreamportrait/ops.h"
@@ -46,7 +47,7 @@ constexpr int64_t kTile = 64;
 // Row widths of the tile buffers and weights are padded to whole 64-byte vectors of float32;
 // matrix products run in register blocks of kBlockRows rows by kLanes columns.
 constexpr int64_t kLanes = 16;
-constexpr int kBlockRows = 4;
+constexpr int kBlockRows = cpu::kProductRows;
 // The plane rows (gather) and plane-gradient rows (scatter) of the point this many ahead are
 // prefetched while one point is processed: the points are scattered over the planes, so both
 // passes otherwise wait on memory for every point.
@@ -59,21 +60,6 @@ constexpr int64_t kMaxPlaneGradientBuffers = 8;
 constexpr int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 constexpr int64_t block_rows(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
 
-// kLanes values as one vector (GCC/Clang vector extension): one 512-bit register of float32 with
-// AVX-512, two with AVX2, four without. Loaded and stored with memcpy (unaligned), inside the
-// cloned functions (a function returning one would have a different ABI per clone).
-template <typename scalar_t>
-struct LanesOf;
-template <>
-struct LanesOf<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
-};
-template <>
-struct LanesOf<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-};
-template <typename scalar_t>
-using Lanes = typename LanesOf<scalar_t>::type;
 
 
 // The channel count as the gather and scatter loops see it: EG3D's 32 as a compile-time constant,
@@ -206,33 +192,23 @@ DP_CPU_CLONES void gather_tile(const scalar_t* __restrict__ planes_b, const scal
   }
 }
 
-// C = init + A B in register blocks of kBlockRows x kLanes, the one matrix product of the kernels:
-// for i < rows (a multiple of kBlockRows) and j < cols (a multiple of kLanes),
+// C = init + A B in register blocks of kBlockRows x kLanes (cpu::block_product), the one matrix
+// product of the kernels: for i < rows (a multiple of kBlockRows) and j < cols (a multiple of kLanes),
 //   C[i * ldc + j] = init + sum_{r < n} A[i * a_row + r * a_inner] * B[r * ldb + j],
 // init being C's own value when `accumulate`, else bias[j] (0 without a bias). The strides of A let
 // the same loops multiply by a transposed A (the weight gradients).
 template <typename scalar_t>
-DP_CPU_CLONES void matmul(int64_t rows, int64_t cols, int64_t n, const scalar_t* __restrict__ A, int64_t a_row,
-                          int64_t a_inner, const scalar_t* __restrict__ B, int64_t ldb,
-                          const scalar_t* __restrict__ bias, bool accumulate, scalar_t* __restrict__ C, int64_t ldc) {
-  using V = Lanes<scalar_t>;
-  for (int64_t i0 = 0; i0 < rows; i0 += kBlockRows) {
-    for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
-      V acc[kBlockRows] = {};
-      for (int i = 0; i < kBlockRows; ++i) {
-        if (accumulate)
-          std::memcpy(&acc[i], C + (i0 + i) * ldc + j0, sizeof(V));
-        else if (bias != nullptr)
-          std::memcpy(&acc[i], bias + j0, sizeof(V));
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        V b;
-        std::memcpy(&b, B + r * ldb + j0, sizeof(V));
-        for (int i = 0; i < kBlockRows; ++i) acc[i] += A[(i0 + i) * a_row + r * a_inner] * b;
-      }
-      for (int i = 0; i < kBlockRows; ++i) std::memcpy(C + (i0 + i) * ldc + j0, &acc[i], sizeof(V));
+void matmul(int64_t rows, int64_t cols, int64_t n, const scalar_t* __restrict__ A, int64_t a_row, int64_t a_inner,
+            const scalar_t* __restrict__ B, int64_t ldb, const scalar_t* __restrict__ bias, bool accumulate,
+            scalar_t* __restrict__ C, int64_t ldc) {
+  run_with_widest_vectors([&](auto vector_bytes) DP_ALWAYS_INLINE_LAMBDA {
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlockRows) {
+      const scalar_t* a[kBlockRows];
+      for (int i = 0; i < kBlockRows; ++i) a[i] = A + (i0 + i) * a_row;
+      cpu::block_product<decltype(vector_bytes)::value, kLanes>(a, a_inner, kBlockRows, B, ldb, n, C + i0 * ldc, ldc,
+                                                                 cols, accumulate, bias);
     }
-  }
+  });
 }
 
 // h = softplus(a) over `count` elements.

@@ -15,6 +15,10 @@ SHAPES = [  # (B, H, Lq, Lk, D)
     pytest.param((2, 3, 45, 77, 40), id="Lk77-D40"),
     pytest.param((1, 2, 33, 200, 64), id="Lk200-D64"),
     pytest.param((2, 2, 20, 9, 128), id="D128"),
+    # More query rows than the CPU backward gathers (64) and its forward's work items hold (1024),
+    # with ragged tails; a head dim and key count that are not whole vectors.
+    pytest.param((1, 2, 150, 21, 24), id="Lq150-Lk21-D24"),
+    pytest.param((1, 1, 1100, 5, 8), id="Lq1100-Lk5-D8"),
 ]
 
 

@@ -127,7 +127,7 @@ def _specs() -> dict[str, Spec]:
 
 
 SPECS = _specs()
-NO_TENSOR_ARGUMENTS = {"cuda_archs", "cuda_ptx_archs", "attention_tile_shape"}
+NO_TENSOR_ARGUMENTS = {"cuda_archs", "cuda_ptx_archs", "cpu_vector_bytes", "attention_tile_shape"}
 
 
 def test_every_registered_operator_has_a_boundary_spec():

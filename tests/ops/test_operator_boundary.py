@@ -146,6 +146,30 @@ def test_a_nan_key_poisons_every_row_of_its_head_but_not_fully_masked_ones(backe
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("poison", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_padding_keys_give_the_reference_pattern(backend, device, poison):
+    """Keys the mask excludes do not change the output unless they hold inf or NaN, which the
+    reference multiplies by a zero probability: every backend gives the reference's NaN pattern
+    and, elsewhere, its values."""
+    q, k, v, gate = attention_inputs(batch=3, heads=2, queries=70, keys=20, device=device)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)).to(device) > 0.4
+    mask[:, 0] = True
+    mask[:, 1] = False
+    v[0, 1, 1, 3] = poison  # an excluded value: NaN outputs where the reference has them
+    k[1, 0, 1, 2] = poison  # an excluded key: dq only
+    out, grads = _attention(backend, (q, k, v, gate), mask)
+    expected, expected_grads = _attention("reference", (q, k, v, gate), mask)
+    for ours, theirs in zip((out, *grads), (expected, *expected_grads)):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        finite = theirs.isfinite()
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-7, atol=1e-9)
+    assert out[0, 1, :, 3].isnan().all() and out[2].isfinite().all()
+    dq, dk = grads[0], grads[1]
+    assert dq[1, 0, :, 2].isnan().all()
+    assert dk[0, 1][~mask[0]].eq(0).all() and dk[0, 1][mask[0]].isnan().any(), "excluded keys get no gradient"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_matches_the_reference_pattern(backend, device):
     q, k, v, gate = attention_inputs(batch=1, heads=3, queries=9, keys=8, device=device)
     q[0, 0, 1, 0] = math.nan

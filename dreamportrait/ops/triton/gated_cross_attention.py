@@ -201,7 +201,8 @@ def _backward_kernel(
         keys, key_mask, k, v = _key_block(k_ptr, v_ptr, mask_ptr, b, bh, n0, Lk, D, dims, dim_mask, HAS_MASK, BLOCK_N)
         p = _probabilities(q, k, key_mask, lse, scale, ACC, PRECISION)
         dp = tl.dot(d_attended, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
+        # A key of probability 0 (masked) gets no gradient even where dp or delta is not finite.
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]) * scale).to(q.dtype)
         dq += tl.dot(ds, k, input_precision=PRECISION, out_dtype=ACC)
         offsets = bh.to(tl.int64) * Lk * D + keys.to(tl.int64)[:, None] * D + dims[None, :]
         tile_mask = (keys < Lk)[:, None] & dim_mask[None, :]
