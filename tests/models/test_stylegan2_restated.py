@@ -15,6 +15,7 @@ from dreamportrait.models import stylegan2
 from dreamportrait.models.discriminator import DualDiscriminator
 from dreamportrait.models.layers import modulated_conv2d
 from dreamportrait.models.resampling import downsample2d, setup_filter, upsample2d
+from dreamportrait.models.layers import MinibatchStdLayer
 from dreamportrait.models.stylegan2 import (DiscriminatorBlock, DiscriminatorEpilogue, MappingNetwork,
                                             SynthesisBlock, SynthesisLayer, SynthesisNetwork, ToRGBLayer)
 from dreamportrait.models.superresolution import (SuperresolutionHybrid2X, SuperresolutionHybrid4X,
@@ -113,7 +114,7 @@ def test_truncation_and_the_w_average():
     ([0.0] * 5, torch.randn(2, 3), r"^MappingNetwork: z must have shape \(N, 5\), got list$"),
     (torch.randn(2, 5), torch.randn(2, 2), r"^MappingNetwork: c must have shape \(N, 3\), got \(2, 2\)$"),
     (torch.randn(2, 5), None, r"^MappingNetwork: c must have shape \(N, 3\), got NoneType$"),
-    (torch.randn(2, 5), torch.randn(3, 3), r"^MappingNetwork: z has batch size 2 but c has 3$"),
+    (torch.randn(2, 5), torch.randn(4, 3), r"^MappingNetwork: z has batch size 2 but c has 4$"),
 ])
 def test_mapping_input_errors(z, c, message):
     with pytest.raises(ValueError, match=message):
@@ -494,9 +495,12 @@ def test_the_super_resolution_modules_layouts(cls, scale, upsamples, channels, b
     assert module.block0.conv1.weight.shape[0] == channels[0] and module.block1.conv1.weight.shape[0] == channels[1]
     assert module.block0.resolution == 16 and module.block1.resolution == 32 and module.block1.is_last
     assert not module.block0.is_last and ("resample_filter" in dict(module.named_buffers())) == buffer
+    if buffer:
+        assert torch.equal(module.resample_filter, setup_filter((1, 3, 3, 1)))
     assert module.block0.conv1.conv_clamp is None and not module.block0.use_fp16
     half = cls(channels=6, img_resolution=32, sr_num_fp16_res=1, sr_antialias=True, w_dim=4, block_channels=(4, 2))
     assert half.block0.use_fp16 and half.block1.use_fp16 and half.block1.conv1.conv_clamp == 256
+    assert half.block0.conv1.conv_clamp == 256
     assert half.block0.conv1.weight.shape[0] == 4 and half.block1.conv1.weight.shape[0] == 2
     assert superresolution_class(f"training.superresolution.{cls.__name__}") is cls
     assert superresolution_class(cls.__name__) is cls
@@ -546,3 +550,225 @@ def test_super_resolution_resizes_the_rendering_then_runs_both_blocks_on_the_las
     torch.manual_seed(0)
     first = module(rgb, x, ws)
     assert not torch.equal(first, module(rgb, x, ws))
+
+
+# --- the convolution layer and the discriminator's construction ------------------------------------------------
+
+@pytest.mark.parametrize("up, down", [(1, 1), (2, 1), (1, 2)])
+def test_the_convolution_layer_written_out(up, down):
+    from dreamportrait.models.layers import Conv2dLayer
+    from dreamportrait.models.resampling import conv2d_resample
+
+    layer = randomise(Conv2dLayer(3, 2, kernel_size=3, activation="lrelu", up=up, down=down, conv_clamp=0.4).double())
+    assert layer.padding == 1 and layer.weight_gain == 1 / math.sqrt(3 * 9)
+    assert torch.equal(layer.resample_filter, setup_filter((1, 3, 3, 1)))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = conv2d_resample(x, layer.weight / math.sqrt(27), FILTER, up=up, down=down, padding=1)
+    y = lrelu(y + layer.bias[None, :, None, None])
+    torch.testing.assert_close(layer(x), y.clamp(-0.4, 0.4))
+    torch.testing.assert_close(layer(x, gain=0.5), (y * 0.5).clamp(-0.2, 0.2))
+    linear = randomise(Conv2dLayer(3, 2, kernel_size=1, bias=False).double())
+    assert linear.bias is None and linear.padding == 0
+    torch.testing.assert_close(linear(x, gain=2.0), F.conv2d(x, linear.weight / math.sqrt(3)) * 2)
+    fresh = Conv2dLayer(3, 2, kernel_size=3)
+    assert torch.equal(fresh.bias, torch.zeros(2)) and fresh.activation == "linear" and fresh.conv_clamp is None
+    assert (fresh.up, fresh.down) == (1, 1)
+    frozen = Conv2dLayer(3, 2, kernel_size=3, trainable=False)
+    assert dict(frozen.named_parameters()) == {} and set(dict(frozen.named_buffers())) == {"resample_filter", "weight",
+                                                                                           "bias"}
+    no_bias = Conv2dLayer(3, 2, 1, bias=False, trainable=False)
+    assert no_bias.bias is None and "bias" in no_bias._buffers and not list(no_bias.parameters())
+    assert "in_channels=3, out_channels=2, activation=linear, up=1, down=1" in repr(fresh)
+
+
+def test_the_dual_discriminator_records_its_arguments_and_builds_its_blocks_from_them():
+    block_kwargs = {"freeze_layers": 1}
+    discriminator = DualDiscriminator(c_dim=3, img_resolution=16, img_channels=3, architecture="skip",
+                                      channel_base=64, channel_max=8, num_fp16_res=1, conv_clamp=100, cmap_dim=6,
+                                      disc_c_noise=0.25, block_kwargs=block_kwargs,
+                                      mapping_kwargs={"num_layers": 2}, epilogue_kwargs={"mbstd_group_size": 2})
+    assert discriminator.init_kwargs == {
+        "c_dim": 3, "img_resolution": 16, "img_channels": 3, "architecture": "skip", "channel_base": 64,
+        "channel_max": 8, "num_fp16_res": 1, "conv_clamp": 100, "cmap_dim": 6, "disc_c_noise": 0.25,
+        "block_kwargs": {"freeze_layers": 1}, "mapping_kwargs": {"num_layers": 2},
+        "epilogue_kwargs": {"mbstd_group_size": 2}}
+    block_kwargs["freeze_layers"] = 5
+    assert discriminator.init_kwargs["block_kwargs"] == {"freeze_layers": 1}
+    assert discriminator.disc_c_noise == 0.25 and discriminator.c_dim == 3 and discriminator.img_resolution == 16
+    b16, b8 = discriminator.b16, discriminator.b8
+    assert (b16.architecture, b8.architecture, discriminator.b4.architecture) == ("skip", "skip", "skip")
+    assert (b16.in_channels, b8.in_channels) == (0, 8) and b16.conv1.weight.shape[0] == 8
+    assert b16.use_fp16 and not b8.use_fp16  # fp16 from 16 down to max(2^(5 - 1), 8) = 16
+    assert b16.conv0.conv_clamp == 100 and discriminator.b4.conv.conv_clamp == 100
+    assert not isinstance(b16.fromrgb.weight, torch.nn.Parameter) and isinstance(b16.conv0.weight, torch.nn.Parameter)
+    assert b16.resolution == 16 and b16.img_channels == 6 and b8.first_layer_idx == 3
+    assert discriminator.mapping.num_layers == 2 and discriminator.mapping.c_dim == 3
+    assert discriminator.mapping.w_avg_beta is None and discriminator.mapping.num_ws is None
+    assert discriminator.b4.cmap_dim == 6 and discriminator.b4.resolution == 4 and discriminator.b4.in_channels == 8
+    assert discriminator.b4.mbstd.group_size == 2 and discriminator.b4.img_channels == 6
+    assert torch.equal(discriminator.resample_filter, setup_filter((1, 3, 3, 1)))
+    defaults = DualDiscriminator(c_dim=0, img_resolution=8, img_channels=3)
+    assert defaults.init_kwargs == {
+        "c_dim": 0, "img_resolution": 8, "img_channels": 3, "architecture": "resnet", "channel_base": 32768,
+        "channel_max": 512, "num_fp16_res": 4, "conv_clamp": 256, "cmap_dim": None, "disc_c_noise": 0.0,
+        "block_kwargs": {}, "mapping_kwargs": {}, "epilogue_kwargs": {}}
+    assert defaults.b8.conv0.conv_clamp == 256 and defaults.b8.use_fp16 and defaults.b8.conv0.weight.shape[0] == 512
+    assert defaults.b4.mbstd.group_size == 4 and defaults.disc_c_noise == 0.0
+    with pytest.raises(ValueError, match=r"^DualDiscriminator: img_resolution must be a power of two >= 4, got 24$"):
+        DualDiscriminator(c_dim=0, img_resolution=24, img_channels=3)
+
+
+
+# --- sizes of one, dtypes, defaults -----------------------------------------------------------------------------
+
+def test_a_mapping_of_one_dimensional_z_and_label_uses_both_and_casts_them():
+    mapping = randomise(MappingNetwork(z_dim=1, c_dim=1, w_dim=2, num_ws=None, num_layers=1).double())
+    z, c = torch.tensor([[2.0], [-1.0]]), torch.tensor([[0.5], [3.0]])  # float32 into a float64 network
+    x = torch.cat([norm2(z.double()), norm2(fc(mapping.embed, c.double()))], dim=1)
+    out = mapping(z, c)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, fc(mapping.fc0, x, "lrelu"), rtol=1e-12, atol=0)
+    assert mapping.fc0.weight.shape == (2, 3)
+
+
+def test_blocks_and_networks_compute_in_their_parameters_precision():
+    block = randomise(SynthesisBlock(0, 3, w_dim=4, resolution=4, img_channels=2, is_last=True,
+                                     use_fp16=True).double())  # float16 only on CUDA
+    ws = block_ws(block, batch=3)
+    x, img = block(None, None, ws, noise_mode="const")
+    assert x.shape == (3, 3, 4, 4) and img.dtype == torch.float64
+    later = randomise(SynthesisBlock(3, 2, w_dim=4, resolution=8, img_channels=2, is_last=True).double())
+    x_in = torch.randn(2, 3, 4, 4)
+    x, img = later(x_in, None, block_ws(later), noise_mode="const")
+    expected, _ = later(x_in.double(), None, block_ws(later), noise_mode="const")
+    assert x.dtype == torch.float64 and img.dtype == torch.float64
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=0)
+    network = randomise(SynthesisNetwork(w_dim=4, img_resolution=8, img_channels=2, channel_base=32,
+                                         channel_max=4).double())
+    ws = torch.randn(2, network.num_ws, 4)
+    out = network(ws, noise_mode="const")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, network(ws.double(), noise_mode="const"), rtol=1e-12, atol=0)
+    discriminator_block = randomise(DiscriminatorBlock(0, 3, 4, resolution=8, img_channels=2, first_layer_idx=0,
+                                                       use_fp16=True).double())
+    img = torch.randn(2, 2, 8, 8)
+    got, _ = discriminator_block(None, img)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, discriminator_block(None, img.double())[0], rtol=1e-12, atol=0)
+    later_block = randomise(DiscriminatorBlock(4, 4, 4, resolution=4, img_channels=2, first_layer_idx=4,
+                                               use_fp16=True).double())
+    features = torch.randn(2, 4, 4, 4)
+    got, _ = later_block(features, None)
+    torch.testing.assert_close(got, later_block(features.double(), None)[0], rtol=1e-12, atol=0)
+    epilogue = randomise(DiscriminatorEpilogue(4, cmap_dim=0, resolution=4, img_channels=2, architecture="skip",
+                                               mbstd_group_size=2).double())
+    features, img = torch.randn(2, 4, 4, 4) * 100, torch.randn(2, 2, 4, 4) * 100
+    got = epilogue(features, img, None)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, epilogue(features.double(), img.double(), None), rtol=1e-12, atol=0)
+
+
+def test_defaults_of_the_networks_and_layers():
+    network = SynthesisNetwork(w_dim=4, img_resolution=8, img_channels=2, channel_base=8192)
+    assert network.b4.conv1.weight.shape[0] == 512  # channel_max 512
+    deep = SynthesisNetwork(w_dim=4, img_resolution=256, img_channels=2, channel_base=256, channel_max=2)
+    assert [getattr(deep, f"b{res}").use_fp16 for res in deep.block_resolutions] == [False] * 3 + [True] * 4
+    block = SynthesisBlock(0, 3, w_dim=4, resolution=4, img_channels=2, is_last=True)
+    with torch.no_grad():
+        for module in (network, block):
+            for name, parameter in module.named_parameters():
+                if name.endswith("noise_strength"):
+                    parameter.fill_(1.0)
+    torch.manual_seed(0)
+    ws = torch.randn(1, network.num_ws, 4)
+    assert not torch.equal(network(ws), network(ws))  # random noise by default
+    assert not torch.equal(block(None, None, ws[:, :2])[0], block(None, None, ws[:, :2])[0])
+    layer = SynthesisLayer(3, 2, w_dim=4, resolution=4)
+    with torch.no_grad():
+        layer.noise_strength.fill_(1.0)
+    x = torch.randn(1, 3, 4, 4)
+    assert not torch.equal(layer(x, ws[:, 0]), layer(x, ws[:, 0]))
+    assert MinibatchStdLayer(4).num_channels == 1
+    backbone = stylegan2.StyleGAN2Backbone(z_dim=5, c_dim=3, w_dim=4, img_resolution=8, img_channels=2,
+                                           mapping_kwargs={"num_layers": 1}, channel_base=32, channel_max=4)
+    assert backbone.synthesis.b4.conv1.weight.shape[0] == 4 and backbone.mapping.num_layers == 1
+    assert stylegan2.StyleGAN2Backbone(5, 3, 4, 8, 2, channel_base=32, channel_max=4).mapping.num_layers == 8
+    z, c = torch.randn(2, 5), torch.randn(2, 3)
+    average = backbone.mapping.w_avg.clone()
+    torch.manual_seed(1)
+    out = backbone(z, c)  # no truncation, no average update, random noise
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, backbone.synthesis(backbone.mapping(z, c)))
+    assert torch.equal(backbone.mapping.w_avg, average)
+
+
+def test_an_orig_synthesis_network_has_an_rgb_layer_on_its_last_block_only():
+    network = randomise(SynthesisNetwork(w_dim=4, img_resolution=8, img_channels=2, channel_base=32, channel_max=4,
+                                         architecture="orig").double())
+    assert not hasattr(network.b4, "torgb") and hasattr(network.b8, "torgb") and network.num_ws == 4
+    ws = torch.randn(2, 4, 4, dtype=torch.float64)
+    x, img = network.b4(None, None, ws[:, :1], noise_mode="const")
+    _, img = network.b8(x, img, ws[:, 1:4], noise_mode="const")
+    torch.testing.assert_close(network(ws, noise_mode="const"), img)
+
+
+def test_discriminator_layers_shapes_and_settings():
+    block = DiscriminatorBlock(0, 3, 4, resolution=8, img_channels=2, first_layer_idx=0, conv_clamp=64)
+    assert block.fromrgb.weight.shape == (3, 2, 1, 1) and block.conv0.weight.shape == (3, 3, 3, 3)
+    assert block.conv1.weight.shape == (4, 3, 3, 3) and block.skip.weight.shape == (4, 3, 1, 1)
+    assert block.fromrgb.conv_clamp == block.conv0.conv_clamp == block.conv1.conv_clamp == 64
+    assert block.skip.conv_clamp is None and block.conv1.activation == "lrelu"
+    epilogue = DiscriminatorEpilogue(4, cmap_dim=1, resolution=4, img_channels=2, architecture="skip",
+                                     mbstd_group_size=2, mbstd_num_channels=2, conv_clamp=32)
+    assert epilogue.fromrgb.activation == "lrelu" and epilogue.mbstd.num_channels == 2
+    assert epilogue.conv.weight.shape == (4, 6, 3, 3) and epilogue.conv.conv_clamp == 32
+    randomise(epilogue.double())
+    x, cmap = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)
+    img = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    hidden = epilogue.mbstd(x + epilogue.fromrgb(img))
+    out = fc(epilogue.out, fc(epilogue.fc, epilogue.conv(hidden).flatten(1), "lrelu"))
+    torch.testing.assert_close(epilogue(x, img, cmap), out * cmap)  # cmap_dim 1: <out, cmap> / 1
+
+
+def test_super_resolution_passes_its_block_settings_on():
+    module = SuperresolutionHybrid2X(channels=6, img_resolution=16, sr_num_fp16_res=2, sr_antialias=True, w_dim=4,
+                                     block_channels=(4, 3), architecture="resnet")
+    assert module.block0.architecture == module.block1.architecture == "resnet"
+    assert module.block0.conv1.conv_clamp == module.block1.conv1.conv_clamp == 256
+    assert torch.equal(module.resample_filter, setup_filter((1, 3, 3, 1)))
+
+
+def test_the_raw_image_is_resized_with_antialiasing():
+    raw = torch.zeros(1, 1, 8, 8)
+    raw[..., 4:] = 1.0
+    # 8 -> 4: a triangle filter two input pixels each side (see test_image_folder.py): 0, 1/8, 7/8, 1.
+    from dreamportrait.models.discriminator import resize_raw_image
+
+    torch.testing.assert_close(resize_raw_image(raw, 4)[0, 0, 0], torch.tensor([0.0, 0.125, 0.875, 1.0]))
+
+
+def test_normalisation_and_minibatch_std_of_constant_inputs():
+    from dreamportrait.models.layers import normalize_2nd_moment
+
+    assert torch.equal(normalize_2nd_moment(torch.zeros(2, 3)), torch.zeros(2, 3))
+    x = torch.ones(4, 2, 3, 3, dtype=torch.float64)
+    out = MinibatchStdLayer(group_size=None)(x)
+    torch.testing.assert_close(out[:, 2], torch.full((4, 3, 3), 1e-4, dtype=torch.float64))  # sqrt(0 + 1e-8)
+    varied = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    std = (varied.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()  # one group of the whole batch
+    torch.testing.assert_close(MinibatchStdLayer(group_size=None)(varied)[:, 2], std.expand(6, 3, 3))
+
+
+def test_downsampling_pads_by_the_filters_size():
+    from dreamportrait.models.resampling import downsample2d, upsample2d
+
+    taps = setup_filter((1, 2, 3, 3, 2, 1)).double()
+    x = torch.randn(1, 2, 10, 10, dtype=torch.float64)
+    padded = F.pad(x, [2, 2, 2, 2])  # (6 - 2 + 1) // 2 before, (6 - 2) // 2 after
+    expected = F.conv2d(padded, taps.flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)[:, :, ::2, ::2]
+    torch.testing.assert_close(downsample2d(x, taps), expected)
+    zeros = x.new_zeros(1, 2, 20, 20)
+    zeros[:, :, ::2, ::2] = x
+    padded = F.pad(zeros, [3, 2, 3, 2])  # (6 + 2 - 1) // 2 before, (6 - 2) // 2 after
+    expected = F.conv2d(padded, (taps * 4).flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
+    torch.testing.assert_close(upsample2d(x, taps), expected)
