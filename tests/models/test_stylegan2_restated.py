@@ -772,3 +772,140 @@ def test_downsampling_pads_by_the_filters_size():
     padded = F.pad(zeros, [3, 2, 3, 2])  # (6 + 2 - 1) // 2 before, (6 - 2) // 2 after
     expected = F.conv2d(padded, (taps * 4).flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
     torch.testing.assert_close(upsample2d(x, taps), expected)
+
+
+# --- layers at their edges -------------------------------------------------------------------------------------
+
+def test_modulated_convolution_in_float16_prenormalises_so_large_values_do_not_overflow():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=generator) * 100
+    weight, styles = torch.randn(4, 3, 3, 3, generator=generator) * 100, torch.randn(2, 3, generator=generator) * 100
+    for up in (1, 2):
+        f = setup_filter((1, 3, 3, 1))
+        expected = modulated_conv2d(x.double(), weight.double(), styles.double(), padding=1, up=up,
+                                    resample_filter=f.double())
+        got = modulated_conv2d(x.half(), weight.half(), styles.half(), padding=1, up=up, resample_filter=f.half())
+        assert got.dtype == torch.float16 and got.isfinite().all()
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+    # Without demodulation nothing is rescaled: small values in float16 give the float64 result.
+    small = modulated_conv2d(x.half() / 100, weight.half() / 100, styles.half() / 100, demodulate=False)
+    reference = modulated_conv2d(x.double() / 100, weight.double() / 100, styles.double() / 100, demodulate=False)
+    torch.testing.assert_close(small.double(), reference, rtol=0, atol=2e-2)
+    # Zero styles: zero output, not 0/0.
+    zero = modulated_conv2d(x.double(), weight.double(), torch.zeros(2, 3, dtype=torch.float64), padding=1)
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+def test_bias_act_relu_gain_and_a_zero_clamp():
+    from dreamportrait.models.layers import bias_act
+
+    x = torch.tensor([[-2.0, 0.5], [1.0, -0.25]], dtype=torch.float64)
+    bias = torch.tensor([0.5, -1.0])  # float32 bias on float64 x
+    torch.testing.assert_close(bias_act(x, bias, "relu"), F.relu(x + bias.double()) * SQRT2)
+    torch.testing.assert_close(bias_act(x, None, "linear", gain=2.0), x * 2)
+    torch.testing.assert_close(bias_act(x, None, "lrelu", gain=1.0), F.leaky_relu(x, 0.2))
+    assert torch.equal(bias_act(x, bias.double(), "linear", clamp=0.0), torch.zeros_like(x))
+    torch.testing.assert_close(bias_act(x, None, "linear", clamp=-1.0), x)  # a negative clamp: none
+
+
+def test_fully_connected_layer_initialisation_and_dtypes():
+    from dreamportrait.models.layers import FullyConnectedLayer
+
+    torch.manual_seed(0)
+    layer = FullyConnectedLayer(64, 64, lr_multiplier=0.01)
+    assert 90 < layer.weight.std().item() < 110  # stored as N(0, 1) / lr
+    assert torch.equal(layer.bias, torch.zeros(64)) and layer.weight_gain == 0.01 / 8
+    no_bias = FullyConnectedLayer(3, 2, bias=False)
+    assert no_bias.bias is None
+    x = torch.randn(4, 3, dtype=torch.float64)  # float64 input, float32 parameters
+    out = no_bias(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, x @ (no_bias.weight.double() / math.sqrt(3)).t())
+    biased = randomise(FullyConnectedLayer(3, 2, lr_multiplier=0.5))
+    torch.testing.assert_close(biased(x), x @ (biased.weight.double() * 0.5 / math.sqrt(3)).t()
+                               + biased.bias.double() * 0.5)
+    relu = randomise(FullyConnectedLayer(3, 2, bias=False, activation="relu"))
+    torch.testing.assert_close(relu(x), F.relu(x @ (relu.weight.double() / math.sqrt(3)).t()) * SQRT2)
+
+
+def test_setup_filter_is_float32_and_refuses_what_is_not_a_list_of_taps():
+    assert setup_filter(torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)).dtype == torch.float32
+    assert setup_filter([1, 2, 1]).dtype == torch.float32
+    torch.testing.assert_close(setup_filter([2]), torch.ones(1, 1))
+    for taps in ([], [[1, 2], [3, 4]]):
+        with pytest.raises(ValueError, match=r"^setup_filter: taps must be a non-empty 1-D sequence, got "):
+            setup_filter(taps)
+
+
+def test_upfirdn2d_pads_crops_and_keeps_the_images_dtype():
+    from dreamportrait.models.resampling import upfirdn2d
+
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # float32 filter, float64 image
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    kernel = f.double().flip([0, 1])[None, None].repeat(2, 1, 1, 1)
+    torch.testing.assert_close(upfirdn2d(x, f), F.conv2d(x, kernel, groups=2))
+    for padding in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (2, 1, 1, 2)):
+        left, right, top, bottom = padding
+        expected = F.conv2d(F.pad(x, [left, right, top, bottom]), kernel, groups=2)
+        torch.testing.assert_close(upfirdn2d(x, f, padding=padding), expected)
+    # Negative padding crops: (left, right, top, bottom) = (-1, -2, 0, -1).
+    expected = F.conv2d(x[:, :, 0:4, 1:4], kernel, groups=2)
+    torch.testing.assert_close(upfirdn2d(x, f, padding=(-1, -2, 0, -1)), expected)
+    expected = F.conv2d(x[:, :, 1:5, 0:6], kernel, groups=2)
+    torch.testing.assert_close(upfirdn2d(x, f, padding=(0, 0, -1, 0)), expected)
+
+
+def test_resampling_with_an_odd_filter_and_a_two_by_two_kernel():
+    from dreamportrait.models.resampling import conv2d_resample, upsample2d
+
+    taps = setup_filter((1, 2, 1)).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    zeros = x.new_zeros(1, 2, 10, 10)
+    zeros[:, :, ::2, ::2] = x
+    filtered = F.conv2d(F.pad(zeros, [2, 0, 2, 0]), (taps * 4).flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
+    torch.testing.assert_close(upsample2d(x, taps), filtered)  # (3 + 2 - 1) // 2 = 2 before, (3 - 2) // 2 = 0 after
+    weight = torch.randn(3, 2, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(conv2d_resample(x, weight, taps, up=2), F.conv2d(filtered, weight))
+    # A 2x2 kernel down-sampled: pad, filter, then a strided convolution.
+    weight = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    f = setup_filter((1, 3, 3, 1)).double()
+    padded = F.pad(x, [1, 1, 1, 1])
+    low = F.conv2d(padded, f.flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
+    torch.testing.assert_close(conv2d_resample(x, weight, f, down=2), F.conv2d(low, weight, stride=2))
+    torch.testing.assert_close(conv2d_resample(x, weight), F.conv2d(x, weight))  # no padding by default
+    with pytest.raises(ValueError, match="^conv2d_resample: up- and down-sampling in one layer is not supported$"):
+        conv2d_resample(x, weight, f, up=2, down=2)
+
+
+def test_synthesis_block_and_layer_settings():
+    layer = SynthesisLayer(3, 2, w_dim=4, resolution=8, kernel_size=5)
+    assert layer.padding == 2 and layer.weight.shape == (2, 3, 5, 5)
+    rgb = ToRGBLayer(4, 3, w_dim=5, kernel_size=3)
+    assert rgb.weight_gain == 1 / math.sqrt(4 * 9)
+    block = SynthesisBlock(3, 2, w_dim=4, resolution=8, img_channels=2, is_last=True)
+    assert block.conv0.conv_clamp == block.conv1.conv_clamp == block.torgb.conv_clamp == 256 and not block.use_fp16
+    quiet = SynthesisBlock(3, 2, w_dim=4, resolution=8, img_channels=2, is_last=True, conv_clamp=7, use_noise=False)
+    assert quiet.conv0.conv_clamp == quiet.conv1.conv_clamp == quiet.torgb.conv_clamp == 7
+    assert not hasattr(quiet.conv0, "noise_strength") and not hasattr(quiet.conv1, "noise_strength")
+    first = SynthesisBlock(0, 2, w_dim=4, resolution=4, img_channels=2, is_last=False, architecture="resnet")
+    assert not hasattr(first, "skip") and first.num_conv == 1
+    assert MappingNetwork(z_dim=2, c_dim=1, w_dim=2, num_ws=None, num_layers=1).embed.weight.shape == (2, 1)
+
+
+def test_the_dual_discriminator_with_one_label_channel_and_skip_blocks():
+    discriminator = randomise(DualDiscriminator(c_dim=1, img_resolution=8, img_channels=3, architecture="skip",
+                                                channel_base=32, channel_max=4, num_fp16_res=0,
+                                                mapping_kwargs={"num_layers": 1},
+                                                epilogue_kwargs={"mbstd_group_size": 2}).double())
+    image = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    raw = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    c = torch.randn(2, 1, dtype=torch.float64)
+    x = torch.cat([image, F.interpolate(raw, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)], 1)
+    features, img = discriminator.b8(None, x)
+    expected = discriminator.b4(features, img, discriminator.mapping(None, c))
+    torch.testing.assert_close(discriminator({"image": image, "image_raw": raw}, c), expected)
+    with pytest.raises(ValueError, match=r"^img must be a mapping with 'image' and 'image_raw' tensors"):
+        discriminator({"image_raw": raw}, c)
+    with pytest.raises(ValueError, match=r"^c must have shape \(2, 1\) \(one camera label per image\), got str$"):
+        discriminator({"image": image, "image_raw": raw}, "front")
