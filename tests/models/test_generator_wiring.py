@@ -399,3 +399,92 @@ def test_the_mesh_of_a_ball_lies_on_its_sphere_in_world_coordinates():
     with pytest.raises(ValueError, match=r"^extract_mesh: density ranges over \[.*\] and never crosses level=50.0; "
                                          r"choose a level inside that range$"):
         extract_mesh(generator, torch.zeros(1, 3, 4), resolution=8, level=50.0, progress=False)
+
+
+# --- defaults and checks ------------------------------------------------------------------------------------
+
+def test_the_generators_defaults_random_noise_no_truncation_no_average_update():
+    generator = small_generator()
+    z, c = torch.randn(2, 8, dtype=torch.float64), cameras()
+    average = generator.backbone.mapping.w_avg.clone()
+    with torch.no_grad():
+        generator.backbone.mapping.w_avg.normal_()
+        average = generator.backbone.mapping.w_avg.clone()
+    torch.manual_seed(5)
+    out = generator(z, c)
+    assert torch.equal(generator.backbone.mapping.w_avg, average)
+    torch.manual_seed(5)
+    expected = generator.synthesis(generator.mapping(z, c), c)
+    torch.testing.assert_close(out["image"], expected["image"])
+    ws = generator.mapping(z, c)
+    assert not torch.equal(generator.planes(ws), generator.planes(ws))  # random noise
+    assert not torch.equal(generator.synthesis(ws, c)["image_raw"], generator.synthesis(ws, c)["image_raw"])
+    points = torch.rand(2, 4, 3, dtype=torch.float64) - 0.5
+    torch.manual_seed(6)
+    sampled = generator.sample(points, z, c)
+    torch.manual_seed(6)
+    torch.testing.assert_close(sampled["sigma"], generator.sample_mixed(points, generator.mapping(z, c))["sigma"])
+    assert not torch.equal(generator.sample_mixed(points, ws)["sigma"], generator.sample_mixed(points, ws)["sigma"])
+
+
+def test_camera_labels_are_checked_against_the_batch_by_name():
+    generator = small_generator()
+    z, c = torch.randn(2, 8, dtype=torch.float64), cameras(3)
+    with pytest.raises(ValueError, match="^c has 3 camera labels but the batch has 2 samples$"):
+        generator.mapping(z, c)
+    ws = torch.randn(2, generator.num_ws, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^c has 3 camera labels but the batch has 2 samples$"):
+        generator.synthesis(ws, c)
+    with pytest.raises(ValueError, match=r"^c must be a floating tensor of camera labels with shape \(N, 25\)"):
+        generator.synthesis(ws, c[:2, :16])
+    with pytest.raises(ValueError, match=r"^c must be a floating tensor of camera labels with shape \(N, 25\)"):
+        generator.mapping(z, c[:2, :16])
+    with pytest.raises(ValueError, match=r"^MappingNetwork: z must have shape \(N, 8\), got \(8,\)$"):
+        generator.mapping(z[0], c[:1])  # a z that is not (N, z_dim) is the mapping's to name
+
+
+def test_synthesis_passes_its_block_hook_to_the_backbone():
+    generator = small_generator()
+    ws, c = torch.randn(1, generator.num_ws, 8, dtype=torch.float64), cameras(1)
+    seen = []
+    generator.synthesis(ws, c, noise_mode="none", block_hook=lambda res, x, img: seen.append(res) or (x, img))
+    assert seen == [4, 8]
+
+
+
+def test_extract_mesh_defaults_and_arguments(monkeypatch, capsys):
+    import dreamportrait.models.mesh as mesh_module
+
+    calls = []
+    real = mesh_module.density_grid
+
+    def recording(G, ws, resolution, **kwargs):
+        calls.append((resolution, kwargs))
+        return real(G, ws, 16, **kwargs)  # a small grid whatever was asked
+
+    monkeypatch.setattr(mesh_module, "density_grid", recording)
+    generator = BallGenerator()
+    extract_mesh(generator, torch.zeros(1, 3, 4))  # 128³ cells, level 10, const noise, a progress bar
+    assert calls == [(128, {"noise_mode": "const", "progress": True, "planes": None})]
+    assert generator.planes_calls == ["const"] and "density grid" in capsys.readouterr().err
+    extract_mesh(generator, torch.zeros(1, 3, 4), resolution=8, noise_mode="none", progress=False, planes="given")
+    assert calls[1] == (8, {"noise_mode": "none", "progress": False, "planes": "given"})
+    monkeypatch.setattr(mesh_module, "density_grid", real)
+    mesh = extract_mesh(BallGenerator(), torch.zeros(1, 3, 4), resolution=32, progress=False)
+    radii = torch.from_numpy(mesh.vertices).norm(dim=1)
+    assert radii.mean().item() == pytest.approx(0.15, abs=0.005)  # level 10: sigma = 10 at |p| = 0.15
+
+
+def test_the_mesh_is_centred_with_outward_normals_and_its_level_must_lie_strictly_inside_the_density():
+    generator = BallGenerator()
+    generator.rendering_kwargs = {"box_warp": 2.0}
+    mesh = extract_mesh(generator, torch.zeros(1, 3, 4), resolution=24, level=10.0, progress=False)
+    vertices = torch.from_numpy(mesh.vertices)
+    assert vertices.mean(0).abs().max().item() < 0.002  # cell centres: no shift of a fraction of a cell
+    normals = torch.from_numpy(mesh.vertex_normals.copy())
+    cosine = (normals * vertices).sum(1) / (normals.norm(dim=1) * vertices.norm(dim=1))
+    assert cosine.min().item() > 0.9  # outward, along the radius
+    sigma = density_grid(generator, torch.zeros(1, 3, 4), resolution=6, progress=False)
+    for level in (sigma.min().item(), sigma.max().item()):
+        with pytest.raises(ValueError, match="never crosses level="):
+            extract_mesh(generator, torch.zeros(1, 3, 4), resolution=6, level=level, progress=False)
