@@ -488,3 +488,74 @@ def test_the_mesh_is_centred_with_outward_normals_and_its_level_must_lie_strictl
     for level in (sigma.min().item(), sigma.max().item()):
         with pytest.raises(ValueError, match="never crosses level="):
             extract_mesh(generator, torch.zeros(1, 3, 4), resolution=6, level=level, progress=False)
+
+
+def test_the_generator_records_its_exact_arguments_and_keeps_its_own_rendering_options():
+    rendering = {**RENDERING, "avg_camera_pivot": [0, 0, 0.2], "density_prior": {"radius": 0.3, "strength": 2.0}}
+    generator = TriPlaneGenerator(z_dim=8, c_dim=25, w_dim=8, img_resolution=16, img_channels=3,
+                                  mapping_kwargs={"num_layers": 1}, rendering_kwargs=rendering,
+                                  sr_kwargs={"block_channels": [4, 4]}, channel_base=64, channel_max=8,
+                                  sr_num_fp16_res=1, neural_rendering_resolution=4, triplane_resolution=8,
+                                  backend="reference")
+    assert generator.init_kwargs == {
+        "z_dim": 8, "c_dim": 25, "w_dim": 8, "img_resolution": 16, "img_channels": 3, "sr_num_fp16_res": 1,
+        "mapping_kwargs": {"num_layers": 1}, "rendering_kwargs": rendering, "sr_kwargs": {"block_channels": [4, 4]},
+        "neural_rendering_resolution": 4, "triplane_resolution": 8, "channel_base": 64, "channel_max": 8}
+    rendering["avg_camera_pivot"][2] = 9.0
+    rendering["density_prior"]["radius"] = 9.0
+    assert generator.rendering_kwargs["avg_camera_pivot"] == [0, 0, 0.2]
+    assert generator.rendering_kwargs["density_prior"]["radius"] == 0.3
+    assert generator.renderer.backend == "reference" and generator.backbone.mapping.num_layers == 1
+    assert generator.superresolution.block0.use_fp16  # sr_num_fp16_res passed on
+    defaults = TriPlaneGenerator(z_dim=8, c_dim=25, w_dim=8, img_resolution=16, img_channels=3,
+                                 rendering_kwargs=RENDERING, sr_kwargs={"block_channels": [4, 4]}, channel_base=2048,
+                                 channel_max=2)
+    assert (defaults.init_kwargs["sr_num_fp16_res"], defaults.init_kwargs["neural_rendering_resolution"],
+            defaults.init_kwargs["triplane_resolution"]) == (0, 64, 256)
+    assert defaults.neural_rendering_resolution == 64 and defaults.backbone.synthesis.img_resolution == 256
+    assert defaults.backbone.mapping.num_layers == 8 and not defaults.superresolution.block0.use_fp16
+
+
+def test_the_renderer_passes_its_backend_to_every_op_and_fuses_only_full_precision(monkeypatch):
+    backends = []
+    real_march, real_sample = renderer_module.eg3d_ray_march, renderer_module.triplane_sample
+    real_fused = renderer_module.sample_and_decode
+    monkeypatch.setattr(renderer_module, "eg3d_ray_march",
+                        lambda *a, **k: backends.append(("march", k.get("backend", "unset"))) or real_march(*a, **k))
+    monkeypatch.setattr(renderer_module, "triplane_sample",
+                        lambda *a, **k: backends.append(("sample", k.get("backend", "unset"))) or real_sample(*a, **k))
+    monkeypatch.setattr(renderer_module, "sample_and_decode",
+                        lambda *a, **k: backends.append(("fused", k.get("backend", "unset"))) or real_fused(*a, **k))
+    generator = small_generator()
+    planes = torch.randn(1, 3, 32, 8, 8, dtype=torch.float64)
+    origins, directions = rays(1, 2)
+    ImportanceRenderer("reference")(planes, generator.decoder, origins, directions, generator.rendering_kwargs)
+    assert backends == [("fused", "reference"), ("march", "reference"), ("fused", "reference"), ("march", "reference")]
+    backends.clear()
+    points = torch.rand(1, 3, 3, dtype=torch.float64) - 0.5
+    decoder = copy.deepcopy(generator.decoder)
+    decoder.register_forward_pre_hook(lambda module, args: None)
+    ImportanceRenderer("reference").run_model(planes, decoder, points, generator.rendering_kwargs)
+    assert backends == [("sample", "reference")]
+    backends.clear()
+    half = copy.deepcopy(generator.decoder).half()
+    ImportanceRenderer("reference").run_model(planes.half(), half, points.half(), generator.rendering_kwargs)
+    assert backends == [("sample", "reference")]  # float16 planes: sampled, then decoded
+    # A float32 decoder on float64 planes is fused in the planes' precision.
+    single = copy.deepcopy(generator.decoder).float()
+    fused = ImportanceRenderer("reference").run_model(planes, single, points, generator.rendering_kwargs)
+    unfused = single(real_sample(planes, points, 1, EG3D_AXES, "mean", backend="reference"))
+    assert fused["sigma"].dtype == torch.float64
+    torch.testing.assert_close(fused["sigma"], unfused["sigma"])
+
+
+def test_one_fine_sample_still_makes_a_fine_pass(monkeypatch):
+    generator = small_generator()
+    planes = torch.randn(1, 3, 32, 8, 8, dtype=torch.float64)
+    origins, directions = rays(1, 2)
+    options = {**generator.rendering_kwargs, "depth_resolution_importance": 1, "deterministic_sampling": True}
+    calls = []
+    real = renderer_module.importance_depths
+    monkeypatch.setattr(renderer_module, "importance_depths", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    ImportanceRenderer("reference")(planes, generator.decoder, origins, directions, options)
+    assert calls == [1]
