@@ -4,6 +4,7 @@ back, every argument check's message word for word, and small cases worked by ha
 
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -487,19 +488,19 @@ def test_the_shared_checks_messages():
 BACKWARD_CALLS = []
 
 
-@torch.library.custom_op("dreamportrait_test::decode", mutates_args=())
-def _decode_op(planes: torch.Tensor, points: torch.Tensor, box_warp: float, axes: list[int], weight1: torch.Tensor,
-               bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor) -> torch.Tensor:
+def _decode_forward(planes: torch.Tensor, points: torch.Tensor, box_warp: float, axes: list[int],
+                    weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor
+                    ) -> torch.Tensor:
     return sample_and_decode_module.reference(planes, points, box_warp, axes, weight1, bias1, weight2, bias2)
 
 
-@torch.library.custom_op("dreamportrait_test::decode_backward", mutates_args=())
-def _decode_backward_op(grad_output: torch.Tensor, planes: torch.Tensor, points: torch.Tensor, box_warp: float,
-                        axes: list[int], weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
-                        bias2: torch.Tensor, needs_planes: bool, needs_points: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _decode_backward(grad_output: torch.Tensor, planes: torch.Tensor, points: torch.Tensor, box_warp: float,
+                     axes: list[int], weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
+                     bias2: torch.Tensor, needs_planes: bool, needs_points: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's gradients, in the layout the compiled backward operators return."""
     BACKWARD_CALLS.append((needs_planes, needs_points, grad_output.is_contiguous(), box_warp, axes))
+
     def function(*tensors):
         return sample_and_decode_module.reference(tensors[0], tensors[1], box_warp, axes, *tensors[2:])
 
@@ -509,11 +510,25 @@ def _decode_backward_op(grad_output: torch.Tensor, planes: torch.Tensor, points:
             *grads[2:])
 
 
+def fresh_decoder_operators():
+    """A new operator pair computing the reference (new names in every process and call: nothing of an
+    earlier registration carries over, in a forked process either)."""
+    name = f"decode_{os.getpid()}_{len(_OPERATORS)}"
+    _OPERATORS.append(name)
+    torch.library.custom_op(f"dreamportrait_test::{name}", _decode_forward, mutates_args=())
+    torch.library.custom_op(f"dreamportrait_test::{name}_backward", _decode_backward, mutates_args=())
+    return f"dreamportrait_test::{name}", f"dreamportrait_test::{name}_backward", name
+
+
+_OPERATORS = []
+
+
 def test_register_gives_a_decoder_operator_pair_autograd_and_fake_kernels():
-    sample_and_decode_module._register("dreamportrait_test::decode", "dreamportrait_test::decode_backward")
-    sample_and_decode_module._register("dreamportrait_test::decode", "dreamportrait_test::decode_backward")  # once
-    assert "dreamportrait_test::decode" in sample_and_decode_module._registered
-    op = torch.ops.dreamportrait_test.decode
+    forward, backward_name, op_name = fresh_decoder_operators()
+    sample_and_decode_module._register(forward, backward_name)
+    sample_and_decode_module._register(forward, backward_name)  # once
+    assert forward in sample_and_decode_module._registered
+    op = getattr(torch.ops.dreamportrait_test, op_name)
     inputs = [t.double().requires_grad_() for t in decoder_inputs()]
     weights = torch.randn(2, 5, 3, dtype=torch.float64)
     expected_out = sample_and_decode_module.reference(inputs[0], inputs[1], 1.5, [0, 1, 0, 2, 1, 2], *inputs[2:])
@@ -540,7 +555,7 @@ def test_register_gives_a_decoder_operator_pair_autograd_and_fake_kernels():
     # Fake kernels: shapes on meta tensors, and the arguments checked there too.
     meta = [t.detach().to("meta") for t in inputs]
     assert op(meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:]).shape == (2, 5, 3)
-    backward = torch.ops.dreamportrait_test.decode_backward
+    backward = getattr(torch.ops.dreamportrait_test, op_name + "_backward")
     grad_meta = torch.empty(2, 5, 3, device="meta", dtype=torch.float64)
     shapes = [tuple(t.shape) for t in backward(grad_meta, meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:], True, False)]
     assert shapes == [(2, 3, 16, 4, 4), (0,), (16, 16), (16,), (3, 16), (3,)]
