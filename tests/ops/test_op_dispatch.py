@@ -283,6 +283,11 @@ def test_triplane_sample_passes_its_arguments_to_its_backend(backend, monkeypatc
      r"triplane_sample: axes gives plane 0 the same axis 1 for u and v, got \(1, 1, 0, 2, 1, 2\)"),
     (dict(axes=(0, 1, 0, 2, 2, 2)), ValueError, "triplane_sample: axes gives plane 2 the same axis 2 for u and v"),
     (dict(reduce="max"), ValueError, r"triplane_sample: reduce must be one of \('mean', 'sum', 'none'\), got 'max'"),
+    (dict(planes=torch.ones(2, 3, 4, 5, 6, dtype=torch.int64), points=torch.ones(2, 7, 3, dtype=torch.int64)), TypeError,
+     "triplane_sample: planes must be a floating-point tensor, got torch.int64"),
+    (dict(points=torch.rand(2, 7, 3, dtype=torch.float64)), TypeError,
+     "triplane_sample: points dtype torch.float64 does not match planes dtype torch.float32"),
+    (dict(box_warp="1"), TypeError, "triplane_sample: box_warp must be a real number, got str"),
     (dict(backend="fast"), ValueError, "triplane_sample: backend must be one of reference, cpu, cuda, triton; got 'fast'"),
     (dict(planes=torch.randn(2, 3, 4, 5, 6, dtype=torch.float16), points=torch.rand(2, 7, 3, dtype=torch.float16),
           backend="cpu"), TypeError, "triplane_sample: the cpu backend takes planes of dtype float32, float64; got torch.float16"),
@@ -565,3 +570,20 @@ def test_register_gives_a_decoder_operator_pair_autograd_and_fake_kernels():
         op(meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], meta[2], meta[3], meta[4][:, :3], meta[5])
     with pytest.raises(Exception, match="grad_output"):
         backward(grad_meta[:, :2], meta[0], meta[1], 1.5, [0, 1, 0, 2, 1, 2], *meta[2:], True, True)
+
+
+def test_the_smallest_box_is_where_two_over_it_is_the_largest_float():
+    planes, points = torch.randn(1, 3, 2, 4, 4), torch.zeros(1, 2, 3)
+    largest = torch.finfo(torch.float32).max
+    assert 2.0 / (2.0 / largest) == largest  # exactly at the bound: still finite
+    for box_warp in (2.0 / largest, 1.2 * 2.0 / largest):
+        assert torch.isfinite(triplane_sample(planes, points, box_warp, backend="reference")).all()
+    with pytest.raises(ValueError, match="box_warp must be at least"):
+        triplane_sample(planes, points, 0.9 * 2.0 / largest, backend="reference")
+
+
+def test_a_decoder_with_one_hidden_unit():
+    planes, points, w1, b1, w2, b2 = decoder_inputs()
+    out = sample_and_decode(planes, points, 1.0, w1[:1], b1[:1], w2[:, :1], b2, backend="reference")
+    features = reference.triplane_sample(planes, points, 1.0, EG3D_AXES, "mean")
+    torch.testing.assert_close(out, sample_and_decode_module.decode(features, w1[:1], b1[:1], w2[:, :1], b2))
