@@ -21,7 +21,11 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 # The language standard is torch's (C++20 for torch 2.14). -fopenmp-simd only enables
 # `#pragma omp simd` (vectorised reductions), no OpenMP runtime.
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -fno-trapping-math (as torch builds itself): floating-point operations are not expected to raise
+# exceptions, so GCC may turn the kernels' clamps and selects (softplus, the exponentials) into
+# branch-free vector code; without AVX-512's masks it otherwise leaves those loops scalar. Results
+# are unchanged (NaN and inf included); only the exception flags, which nothing reads, may differ.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 # DREAMPORTRAIT_CPU_ARCH=x86-64-v3 (any -march value) builds the CPU kernels for that one target
 # instead of the instruction-set clones of cpu_dispatch.h: to measure, on an AVX-512 machine, what
 # an AVX2-only CPU runs (with ATEN_CPU_CAPABILITY=avx2 for torch's own kernels; BENCHMARKS.md).

@@ -21,7 +21,13 @@ constexpr double kSigmoidShift = 0.001;
 
 DP_INLINE float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // n = x / ln 2 rounded to the nearest integer, as nearbyint would: adding 1.5 * 2^23 leaves n in
+  // the low bits of t. No nearbyint or float-to-int conversion, which keep the loops from
+  // vectorising without AVX-512.
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -30,7 +36,7 @@ DP_INLINE float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (t_bits - 0x4B400000 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return e * scale;
