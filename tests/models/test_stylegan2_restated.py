@@ -909,3 +909,37 @@ def test_the_dual_discriminator_with_one_label_channel_and_skip_blocks():
         discriminator({"image_raw": raw}, c)
     with pytest.raises(ValueError, match=r"^c must have shape \(2, 1\) \(one camera label per image\), got str$"):
         discriminator({"image": image, "image_raw": raw}, "front")
+
+
+def test_float16_modulation_casts_float32_weights_and_styles_and_keeps_headroom():
+    generator = torch.Generator().manual_seed(4)
+    # Products of x with 1/√27-scaled weights stay far below 65504; with weights scaled by √27 they overflow.
+    x = torch.randn(2, 3, 6, 6, generator=generator) * 3000
+    weight, styles = torch.randn(4, 3, 3, 3, generator=generator), torch.randn(2, 3, generator=generator)
+    expected = modulated_conv2d(x.double(), weight.double(), styles.double(), padding=1)
+    got = modulated_conv2d(x.half(), weight, styles, padding=1)  # float32 weight and styles
+    assert got.dtype == torch.float16 and got.isfinite().all()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
+def test_convolution_layer_defaults_padding_and_dtype():
+    from dreamportrait.models.layers import Conv2dLayer
+
+    layer = Conv2dLayer(3, 2, kernel_size=5)
+    assert layer.padding == 2 and isinstance(layer.weight, torch.nn.Parameter)
+    assert isinstance(layer.bias, torch.nn.Parameter)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)  # float32 layer, float64 input
+    out = layer(x)
+    assert out.dtype == torch.float64 and out.shape == (1, 2, 6, 6)
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight.double() / math.sqrt(75), padding=2)
+                               + layer.bias.double()[None, :, None, None])
+
+
+def test_freeze_d_counts_layers_across_blocks():
+    discriminator = DualDiscriminator(c_dim=0, img_resolution=32, img_channels=3, channel_base=64, channel_max=4,
+                                      block_kwargs={"freeze_layers": 5})
+    assert [discriminator.b32.first_layer_idx, discriminator.b16.first_layer_idx, discriminator.b8.first_layer_idx] \
+        == [0, 4, 7]
+    # Layers 0-4 frozen: the first block's four and the second block's first.
+    assert isinstance(discriminator.b16.conv1.weight, torch.nn.Parameter)
+    assert not isinstance(discriminator.b16.conv0.weight, torch.nn.Parameter)
