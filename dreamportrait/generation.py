@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ._atomic import atomic_path
 from .defaults import TRUNCATION_PSI
 from .models import camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
-from .models.cameras import FRONTAL
+from .models.cameras import FFHQ_FOV_DEGREES, FFHQ_PIVOT, FFHQ_RADIUS, FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
 from .text import TextConditionedGenerator
 
@@ -73,7 +73,7 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
              views: int = 8, video: bool = False, mesh: bool = False, truncation_psi: float = TRUNCATION_PSI,
-             yaw_range_degrees: float = 35.0, fov_degrees: float = 18.837, video_frames: int = 72,
+             yaw_range_degrees: float = 35.0, fov_degrees: float = FFHQ_FOV_DEGREES, video_frames: int = 72,
              mesh_resolution: int = 128, mesh_level: float = 10.0, progress: bool = True) -> GenerationResult:
     """Generate every (prompt, seed) and write its outputs (module docstring) under ``out_dir``.
     Cameras orbit the generator's own average camera (:func:`orbit`)."""
@@ -128,13 +128,13 @@ def orbit(generator: TextConditionedGenerator) -> tuple[float, tuple[float, ...]
     """(radius, pivot) of the camera orbit the generator was trained on: EG3D's
     ``avg_camera_radius`` / ``avg_camera_pivot`` rendering options (FFHQ's when absent)."""
     options = generator.base.rendering_kwargs
-    return float(options.get("avg_camera_radius", 2.7)), tuple(options.get("avg_camera_pivot", (0, 0, 0.2)))
+    return float(options.get("avg_camera_radius", FFHQ_RADIUS)), tuple(options.get("avg_camera_pivot", FFHQ_PIVOT))
 
 
 def frontal_camera(generator: TextConditionedGenerator) -> Tensor:
     """The camera label ``(1, 25)`` generation conditions the mapping on: frontal on the generator's
     :func:`orbit`, with FFHQ's field of view (EG3D's generation scripts' convention)."""
-    return view_cameras(1, 0.0, *orbit(generator), 18.837)
+    return view_cameras(1, 0.0, *orbit(generator), FFHQ_FOV_DEGREES)
 
 
 def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncation_psi: float = TRUNCATION_PSI,

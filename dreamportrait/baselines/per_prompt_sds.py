@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..defaults import BASELINE_STEPS
 from ..guidance import StableDiffusionGuidance
 from ..models import camera_rays, sample_camera_labels, split_camera_labels, view_cameras
+from ..models.cameras import FFHQ_FOV_DEGREES, FFHQ_PIVOT, FFHQ_RADIUS
 from ..models.presets import preset_kwargs
 from ..models.renderer import ImportanceRenderer, OSGDecoder
 from ..models.triplane_generator import PLANE_CHANNELS
@@ -62,8 +63,8 @@ class BaselineResult:
 
 def optimise_scene(guidance: StableDiffusionGuidance, prompt: str, steps: int = DEFAULT_STEPS, batch_size: int = 1,
                    render_resolution: int = 32, lr: float = 0.01, yaw_range_degrees: float = 45.0,
-                   pitch_range_degrees: float = 20.0, radius: float = 2.7, pivot=(0.0, 0.0, 0.2),
-                   fov_degrees: float = 18.837, seed: int = 0, backend: str | None = None,
+                   pitch_range_degrees: float = 20.0, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT,
+                   fov_degrees: float = FFHQ_FOV_DEGREES, seed: int = 0, backend: str | None = None,
                    progress: bool = True, callback=None) -> BaselineResult:
     """Optimise a :class:`TriplaneScene` for ``prompt`` with SDS for ``steps`` steps of
     ``batch_size`` random views. ``callback(step, scene)`` (optional) runs after each step."""
@@ -107,7 +108,7 @@ def write_baseline(result: BaselineResult, out_dir: str | Path, prompt: str, ste
     save_scene(result.scene, out_dir / "scene.safetensors")
     device = result.scene.planes.device
     with torch.no_grad():
-        images = result.scene(view_cameras(views, 0.6, 2.7, (0, 0, 0.2), 18.837).to(device), resolution)["image"]
+        images = result.scene(view_cameras(views, 0.6, FFHQ_RADIUS, FFHQ_PIVOT, FFHQ_FOV_DEGREES).to(device), resolution)["image"]
     for index, image in enumerate(images):
         write_image(out_dir / f"view{index:02d}.png", to_uint8(image))
     write_image(out_dir / "grid.png", to_uint8(grid(images, views)))

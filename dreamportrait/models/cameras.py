@@ -19,6 +19,10 @@ from torch import Tensor
 
 CAMERA_LABEL_SIZE = 25
 FRONTAL = math.pi / 2
+# FFHQ's camera orbit and field of view, as EG3D's FFHQ rendering options and scripts give them.
+FFHQ_RADIUS = 2.7
+FFHQ_PIVOT = (0.0, 0.0, 0.2)
+FFHQ_FOV_DEGREES = 18.837
 
 
 def fov_to_intrinsics(fov_degrees: float, device: torch.device | str = "cpu") -> Tensor:
@@ -47,7 +51,7 @@ def look_at(origins: Tensor, targets: Tensor) -> Tensor:
     return cam2world
 
 
-def orbit_poses(yaw: Tensor, pitch: Tensor, radius: float = 2.7, pivot: Sequence[float] = (0.0, 0.0, 0.2)) -> Tensor:
+def orbit_poses(yaw: Tensor, pitch: Tensor, radius: float = FFHQ_RADIUS, pivot: Sequence[float] = FFHQ_PIVOT) -> Tensor:
     """Camera-to-world matrices ``(N, 4, 4)`` of cameras on a sphere of ``radius`` around the world
     origin at angles ``yaw``, ``pitch`` ``(N,)`` (module docstring), looking at ``pivot`` (EG3D's
     ``LookAtPoseSampler``). EG3D maps the polar angle through ``arccos(1 - 2 pitch / pi)``, as here,
@@ -88,8 +92,8 @@ def sample_orbit_poses(
     batch_size: int,
     yaw_range: float = math.radians(45),
     pitch_range: float = math.radians(20),
-    radius: float = 2.7,
-    pivot: Sequence[float] = (0.0, 0.0, 0.2),
+    radius: float = FFHQ_RADIUS,
+    pivot: Sequence[float] = FFHQ_PIVOT,
     distribution: str = "uniform",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -99,8 +103,8 @@ def sample_orbit_poses(
     return orbit_poses(yaws.to(device), pitches.to(device), radius, pivot)
 
 
-def sample_camera_labels(count: int, yaw_range: float, pitch_range: float, radius: float = 2.7,
-                         pivot: Sequence[float] = (0.0, 0.0, 0.2), fov_degrees: float = 18.837,
+def sample_camera_labels(count: int, yaw_range: float, pitch_range: float, radius: float = FFHQ_RADIUS,
+                         pivot: Sequence[float] = FFHQ_PIVOT, fov_degrees: float = FFHQ_FOV_DEGREES,
                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``count`` random camera labels ``(N, 25)`` of the portrait prior (uniform yaw/pitch offsets
     within ``±range`` radians) and their yaws ``(N,)`` (for view-dependent prompts)."""
@@ -108,8 +112,8 @@ def sample_camera_labels(count: int, yaw_range: float, pitch_range: float, radiu
     return camera_labels(orbit_poses(yaws, pitches, radius, pivot), fov_to_intrinsics(fov_degrees)), yaws
 
 
-def view_cameras(count: int, yaw_range: float, radius: float = 2.7, pivot: Sequence[float] = (0.0, 0.0, 0.2),
-                 fov_degrees: float = 18.837, pitch: float = 0.0) -> Tensor:
+def view_cameras(count: int, yaw_range: float, radius: float = FFHQ_RADIUS, pivot: Sequence[float] = FFHQ_PIVOT,
+                 fov_degrees: float = FFHQ_FOV_DEGREES, pitch: float = 0.0) -> Tensor:
     """``count`` camera labels ``(N, 25)`` sweeping yaw evenly over ``±yaw_range`` radians around the
     frontal view (one camera: the frontal one), at ``pitch`` radians from frontal."""
     yaws = FRONTAL + (torch.linspace(-1, 1, count) if count > 1 else torch.zeros(1)) * yaw_range

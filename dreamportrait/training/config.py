@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ..models.cameras import FFHQ_FOV_DEGREES, FFHQ_PIVOT, FFHQ_RADIUS
+
 
 @dataclass
 class ModelConfig:
@@ -60,9 +62,9 @@ class GuidanceConfig:
 class CameraConfig:
     yaw_range_degrees: float = 45.0
     pitch_range_degrees: float = 20.0
-    radius: float = 2.7
-    fov_degrees: float = 18.837
-    pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
+    radius: float = FFHQ_RADIUS
+    fov_degrees: float = FFHQ_FOV_DEGREES
+    pivot: list[float] = field(default_factory=lambda: list(FFHQ_PIVOT))
     conditioning: str = "frontal"
     """The camera the generator's mapping is conditioned on while training. "frontal": the camera
     generation conditions on (:func:`dreamportrait.generation.frontal_camera`), so SDS judges

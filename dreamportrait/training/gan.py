@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models import build_discriminator, build_generator, view_cameras
+from ..models.cameras import FFHQ_PIVOT, FFHQ_RADIUS
 from ..models.pretrained import save_pretrained
 from ..outputs import depth_grey, grid, to_uint8, write_image
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -149,8 +150,8 @@ class GanTrainer:
         """A grid of EMA samples (rows: fixed latents, each followed by its depth, nearest white over the
         ray range so that a flat card shows as one grey; columns: yaws over the data's pose range)."""
         options = self.generator_ema.rendering_kwargs
-        cameras = view_cameras(views, math.radians(35), options.get("avg_camera_radius", 2.7),
-                               options.get("avg_camera_pivot", (0, 0, 0.2)))
+        cameras = view_cameras(views, math.radians(35), options.get("avg_camera_radius", FFHQ_RADIUS),
+                               options.get("avg_camera_pivot", FFHQ_PIVOT))
         z = torch.randn(seeds, self.generator_ema.z_dim, generator=torch.Generator().manual_seed(0))
         ws = self.generator_ema.mapping(z.repeat_interleave(views, 0), cameras[views // 2].expand(seeds * views, -1))
         out = self.generator_ema.synthesis(ws, cameras.repeat(seeds, 1), noise_mode="const",
