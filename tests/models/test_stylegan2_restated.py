@@ -917,7 +917,8 @@ def test_float16_modulation_casts_float32_weights_and_styles_and_keeps_headroom(
     x = torch.randn(2, 3, 6, 6, generator=generator) * 3000
     weight, styles = torch.randn(4, 3, 3, 3, generator=generator), torch.randn(2, 3, generator=generator)
     expected = modulated_conv2d(x.double(), weight.double(), styles.double(), padding=1)
-    got = modulated_conv2d(x.half(), weight, styles, padding=1)  # float32 weight and styles
+    noise = torch.zeros(1, 1, 6, 6)  # float32 noise too
+    got = modulated_conv2d(x.half(), weight, styles, noise=noise, padding=1)  # float32 weight and styles
     assert got.dtype == torch.float16 and got.isfinite().all()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-3 * expected.abs().max().item())
 
@@ -943,3 +944,18 @@ def test_freeze_d_counts_layers_across_blocks():
     # Layers 0-4 frozen: the first block's four and the second block's first.
     assert isinstance(discriminator.b16.conv1.weight, torch.nn.Parameter)
     assert not isinstance(discriminator.b16.conv0.weight, torch.nn.Parameter)
+
+
+def test_super_resolution_defaults_and_a_six_tap_downsampling_convolution():
+    from dreamportrait.models.resampling import conv2d_resample
+
+    module = SuperresolutionHybrid2X(channels=6, img_resolution=8, sr_num_fp16_res=0, sr_antialias=True,
+                                     block_channels=(4, 3))
+    assert module.block0.w_dim == module.block1.w_dim == 512
+    assert module.block0.conv1.conv_clamp is None and module.block1.conv1.conv_clamp is None
+    taps = setup_filter((1, 2, 3, 3, 2, 1)).double()
+    x = torch.randn(1, 2, 10, 10, dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    # Pad (6 - 2 + 1) // 2 + 1 = 3 before and (6 - 2) // 2 + 1 = 3 after, low-pass, then a strided convolution.
+    low = F.conv2d(F.pad(x, [3, 3, 3, 3]), taps.flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
+    torch.testing.assert_close(conv2d_resample(x, weight, taps, down=2, padding=1), F.conv2d(low, weight, stride=2))
