@@ -507,6 +507,9 @@ def test_the_generator_records_its_exact_arguments_and_keeps_its_own_rendering_o
     assert generator.rendering_kwargs["density_prior"]["radius"] == 0.3
     assert generator.renderer.backend == "reference" and generator.backbone.mapping.num_layers == 1
     assert generator.superresolution.block0.use_fp16  # sr_num_fp16_res passed on
+    assert generator.backbone.synthesis.b4.conv1.weight.shape[0] == 8  # channel_max passed on
+    assert generator.superresolution.block0.conv1.weight.shape[0] == 4  # sr_kwargs passed on
+    assert generator.superresolution.sr_antialias is True and generator.decoder.net[0].bias_gain == 1
     defaults = TriPlaneGenerator(z_dim=8, c_dim=25, w_dim=8, img_resolution=16, img_channels=3,
                                  rendering_kwargs=RENDERING, sr_kwargs={"block_channels": [4, 4]}, channel_base=2048,
                                  channel_max=2)
