@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dreamportrait._manifest import write_manifest
 from dreamportrait.cli import main
 from dreamportrait.models import build_discriminator, build_generator, camera_labels, fov_to_intrinsics
 from dreamportrait.models import import_eg3d, load_pretrained, sample_orbit_poses, save_pretrained
@@ -149,7 +150,8 @@ def test_eg3d_snapshot_imports_without_running_its_code(tmp_path, eg3d, capsys):
     assert renderer.class_name == "training.volumetric_rendering.renderer.ImportanceRenderer"
     assert main(["import-eg3d", str(tmp_path / "network.pkl"), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert len(eg3d.persistence.RECONSTRUCTIONS) == reconstructions  # EG3D's loader never ran
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "discriminator.safetensors", "generator.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "discriminator.safetensors", "generator.safetensors",
+                                                    "manifest.json"]
     loaded_generator, loaded_discriminator = load_pretrained(tmp_path / "out")
     assert loaded_generator.neural_rendering_resolution == 16
     c, z = camera_labels(sample_orbit_poses(2), fov_to_intrinsics(18.837)), torch.randn(2, generator.z_dim)
@@ -188,16 +190,19 @@ def test_state_dict_round_trip_is_strict_and_exact(tmp_path):
 
 
 def test_checkpoint_with_unknown_or_missing_keys_is_named(tmp_path):
+    # Weights edited by hand, with a manifest that records them: the structural checks behind the hashes.
     save_pretrained(tmp_path, build_generator("tiny"))
     weights = load_file(str(tmp_path / "generator.safetensors"))
     weights["backbone.synthesis.b8.extra"] = torch.zeros(3)
     del weights["decoder.net.0.bias"]
     save_file(weights, str(tmp_path / "generator.safetensors"))
+    write_manifest(tmp_path)
     with pytest.raises(ValueError, match=r"missing keys: decoder\.net\.0\.bias; unknown keys: backbone\.synthesis\.b8\.extra"):
         load_pretrained(tmp_path)
     weights["decoder.net.0.bias"] = torch.zeros(7)
     del weights["backbone.synthesis.b8.extra"]
     save_file(weights, str(tmp_path / "generator.safetensors"))
+    write_manifest(tmp_path)
     with pytest.raises(ValueError, match=r"wrong shapes: decoder\.net\.0\.bias \(7,\) \(expected \(64,\)\)"):
         load_pretrained(tmp_path)
 
@@ -208,6 +213,10 @@ def test_damaged_directories_give_clear_errors(tmp_path):
     save_pretrained(tmp_path, build_generator("tiny"))
     data = (tmp_path / "generator.safetensors").read_bytes()
     (tmp_path / "generator.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"generator\.safetensors is damaged: \d+ bytes, .*manifest\.json lists"):
+        load_pretrained(tmp_path)
+    # Without a manifest (a directory made by hand) the files' own checks speak.
+    (tmp_path / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
