@@ -166,3 +166,29 @@ def test_cuda_defaults_without_a_gpu(monkeypatch):
     assert archs == ["8.0", "8.6", "9.0+PTX"]
     assert (Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc").is_file()
     assert (Path(os.environ["CUDA_HOME"]) / "include" / "cuda_runtime.h").is_file()
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("Yes", True), (" ON ", True),
+                                             ("TRUE", True), ("0", False), ("off", False), ("", False)])
+def test_build_switches_read_the_usual_spellings(monkeypatch, value, expected):
+    monkeypatch.setenv("DREAMPORTRAIT_TEST_FLAG", value)
+    assert _build.env_flag("DREAMPORTRAIT_TEST_FLAG") is expected
+    monkeypatch.delenv("DREAMPORTRAIT_TEST_FLAG")
+    assert _build.env_flag("DREAMPORTRAIT_TEST_FLAG") is False
+
+
+@pytest.mark.parametrize("usable, nvcc, expected", [(True, "/opt/cuda/bin/nvcc", True), (True, None, False),
+                                                    (False, "/opt/cuda/bin/nvcc", False), (False, None, False)])
+def test_cuda_is_built_when_usable_and_nvcc_is_found(monkeypatch, usable, nvcc, expected):
+    monkeypatch.delenv("BUILD_NO_CUDA", raising=False)
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    monkeypatch.setattr(_build, "find_nvcc", lambda: nvcc)
+    assert _build.cuda_requested(cuda_usable=usable) is expected
+
+
+def test_compile_flags_without_and_with_cuda(monkeypatch):
+    monkeypatch.delenv(_build.CPU_ARCH_VARIABLE, raising=False)
+    assert _build.compile_flags(False, []) == {"cxx": _build.CXX_FLAGS, "nvcc": _build.NVCC_FLAGS}
+    flags = _build.compile_flags(True, [80], [])
+    assert flags["nvcc"] == _build.NVCC_FLAGS + ["-DDREAMPORTRAIT_WITH_CUDA"]
+    assert flags["cxx"] == _build.CXX_FLAGS + ["-DDREAMPORTRAIT_WITH_CUDA", "-DDREAMPORTRAIT_CUDA_SASS_ARCHS=80"]
