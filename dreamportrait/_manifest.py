@@ -47,8 +47,8 @@ def write_manifest(directory: str | Path) -> Path:
 
 def _inside(directory: Path, name: str) -> Path | None:
     """``directory / name`` for a relative POSIX path that stays inside ``directory``, else None."""
-    parts = PurePosixPath(name).parts
-    if not parts or name.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in name:
+    parts = PurePosixPath(name).parts  # without "" or "." parts: PurePosixPath drops them
+    if not parts or name.startswith("/") or ".." in parts or "\\" in name:
         return None
     return directory.joinpath(*parts)
 
