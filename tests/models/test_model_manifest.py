@@ -152,3 +152,12 @@ def test_a_damaged_shipped_model_is_refused_by_asset_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "_verified", set())
     with pytest.raises(ValueError, match=f"{weights} is damaged"):
         asset_dir("judge")
+
+
+@pytest.mark.parametrize("name", ["config.json", "generator.safetensors"])
+def test_a_manifest_that_leaves_out_the_config_or_the_generator_is_refused(saved, name):
+    listing = json.loads((saved / MANIFEST).read_text())
+    del listing["files"][name]
+    (saved / MANIFEST).write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match=rf"manifest\.json does not list {name}"):
+        load_pretrained(saved)
