@@ -20,7 +20,7 @@ import torch
 
 from dreamportrait.integrations import eg3d as integration
 from dreamportrait.models import camera_labels, fov_to_intrinsics, orbit_poses
-from dreamportrait.models.cameras import FRONTAL
+from dreamportrait.models.cameras import FRONTAL, camera_rays
 from dreamportrait.ops import EG3D_AXES, sample_and_decode, triplane_sample
 from dreamportrait.ops.sample_and_decode import decode
 
@@ -77,21 +77,38 @@ def test_eg3d_renderer(benchmark, record, eg3d, implementation, shape, direction
     record(f"eg3d-renderer/{shape}/{direction}", implementation, benchmark)
 
 
-def decode_inputs(batch: int, backward: bool):
-    """The points of EG3D's coarse pass at the given batch (48 samples on each of 64² rays)."""
+POINTS = ("rays", "uniform")
+"""Where the fused op's points lie: ``rays``, EG3D's coarse pass (48 stratified depths on each of the
+64² rays of the renderer benchmark's cameras); ``uniform``, as many points spread uniformly over the
+box, the worst case for the caches (every point's corner rows in a different part of the planes)."""
+
+
+def decode_inputs(batch: int, backward: bool, points: str = "rays"):
+    """Planes, points (``points``: one of :data:`POINTS`) and decoder weights for the fused-op comparison."""
     torch.manual_seed(0)
     planes = torch.randn(batch, 3, 32, 256, 256)
-    points = (torch.rand(batch, RESOLUTION * RESOLUTION * 48, 3) - 0.5) * 0.9
+    samples = RESOLUTION * RESOLUTION * OPTIONS["depth_resolution"]
+    if points == "uniform":
+        xyz = (torch.rand(batch, samples, 3) - 0.5) * 0.9
+    else:
+        yaw = torch.linspace(-0.4, 0.4, batch) + FRONTAL
+        origins, directions = camera_rays(orbit_poses(yaw, torch.full((batch,), FRONTAL - 0.1)),
+                                          fov_to_intrinsics(18.837).expand(batch, 3, 3), RESOLUTION)
+        step = (OPTIONS["ray_end"] - OPTIONS["ray_start"]) / OPTIONS["depth_resolution"]
+        depths = OPTIONS["ray_start"] + step * (torch.arange(OPTIONS["depth_resolution"]) + torch.rand(
+            batch, RESOLUTION * RESOLUTION, OPTIONS["depth_resolution"]))
+        xyz = (origins[:, :, None] + directions[:, :, None] * depths[..., None]).reshape(batch, samples, 3)
     weights = [torch.randn(64, 32) / 32 ** 0.5, torch.zeros(64), torch.randn(33, 64) / 8, torch.zeros(33)]
-    return [t.requires_grad_(backward) for t in (planes, points, *weights)]
+    return [t.requires_grad_(backward) for t in (planes, xyz.contiguous(), *weights)]
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("where", POINTS)
 @pytest.mark.parametrize("implementation", ["baseline", "cpu"])
-def test_sample_and_decode(benchmark, record, implementation, shape, direction):
+def test_sample_and_decode(benchmark, record, implementation, where, shape, direction):
     backward = direction == "fwd+bwd"
-    planes, points, w1, b1, w2, b2 = inputs = decode_inputs(SHAPES[shape], backward)
+    planes, points, w1, b1, w2, b2 = inputs = decode_inputs(SHAPES[shape], backward, where)
 
     def run():
         if implementation == "cpu":
@@ -107,13 +124,14 @@ def test_sample_and_decode(benchmark, record, implementation, shape, direction):
 
     call()
     benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
-    record(f"sample_and_decode/{shape}/{direction}", implementation, benchmark)
+    record(f"sample_and_decode/{where}/{shape}/{direction}", implementation, benchmark)
 
 
 def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
     """Both sides of each comparison timed alternately (best of ``rounds`` each), so a change in the
     machine's load affects both alike: ``python benchmarks/test_eg3d_integration.py [BATCH [ROUNDS
     [decode]]]`` (``decode``: the fused op against the unfused composition only, not the renderer)."""
+    import itertools
     import sys
     import time
     from pathlib import Path
@@ -144,9 +162,9 @@ def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
             best = best_of({"baseline": render, "installed": installed})
             print(f"EG3D renderer  batch {batch} {direction:8} baseline {best['baseline'] * 1e3:8.0f} ms  installed "
                   f"{best['installed'] * 1e3:8.0f} ms  {best['baseline'] / best['installed']:.2f}x")
-    for direction in ("fwd", "fwd+bwd"):
+    for where, direction in itertools.product(POINTS, ("fwd", "fwd+bwd")):
         backward = direction == "fwd+bwd"
-        planes, points, w1, b1, w2, b2 = inputs = decode_inputs(batch, backward)
+        planes, points, w1, b1, w2, b2 = inputs = decode_inputs(batch, backward, where)
 
         def timed(fused: bool):
             def call():
@@ -164,7 +182,7 @@ def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
         for call in calls.values():
             call()
         best = best_of(calls)
-        print(f"sample_and_decode batch {batch} {direction:8} unfused {best['unfused'] * 1e3:8.0f} ms  fused "
+        print(f"sample_and_decode {where:7} batch {batch} {direction:8} unfused {best['unfused'] * 1e3:8.0f} ms  fused "
               f"{best['fused'] * 1e3:8.0f} ms  {best['unfused'] / best['fused']:.2f}x")
 
 

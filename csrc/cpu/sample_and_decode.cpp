@@ -10,9 +10,11 @@
 // The backward recomputes a tile the same way and back-propagates through the MLP on the tile. The
 // weight gradients are summed per worker and the workers' sums added in worker order at the end
 // (deterministic for a given thread count). From the feature gradients it computes the point
-// gradients (the corner rows are still in cache from the gather) and scatters the plane gradients
-// into the worker's own channel-innermost buffer; the buffers are summed and transposed into the
-// output once per batch element.
+// gradients while the corner rows are still in cache from the gather. The plane gradient is
+// triplane_sample's with the (N, C) feature gradients as its output gradient: they are written out
+// per tile and scattered afterwards by (plane, channel chunk), so that no thread needs a gradient
+// buffer of its own the size of the planes (zeroing, filling at random and summing those cost
+// more, once there are several, than the one (N, C) buffer).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -48,14 +50,10 @@ constexpr int64_t kTile = 64;
 // matrix products run in register blocks of kBlockRows rows by kLanes columns.
 constexpr int64_t kLanes = 16;
 constexpr int kBlockRows = cpu::kProductRows;
-// The plane rows (gather) and plane-gradient rows (scatter) of the point this many ahead are
-// prefetched while one point is processed: the points are scattered over the planes, so both
-// passes otherwise wait on memory for every point.
+// The plane rows of the point this many ahead are prefetched while one point is gathered: the
+// points are scattered over the planes, so the gather otherwise waits on memory for every point.
 constexpr int64_t kPrefetchAhead = 4;
 constexpr int64_t kCacheLine = 64;
-// With plane gradients each backward worker holds one batch element's (3, H, W, C) gradient
-// buffer: at most this many workers, so that many-core machines do not hold one per core.
-constexpr int64_t kMaxPlaneGradientBuffers = 8;
 
 constexpr int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 constexpr int64_t block_rows(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
@@ -124,23 +122,19 @@ inline scalar_t* corner(scalar_t* base, const BilinearTaps<T>& t, const Problem&
   return base + ((plane * p.H + t.y0 + dy) * p.W + t.x0 + dx) * p.C;
 }
 
-// Prefetches the rows that a point's taps (3 planes) touch in a (3, H, W, C) buffer, for reading
-// or for writing: per plane and tap row the 2 C values from column x0. The addresses are formed as
-// integers: a tap outside the plane gives an address outside the buffer, which a prefetch ignores.
-// On x86 the instructions are written out (GCC deletes loops that hold only __builtin_prefetch).
-template <bool kForWriting>
+// Prefetches the rows that a point's taps (3 planes) touch in a (3, H, W, C) buffer: per plane and
+// tap row the 2 C values from column x0. The addresses are formed as integers: a tap outside the
+// plane gives an address outside the buffer, which a prefetch ignores. On x86 the instruction is
+// written out (GCC deletes loops that hold only __builtin_prefetch).
 inline void prefetch_line(uintptr_t address) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kForWriting)
-    asm volatile("prefetchw (%0)" : : "r"(address));
-  else
-    asm volatile("prefetcht0 (%0)" : : "r"(address));
+  asm volatile("prefetcht0 (%0)" : : "r"(address));
 #else
-  __builtin_prefetch(reinterpret_cast<const void*>(address), kForWriting ? 1 : 0, 3);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
 #endif
 }
 
-template <bool kForWriting, typename scalar_t, typename Channels>
+template <typename scalar_t, typename Channels>
 inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* taps, const Problem& p,
                            const Channels& ch) {
   const int64_t bytes = 2 * ch.C * int64_t(sizeof(scalar_t));
@@ -148,7 +142,7 @@ inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* t
     for (int dy = 0; dy < 2; ++dy) {
       const int64_t offset = ((plane * p.H + taps[plane].y0 + dy) * p.W + taps[plane].x0) * ch.C;
       const uintptr_t row = reinterpret_cast<uintptr_t>(base) + offset * int64_t(sizeof(scalar_t));
-      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line<kForWriting>(row + byte);
+      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line(row + byte);
     }
   }
 }
@@ -169,9 +163,9 @@ DP_CPU_CLONES void gather_tile(const scalar_t* __restrict__ planes_b, const scal
   }
   // The corner rows of the points kPrefetchAhead ahead are fetched while one point is summed.
   for (int64_t t = 0; t < std::min(kPrefetchAhead, count); ++t)
-    prefetch_point<false>(planes_b, taps + t * kPlanes, p, ch);
+    prefetch_point(planes_b, taps + t * kPlanes, p, ch);
   for (int64_t t = 0; t < count; ++t) {
-    if (t + kPrefetchAhead < count) prefetch_point<false>(planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
+    if (t + kPrefetchAhead < count) prefetch_point(planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
     scalar_t* __restrict__ f = F + t * Cp;
     for (int64_t c = 0; c < ch.C; ++c) f[c] = 0;
     bool finite = true;
@@ -286,83 +280,52 @@ void backprop_tile(const Weights<scalar_t>& w, const RuntimeSizes& s, int64_t co
          static_cast<const scalar_t*>(nullptr), false, GF, Cp);
 }
 
-// From the feature gradients GF (count, Cp) of a tile: the points' gradients (rows of grad_points,
-// when not null) and the planes' gradient, added into grad_planes_b (3, H, W, C) when not null.
-// `zeros` holds C zeros, read for corners outside the plane.
+// From the feature gradients GF (count, Cp) of a tile: the points' gradients, rows of grad_points
+// (count, 3). `zeros` holds C zeros, read for corners outside the plane.
 template <typename scalar_t, typename Channels>
-DP_CPU_CLONES void scatter_tile(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ zeros,
-                                scalar_t* __restrict__ grad_planes_b, scalar_t* __restrict__ grad_points,
-                                const Problem& p, const Channels& ch, int64_t count,
-                                const BilinearTaps<scalar_t>* __restrict__ taps, const scalar_t* __restrict__ GF) {
+DP_CPU_CLONES void point_gradients(const scalar_t* __restrict__ planes_b, const scalar_t* __restrict__ zeros,
+                                   scalar_t* __restrict__ grad_points, const Problem& p, const Channels& ch,
+                                   int64_t count, const BilinearTaps<scalar_t>* __restrict__ taps,
+                                   const scalar_t* __restrict__ GF) {
   const int64_t Cp = padded(ch.C);
   const scalar_t scale = static_cast<scalar_t>(p.scale), third = scalar_t(1) / scalar_t(kPlanes);
   const scalar_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
   const scalar_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
   for (int64_t t = 0; t < count; ++t) {
-    if (grad_planes_b != nullptr && t + kPrefetchAhead < count)
-      prefetch_point<true>(grad_planes_b, taps + (t + kPrefetchAhead) * kPlanes, p, ch);
     const scalar_t* __restrict__ g = GF + t * Cp;
     scalar_t grad[3] = {0, 0, 0};
     for (int plane = 0; plane < kPlanes; ++plane) {
       const BilinearTaps<scalar_t>& tp = taps[t * kPlanes + plane];
-      if (grad_points != nullptr) {
-        scalar_t d_dx = 0, d_dy = 0;
-        if (!tp.finite) {
-          d_dx = d_dy = std::numeric_limits<scalar_t>::quiet_NaN();
-        } else if (tp.in_bounds) {
-          const scalar_t* v[2][2];
-          for (int dy = 0; dy < 2; ++dy)
-            for (int dx = 0; dx < 2; ++dx)
-              v[dy][dx] = tp.valid(dy, dx) ? corner(planes_b, tp, p, plane, dy, dx) : zeros;
-          const scalar_t *__restrict__ v00 = v[0][0], *__restrict__ v01 = v[0][1];
-          const scalar_t *__restrict__ v10 = v[1][0], *__restrict__ v11 = v[1][1];
-          DP_SIMD_SUM(d_dx, d_dy)
-          for (int64_t c = 0; c < ch.C; ++c) {
-            scalar_t cx, cy;
-            triplane::bilinear_position_grad(tp, v00[c], v01[c], v10[c], v11[c], cx, cy);
-            d_dx += g[c] * cx;
-            d_dy += g[c] * cy;
-          }
-        }
-        triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
-        triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
-      }
-      if (grad_planes_b == nullptr || !tp.in_bounds) continue;
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          if (!tp.valid(dy, dx)) continue;
-          const scalar_t w = tp.weight(dy, dx) * third;
-          scalar_t* __restrict__ dst = corner(grad_planes_b, tp, p, plane, dy, dx);
-          for (int64_t c = 0; c < ch.C; ++c) dst[c] += w * g[c];
+      scalar_t d_dx = 0, d_dy = 0;
+      if (!tp.finite) {
+        d_dx = d_dy = std::numeric_limits<scalar_t>::quiet_NaN();
+      } else if (tp.in_bounds) {
+        const scalar_t* v[2][2];
+        for (int dy = 0; dy < 2; ++dy)
+          for (int dx = 0; dx < 2; ++dx) v[dy][dx] = tp.valid(dy, dx) ? corner(planes_b, tp, p, plane, dy, dx) : zeros;
+        const scalar_t *__restrict__ v00 = v[0][0], *__restrict__ v01 = v[0][1];
+        const scalar_t *__restrict__ v10 = v[1][0], *__restrict__ v11 = v[1][1];
+        DP_SIMD_SUM(d_dx, d_dy)
+        for (int64_t c = 0; c < ch.C; ++c) {
+          scalar_t cx, cy;
+          triplane::bilinear_position_grad(tp, v00[c], v01[c], v10[c], v11[c], cx, cy);
+          d_dx += g[c] * cx;
+          d_dy += g[c] * cy;
         }
       }
+      triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
+      triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
     }
-    if (grad_points != nullptr)
-      for (int k = 0; k < 3; ++k) grad_points[t * 3 + k] = grad[k];
+    for (int k = 0; k < 3; ++k) grad_points[t * 3 + k] = grad[k];
   }
 }
 
-// Rows [begin, end) of the 3 * H plane rows: out_b (3, C, H, W) = the sum of the workers'
-// (3, H, W, C) buffers, which are zeroed on the way when `clear` (for the next batch element).
-// `row` holds W * C.
+// Rows (count, C) of the feature gradient from the tile's GF (count, Cp).
 template <typename scalar_t>
-DP_CPU_CLONES void sum_plane_buffers(scalar_t* const* buffers, int64_t count, bool clear,
-                                     scalar_t* __restrict__ out_b, const Problem& p, int64_t begin, int64_t end,
-                                     scalar_t* __restrict__ row) {
-  const int64_t width = p.W * p.C;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t plane = r / p.H, y = r % p.H;
-    for (int64_t i = 0; i < width; ++i) row[i] = 0;
-    for (int64_t w = 0; w < count; ++w) {
-      scalar_t* __restrict__ src = buffers[w] + r * width;
-      for (int64_t i = 0; i < width; ++i) row[i] += src[i];
-      if (clear) std::fill(src, src + width, scalar_t(0));
-    }
-    for (int64_t c = 0; c < p.C; ++c) {
-      scalar_t* __restrict__ dst = out_b + ((plane * p.C + c) * p.H + y) * p.W;
-      for (int64_t x = 0; x < p.W; ++x) dst[x] = row[x * p.C + c];
-    }
-  }
+void write_feature_gradients(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ GF,
+                             scalar_t* __restrict__ out) {
+  const int64_t Cp = padded(s.C);
+  for (int64_t t = 0; t < count; ++t) std::memcpy(out + t * s.C, GF + t * Cp, s.C * sizeof(scalar_t));
 }
 
 // Runs fn(worker, begin, end) over [0, count) in tiles of kTile dealt round-robin to the workers:
@@ -377,9 +340,9 @@ void for_tiles(int64_t count, int64_t workers, const F& fn) {
   });
 }
 
-int64_t worker_count(int64_t count, int64_t limit = std::numeric_limits<int64_t>::max()) {
+int64_t worker_count(int64_t count) {
   const int64_t tiles = (count + kTile - 1) / kTile;
-  return std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), tiles, limit}));
+  return std::max<int64_t>(1, std::min(int64_t(at::get_num_threads()), tiles));
 }
 
 // Calls fn(channels) with EG3D's channel count as a compile-time constant when it matches, else
@@ -437,65 +400,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_cpu(planes, "sample_and_decode_backward");
   const RuntimeSizes sizes = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
   decoder::check_grad_output(grad_output, p, sizes, planes);
-  at::Tensor grad_planes =
-      needs_planes ? at::empty(planes.sizes(), planes.options()) : at::empty({0}, planes.options());
   at::Tensor grad_points = needs_points ? at::empty({p.B, p.N, 3}, points.options()) : at::empty({0}, points.options());
   at::Tensor grads[4] = {at::zeros({sizes.K, sizes.C}, planes.options()), at::zeros({sizes.K}, planes.options()),
                          at::zeros({sizes.O, sizes.K}, planes.options()), at::zeros({sizes.O}, planes.options())};
-  if (p.B == 0 || p.N == 0) return {grad_planes.zero_(), grad_points, grads[0], grads[1], grads[2], grads[3]};
+  // The features' gradient (B, N, C), the output gradient of the sampling, for the plane gradient.
+  at::Tensor feature_grads = at::empty({needs_planes ? p.B : 0, p.N, sizes.C}, planes.options());
   const at::Tensor grad = grad_output.contiguous();
   const at::Tensor pts = points.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
-    const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
-    const int64_t workers = worker_count(p.N, needs_planes ? kMaxPlaneGradientBuffers : p.N);
-    std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
-    std::vector<WeightGradients<scalar_t>> sums(workers, WeightGradients<scalar_t>(sizes));
-    // (workers, 3, H, W, C), zeroed by all threads (torch's parallel fill).
-    at::Tensor plane_buffers = at::zeros({needs_planes ? workers : 0, kPlanes * p.H * p.W * p.C}, planes.options());
-    std::vector<scalar_t*> plane_buffer_ptrs;
-    for (int64_t w = 0; w < plane_buffers.size(0); ++w)
-      plane_buffer_ptrs.push_back(plane_buffers.mutable_data_ptr<scalar_t>() + w * plane_buffers.stride(0));
-    const std::vector<scalar_t> zeros(p.C, 0);
-    with_channels(sizes, [&](const auto& channels) {
-      for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
-        for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
-          TileBuffers<scalar_t>& tb = tiles[worker];
-          const int64_t count = end - begin, rows = block_rows(count);
-          scalar_t* grad_planes_b = needs_planes ? plane_buffer_ptrs[worker] : nullptr;
-          gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
-                      tb.F.data());
-          decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
-          backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O,
-                        tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(), sums[worker]);
-          scalar_t* grad_points_tile =
-              needs_points ? grad_points.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * 3 : nullptr;
-          scatter_tile(planes_b, zeros.data(), grad_planes_b, grad_points_tile, p, channels, count, tb.taps.data(),
-                       static_cast<const scalar_t*>(tb.GF.data()));
-        });
-        if (needs_planes) {
-          scalar_t* out_b = grad_planes.mutable_data_ptr<scalar_t>() + b * grad_planes.stride(0);
-          at::parallel_for(0, kPlanes * p.H, 16, [&](int64_t begin, int64_t end) {
-            std::vector<scalar_t> row(p.W * p.C);
-            sum_plane_buffers(plane_buffer_ptrs.data(), workers, b + 1 < p.B, out_b, p, begin, end, row.data());
+  if (p.B > 0 && p.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "sample_and_decode_backward_cpu", [&] {
+      const Weights<scalar_t> w(weight1, bias1, weight2, bias2, sizes);
+      const int64_t workers = worker_count(p.N);
+      std::vector<TileBuffers<scalar_t>> tiles(workers, TileBuffers<scalar_t>(sizes));
+      std::vector<WeightGradients<scalar_t>> sums(workers, WeightGradients<scalar_t>(sizes));
+      const std::vector<scalar_t> zeros(p.C, 0);
+      with_channels(sizes, [&](const auto& channels) {
+        for_each_batch_element<scalar_t>(planes, p, [&](int64_t b, const scalar_t* planes_b) {
+          for_tiles(p.N, workers, [&](int64_t worker, int64_t begin, int64_t end) {
+            TileBuffers<scalar_t>& tb = tiles[worker];
+            const int64_t count = end - begin, rows = block_rows(count);
+            gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
+                        tb.F.data());
+            decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
+            backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O,
+                          tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(),
+                          sums[worker]);
+            if (needs_points)
+              point_gradients(planes_b, zeros.data(), grad_points.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * 3,
+                              p, channels, count, tb.taps.data(), static_cast<const scalar_t*>(tb.GF.data()));
+            if (needs_planes)
+              write_feature_gradients(sizes, count, static_cast<const scalar_t*>(tb.GF.data()),
+                                      feature_grads.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.C);
           });
-        }
+        });
       });
+      // The workers' sums, added in worker order, without the padding.
+      const int64_t Cp = padded(sizes.C), Kp = padded(sizes.K);
+      scalar_t *gw1 = grads[0].mutable_data_ptr<scalar_t>(), *gb1 = grads[1].mutable_data_ptr<scalar_t>();
+      scalar_t *gw2 = grads[2].mutable_data_ptr<scalar_t>(), *gb2 = grads[3].mutable_data_ptr<scalar_t>();
+      for (const auto& sum : sums) {
+        for (int64_t k = 0; k < sizes.K; ++k) {
+          gb1[k] += sum.gb1[k];
+          for (int64_t c = 0; c < sizes.C; ++c) gw1[k * sizes.C + c] += sum.gw1[k * Cp + c];
+        }
+        for (int64_t o = 0; o < sizes.O; ++o) {
+          gb2[o] += sum.gb2[o];
+          for (int64_t k = 0; k < sizes.K; ++k) gw2[o * sizes.K + k] += sum.gw2[o * Kp + k];
+        }
+      }
     });
-    // The workers' sums, added in worker order, without the padding.
-    const int64_t Cp = padded(sizes.C), Kp = padded(sizes.K);
-    scalar_t *gw1 = grads[0].mutable_data_ptr<scalar_t>(), *gb1 = grads[1].mutable_data_ptr<scalar_t>();
-    scalar_t *gw2 = grads[2].mutable_data_ptr<scalar_t>(), *gb2 = grads[3].mutable_data_ptr<scalar_t>();
-    for (const auto& sum : sums) {
-      for (int64_t k = 0; k < sizes.K; ++k) {
-        gb1[k] += sum.gb1[k];
-        for (int64_t c = 0; c < sizes.C; ++c) gw1[k * sizes.C + c] += sum.gw1[k * Cp + c];
-      }
-      for (int64_t o = 0; o < sizes.O; ++o) {
-        gb2[o] += sum.gb2[o];
-        for (int64_t k = 0; k < sizes.K; ++k) gw2[o * sizes.K + k] += sum.gw2[o * Kp + k];
-      }
-    }
-  });
+  }
+  at::Tensor grad_planes =
+      needs_planes ? triplane_sample_backward_planes_cpu(feature_grads, planes, points, box_warp, axes, "mean")
+                   : at::empty({0}, planes.options());
   return {grad_planes, grad_points, grads[0], grads[1], grads[2], grads[3]};
 }
 

@@ -1,5 +1,5 @@
 """sample_and_decode's compiled kernels beyond the written-out comparison: several CPU workers (their
-per-worker weight and plane-gradient sums), determinism, non-finite and out-of-plane points, and
+per-worker weight-gradient sums), determinism, non-finite and out-of-plane points, and
 the CUDA kernel on a GPU."""
 
 import pytest
@@ -35,6 +35,10 @@ def test_cpu_workers_agree_and_repeat_exactly(threads, channels, hidden, out):
     for name, got, again, want in zip(["output", "planes", "points", "w1", "b1", "w2", "b2"], first, second, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
         assert torch.equal(got, again), name
+    threads(1)
+    one_worker = values_and_grads(fused("cpu"), inputs, 1.2, EG3D_AXES)
+    # Every point's share of the plane gradient is added in point order whatever the thread count.
+    assert torch.equal(one_worker[1], first[1])
 
 
 def non_finite_inputs(device, dtype=torch.float64):
