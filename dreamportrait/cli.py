@@ -178,7 +178,7 @@ def _world_build(args: argparse.Namespace) -> int:
     from dreamportrait.world.build import build_world
 
     try:
-        report = build_world(args.out, setting=args.setting, seed=args.seed)
+        report = build_world(args.out, setting=args.setting, seed=args.seed, captions=args.captions)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world build: {error}", file=sys.stderr)
         return 2
@@ -192,7 +192,8 @@ def _world_train(args: argparse.Namespace) -> int:
 
     try:
         config = prepare_run(args.out, args.config, teacher=args.teacher, gan=args.gan, gan_steps=args.gan_steps,
-                             gan_real=args.gan_real, setting=args.setting, overrides=args.overrides, seed=args.seed)
+                             gan_real=args.gan_real, setting=args.setting, overrides=args.overrides, seed=args.seed,
+                             captions=args.captions)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world train: {error}", file=sys.stderr)
         return 2
@@ -326,6 +327,10 @@ def _add_world_build(world) -> None:
     build.add_argument("--setting", default="default", choices=["default", "tiny"],
                        help="'tiny' takes a minute (tests); 'default' is the full build")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--captions", choices=["canonical", "paraphrase"], default="canonical",
+                       help="the teacher's training captions: the world's canonical phrasings (default; the packaged "
+                            "teacher's) or mostly paraphrases as people write them, with a tokenizer that holds "
+                            "their words")
     build.set_defaults(run=_world_build)
 
 
@@ -354,6 +359,10 @@ def _add_world_train(world) -> None:
                              "exported as an EG3D image folder to OUT/data/gan-train-images (default; how the "
                              "packaged generator was trained), or samples of the pretrained 3D GAN")
     wtrain.add_argument("--seed", type=int, default=0)
+    wtrain.add_argument("--captions", choices=["canonical", "paraphrase"], default="canonical",
+                        help="the training prompts: the canonical phrasings (default; the packaged generator's) or "
+                             "those and paraphrases as people write them (OUT/prompts-paraphrase.txt), which need a "
+                             "--teacher built with `world build --captions paraphrase`")
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)
 

@@ -5,7 +5,9 @@ state), so an interrupted build continues where it stopped::
 
     OUT/data/judge-train    renders of training combinations (judge)
     OUT/data/judge-test     renders of the held-out combinations (judge accuracy)
-    OUT/data/teacher-train  captioned renders of training combinations, with part masks (teacher)
+    OUT/data/teacher-train  captioned renders of training combinations, with part masks (teacher);
+                            OUT/data/teacher-train-paraphrase with ``captions="paraphrase"``: the
+                            same renders, most captions paraphrased (:mod:`~dreamportrait.world.captions`)
     OUT/judge/              judge.safetensors + judge.json
     OUT/teacher/            the teacher, Stable Diffusion layout (+ training_state.pt while training)
     OUT/teacher_samples.png teacher samples of held-out captions (two combinations per row)
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .._atomic import atomic_path
 from ..outputs import grid, to_uint8, write_image
 from .attributes import held_out_combinations, training_combinations
+from .captions import check_captions
 from .dataset import build_dataset
 from .judge import accuracy, load_judge, save_judge, train_judge
-from .teacher import Teacher, TeacherConfig, build_teacher, judge_teacher, train_teacher
+from .teacher import Teacher, TeacherConfig, build_teacher, check_vocabulary, judge_teacher, train_teacher
 
 
 @dataclass
@@ -48,6 +51,9 @@ class BuildSetting:
     # the hair colour and the glasses.
     teacher_attention_weight: float = 0.03
     teacher_attention_terms: tuple[str, ...] = ("pixels",)
+    # The teacher's training captions: the canonical phrasings (every packaged teacher's) or
+    # mostly paraphrases as people write them, with the tokenizer vocabulary to match.
+    captions: str = "canonical"
 
 
 SETTINGS = {
@@ -59,11 +65,19 @@ SETTINGS = {
 }
 
 
-def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, progress: bool = True) -> dict:
-    """Run (or resume) every stage; returns the report also written to ``OUT/report.json``."""
+def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, progress: bool = True,
+                captions: str | None = None) -> dict:
+    """Run (or resume) every stage; returns the report also written to ``OUT/report.json``.
+    ``captions`` (default: the setting's, ``"canonical"``) picks the teacher's training captions
+    (:data:`~dreamportrait.world.captions.CAPTION_SETS`); a teacher in ``OUT`` built for other
+    captions is refused, not resumed."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
     config, out = SETTINGS[setting], Path(out_dir)
+    if captions is not None:
+        config = replace(config, captions=check_captions(captions))
+    if (out / "teacher/model_index.json").is_file():
+        check_vocabulary(out / "teacher", config.captions, "OUT")
     report: dict = {"setting": setting, "config": asdict(config), "seconds": {}}
 
     start = time.perf_counter()
@@ -71,9 +85,10 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
                                 config.resolution, seed=seed * 10 + 1, progress=progress)
     judge_test = build_dataset(out / "data/judge-test", held_out_combinations(), config.judge_test,
                                config.resolution, seed=seed * 10 + 2, progress=progress)
-    teacher_train = build_dataset(out / "data/teacher-train", training_combinations(), config.teacher_train,
+    teacher_data = "data/teacher-train" if config.captions == "canonical" else f"data/teacher-train-{config.captions}"
+    teacher_train = build_dataset(out / teacher_data, training_combinations(), config.teacher_train,
                                   config.resolution, seed=seed * 10 + 3, progress=progress,
-                                  part_masks=config.teacher_attention_weight > 0)
+                                  part_masks=config.teacher_attention_weight > 0, captions=config.captions)
     report["seconds"]["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -87,7 +102,7 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
 
     start = time.perf_counter()
     if not (out / "teacher/model_index.json").is_file():
-        build_teacher(out / "teacher", config.teacher, seed=seed)
+        build_teacher(out / "teacher", config.teacher, seed=seed, captions=config.captions)
     train_teacher(Teacher(out / "teacher"), teacher_train, steps=config.teacher_steps, batch_size=config.teacher_batch,
                   lr=config.teacher_lr, snr_gamma=config.teacher_snr_gamma, seed=seed, progress=progress,
                   attention_weight=config.teacher_attention_weight,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path, temporary_directory
 from .attributes import ATTRIBUTES, HeadAttributes, caption
+from .captions import CANONICAL_SHARE, check_captions, paraphrase
 from .heads import HeadBatch, render_heads_and_masks, sample_world_cameras
 
 SHARD_SIZE = 512
@@ -66,16 +67,23 @@ class WorldSamples:
 
 
 def render_samples(combinations: Sequence[HeadAttributes], count: int, resolution: int, seed: int,
-                   batch_size: int = 64, part_masks: bool = False, group_size: int = 1) -> WorldSamples:
+                   batch_size: int = 64, part_masks: bool = False, group_size: int = 1,
+                   captions: str = "canonical") -> WorldSamples:
     """``count`` heads drawn uniformly from ``combinations``, each from a random camera of the pose
     prior, captioned in a random phrasing, with their part masks if ``part_masks``; deterministic
     given ``seed`` (the masks change no random draw, so the rest is the same either way). With
     ``group_size`` above 1, each run of ``group_size`` consecutive heads is one combination seen
-    from one camera, differing only in each head's small random variations (and caption phrasing)."""
+    from one camera, differing only in each head's small random variations (and caption phrasing).
+
+    ``captions="paraphrase"`` replaces all but :data:`~dreamportrait.world.captions.CANONICAL_SHARE`
+    of the canonical captions by paraphrases (:func:`~dreamportrait.world.captions.paraphrase`), drawn from a
+    random stream of their own: the images, attributes and remaining captions are those of
+    ``captions="canonical"``, so the two data sets differ in their words only."""
+    check_captions(captions)
     if count % group_size or batch_size % group_size:
         raise ValueError(f"count ({count}) and batch_size ({batch_size}) must be multiples of group_size ({group_size})")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    images, labels, heads, captions, masks = [], [], [], [], []
+    images, labels, heads, texts, masks = [], [], [], [], []
     for start in range(0, count, batch_size):
         groups = min(batch_size, count - start) // group_size
         chunk = [head for _ in range(groups) for head in [rng.choice(list(combinations))] * group_size]
@@ -88,15 +96,21 @@ def render_samples(combinations: Sequence[HeadAttributes], count: int, resolutio
             masks.append((coverage * 255).round().to(torch.uint8))
         labels.append(c)
         heads += chunk
-        captions += [caption(h, rng=rng) for h in chunk]
-    return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), captions,
+        texts += [caption(h, rng=rng) for h in chunk]
+    if captions == "paraphrase":
+        wording = random.Random(f"paraphrase-{seed}")
+        texts = [text if wording.random() < CANONICAL_SHARE else paraphrase(head, wording).text
+                 for text, head in zip(texts, heads)]
+    return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), texts,
                         torch.cat(masks) if part_masks else None)
 
 
 def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes], count: int, resolution: int,
-                  seed: int, progress: bool = True, part_masks: bool = False, group_size: int = 1) -> WorldSamples:
+                  seed: int, progress: bool = True, part_masks: bool = False, group_size: int = 1,
+                  captions: str = "canonical") -> WorldSamples:
     """Render (or finish rendering) a dataset of ``count`` samples (with part masks if
-    ``part_masks``, in groups of ``group_size`` as :func:`render_samples` draws them) into
+    ``part_masks``, in groups of ``group_size``, captioned from ``captions``, as
+    :func:`render_samples` draws them) into
     ``directory`` as shards of :data:`SHARD_SIZE`; each shard is written atomically and skipped
     when present, so an interrupted build resumes. Returns the whole dataset; a dataset asked for
     with masks whose shards hold none is an error."""
@@ -109,7 +123,7 @@ def build_dataset(directory: str | Path, combinations: Sequence[HeadAttributes],
             continue
         size = min(SHARD_SIZE, count - shard * SHARD_SIZE)
         samples = render_samples(combinations, size, resolution, seed=seed * 100_003 + shard, part_masks=part_masks,
-                                 group_size=group_size)
+                                 group_size=group_size, captions=captions)
         with atomic_path(path) as temporary:
             torch.save({key: value for key, value in vars(samples).items() if value is not None}, temporary)
     dataset = load_dataset(directory)

@@ -26,6 +26,7 @@ from .._atomic import atomic_path
 from ..guidance.stable_diffusion import VIEWS, encoder_states_of
 from ..text.encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
 from .attributes import ATTRIBUTES, PHRASINGS
+from .captions import check_captions, paraphrase_vocabulary
 from .dataset import WorldSamples
 from .heads import MASK_PARTS
 from .tokenizer import write_clip_tokenizer
@@ -33,13 +34,18 @@ from .tokenizer import write_clip_tokenizer
 VIEW_WORDS = (*VIEWS, "view")  # the words view-dependent prompts add, in the teacher's vocabulary
 
 
-def caption_words() -> list[str]:
-    """Every word a world caption (with a view suffix) can contain."""
+def caption_words(captions: str = "canonical") -> list[str]:
+    """Every word a world training caption (with a view suffix) can contain: of the canonical
+    phrasings, and with ``captions="paraphrase"`` also of :func:`~dreamportrait.world.captions.paraphrase`
+    (the tokenizer a teacher is built with must hold every word it is trained on)."""
+    check_captions(captions)
     words = {"bald", "head", "beard", "glasses", "hat", "hair", "skin", "skinned", "with", "and", "a", *VIEW_WORDS}
     for phrasing in PHRASINGS:
         words.update(w for w in phrasing.replace(",", " ").replace("-", " ").split() if not w.startswith("{"))
     for values in ATTRIBUTES.values():
         words.update(values)
+    if captions == "paraphrase":
+        words.update(paraphrase_vocabulary())
     return sorted(words - {"no", "yes", "none"})
 
 
@@ -95,9 +101,12 @@ class TeacherConfig:
     text_encoding: str = "phrases"
 
 
-def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0) -> Path:
-    """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``; a bad
-    ``config`` is refused before anything is written."""
+def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0,
+                  captions: str = "canonical") -> Path:
+    """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``, its
+    tokenizer holding every word of the ``captions`` it will be trained on (:func:`caption_words`);
+    a bad ``config`` is refused before anything is written."""
+    check_captions(captions)
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -109,7 +118,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
         raise ValueError(f"norm_groups must divide every entry of channels {config.channels}, got {config.norm_groups}")
     directory = Path(directory)
     torch.manual_seed(seed)
-    tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words())
+    tokenizer = write_clip_tokenizer(directory / "tokenizer", caption_words(captions))
     CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=77,
@@ -134,16 +143,41 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     return directory
 
 
+REGION_WORDS: dict[str, frozenset[str]] = {
+    "hat": frozenset({"hat", "cap"}), "glasses": frozenset({"glasses", "spectacles", "eyeglasses"}),
+    "beard": frozenset({"beard", "bearded"}), "hair": frozenset({"hair", "haired"}),
+    "skin": frozenset({"skin", "skinned", "complexion"})}
+"""The words by which a caption's phrase names each region of :data:`~dreamportrait.world.heads.MASK_PARTS`
+(the canonical captions' nouns and the paraphrases' synonyms and adjectives: "cap", "spectacles",
+"bearded", "red-haired", "a fair complexion")."""
+
+
+def missing_words(directory: str | Path, captions: str) -> list[str]:
+    """The words of :func:`caption_words` (``captions``) that the tokenizer of the teacher (or text
+    model) in ``directory`` does not hold as single tokens: words it would spell byte by byte,
+    with embeddings it never trained."""
+    vocabulary = json.loads((Path(directory) / "tokenizer" / "vocab.json").read_text())
+    return [word for word in caption_words(captions) if f"{word}</w>" not in vocabulary]
+
+
+def check_vocabulary(directory: str | Path, captions: str, argument: str) -> None:
+    """ValueError naming ``argument`` if the teacher in ``directory`` lacks words of ``captions``."""
+    missing = missing_words(directory, captions)
+    if missing:
+        raise ValueError(f"{argument}: the teacher in {directory} was not built for {captions!r} captions: its "
+                         f"tokenizer lacks {len(missing)} of their words ({', '.join(missing[:5])}, ...); build one "
+                         f"with `dreamportrait world build --captions {captions}` into a new directory")
+
+
 def phrase_region(phrase: str) -> int | None:
     """The index in :data:`~dreamportrait.world.heads.MASK_PARTS` of the region a caption phrase
-    names ("a blue hat" -> hat, "long red hair" -> hair, "dark skin" -> skin), or ``None`` for a
-    phrase that names no region ("a photo of a person", "portrait", "a bald head")."""
+    names ("a blue hat" -> hat, "long red hair" -> hair, "dark skin" -> skin, "a navy cap" -> hat),
+    or ``None`` for a phrase that names no region ("a photo of a person", "portrait", "a bald
+    head") or several ("a red-haired woman wearing glasses": no one region's pixels should read
+    all of its words). Every phrase of a canonical caption names at most one."""
     words = set(re.findall(r"[a-z]+", phrase.lower()))
-    for region, names in (("hat", {"hat"}), ("glasses", {"glasses"}), ("beard", {"beard"}), ("hair", {"hair"}),
-                          ("skin", {"skin", "skinned"})):
-        if words & names:
-            return list(MASK_PARTS).index(region)
-    return None
+    named = [region for region, names in REGION_WORDS.items() if words & names]
+    return list(MASK_PARTS).index(named[0]) if len(named) == 1 else None
 
 
 def part_indices(parts: Collection[str]) -> set[int]:

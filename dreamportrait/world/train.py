@@ -13,6 +13,8 @@ Stages, each continuing where an interrupted run stopped::
                             OUT/gan/final is its pretrained directory (EMA G + D); skipped when
                             a pretrained GAN is given (e.g. the packaged one, ``asset_dir("gan")``)
     OUT/prompts.txt         captions of the training combinations, every phrasing
+                            (OUT/prompts-paraphrase.txt with ``captions="paraphrase"``: those and
+                            :data:`PARAPHRASES_PER_COMBINATION` paraphrases of each combination)
     OUT/dreamportrait/      DreamPortrait trained from OUT/gan/final by SDS with the teacher + GAN
                             regulariser (a ``dreamportrait train`` run: checkpoints, TensorBoard)
 
@@ -21,12 +23,14 @@ The held-out combinations (:mod:`~dreamportrait.world.attributes`) appear in no 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._atomic import atomic_path
 from ..training.gan import GanConfig, GanTrainer
 from .attributes import PHRASINGS, caption, training_combinations
+from .captions import check_captions, paraphrase
 from .dataset import WorldSamples, build_dataset, export_image_folder
 
 
@@ -46,9 +50,23 @@ SETTINGS = {
 }
 
 
-def training_prompts() -> list[str]:
-    """Every phrasing of every training combination's caption."""
-    return [caption(head, phrasing) for head in training_combinations() for phrasing in range(len(PHRASINGS))]
+PARAPHRASES_PER_COMBINATION = 9
+"""Paraphrases per training combination in ``"paraphrase"`` prompts: with its three canonical
+phrasings, a quarter of the prompts stay canonical (as :data:`~dreamportrait.world.captions.CANONICAL_SHARE`
+of the teacher's captions)."""
+
+
+def training_prompts(captions: str = "canonical") -> list[str]:
+    """Every phrasing of every training combination's caption, and with ``captions="paraphrase"``
+    :data:`PARAPHRASES_PER_COMBINATION` paraphrases of each
+    (:func:`~dreamportrait.world.captions.paraphrase`, a fixed draw)."""
+    check_captions(captions)
+    prompts = [caption(head, phrasing) for head in training_combinations() for phrasing in range(len(PHRASINGS))]
+    if captions == "paraphrase":
+        rng = random.Random(0)
+        prompts += [paraphrase(head, rng).text for head in training_combinations()
+                    for _ in range(PARAPHRASES_PER_COMBINATION)]
+    return prompts
 
 
 def gan_data(out_dir: str | Path, setting: WorldTrainSetting, seed: int = 0, progress: bool = True) -> WorldSamples:
@@ -97,18 +115,19 @@ def train_gan_stage(out_dir: str | Path, setting: WorldTrainSetting, seed: int =
 
 def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: WorldTrainSetting,
                             overrides: list[str] | tuple[str, ...] = (), gan: str | Path | None = None,
-                            gan_real: str = "renders") -> list[str]:
-    """Write ``OUT/prompts.txt`` and return the config overrides that point the DreamPortrait run at
+                            gan_real: str = "renders", captions: str = "canonical") -> list[str]:
+    """Write ``OUT/prompts.txt`` (``OUT/prompts-paraphrase.txt`` for ``captions="paraphrase"``,
+    :func:`training_prompts`) and return the config overrides that point the DreamPortrait run at
     the GAN (``gan``, default the run's own ``OUT/gan/final``), the teacher, the prompts and the
     regulariser's real portraits (``gan_real``): ``"renders"`` (the world's renders,
     :func:`real_images_stage`) or ``"pretrained"`` (the GAN's samples). The user's ``overrides``
     come last, so they win."""
     out = Path(out_dir)
     gan = Path(gan) if gan is not None else out / "gan/final"
-    prompts = out / "prompts.txt"
+    prompts = out / ("prompts.txt" if captions == "canonical" else f"prompts-{captions}.txt")
     if not prompts.is_file():
         with atomic_path(prompts) as temporary:
-            temporary.write_text("\n".join(training_prompts()) + "\n")
+            temporary.write_text("\n".join(training_prompts(captions)) + "\n")
     real = {"pretrained": ["gan.real=pretrained"],
             "renders": ["gan.real=images", f"gan.image_dir={real_images_dir(out)}"]}[gan_real]
     return [f"out_dir={out / 'dreamportrait'}", f"model.pretrained={gan}", f"guidance.source={teacher}",
@@ -117,17 +136,20 @@ def dreamportrait_overrides(out_dir: str | Path, teacher: str | Path, setting: W
 
 def prepare_run(out_dir: str | Path, config: str | Path, teacher: str | Path | None = None,
                 gan: str | Path | None = None, gan_steps: int | None = None, gan_real: str = "renders",
-                setting: str = "default", overrides: list[str] | tuple[str, ...] = (), seed: int = 0):
+                setting: str = "default", overrides: list[str] | tuple[str, ...] = (), seed: int = 0,
+                captions: str = "canonical"):
     """Every stage of ``dreamportrait world train`` before DreamPortrait's own training, in order;
     returns the DreamPortrait run's :class:`~dreamportrait.training.TrainConfig` (``config`` with
     :func:`dreamportrait_overrides` and the user's ``overrides``). ``teacher``: default the packaged
     one; ``gan``: a pretrained 3D GAN directory or ``"packaged"``, which skips the GAN stage (default:
-    train one, for ``gan_steps`` steps if given); ``gan_real``: see :func:`dreamportrait_overrides`.
-    Raises ValueError for arguments that do not fit together."""
+    train one, for ``gan_steps`` steps if given); ``gan_real``: see :func:`dreamportrait_overrides`;
+    ``captions``: the training prompts (:func:`training_prompts`), whose words the teacher's
+    tokenizer must hold. Raises ValueError for arguments that do not fit together."""
     import dataclasses
 
     from ..training import load_config
     from .assets import asset_dir
+    from .teacher import check_vocabulary
 
     if gan is not None and gan_steps is not None:
         raise ValueError("--gan-steps trains a GAN and --gan skips that stage: give one of them")
@@ -135,11 +157,13 @@ def prepare_run(out_dir: str | Path, config: str | Path, teacher: str | Path | N
     if gan_steps is not None:
         chosen = dataclasses.replace(chosen, gan=dataclasses.replace(chosen.gan, steps=gan_steps))
     teacher = teacher or asset_dir("teacher")
+    if check_captions(captions) != "canonical":  # every world teacher holds the canonical words
+        check_vocabulary(teacher, captions, "--teacher")
     pretrained = asset_dir("gan") if gan == "packaged" else gan
     if pretrained is not None and not Path(pretrained, "config.json").is_file():
         raise ValueError(f"--gan must be a pretrained 3D GAN directory (with config.json) or 'packaged', got {gan!r}")
     run_config = load_config(config, dreamportrait_overrides(out_dir, teacher, chosen, overrides, pretrained,
-                                                             gan_real=gan_real))
+                                                             gan_real=gan_real, captions=captions))
     if pretrained is None:
         train_gan_stage(out_dir, chosen, seed=seed)
     real = run_config.gan.real_image_dir  # None when the regulariser is off or reads no images
