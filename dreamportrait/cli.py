@@ -217,7 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          seeds=parse_seeds(args.seeds), views=args.views, name=name, judge=args.judge, real=args.real,
                          real_count=args.real_count, device=args.device, checkpoint=args.checkpoint,
                          guidance=args.guidance, config=args.config, baseline_steps=args.baseline_steps,
-                         baseline_checkpoints=checkpoints, truncation=args.truncation)
+                         baseline_checkpoints=checkpoints, truncation=args.truncation, prompt_set=args.prompt_set)
     except (OSError, ValueError) as error:
         print(f"dreamportrait evaluate: {error}", file=sys.stderr)
         return 2
@@ -390,6 +390,10 @@ def _add_evaluate(commands) -> None:
     ev.add_argument("--prompt", action="append", type=_prompt, help="a prompt; repeat for several")
     ev.add_argument("--held-out", type=int, default=0,
                     help="add captions of N held-out combinations spread over the list (74 = all)")
+    ev.add_argument("--prompt-set", default="canonical",
+                    help="where --held-out takes its prompts from: 'canonical' (the combinations' captions, "
+                         "default) or 'paraphrase' (the held-out paraphrase test set: the same combinations in words "
+                         "and templates no training caption uses); each prompt is scored against its own attributes")
     ev.add_argument("--seeds", default="0-3")
     ev.add_argument("--views", type=int, default=4)
     ev.add_argument("--truncation", type=float, default=None,

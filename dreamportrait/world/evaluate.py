@@ -10,6 +10,12 @@ resolution r). For a prompt set and seeds it reports:
   attributes), and per attribute (which attribute changes with the view);
 - **diversity**: the mean pairwise distance of judge features between seeds of a prompt (frontal
   view), averaged over prompts;
+- **appearance diversity**: how much the heads of one prompt differ in what its attributes leave
+  free (:data:`APPEARANCE_FEATURES`: the silhouette, i.e. head size and shape and the hair's and
+  the hat's outline, and the skin's shade), as a fraction of how much the world's own heads of
+  that prompt differ at the same seeds (:func:`appearance_spread`); the world itself scores 1,
+  heads that are all alike 0. The judge's features, which the diversity above reads, are trained
+  to see attributes, and within a prompt those are fixed;
 - **world-FID**: the Fréchet distance between judge features of all views and of real renders;
 - **seconds per prompt**: wall-clock of the method for one (prompt, seed);
 - **view turn** (two or more views): how far the picture changes between the outermost views
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,9 +46,9 @@ from tqdm.auto import tqdm
 from ..generation import TRUNCATION_PSI
 from ..models import view_cameras
 from ..outputs import grid, slug, to_uint8, write_image
-from .attributes import parse_caption
+from .attributes import HeadAttributes, parse_caption
 from .dataset import ATTRIBUTE_CLASSES, WorldSamples, attribute_indices
-from .heads import WORLD_CAMERAS, HeadBatch, render_heads
+from .heads import BACKGROUND, MASK_PARTS, WORLD_CAMERAS, HeadBatch, render_heads, render_heads_and_masks
 from .judge import AttributeJudge
 
 Method = Callable[[str, int], dict[str, Tensor]]
@@ -65,12 +71,14 @@ def view_turn(views: Tensor) -> tuple[float, float]:
     return (left - right).abs().mean().item(), (left - right.flip(-1)).abs().mean().item()
 
 
-def world_head(prompt: str, seed: int) -> HeadBatch:
-    """The prompt's own world head, its small random variations drawn from ``seed``."""
-    return HeadBatch.from_attributes([parse_caption(prompt)], torch.Generator().manual_seed(seed))
+def world_head(prompt: str | HeadAttributes, seed: int) -> HeadBatch:
+    """The prompt's own world head (a canonical caption, parsed, or the prompt's attributes), its
+    small random variations drawn from ``seed``."""
+    head = prompt if isinstance(prompt, HeadAttributes) else parse_caption(prompt)
+    return HeadBatch.from_attributes([head], torch.Generator().manual_seed(seed))
 
 
-def depth_error(depth: Tensor, prompt: str, seed: int) -> float:
+def depth_error(depth: Tensor, prompt: str | HeadAttributes, seed: int) -> float:
     """Depth ``(V, 1, r, r)`` from the V evaluation cameras -> the mean absolute difference from the
     depth of the prompt's world head (:func:`world_head`, rendered at r²) over the pixels the
     head covers; what the method renders elsewhere does not count."""
@@ -79,6 +87,98 @@ def depth_error(depth: Tensor, prompt: str, seed: int) -> float:
                                      resolution)
     covered = opacity > FOREGROUND_OPACITY
     return (depth.float() - truth).abs()[covered].mean().item()
+
+
+APPEARANCE_FEATURES = ("silhouette", "skin_shade")
+"""What :func:`appearance_features` reads from a frontal view: what a person sees differ between
+heads that have the same attributes."""
+
+SILHOUETTE_SIZE = 32
+"""Silhouettes are compared at 32², the world's rendering resolution (the 64² images are upsampled)."""
+
+SILHOUETTE_RAMP = (0.05, 0.15)
+"""A pixel is background where no channel differs from the world's grey by more than 0.05 (in
+[-1, 1]) and head from 0.15 on, linearly between: generated backgrounds are not exactly grey, and
+the lightest hair (white, 0.94 against the grey's 0.85, i.e. 0.18 apart) must still count."""
+
+SKIN_COVERAGE = 0.9
+"""A pixel is the prompt's skin where the skin region covers at least this much of it in every
+one of the prompt's world heads (:func:`prompt_skin`)."""
+
+
+def silhouettes(images: Tensor) -> Tensor:
+    """Images ``(N, 3, R, R)`` in [-1, 1] -> silhouettes ``(N, S, S)`` in [0, 1] at
+    :data:`SILHOUETTE_SIZE` (area-averaged): how far each pixel is from the world's grey background
+    (:data:`SILHOUETTE_RAMP`)."""
+    distance = (images.float() - (2 * BACKGROUND - 1)).abs().amax(1, keepdim=True)  # (N, 1, R, R)
+    low, high = SILHOUETTE_RAMP
+    mask = ((distance - low) / (high - low)).clamp(0, 1)
+    return torch.nn.functional.adaptive_avg_pool2d(mask, SILHOUETTE_SIZE)[:, 0]
+
+
+def prompt_skin(masks: Tensor) -> Tensor:
+    """Part masks ``(N, len(MASK_PARTS), R, R)`` of one prompt's world heads (frontal view, one per
+    seed) -> ``(R, R)`` bool: the pixels that are skin in every one of them."""
+    return (masks[:, list(MASK_PARTS).index("skin")] >= SKIN_COVERAGE).all(0)
+
+
+def appearance_features(images: Tensor, skin: Tensor) -> dict[str, Tensor]:
+    """Frontal views ``(N, 3, R, R)`` in [-1, 1] of heads of one prompt and that prompt's skin
+    pixels ``(R, R)`` bool (:func:`prompt_skin`) -> ``{"silhouette": (N, S²), "skin_shade": (N, 3)}``:
+    the silhouette (:func:`silhouettes`) and the mean colour in [0, 1] over the skin pixels (NaN
+    where the prompt has none)."""
+    colours = (images.float() + 1) / 2
+    shade = colours[:, :, skin].mean(-1) if skin.any() else torch.full((images.shape[0], 3), float("nan"))
+    return {"silhouette": silhouettes(images).flatten(1), "skin_shade": shade}
+
+
+def mean_pairwise_distance(features: Tensor, p: float) -> float:
+    """Features ``(N, D)`` -> the mean over ordered pairs of distinct rows of their L``p`` distance
+    (divided by D for ``p=1``: the mean absolute difference); NaN below two rows."""
+    count = features.shape[0]
+    if count < 2:
+        return float("nan")
+    distances = torch.cdist(features.double()[None], features.double()[None], p=p)[0]
+    if p == 1:
+        distances = distances / features.shape[1]
+    return (distances.sum() / (count * (count - 1))).item()
+
+
+def appearance_spread(images: Tensor, skin: Tensor) -> dict[str, float]:
+    """How much heads of one prompt differ (frontal views ``(N, 3, R, R)``, skin pixels ``(R, R)``):
+    per :data:`APPEARANCE_FEATURES`, the mean pairwise distance of :func:`appearance_features`
+    (silhouettes: the mean absolute difference, i.e. the share of the frame whose outline
+    differs; skin shades: the Euclidean distance of their RGB in [0, 1])."""
+    features = appearance_features(images, skin)
+    return {"silhouette": mean_pairwise_distance(features["silhouette"], 1),
+            "skin_shade": mean_pairwise_distance(features["skin_shade"], 2)}
+
+
+def appearance_diversity(spreads: Sequence[dict[str, float]], world_spreads: Sequence[dict[str, float]]
+                         ) -> tuple[float, dict[str, float]]:
+    """Per-prompt spreads of a method's heads and of the world's heads of the same prompts and
+    seeds (:func:`appearance_spread`) -> the mean over :data:`APPEARANCE_FEATURES` of each
+    feature's ratio (its spread summed over prompts, over the world's), and those ratios. Prompts
+    where a feature is NaN (no skin pixel) leave that feature's sums."""
+    ratios = {}
+    for feature in APPEARANCE_FEATURES:
+        pairs = [(a[feature], b[feature]) for a, b in zip(spreads, world_spreads)
+                 if not (math.isnan(a[feature]) or math.isnan(b[feature]))]
+        world = sum(b for _, b in pairs)
+        ratios[feature] = sum(a for a, _ in pairs) / world if pairs and world > 0 else float("nan")
+    return sum(ratios.values()) / len(ratios), ratios
+
+
+def world_reference(head: HeadAttributes, seeds: Sequence[int], views: int, resolution: int) -> tuple[Tensor, Tensor]:
+    """The world's own heads of one prompt at ``seeds``, rendered as :func:`world_method` renders
+    them: their frontal views ``(len(seeds), 3, R, R)`` and part masks ``(len(seeds), P, R, R)``."""
+    cameras = evaluation_cameras(views)
+    images, masks = [], []
+    for seed in seeds:
+        image, _, _, mask = render_heads_and_masks(world_head(head, seed).repeat_interleave(views), cameras, resolution)
+        images.append(image[views // 2])
+        masks.append(mask[views // 2])
+    return torch.stack(images), torch.stack(masks)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -98,18 +198,26 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge: AttributeJudge, real: WorldSamples,
-             name: str = "method", out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Measure ``method`` (module docstring); with ``out_dir``, write a grid per prompt (rows: seeds,
-    columns: views) under ``out_dir/<name>/``. Returns the metrics."""
+             name: str = "method", out_dir: str | Path | None = None, progress: bool = True,
+             attributes: Sequence[HeadAttributes] | None = None) -> dict:
+    """Measure ``method`` (module docstring) on ``prompts``, each describing the head of the same
+    index in ``attributes`` (default: each prompt, a canonical caption, parsed); with ``out_dir``,
+    write a grid per prompt (rows: seeds, columns: views) under ``out_dir/<name>/``. Returns the
+    metrics."""
     if not prompts or not seeds:
         raise ValueError("evaluate needs at least one prompt and one seed")
+    if attributes is None:
+        attributes = [parse_caption(p) for p in prompts]
+    elif len(attributes) != len(prompts):
+        raise ValueError(f"attributes: expected one per prompt ({len(prompts)}), got {len(attributes)}")
     judge.eval()
-    expected = attribute_indices([parse_caption(p) for p in prompts])  # (P, 6)
+    expected = attribute_indices(attributes)  # (P, 6)
     correct = torch.zeros(len(ATTRIBUTE_CLASSES))
     consistent_per_attribute = torch.zeros(len(ATTRIBUTE_CLASSES))
     judged_views = consistent = 0
     samples = len(prompts) * len(seeds)
     features, seconds, diversity, view_change, mirror_residual, depth_errors = [], [], [], [], [], []
+    spreads, world_spreads = [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"evaluating {name}", disable=not progress)):
         frontal_features, rows = [], []
         for seed in seeds:
@@ -118,7 +226,7 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
             seconds.append(time.perf_counter() - start)
             views = rendered["image"]
             if "depth" in rendered:
-                depth_errors.append(depth_error(rendered["depth"], prompt, seed))
+                depth_errors.append(depth_error(rendered["depth"], attributes[p], seed))
             if views.shape[0] > 1:
                 change, residual = view_turn(views)
                 view_change.append(change)
@@ -137,6 +245,11 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
             stacked = torch.stack(frontal_features)
             distances = torch.cdist(stacked, stacked)
             diversity.append((distances.sum() / (len(seeds) * (len(seeds) - 1))).item())
+            frontal = torch.stack([row[row.shape[0] // 2] for row in rows])
+            world_images, world_masks = world_reference(attributes[p], seeds, rows[0].shape[0], frontal.shape[-1])
+            skin = prompt_skin(world_masks)
+            spreads.append(appearance_spread(frontal, skin))
+            world_spreads.append(appearance_spread(world_images, skin))
         if out_dir is not None:
             write_image(Path(out_dir) / slug(name) / f"{slug(prompt)}.png", to_uint8(grid(torch.cat(rows), rows[0].shape[0])))
     real_features = torch.cat([judge.features(chunk) for chunk in real.float_images().split(256)])
@@ -144,6 +257,12 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
                 "view_mirror_residual": sum(mirror_residual) / len(mirror_residual)} if view_change else {}
     if depth_errors:
         geometry["depth_error"] = sum(depth_errors) / len(depth_errors)
+    appearance = {}
+    if spreads:
+        ratio, ratios = appearance_diversity(spreads, world_spreads)
+        appearance = {"appearance_diversity": ratio, "appearance_diversity_per_feature": ratios,
+                      "appearance_spread": {f: _mean([s[f] for s in spreads]) for f in APPEARANCE_FEATURES},
+                      "world_appearance_spread": {f: _mean([s[f] for s in world_spreads]) for f in APPEARANCE_FEATURES}}
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},
@@ -154,7 +273,14 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         "world_fid": frechet_distance(torch.cat(features), real_features),
         "seconds_per_prompt": sum(seconds) / len(seconds),
         **geometry,
+        **appearance,
     }
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def _percent(fraction: float) -> str:
@@ -186,6 +312,22 @@ def consistency_table(results: Sequence[dict]) -> str:
                     _percent(result["multi_view_consistency"])]
                    for result in results if "consistency_per_attribute" in result],
                   title="multi-view consistency per attribute (samples whose views all agree on it)")
+
+
+def diversity_table(results: Sequence[dict]) -> str:
+    """Both diversity measures and the prompt set, one row per method that reports the
+    appearance diversity (measured with two or more seeds)."""
+    return _table(["method", "prompts", "diversity", "appearance diversity", "silhouette", "skin shade",
+                   "spread (silhouette, skin shade)", "world's spread"],
+                  [[result["method"], result.get("prompt_set", "–"), f"{result['diversity']:.3f}",
+                    f"{result['appearance_diversity']:.2f}",
+                    *(f"{result['appearance_diversity_per_feature'][f]:.2f}" for f in APPEARANCE_FEATURES),
+                    ", ".join(f"{result['appearance_spread'][f]:.4f}" for f in APPEARANCE_FEATURES),
+                    ", ".join(f"{result['world_appearance_spread'][f]:.4f}" for f in APPEARANCE_FEATURES)]
+                   for result in results if "appearance_diversity" in result],
+                  title="diversity within a prompt: judge features (diversity), and the spread of the heads' "
+                        "silhouettes and skin shades as a fraction of the world's own heads' at the same seeds "
+                        "(appearance diversity: the mean of the two fractions; the world scores 1)")
 
 
 def view_turn_table(results: Sequence[dict]) -> str:
@@ -249,14 +391,17 @@ def _image_and_depth(rendered: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"image": rendered["image"].float().cpu(), "depth": rendered["image_depth"].float().cpu()}
 
 
-def world_method(views: int, resolution: int = 64) -> Method:
+def world_method(views: int, resolution: int = 64, attributes: Mapping[str, HeadAttributes] | None = None) -> Method:
     """The world itself: the prompt's own head (its small random variations drawn from the seed)
     rendered from the evaluation cameras. What a perfect prompt -> 3D method would return, so its
-    row is the ceiling of every metric (the judge's own errors included)."""
+    row is the ceiling of every metric (the judge's own errors included). A prompt's head has the
+    prompt's ``attributes`` (default: the prompt, a canonical caption, parsed)."""
     cameras = evaluation_cameras(views)
+    attributes = attributes or {}
 
     def run(prompt: str, seed: int) -> dict[str, Tensor]:
-        image, depth, _ = render_heads(world_head(prompt, seed).repeat_interleave(views), cameras, resolution)
+        head = attributes.get(prompt) or parse_caption(prompt)
+        image, depth, _ = render_heads(world_head(head, seed).repeat_interleave(views), cameras, resolution)
         return {"image": image, "depth": depth}
 
     return run
@@ -305,9 +450,11 @@ def world_orbit() -> dict:
 
 
 @torch.no_grad()
-def baseline_progress(snapshots: dict[int, list], judge: AttributeJudge) -> list[dict]:
+def baseline_progress(snapshots: dict[int, list], judge: AttributeJudge,
+                      attributes: Mapping[str, HeadAttributes] | None = None) -> list[dict]:
     """The baseline's text alignment after each checkpoint of :func:`baseline_method` and the
-    optimisation seconds it took to get there (snapshot rendering excluded). One row per
+    optimisation seconds it took to get there (snapshot rendering excluded), against each prompt's
+    ``attributes`` (default: the prompt, a canonical caption, parsed). One row per
     checkpoint: ``{"steps", "seconds_per_prompt", "text_alignment": {attribute: accuracy},
     "mean_alignment"}``."""
     rows = []
@@ -316,7 +463,7 @@ def baseline_progress(snapshots: dict[int, list], judge: AttributeJudge) -> list
             continue
         correct, views = torch.zeros(len(ATTRIBUTE_CLASSES)), 0
         for prompt, _, images in entries:
-            expected = attribute_indices([parse_caption(prompt)])[0]
+            expected = attribute_indices([(attributes or {}).get(prompt) or parse_caption(prompt)])[0]
             correct += (judge.predict(images) == expected).float().sum(0)
             views += images.shape[0]
         alignment = correct / views

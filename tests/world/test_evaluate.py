@@ -133,7 +133,8 @@ def test_evaluate_cli_on_the_per_prompt_baseline(world, tiny_pixel_sd, tmp_path)
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.count("| short-baseline |") == 3  # alignment, consistency and view-turn tables
     assert "baseline: text alignment after N optimisation steps" in table and table.count("\n| 2 | ") == 1
-    assert "multi-view consistency per attribute" in table and table.count("| baseline |") == 3
+    # alignment, consistency, diversity (two seeds: appearance measured) and view-turn tables
+    assert "multi-view consistency per attribute" in table and table.count("| baseline |") == 4
     assert main(["evaluate", "--method", "gan", "--checkpoint", str(tmp_path / "nothing"), "--judge",
                  str(world / "judge"), "--real", str(world / "real"), "--held-out", "1", "--out", str(tmp_path / "x")]) == 2
 
