@@ -28,7 +28,7 @@ from .attributes import held_out_combinations, training_combinations
 from .captions import check_captions
 from .dataset import build_dataset
 from .judge import accuracy, load_judge, save_judge, train_judge
-from .teacher import Teacher, TeacherConfig, build_teacher, check_vocabulary, judge_teacher, train_teacher
+from .teacher import Teacher, TeacherConfig, build_teacher, judge_teacher, teacher_captions, train_teacher
 
 
 @dataclass
@@ -70,14 +70,15 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     """Run (or resume) every stage; returns the report also written to ``OUT/report.json``.
     ``captions`` (default: the setting's, ``"canonical"``) picks the teacher's training captions
     (:data:`~dreamportrait.world.captions.CAPTION_SETS`); a teacher in ``OUT`` built for other
-    captions is refused, not resumed."""
+    captions is refused, not resumed (ValueError naming ``--captions``)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
     config, out = SETTINGS[setting], Path(out_dir)
     if captions is not None:
         config = replace(config, captions=check_captions(captions))
-    if (out / "teacher/model_index.json").is_file():
-        check_vocabulary(out / "teacher", config.captions, "OUT")
+    if (out / "teacher/model_index.json").is_file() and teacher_captions(out / "teacher") != config.captions:
+        raise ValueError(f"--captions {config.captions}: the teacher in {out / 'teacher'} is built for "
+                         f"{teacher_captions(out / 'teacher')!r} captions; build into another --out")
     report: dict = {"setting": setting, "config": asdict(config), "seconds": {}}
 
     start = time.perf_counter()

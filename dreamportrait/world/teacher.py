@@ -137,7 +137,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
     DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule="squaredcos_cap_v2",
                   prediction_type="epsilon").save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(json.dumps({
-        "_class_name": "DreamPortraitWorldTeacher", "teacher_config": asdict(config),
+        "_class_name": "DreamPortraitWorldTeacher", "teacher_config": asdict(config), "captions": captions,
         "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"]}, indent=2) + "\n")
     return directory
@@ -158,6 +158,12 @@ def missing_words(directory: str | Path, captions: str) -> list[str]:
     with embeddings it never trained."""
     vocabulary = json.loads((Path(directory) / "tokenizer" / "vocab.json").read_text())
     return [word for word in caption_words(captions) if f"{word}</w>" not in vocabulary]
+
+
+def teacher_captions(directory: str | Path) -> str:
+    """The captions the teacher in ``directory`` is built for (``model_index.json``; teachers
+    built before the entry existed, the packaged one among them, were trained on ``"canonical"``)."""
+    return json.loads((Path(directory) / "model_index.json").read_text()).get("captions", "canonical")
 
 
 def check_vocabulary(directory: str | Path, captions: str, argument: str) -> None:
