@@ -57,6 +57,10 @@ constexpr int64_t kCacheLine = 64;
 
 constexpr int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 constexpr int64_t block_rows(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
+// Row width Op of the raw outputs and their weights: the density in column 0, then the O - 1 colour
+// columns, computed by a product of whole vectors from column 1. EG3D's 1 + 32 outputs then take two
+// AVX-512 (four AVX2) vectors' work and one dot product, not three vectors' (a third of that layer).
+constexpr int64_t output_width(int64_t O) { return padded(1 + padded(O - 1)); }
 
 
 
@@ -76,7 +80,7 @@ struct Weights {
 
   Weights(const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2, const at::Tensor& bias2,
           const RuntimeSizes& s) {
-    const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+    const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = output_width(s.O);
     const at::Tensor W1 = weight1.contiguous(), B1 = bias1.contiguous(), W2 = weight2.contiguous(),
                      B2 = bias2.contiguous();
     const scalar_t *w1_in = W1.const_data_ptr<scalar_t>(), *w2_in = W2.const_data_ptr<scalar_t>();
@@ -103,7 +107,7 @@ struct TileBuffers {
 
   explicit TileBuffers(const RuntimeSizes& s)
       : taps(kTile * kPlanes), F(kTile * padded(s.C), 0), GF(kTile * padded(s.C), 0), A(kTile * padded(s.K)),
-        H(kTile * padded(s.K)), X(kTile * padded(s.O)), GX(kTile * padded(s.O)) {}
+        H(kTile * padded(s.K)), X(kTile * output_width(s.O)), GX(kTile * output_width(s.O)) {}
 };
 
 // Per-worker sums of the weight gradients, padded: gw1 (Kp, Cp), gb1 (Kp), gw2 (Op, Kp), gb2 (Op).
@@ -112,8 +116,8 @@ struct WeightGradients {
   std::vector<scalar_t> gw1, gb1, gw2, gb2;
 
   explicit WeightGradients(const RuntimeSizes& s)
-      : gw1(padded(s.K) * padded(s.C), 0), gb1(padded(s.K), 0), gw2(padded(s.O) * padded(s.K), 0),
-        gb2(padded(s.O), 0) {}
+      : gw1(padded(s.K) * padded(s.C), 0), gb1(padded(s.K), 0), gw2(output_width(s.O) * padded(s.K), 0),
+        gb2(output_width(s.O), 0) {}
 };
 
 // First element of corner (dy, dx) of `plane`'s taps in a (3, H, W, C) buffer.
@@ -205,28 +209,49 @@ void matmul(int64_t rows, int64_t cols, int64_t n, const scalar_t* __restrict__ 
   });
 }
 
-// h = softplus(a) over `count` elements.
+// h = softplus(a) over `count` elements; with `derivative`, a is overwritten by softplus'(a).
 template <typename scalar_t>
-DP_CPU_CLONES void softplus_rows(const scalar_t* __restrict__ a, scalar_t* __restrict__ h, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus(a[i]);
+DP_CPU_CLONES void softplus_rows(scalar_t* __restrict__ a, scalar_t* __restrict__ h, int64_t count, bool derivative) {
+  if (derivative) {
+    for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus_with_grad(a[i], a[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) h[i] = decoder::softplus(a[i]);
+  }
+}
+
+// Column 0 of X (rows, Op), the raw density: b2[0] + H[t] . weight2[0] (w2's row 0).
+template <typename scalar_t>
+DP_CPU_CLONES void density_column(const Weights<scalar_t>& w, int64_t rows, int64_t K, int64_t Kp, int64_t Op,
+                                  const scalar_t* __restrict__ H, scalar_t* __restrict__ X) {
+  const scalar_t* __restrict__ weights = w.w2.data();
+  for (int64_t t = 0; t < rows; ++t) {
+    const scalar_t* __restrict__ h = H + t * Kp;
+    scalar_t sum = 0;
+    DP_SIMD_SUM(sum)
+    for (int64_t k = 0; k < K; ++k) sum += h[k] * weights[k];
+    X[t * Op] = w.b2[0] + sum;
+  }
 }
 
 // The MLP on a tile of features F (rows, Cp), rows a multiple of kBlockRows:
-// A = F W1^T + b1, H = softplus(A), X = H W2^T + b2.
+// A = F W1^T + b1, H = softplus(A), X = H W2^T + b2. For the backward (`derivative`) A is left
+// holding softplus'(A) instead, which is all the backward needs of it.
 template <typename scalar_t>
 void decode_tile(const Weights<scalar_t>& w, const RuntimeSizes& s, int64_t rows, const scalar_t* F, scalar_t* A,
-                 scalar_t* H, scalar_t* X) {
-  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+                 scalar_t* H, scalar_t* X, bool derivative) {
+  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = output_width(s.O);
   matmul(rows, Kp, s.C, F, Cp, 1, w.w1t.data(), Kp, w.b1.data(), false, A, Kp);
-  softplus_rows(static_cast<const scalar_t*>(A), H, rows * Kp);
-  matmul(rows, Op, s.K, static_cast<const scalar_t*>(H), Kp, 1, w.w2t.data(), Op, w.b2.data(), false, X, Op);
+  softplus_rows(A, H, rows * Kp, derivative);
+  density_column(w, rows, s.K, Kp, Op, static_cast<const scalar_t*>(H), X);
+  matmul(rows, padded(s.O - 1), s.K, static_cast<const scalar_t*>(H), Kp, 1, w.w2t.data() + 1, Op, w.b2.data() + 1,
+         false, X + 1, Op);
 }
 
 // Output rows (count, O) from the raw outputs X (count, Op).
 template <typename scalar_t>
 DP_CPU_CLONES void write_outputs(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ X,
                                  scalar_t* __restrict__ out) {
-  const int64_t Op = padded(s.O);
+  const int64_t Op = output_width(s.O);
   for (int64_t t = 0; t < count; ++t)
     for (int64_t j = 0; j < s.O; ++j) out[t * s.O + j] = decoder::output_value(X[t * Op + j], j);
 }
@@ -237,7 +262,7 @@ template <typename scalar_t>
 DP_CPU_CLONES void raw_gradients(const RuntimeSizes& s, int64_t count, const scalar_t* __restrict__ grad,
                                  const scalar_t* __restrict__ X, scalar_t* __restrict__ GX,
                                  scalar_t* __restrict__ gb2) {
-  const int64_t Op = padded(s.O);
+  const int64_t Op = output_width(s.O);
   for (int64_t t = 0; t < count; ++t) {
     scalar_t* __restrict__ gx = GX + t * Op;
     for (int64_t j = 0; j < Op; ++j)
@@ -246,33 +271,34 @@ DP_CPU_CLONES void raw_gradients(const RuntimeSizes& s, int64_t count, const sca
   }
 }
 
-// GA = GH * softplus'(A) in place over count rows of width Kp; gb1 += its column sums.
+// GA = GH * softplus'(A) in place over count rows of width Kp, from S = softplus'(A); gb1 += its
+// column sums.
 template <typename scalar_t>
-DP_CPU_CLONES void hidden_gradients(int64_t count, int64_t Kp, const scalar_t* __restrict__ A,
+DP_CPU_CLONES void hidden_gradients(int64_t count, int64_t Kp, const scalar_t* __restrict__ S,
                                     scalar_t* __restrict__ GA, scalar_t* __restrict__ gb1) {
   for (int64_t t = 0; t < count; ++t) {
-    for (int64_t j = 0; j < Kp; ++j) GA[t * Kp + j] *= decoder::softplus_grad(A[t * Kp + j]);
+    for (int64_t j = 0; j < Kp; ++j) GA[t * Kp + j] *= S[t * Kp + j];
     for (int64_t j = 0; j < Kp; ++j) gb1[j] += GA[t * Kp + j];
   }
 }
 
 // Back-propagates the output gradient rows grad (count, O) through the MLP of a decoded tile (rows
 // of its buffers, a multiple of kBlockRows, >= count): adds the weight gradients of the tile's
-// count points to `sums` and leaves the feature gradients in GF. H is overwritten by the
-// pre-activations' gradient.
+// count points to `sums` and leaves the feature gradients in GF. S holds softplus'(A) (decode_tile
+// with `derivative`); H is overwritten by the pre-activations' gradient.
 template <typename scalar_t>
 void backprop_tile(const Weights<scalar_t>& w, const RuntimeSizes& s, int64_t count, int64_t rows,
-                   const scalar_t* grad, const scalar_t* F, const scalar_t* A, scalar_t* H, const scalar_t* X,
+                   const scalar_t* grad, const scalar_t* F, const scalar_t* S, scalar_t* H, const scalar_t* X,
                    scalar_t* GX, scalar_t* GF, WeightGradients<scalar_t>& sums) {
-  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = padded(s.O);
+  const int64_t Cp = padded(s.C), Kp = padded(s.K), Op = output_width(s.O);
   raw_gradients(s, count, grad, X, GX, sums.gb2.data());
-  // gw2 (Op, Kp) += GX^T H over the tile's points.
-  matmul(Op, Kp, count, static_cast<const scalar_t*>(GX), 1, Op, static_cast<const scalar_t*>(H), Kp,
+  // gw2 (Op, Kp) += GX^T H over the tile's points (its rows past O, all zero, left out).
+  matmul(block_rows(s.O), Kp, count, static_cast<const scalar_t*>(GX), 1, Op, static_cast<const scalar_t*>(H), Kp,
          static_cast<const scalar_t*>(nullptr), true, sums.gw2.data(), Kp);
   // H <- GX W2, then times softplus'(A).
   matmul(rows, Kp, s.O, static_cast<const scalar_t*>(GX), Op, 1, w.w2.data(), Kp,
          static_cast<const scalar_t*>(nullptr), false, H, Kp);
-  hidden_gradients(count, Kp, A, H, sums.gb1.data());
+  hidden_gradients(count, Kp, S, H, sums.gb1.data());
   // gw1 (Kp, Cp) += GA^T F; GF = GA W1.
   matmul(Kp, Cp, count, static_cast<const scalar_t*>(H), 1, Kp, F, Cp, static_cast<const scalar_t*>(nullptr), true,
          sums.gw1.data(), Cp);
@@ -383,7 +409,7 @@ at::Tensor sample_and_decode_cpu(const at::Tensor& planes, const at::Tensor& poi
           const int64_t count = end - begin;
           gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
                       tb.F.data());
-          decode_tile(w, sizes, block_rows(count), tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
+          decode_tile(w, sizes, block_rows(count), tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), false);
           write_outputs(sizes, count, tb.X.data(), out.mutable_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O);
         });
       });
@@ -421,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const int64_t count = end - begin, rows = block_rows(count);
             gather_tile(planes_b, pts.const_data_ptr<scalar_t>(), p, channels, b, begin, count, tb.taps.data(),
                         tb.F.data());
-            decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data());
+            decode_tile(w, sizes, rows, tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), true);
             backprop_tile(w, sizes, count, rows, grad.const_data_ptr<scalar_t>() + (b * p.N + begin) * sizes.O,
                           tb.F.data(), tb.A.data(), tb.H.data(), tb.X.data(), tb.GX.data(), tb.GF.data(),
                           sums[worker]);

@@ -87,6 +87,25 @@ DP_INLINE T softplus_grad(T x) {
   return x > static_cast<T>(kSoftplusThreshold) ? T(1) : sigmoid(x);
 }
 
+#ifndef __CUDA_ARCH__
+// softplus(x), with its derivative in `grad`, from one exponential e = exp(-|x|) (the CPU
+// backward needs both for every hidden unit): sigmoid(x) is 1 / (1 + e) for x >= 0 and
+// e / (1 + e) below.
+DP_INLINE float softplus_with_grad(float x, float& grad) {
+  const float magnitude = x < 0.0f ? -x : x;
+  const float e = exp_approx(-magnitude);
+  const float reciprocal = 1.0f / (1.0f + e);
+  const bool linear = x > static_cast<float>(kSoftplusThreshold);
+  grad = linear ? 1.0f : (x < 0.0f ? e * reciprocal : reciprocal);
+  return linear ? x : (x > 0.0f ? x : 0.0f) + log1p_unit(e);
+}
+
+DP_INLINE double softplus_with_grad(double x, double& grad) {
+  grad = softplus_grad(x);
+  return softplus(x);
+}
+#endif
+
 // Output column `column` of the decoder from its raw value: the density (column 0) as is, the
 // colour features through the widened sigmoid.
 template <typename T>
