@@ -31,10 +31,10 @@ import random
 import re
 from dataclasses import dataclass
 
-from .attributes import HeadAttributes, caption
+from .attributes import HeadAttributes
 
 CAPTION_SETS = ("canonical", "paraphrase")
-"""Which captions a training stage reads: the canonical phrasings only, or :func:`training_caption`'s mix."""
+"""Which captions a training stage reads: the canonical phrasings only, or :func:`training_text`'s mix."""
 
 CANONICAL_SHARE = 0.25
 """The share of canonical captions among ``"paraphrase"`` training captions: the evaluation's
@@ -181,14 +181,10 @@ def paraphrase(head: HeadAttributes, rng: random.Random) -> Caption:
     return Caption(_surface(text, rng), head)
 
 
-def training_caption(head: HeadAttributes, rng: random.Random, captions: str = "canonical") -> Caption:
-    """A training caption of ``head``: a canonical phrasing drawn with ``rng`` (``"canonical"``,
-    the captions every packaged model was trained on), or with ``"paraphrase"`` a
-    :func:`paraphrase` (a canonical phrasing with probability :data:`CANONICAL_SHARE`)."""
-    check_captions(captions)
-    if captions == "canonical" or rng.random() < CANONICAL_SHARE:
-        return Caption(caption(head, rng=rng), head)
-    return paraphrase(head, rng)
+def training_text(canonical: str, head: HeadAttributes, rng: random.Random) -> str:
+    """A ``"paraphrase"`` training caption of ``head``, whose canonical caption is ``canonical``:
+    that one with probability :data:`CANONICAL_SHARE`, else a :func:`paraphrase` drawn with ``rng``."""
+    return canonical if rng.random() < CANONICAL_SHARE else paraphrase(head, rng).text
 
 
 def check_captions(captions: str) -> str:

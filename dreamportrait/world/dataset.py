@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path, temporary_directory
 from .attributes import ATTRIBUTES, HeadAttributes, caption
-from .captions import CANONICAL_SHARE, check_captions, paraphrase
+from .captions import check_captions, training_text
 from .heads import HeadBatch, render_heads_and_masks, sample_world_cameras
 
 SHARD_SIZE = 512
@@ -99,8 +99,7 @@ def render_samples(combinations: Sequence[HeadAttributes], count: int, resolutio
         texts += [caption(h, rng=rng) for h in chunk]
     if captions == "paraphrase":
         wording = random.Random(f"paraphrase-{seed}")
-        texts = [text if wording.random() < CANONICAL_SHARE else paraphrase(head, wording).text
-                 for text, head in zip(texts, heads)]
+        texts = [training_text(text, head, wording) for text, head in zip(texts, heads)]
     return WorldSamples(torch.cat(images), torch.cat(labels), attribute_indices(heads), texts,
                         torch.cat(masks) if part_masks else None)
 

@@ -153,8 +153,8 @@ REGION_WORDS: dict[str, frozenset[str]] = {
 
 
 def missing_words(directory: str | Path, captions: str) -> list[str]:
-    """The words of :func:`caption_words` (``captions``) that the tokenizer of the teacher (or text
-    model) in ``directory`` does not hold as single tokens: words it would spell byte by byte,
+    """The words of :func:`caption_words` (``captions``) missing from the vocabulary of the
+    tokenizer of the teacher (or text model) in ``directory``: words it would spell byte by byte,
     with embeddings it never trained."""
     vocabulary = json.loads((Path(directory) / "tokenizer" / "vocab.json").read_text())
     return [word for word in caption_words(captions) if f"{word}</w>" not in vocabulary]

@@ -14,7 +14,7 @@ from dreamportrait.world import captions as train_captions
 from dreamportrait.world import paraphrases as test_set
 from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import PHRASINGS, HeadAttributes
-from dreamportrait.world.captions import (CANONICAL_SHARE, Caption, check_captions, paraphrase, training_caption,
+from dreamportrait.world.captions import (CANONICAL_SHARE, Caption, check_captions, paraphrase, training_text,
                                           words_of)
 from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.teacher import caption_words, check_vocabulary, missing_words, phrase_region
@@ -107,16 +107,18 @@ def test_training_captions_mix_canonical_and_paraphrase_at_the_documented_share(
     rng = random.Random(seed)
     heads = training_combinations()
     canonical_texts = {caption(h, phrasing) for h in heads for phrasing in range(len(PHRASINGS))}
-    drawn = [training_caption(h, rng, "paraphrase") for h in rng.choices(heads, k=4000)]
-    share = sum(c.text in canonical_texts for c in drawn) / len(drawn)
-    assert share == pytest.approx(CANONICAL_SHARE, abs=0.03)
-    assert all(training_caption(h, rng).text in canonical_texts for h in heads)  # the default stays canonical
-    with pytest.raises(ValueError, match="captions must be one of"):
-        training_caption(heads[0], rng, "paraphrases")
+    drawn = [(h, caption(h, rng=rng)) for h in rng.choices(heads, k=4000)]
+    mixed = [training_text(text, h, rng) for h, text in drawn]
+    kept = [a == b for a, (_, b) in zip(mixed, drawn)]
+    assert sum(kept) / len(kept) == pytest.approx(CANONICAL_SHARE, abs=0.03)
+    assert not any(text in canonical_texts for text, same in zip(mixed, kept) if not same)
+    with pytest.raises(ValueError, match=r"^captions must be one of \('canonical', 'paraphrase'\), got 'paraphrases'$"):
+        check_captions("paraphrases")
     assert check_captions("paraphrase") == "paraphrase"
     prompts = training_prompts("paraphrase")
     assert prompts[:len(heads) * len(PHRASINGS)] == training_prompts()  # the canonical ones, then paraphrases
     assert len(prompts) == len(heads) * (len(PHRASINGS) + PARAPHRASES_PER_COMBINATION)
+    assert not set(prompts[len(heads) * len(PHRASINGS):]) & canonical_texts
 
 
 def test_the_tokenizer_holds_every_training_word_as_one_token(tmp_path, seed):
