@@ -127,17 +127,7 @@ inline scalar_t* corner(scalar_t* base, const BilinearTaps<T>& t, const Problem&
 }
 
 // Prefetches the rows that a point's taps (3 planes) touch in a (3, H, W, C) buffer: per plane and
-// tap row the 2 C values from column x0. The addresses are formed as integers: a tap outside the
-// plane gives an address outside the buffer, which a prefetch ignores. On x86 the instruction is
-// written out (GCC deletes loops that hold only __builtin_prefetch).
-inline void prefetch_line(uintptr_t address) {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht0 (%0)" : : "r"(address));
-#else
-  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
-#endif
-}
-
+// tap row the 2 C values from column x0.
 template <typename scalar_t, typename Channels>
 inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* taps, const Problem& p,
                            const Channels& ch) {
@@ -146,7 +136,7 @@ inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* t
     for (int dy = 0; dy < 2; ++dy) {
       const int64_t offset = ((plane * p.H + taps[plane].y0 + dy) * p.W + taps[plane].x0) * ch.C;
       const uintptr_t row = reinterpret_cast<uintptr_t>(base) + offset * int64_t(sizeof(scalar_t));
-      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line(row + byte);
+      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line<false>(row + byte);
     }
   }
 }

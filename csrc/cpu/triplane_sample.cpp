@@ -35,6 +35,11 @@ constexpr int64_t kChannelBlock = 32;
 // Channels per work item of the plane-gradient scatter: one 64-byte line of float32, so two
 // threads never write the same cache line.
 constexpr int64_t kChannelChunk = 16;
+// The scatter prefetches (for writing) the gradient lines of the point this many ahead: each
+// point's four taps are read-modify-writes of lines that are seldom in cache, and without the
+// prefetch the scatter spent most of its time waiting on those loads.
+constexpr int64_t kScatterAhead = 8;
+constexpr int64_t kCacheLine = 64;
 
 // Strides (plane, channel, y, x) of one batch element's planes.
 struct PlaneStrides {
@@ -145,10 +150,29 @@ DP_CPU_CLONES void backward_planes_items(const scalar_t* __restrict__ grad_out,
     const int plane = static_cast<int>(item / chunks);
     const int64_t c0 = chunk * kChannelChunk, count = std::min(kChannelChunk, p.C - c0);
     scalar_t* base = grad_planes_b + plane * p.H * p.W * p.C + c0;
-    for (int64_t n = 0; n < p.N; ++n) {
+    const int64_t chunk_bytes = count * int64_t(sizeof(scalar_t));
+    auto taps_of = [&](int64_t n) {
       const scalar_t* pt = points + (b * p.N + n) * 3;
       const acc_t point[3] = {pt[0], pt[1], pt[2]};
-      const auto t = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+      return triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+    };
+    // The taps of points n .. n + kScatterAhead - 1, point m's in ahead[m % kScatterAhead].
+    BilinearTaps<acc_t> ahead[kScatterAhead];
+    auto prefetch = [&](const BilinearTaps<acc_t>& t) {
+      if (!t.in_bounds) return;
+      for (int dy = 0; dy < 2; ++dy) {
+        const uintptr_t row = reinterpret_cast<uintptr_t>(base) +
+                              ((t.y0 + dy) * p.W + t.x0) * p.C * int64_t(sizeof(scalar_t));
+        for (int64_t byte = 0; byte < chunk_bytes; byte += kCacheLine) {
+          prefetch_line<true>(row + byte);
+          prefetch_line<true>(row + p.C * int64_t(sizeof(scalar_t)) + byte);
+        }
+      }
+    };
+    for (int64_t n = 0; n < std::min(kScatterAhead, p.N); ++n) prefetch(ahead[n] = taps_of(n));
+    for (int64_t n = 0; n < p.N; ++n) {
+      const BilinearTaps<acc_t> t = ahead[n % kScatterAhead];
+      if (n + kScatterAhead < p.N) prefetch(ahead[n % kScatterAhead] = taps_of(n + kScatterAhead));
       if (!t.in_bounds) continue;
       const scalar_t* __restrict__ g = grad_out + triplane::output_row(p, b, n, plane) + c0;
       for (int dy = 0; dy < 2; ++dy) {

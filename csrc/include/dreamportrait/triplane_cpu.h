@@ -11,6 +11,22 @@
 
 namespace dreamportrait {
 
+// Prefetches the cache line at `address` into L1, for reading or (kForWriting) for writing. The
+// kernels form addresses as integers, so that a tap outside the plane gives an address outside the
+// buffer, which a prefetch ignores. On x86 the instructions are written out (GCC deletes loops that
+// hold only __builtin_prefetch).
+template <bool kForWriting>
+inline void prefetch_line(uintptr_t address) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kForWriting)
+    asm volatile("prefetchw (%0)" : : "r"(address));
+  else
+    asm volatile("prefetcht0 (%0)" : : "r"(address));
+#else
+  __builtin_prefetch(reinterpret_cast<const void*>(address), kForWriting ? 1 : 0, 3);
+#endif
+}
+
 // Calls fn(b, planes_b) for each batch element b of planes (B, 3, C, H, W) in turn, with planes_b
 // its planes channel-innermost, (3, H, W, C) contiguous. Planes stored that way are used in place;
 // others are transposed one batch element at a time into one reused workspace (a cache-blocked
