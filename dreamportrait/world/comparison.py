@@ -58,7 +58,8 @@ def evaluation_prompts(prompts: Sequence[str] = (), held_out: int = 0) -> list[s
     return [c.text for c in evaluation_captions(prompts, held_out)]
 
 
-def evaluation_captions(prompts: Sequence[str] = (), held_out: int = 0, prompt_set: str = "canonical") -> list[Caption]:
+def evaluation_captions(prompts: Sequence[str] = (), held_out: int = 0,
+                        prompt_set: str = "canonical") -> list[Caption]:
     """``prompts`` (canonical captions, parsed for their attributes) and ``held_out`` prompts of
     ``prompt_set`` (:data:`PROMPT_SETS`), one per held-out combination spread over their list (the
     same combinations for either set), each with its attributes."""
@@ -133,11 +134,12 @@ def compare(method: str, out_dir: str | Path, prompts: Sequence[str] = (), held_
             prompt_set: str = "canonical") -> dict:
     """Measure ``method`` (:func:`build_method`) on ``prompts`` plus ``held_out`` held-out prompts
     of ``prompt_set`` (:func:`evaluation_captions`; each scored against its own attributes; the
-    result's ``prompt_set`` names the set, ``"custom"`` when ``prompts`` are given) with ``judge`` (default: the packaged judge) against ``real``, a
-    rendered dataset directory (default: ``real_count`` renders of the prompts' attribute
-    combinations, the same for every method), and write the report (:func:`write_report`) as
-    ``name`` (default: ``method``). Options that ``method`` does not read are refused before
-    anything runs (:func:`check_options`). Returns the metrics."""
+    result's ``prompt_set`` names the set, ``"custom"`` when ``prompts`` are given) with ``judge``
+    (default: the packaged judge) against ``real``, a rendered dataset directory (default:
+    ``real_count`` renders of the prompts' attribute combinations, the same for every method), and
+    write the report (:func:`write_report`) as ``name`` (default: ``method``). Options that
+    ``method`` does not read are refused before anything runs (:func:`check_options`). Returns
+    the metrics."""
     check_options(method, checkpoint=checkpoint, guidance=guidance, config=config, baseline_steps=baseline_steps,
                   baseline_checkpoints=baseline_checkpoints, truncation=truncation)
     captions = evaluation_captions(prompts, held_out, prompt_set)

@@ -169,13 +169,15 @@ def appearance_diversity(spreads: Sequence[dict[str, float]], world_spreads: Seq
     return sum(ratios.values()) / len(ratios), ratios
 
 
-def world_reference(head: HeadAttributes, seeds: Sequence[int], views: int, resolution: int) -> tuple[Tensor, Tensor]:
+def world_reference(head: HeadAttributes, seeds: Sequence[int], views: int,
+                    resolution: int) -> tuple[Tensor, Tensor]:
     """The world's own heads of one prompt at ``seeds``, rendered as :func:`world_method` renders
     them: their frontal views ``(len(seeds), 3, R, R)`` and part masks ``(len(seeds), P, R, R)``."""
     cameras = evaluation_cameras(views)
     images, masks = [], []
     for seed in seeds:
-        image, _, _, mask = render_heads_and_masks(world_head(head, seed).repeat_interleave(views), cameras, resolution)
+        heads = world_head(head, seed).repeat_interleave(views)
+        image, _, _, mask = render_heads_and_masks(heads, cameras, resolution)
         images.append(image[views // 2])
         masks.append(mask[views // 2])
     return torch.stack(images), torch.stack(masks)
@@ -262,7 +264,8 @@ def evaluate(method: Method, prompts: Sequence[str], seeds: Sequence[int], judge
         ratio, ratios = appearance_diversity(spreads, world_spreads)
         appearance = {"appearance_diversity": ratio, "appearance_diversity_per_feature": ratios,
                       "appearance_spread": {f: _mean([s[f] for s in spreads]) for f in APPEARANCE_FEATURES},
-                      "world_appearance_spread": {f: _mean([s[f] for s in world_spreads]) for f in APPEARANCE_FEATURES}}
+                      "world_appearance_spread": {f: _mean([s[f] for s in world_spreads])
+                                                  for f in APPEARANCE_FEATURES}}
     return {
         "method": name,
         "text_alignment": {attr: (correct[i] / judged_views).item() for i, attr in enumerate(ATTRIBUTE_CLASSES)},

@@ -17,7 +17,7 @@ from dreamportrait.world.comparison import evaluation_captions
 from dreamportrait.world.dataset import attribute_indices
 from dreamportrait.world.evaluate import (APPEARANCE_FEATURES, SILHOUETTE_SIZE, appearance_diversity,
                                           appearance_features, appearance_spread, diversity_table, evaluate,
-                                          evaluation_cameras, mean_pairwise_distance, prompt_skin, silhouettes,
+                                          mean_pairwise_distance, prompt_skin, silhouettes,
                                           world_method, world_reference)
 from dreamportrait.world.heads import BACKGROUND, MASK_PARTS
 from dreamportrait.world.paraphrases import paraphrase_test_set
