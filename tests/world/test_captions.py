@@ -69,6 +69,24 @@ def test_every_paraphrase_says_exactly_its_attributes_on_every_combination(seed)
             assert said_values(result.text, train_captions) == expected_values(head), result.text
 
 
+def articles_agree(text: str) -> bool:
+    """Every "a"/"an" in ``text`` is the one its next word's first letter asks for (no word in the
+    captions starts with a silent consonant or a consonant-sounding vowel)."""
+    return all((article.lower() == "an") == (letter.lower() in "aeiou")
+               for article, letter in re.findall(r"\b(an|a)\s+([A-Za-z])", text, flags=re.IGNORECASE))
+
+
+def test_articles_agree_with_the_next_word_in_both_caption_sets(seed):
+    assert not articles_agree("a auburn-haired man") and not articles_agree("An red hat")
+    rng = random.Random(seed)
+    texts = [paraphrase(head, rng).text for head in all_combinations() for _ in range(12)]
+    texts += [prompt.text for prompt in test_set.paraphrase_test_set()]
+    vowel_led = [t for t in texts if re.search(r"\ban\s", t, flags=re.IGNORECASE)]
+    assert vowel_led, "no caption used 'an': the check would not see a wrong article"
+    for text in texts:
+        assert articles_agree(text), text
+
+
 def test_every_held_out_prompt_says_exactly_its_attributes(seed):
     prompts = test_set.paraphrase_test_set()
     assert [p.attributes for p in prompts] == held_out_combinations()
