@@ -202,3 +202,22 @@ def test_evaluate_cli_compares_two_methods_on_the_paraphrase_set(tmp_path, capsy
     capsys.readouterr()
     assert main(["evaluate", "--method", "world", "--prompt-set", "paraphrase", "--out", str(tmp_path)]) == 2
     assert "--prompt-set paraphrase picks the held-out prompts" in capsys.readouterr().err
+
+
+def test_diversity_table_writes_each_measure_in_its_column():
+    result = {"method": "m", "prompt_set": "paraphrase", "diversity": 0.6341, "appearance_diversity": 0.781,
+              "appearance_diversity_per_feature": {"silhouette": 0.7849, "skin_shade": 0.7711},
+              "appearance_spread": {"silhouette": 0.01234, "skin_shade": 0.00056},
+              "world_appearance_spread": {"silhouette": 0.02, "skin_shade": 0.0007}}
+    assert diversity_table([result, {"method": "one seed", "diversity": 0.0}]).splitlines()[2:] == [
+        "| method | prompts | diversity | appearance diversity | silhouette | skin shade | "
+        "spread (silhouette, skin shade) | world's spread |",
+        "|---|---|---|---|---|---|---|---|",
+        "| m | paraphrase | 0.634 | 0.78 | 0.78 | 0.77 | 0.0123, 0.0006 | 0.0200, 0.0007 |"]
+
+
+def test_spreads_are_averaged_over_the_prompts_that_have_one():
+    from dreamportrait.world.evaluate import _mean
+
+    assert _mean([1.0, float("nan"), 4.0, 7.0]) == 4.0
+    assert math.isnan(_mean([float("nan")])) and math.isnan(_mean([]))
