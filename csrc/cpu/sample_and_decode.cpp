@@ -53,7 +53,6 @@ constexpr int kBlockRows = cpu::kProductRows;
 // The plane rows of the point this many ahead are prefetched while one point is gathered: the
 // points are scattered over the planes, so the gather otherwise waits on memory for every point.
 constexpr int64_t kPrefetchAhead = 4;
-constexpr int64_t kCacheLine = 64;
 
 constexpr int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 constexpr int64_t block_rows(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
@@ -124,21 +123,6 @@ struct WeightGradients {
 template <typename scalar_t, typename T>
 inline scalar_t* corner(scalar_t* base, const BilinearTaps<T>& t, const Problem& p, int plane, int dy, int dx) {
   return base + ((plane * p.H + t.y0 + dy) * p.W + t.x0 + dx) * p.C;
-}
-
-// Prefetches the rows that a point's taps (3 planes) touch in a (3, H, W, C) buffer: per plane and
-// tap row the 2 C values from column x0.
-template <typename scalar_t, typename Channels>
-inline void prefetch_point(const scalar_t* base, const BilinearTaps<scalar_t>* taps, const Problem& p,
-                           const Channels& ch) {
-  const int64_t bytes = 2 * ch.C * int64_t(sizeof(scalar_t));
-  for (int plane = 0; plane < kPlanes; ++plane) {
-    for (int dy = 0; dy < 2; ++dy) {
-      const int64_t offset = ((plane * p.H + taps[plane].y0 + dy) * p.W + taps[plane].x0) * ch.C;
-      const uintptr_t row = reinterpret_cast<uintptr_t>(base) + offset * int64_t(sizeof(scalar_t));
-      for (int64_t byte = 0; byte < bytes; byte += kCacheLine) prefetch_line<false>(row + byte);
-    }
-  }
 }
 
 // Taps and mean features F (rows of Cp) of points [begin, begin + count) of batch element b;

@@ -39,7 +39,9 @@ constexpr int64_t kChannelChunk = 16;
 // point's four taps are read-modify-writes of lines that are seldom in cache, and without the
 // prefetch the scatter spent most of its time waiting on those loads.
 constexpr int64_t kScatterAhead = 8;
-constexpr int64_t kCacheLine = 64;
+// The forward prefetches the plane rows of the point this many ahead (as sample_and_decode's
+// gather does): the points' corner rows are spread over the planes and seldom in cache.
+constexpr int64_t kGatherAhead = 4;
 
 // Strides (plane, channel, y, x) of one batch element's planes.
 struct PlaneStrides {
@@ -101,12 +103,21 @@ DP_CPU_CLONES void forward_points(const scalar_t* __restrict__ planes_b,
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t rw = triplane::reduce_weight<acc_t>(p.reduce);
   const bool per_plane = p.reduce == Reduce::kNone;
-  for (int64_t n = begin; n < end; ++n) {
+  // The taps of points n .. n + kGatherAhead - 1, point m's in ahead[(m - begin) % kGatherAhead].
+  BilinearTaps<acc_t> ahead[kGatherAhead][kPlanes];
+  auto taps_of = [&](int64_t n, BilinearTaps<acc_t>* taps) {
     const int64_t i = b * p.N + n;
     const acc_t point[3] = {points[i * 3], points[i * 3 + 1], points[i * 3 + 2]};
-    BilinearTaps<acc_t> taps[kPlanes];
     for (int plane = 0; plane < kPlanes; ++plane)
       taps[plane] = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+    prefetch_point(planes_b, static_cast<const BilinearTaps<acc_t>*>(taps), p, p);
+  };
+  for (int64_t n = begin; n < std::min(begin + kGatherAhead, end); ++n) taps_of(n, ahead[n - begin]);
+  for (int64_t n = begin; n < end; ++n) {
+    BilinearTaps<acc_t> taps[kPlanes];
+    BilinearTaps<acc_t>* slot = ahead[(n - begin) % kGatherAhead];
+    std::copy(slot, slot + kPlanes, taps);
+    if (n + kGatherAhead < end) taps_of(n + kGatherAhead, slot);
     // Channels in register-sized blocks: the sums stay in a local array, not in `out`.
     for (int64_t c0 = 0; c0 < p.C; c0 += kChannelBlock) {
       const int64_t count = std::min(kChannelBlock, p.C - c0);
@@ -163,7 +174,7 @@ DP_CPU_CLONES void backward_planes_items(const scalar_t* __restrict__ grad_out,
       for (int dy = 0; dy < 2; ++dy) {
         const uintptr_t row = reinterpret_cast<uintptr_t>(base) +
                               ((t.y0 + dy) * p.W + t.x0) * p.C * int64_t(sizeof(scalar_t));
-        for (int64_t byte = 0; byte < chunk_bytes; byte += kCacheLine) {
+        for (int64_t byte = 0; byte < chunk_bytes; byte += kCacheLineBytes) {
           prefetch_line<true>(row + byte);
           prefetch_line<true>(row + p.C * int64_t(sizeof(scalar_t)) + byte);
         }
