@@ -94,6 +94,8 @@ def test_every_held_out_prompt_says_exactly_its_attributes(seed):
     assert len({p.text for p in prompts}) == len(prompts)
     for p in prompts:
         assert said_values(p.text, test_set) == expected_values(p.attributes), p.text
+        # Each names a person with one of the set's own person words (which the world does not render).
+        assert sum(contains(words_of(p.text), word) for word in test_set.PERSON_WORDS) >= 1, p.text
     rng = random.Random(seed)  # and for any draw, on any combination
     for head in all_combinations():
         described = test_set.describe(head, rng)
