@@ -1,5 +1,6 @@
 """EG3D's own renderer with and without ``dreamportrait.integrations.eg3d.install()``, and the fused
-sample-and-decode op against the unfused composition.
+sample-and-decode op against the unfused compositions (EG3D's order, and the sampling kernel's own
+mean followed by the MLP).
 
 EG3D's code cannot be copied into the project; its renderer is re-stated (from EG3D's published
 math) in ``tests/eg3d_restated`` and imported under EG3D's module paths, exactly as an EG3D code
@@ -102,19 +103,27 @@ def decode_inputs(batch: int, backward: bool, points: str = "rays"):
     return [t.requires_grad_(backward) for t in (planes, xyz.contiguous(), *weights)]
 
 
-@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("where", POINTS)
-@pytest.mark.parametrize("implementation", ["baseline", "cpu"])
-def test_sample_and_decode(benchmark, record, implementation, where, shape, direction):
-    backward = direction == "fwd+bwd"
-    planes, points, w1, b1, w2, b2 = inputs = decode_inputs(SHAPES[shape], backward, where)
+UNFUSED = {
+    "baseline": "none",
+    "sample-mean": "mean",
+}
+"""The unfused compositions the fused op is timed against, by the ``reduce`` their sampling kernel
+runs: ``baseline``, EG3D's order (the three planes' samples ``(B, N, 3, C)`` written out, their mean
+taken in PyTorch, then the MLP); ``sample-mean``, the mean taken inside the sampling kernel (only the
+``(B, N, C)`` features written out), then the MLP."""
+
+
+def decode_call(implementation: str, inputs: list, backward: bool):
+    """One forward (and with ``backward`` one backward) of the fused op (``implementation`` "cpu") or
+    of an :data:`UNFUSED` composition on ``inputs`` (:func:`decode_inputs`)."""
+    planes, points, w1, b1, w2, b2 = inputs
 
     def run():
         if implementation == "cpu":
             return sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend="cpu")
-        features = triplane_sample(planes, points, 1.0, EG3D_AXES, "mean", backend="cpu")  # unfused
-        return decode(features, w1, b1, w2, b2)
+        reduce = UNFUSED[implementation]
+        features = triplane_sample(planes, points, 1.0, EG3D_AXES, reduce, backend="cpu")
+        return decode(features.mean(2) if reduce == "none" else features, w1, b1, w2, b2)
 
     def call():
         with torch.set_grad_enabled(backward):
@@ -122,6 +131,16 @@ def test_sample_and_decode(benchmark, record, implementation, where, shape, dire
             if backward:
                 torch.autograd.grad(out.sum(), inputs)
 
+    return call
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("where", POINTS)
+@pytest.mark.parametrize("implementation", [*UNFUSED, "cpu"])
+def test_sample_and_decode(benchmark, record, implementation, where, shape, direction):
+    call = decode_call(implementation, decode_inputs(SHAPES[shape], direction == "fwd+bwd", where),
+                       direction == "fwd+bwd")
     call()
     benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
     record(f"sample_and_decode/{where}/{shape}/{direction}", implementation, benchmark)
@@ -164,27 +183,13 @@ def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
                   f"{best['installed'] * 1e3:8.0f} ms  {best['baseline'] / best['installed']:.2f}x")
     for where, direction in itertools.product(POINTS, ("fwd", "fwd+bwd")):
         backward = direction == "fwd+bwd"
-        planes, points, w1, b1, w2, b2 = inputs = decode_inputs(batch, backward, where)
-
-        def timed(fused: bool):
-            def call():
-                with torch.set_grad_enabled(backward):
-                    if fused:
-                        out = sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend="cpu")
-                    else:
-                        out = decode(triplane_sample(planes, points, 1.0, EG3D_AXES, "mean", backend="cpu"),
-                                     w1, b1, w2, b2)
-                    if backward:
-                        torch.autograd.grad(out.sum(), inputs)
-            return call
-
-        calls = {"unfused": timed(False), "fused": timed(True)}
+        inputs = decode_inputs(batch, backward, where)
+        calls = {name: decode_call(name, inputs, backward) for name in (*UNFUSED, "cpu")}
         for call in calls.values():
             call()
         best = best_of(calls)
-        print(f"sample_and_decode {where:7} batch {batch} {direction:8} unfused {best['unfused'] * 1e3:8.0f} ms  fused "
-              f"{best['fused'] * 1e3:8.0f} ms  {best['unfused'] / best['fused']:.2f}x")
-
+        print(f"sample_and_decode {where:7} batch {batch} {direction:8} fused {best['cpu'] * 1e3:6.0f} ms | "
+              + " | ".join(f"{name} {best[name] * 1e3:6.0f} ms {best[name] / best['cpu']:.2f}x" for name in UNFUSED))
 
 if __name__ == "__main__":
     import sys
