@@ -1,8 +1,10 @@
 // Host emulations of the CUDA kernels' schedules, as test-only CPU operators. They run the same
 // block and warp programs as the GPU (attention_tiles.h: block after block, with a one-thread
-// block and scalar tile products; composite_scan.h: a warp of 32 threads), so the CPU test suite
-// checks the GPU's schedule: tile sizes, zero padding, the online softmax across key tiles, the
-// per-block partial sums of the backward and the warp scans of the compositing.
+// block and scalar tile products; composite_scan.h: a warp of 32 threads; decoder_tiles.h: block
+// after block, each a block of threads that meet at every barrier and warp exchange), so the CPU
+// test suite checks the GPU's schedule: tile sizes, zero padding, the online softmax across key
+// tiles, the per-block partial sums of the backward, the warp scans of the compositing and the
+// warp-per-point sampling of the fused decoder.
 //
 //   attention_tile_emulation(q, k, v, gate, mask, scale, block_q, block_k, tiles_per_block,
 //                            block_d=0) -> (out, lse)
@@ -19,13 +21,23 @@
 //   composite_warp_emulation_backward(grad_rgb, grad_depth, grad_opacity, grad_weights, densities,
 //                                     colors, depths, deltas)
 // take the arguments of composite_rays(_backward); a warp is 32 threads that meet at every shuffle.
+//   sample_and_decode_tile_emulation(planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
+//                                    shared_memory, sms, threads) -> out
+//   sample_and_decode_tile_emulation_backward(grad_output, planes, points, box_warp, axes, weight1,
+//       bias1, weight2, bias2, needs_planes, needs_points, shared_memory, sms, threads)
+//       -> (grad_planes, grad_points, grad_weight1, grad_bias1, grad_weight2, grad_bias2)
+// take the arguments of sample_and_decode(_backward) plus the GPU planned for (a block's shared
+// memory in bytes, which sets the tile, and the SM count, which sets the blocks) and the threads
+// of an emulated block (a multiple of 32 up to 256; the GPU's blocks have 256).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -37,6 +49,8 @@
 #include "dreamportrait/attention_tiles.h"
 #include "dreamportrait/composite_host.h"
 #include "dreamportrait/composite_scan.h"
+#include "dreamportrait/decoder_host.h"
+#include "dreamportrait/decoder_tiles.h"
 
 namespace dreamportrait {
 namespace {
@@ -122,12 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_tile_emulat
 
 // ---- A warp on the host: 32 threads, one per lane, that run the same warp program and meet at
 // every exchange (shuffle, vote) and sync, as the lanes of a GPU warp do.
-class HostWarpExchange {
+// A barrier of `count` host threads, reusable.
+class HostBarrier {
  public:
-  void barrier() {
+  explicit HostBarrier(int count) : count_(count) {}
+  void wait() {
     std::unique_lock<std::mutex> lock(mutex_);
     const uint64_t generation = generation_;
-    if (++arrived_ == composite::scan::kLanes) {
+    if (++arrived_ == count_) {
       arrived_ = 0;
       ++generation_;
       all_arrived_.notify_all();
@@ -135,6 +151,18 @@ class HostWarpExchange {
       all_arrived_.wait(lock, [&] { return generation_ != generation; });
     }
   }
+
+ private:
+  const int count_;
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+class HostWarpExchange {
+ public:
+  void barrier() { barrier_.wait(); }
   // Each lane offers `value` and receives lane `source`'s.
   template <typename T>
   T exchange(int lane, T value, int source) {
@@ -165,10 +193,7 @@ class HostWarpExchange {
     barrier();  // every lane has read before the next exchange writes
   }
 
-  std::mutex mutex_;
-  std::condition_variable all_arrived_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
+  HostBarrier barrier_{composite::scan::kLanes};
   Slot slots_[composite::scan::kLanes];
 };
 
@@ -243,6 +268,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_warp_emulat
       });
 }
 
+// ---- A CUDA block of sample_and_decode on the host: `threads` threads that run the block program;
+// sync() is a barrier of all of them, warp_sum a butterfly of exchanges among the 32 lanes of a
+// warp (as __shfl_xor_sync), add() an atomic add (serialised by a lock).
+struct DecoderBlockState {
+  explicit DecoderBlockState(int threads) : block(threads), warps(threads / kLanes) {}
+  static constexpr int kLanes = composite::scan::kLanes;
+  HostBarrier block;
+  std::vector<HostWarpExchange> warps;
+  std::mutex add_lock;
+};
+
+struct DecoderBlock {
+  DecoderBlockState* state;
+  int thread_index, thread_count;
+
+  int thread() const { return thread_index; }
+  int threads() const { return thread_count; }
+  int lanes() const { return DecoderBlockState::kLanes; }
+  void sync() const { state->block.wait(); }
+  template <typename T>
+  T warp_sum(T v) const {
+    const int lane = thread_index % lanes();
+    HostWarpExchange& warp = state->warps[thread_index / lanes()];
+    for (int mask = lanes() / 2; mask > 0; mask /= 2) v += warp.exchange(lane, v, lane ^ mask);
+    return v;
+  }
+  template <typename T>
+  void add(T* address, T value) const {
+    const std::lock_guard<std::mutex> lock(state->add_lock);
+    *address += value;
+  }
+};
+
+// Runs program(block, block_index, shared) for blocks 0 .. blocks - 1, one after another, each on
+// `threads` host threads and its own shared memory of `shared_bytes`, filled with NaN first so that
+// a read of a buffer the program has not written shows in the results.
+template <typename acc_t, class Program>
+void run_blocks(int64_t blocks, int threads, size_t shared_bytes, Program program) {
+  for (int64_t index = 0; index < blocks; ++index) {
+    SharedMemory smem(shared_bytes);
+    acc_t* shared = reinterpret_cast<acc_t*>(smem.data());
+    std::fill(shared, shared + shared_bytes / sizeof(acc_t), std::numeric_limits<acc_t>::quiet_NaN());
+    DecoderBlockState state(threads);
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t)
+      workers.emplace_back([&, t] { program(DecoderBlock{&state, t, threads}, index, shared); });
+    for (std::thread& worker : workers) worker.join();
+  }
+}
+
+decoder::TileTarget emulated_gpu(const at::Tensor& planes, int64_t shared_memory, int64_t sms, int64_t threads,
+                                 const char* op) {
+  TORCH_CHECK(planes.device().is_cpu(), op, ": runs on CPU tensors, got ", planes.device());
+  TORCH_CHECK(shared_memory > 0 && shared_memory <= (1 << 20) && sms > 0 && sms <= 1024, op,
+              ": shared_memory must be in (0, 1 MiB] and sms in [1, 1024], got ", shared_memory, " and ", sms);
+  TORCH_CHECK(threads >= 32 && threads <= decoder::tiles::kThreads && threads % 32 == 0, op,
+              ": threads must be a multiple of 32 in [32, ", decoder::tiles::kThreads, "], got ", threads);
+  return {shared_memory, sms};
+}
+
+at::Tensor sample_and_decode_tile_emulation(const at::Tensor& planes, const at::Tensor& points, double box_warp,
+                                            at::IntArrayRef axes, const at::Tensor& weight1, const at::Tensor& bias1,
+                                            const at::Tensor& weight2, const at::Tensor& bias2, int64_t shared_memory,
+                                            int64_t sms, int64_t threads) {
+  const char* op = "sample_and_decode_tile_emulation";
+  const triplane::Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean", std::nullopt, true);
+  const decoder::Sizes d = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
+  const decoder::TileTarget gpu = emulated_gpu(planes, shared_memory, sms, threads, op);
+  return decoder::tiled_forward(p, d, gpu, planes, points, weight1, bias1, weight2, bias2,
+                                [&](const auto& io, int64_t blocks, size_t shared_bytes) {
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(io.out)>>;
+    using acc_t = at::opmath_type<scalar_t>;
+    run_blocks<acc_t>(blocks, int(threads), shared_bytes, [&](const DecoderBlock& block, int64_t index, acc_t* shared) {
+      decoder::tiles::forward_block(block, index, blocks, shared, io);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sample_and_decode_tile_emulation_backward(const at::Tensor& grad_output, const at::Tensor& planes,
+                                          const at::Tensor& points, double box_warp, at::IntArrayRef axes,
+                                          const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
+                                          const at::Tensor& bias2, bool needs_planes, bool needs_points,
+                                          int64_t shared_memory, int64_t sms, int64_t threads) {
+  const char* op = "sample_and_decode_tile_emulation_backward";
+  const triplane::Problem p = triplane::check_problem(planes, points, box_warp, axes, "mean", std::nullopt, true);
+  const decoder::Sizes d = decoder::check_weights(planes, weight1, bias1, weight2, bias2);
+  decoder::check_grad_output(grad_output, p, d, planes);
+  const decoder::TileTarget gpu = emulated_gpu(planes, shared_memory, sms, threads, op);
+  return decoder::tiled_backward(
+      p, d, gpu, grad_output, planes, points, weight1, bias1, weight2, bias2, needs_planes, needs_points,
+      [&](const auto& io, int64_t blocks, size_t shared_bytes, auto* grad_weights) {
+        using scalar_t = std::remove_pointer_t<decltype(grad_weights)>;
+        using acc_t = at::opmath_type<scalar_t>;
+        run_blocks<acc_t>(blocks, int(threads), shared_bytes,
+                          [&](const DecoderBlock& block, int64_t index, acc_t* shared) {
+          decoder::tiles::backward_block(block, index, blocks, shared, io);
+        });
+        for (int64_t e = 0; e < io.l.weights; ++e)
+          grad_weights[e] = static_cast<scalar_t>(decoder::tiles::sum_partials(io.partials, blocks, io.l.weights, e));
+      });
+}
+
 std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, at::ScalarType dtype,
                                           int64_t shared_memory) {
   TORCH_CHECK(Lk >= 0 && D >= 0 && shared_memory > 0,
@@ -274,6 +402,13 @@ TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
   m.def("composite_warp_emulation_backward(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, "
         "Tensor grad_weights, Tensor densities, Tensor colors, Tensor depths, Tensor deltas) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sample_and_decode_tile_emulation(Tensor planes, Tensor points, float box_warp, int[6] axes, "
+        "Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, int shared_memory, int sms, int threads) "
+        "-> Tensor");
+  m.def("sample_and_decode_tile_emulation_backward(Tensor grad_output, Tensor planes, Tensor points, "
+        "float box_warp, int[6] axes, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
+        "bool needs_planes, bool needs_points, int shared_memory, int sms, int threads) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_tile_shape(bool backward, int Lk, int D, ScalarType dtype, int shared_memory) -> int[]",
         &dreamportrait::attention_tile_shape);
 }
@@ -283,4 +418,6 @@ TORCH_LIBRARY_IMPL(dreamportrait, CPU, m) {
   m.impl("attention_tile_emulation_backward", &dreamportrait::attention_tile_emulation_backward);
   m.impl("composite_warp_emulation", &dreamportrait::composite_warp_emulation);
   m.impl("composite_warp_emulation_backward", &dreamportrait::composite_warp_emulation_backward);
+  m.impl("sample_and_decode_tile_emulation", &dreamportrait::sample_and_decode_tile_emulation);
+  m.impl("sample_and_decode_tile_emulation_backward", &dreamportrait::sample_and_decode_tile_emulation_backward);
 }

@@ -358,3 +358,148 @@ def test_composite_warp_emulation_checks_its_arguments():
         forward(densities, colors, depths, deltas, 1.5)
     with pytest.raises(RuntimeError, match="grad_rgb must have shape"):
         backward(torch.ones(4, 2), torch.ones(4), torch.ones(4), torch.ones(4, 6), densities, colors, depths, deltas)
+
+
+# ---- The fused decoder (sample_and_decode): one warp per point for the sampling and the scatter,
+# a thread per (point, unit) for the MLP, tiles of up to 32 points, per-block weight-gradient sums.
+
+H100_SHARED, H100_SMS = 227 * 1024, 132
+
+
+def backward_shared_bytes(C, K, O, tile, element_size=8):
+    """Shared memory of a backward block: the weights and their gradient sums, then the tile's
+    features (C), pre-activations and hidden units (K each) and raw-output gradients (O), each row
+    padded by one element."""
+    weights = K * C + K + O * K + O
+    return element_size * (2 * weights + tile * ((C + 1) + 2 * (K + 1) + (O + 1)))
+
+
+# (B, N, C, K, O, shared_memory, sms, threads): EG3D's decoder (C 32, K 64, O 33) in float64 on an
+# H100's shared memory, with ragged last tiles and blocks that take several tiles; shared memory
+# that fits the backward's tiles of 4 but not of 8 (its forward still takes tiles of 32); more
+# channels than lanes (C 48) and fewer (C 5); one warp per block, and the GPU's 256 threads; batch
+# elements with no points.
+DECODER_CASES = [
+    pytest.param((2, 100, 32, 64, 33, H100_SHARED, 1, 64), id="eg3d-decoder-ragged-tiles-several-per-block"),
+    pytest.param((1, 37, 32, 64, 33, backward_shared_bytes(32, 64, 33, 4), 2, 64), id="eg3d-decoder-tiles-of-4"),
+    pytest.param((2, 45, 48, 16, 2, H100_SHARED, 3, 32), id="C48-more-channels-than-lanes-one-warp"),
+    pytest.param((1, 70, 5, 7, 4, H100_SHARED, H100_SMS, 256), id="C5-256-threads-a-block-per-tile"),
+    pytest.param((3, 0, 8, 8, 3, H100_SHARED, 1, 64), id="no-points"),
+]
+
+
+def decoder_ops():
+    _extension.status()
+    return (torch.ops.dreamportrait.sample_and_decode_tile_emulation,
+            torch.ops.dreamportrait.sample_and_decode_tile_emulation_backward)
+
+
+def decoder_inputs(case, dtype=torch.float64, seed=0):
+    """Planes, points (a quarter outside the box, where some taps fall off the planes) and weights
+    whose pre-activations cross softplus' threshold and the sigmoid's flat ends."""
+    batch, count, channels, hidden, out = case[:5]
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(scale).to(dtype)
+
+    planes = randn(batch, 3, channels, 9, 11)
+    points = ((torch.rand(batch, count, 3, generator=generator, dtype=torch.float64) - 0.5) * 1.6).to(dtype)
+    return [planes, points, randn(hidden, channels, scale=4), randn(hidden, scale=8), randn(out, hidden), randn(out)]
+
+
+def decoder_reference(inputs, grad_output, box_warp=1.2, axes=(0, 1, 0, 2, 2, 0)):
+    """Output and gradients of every tensor of ``inputs``, from the readable specification in float64."""
+    from dreamportrait.ops.sample_and_decode import reference as decoder_spec
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    out = decoder_spec(leaves[0], leaves[1], box_warp, list(axes), *leaves[2:])
+    return out, torch.autograd.grad(out, leaves, grad_output.double(), allow_unused=True)
+
+
+def run_decoder_schedule(inputs, grad_output, gpu, box_warp=1.2, axes=(0, 1, 0, 2, 2, 0)):
+    forward, backward = decoder_ops()
+    planes, points, *weights = inputs
+    out = forward(planes, points, box_warp, list(axes), *weights, *gpu)
+    grads = backward(grad_output, planes, points, box_warp, list(axes), *weights, True, True, *gpu)
+    return out, grads
+
+
+DECODER_NAMES = ["planes", "points", "weight1", "bias1", "weight2", "bias2"]
+
+
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_decoder_schedule_matches_reference(case):
+    inputs = decoder_inputs(case)
+    batch, count, out_width = case[0], case[1], case[4]
+    grad_output = torch.randn(batch, count, out_width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out, grads = run_decoder_schedule(inputs, grad_output, case[5:])
+    expected, expected_grads = decoder_reference(inputs, grad_output)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg="output")
+    for name, ours, ref in zip(DECODER_NAMES, grads, expected_grads):
+        ref = torch.zeros_like(ours) if ref is None else ref
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-11, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_decoder_schedule_weight_gradients_do_not_depend_on_the_blocks():
+    """Per-block partial sums, added in block order: the same for any block count up to rounding, and
+    bit for bit the same on a repeat with the same blocks (the plane gradient, added atomically, only
+    up to rounding)."""
+    case = (2, 150, 32, 64, 33)
+    inputs = decoder_inputs(case)
+    grad_output = torch.randn(2, 150, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    runs = [run_decoder_schedule(inputs, grad_output, (H100_SHARED, sms, 64))[1] for sms in (1, 2, 1)]
+    for name, one, two, again in zip(DECODER_NAMES, *runs):
+        torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-12, msg=name)
+        if name == "planes":
+            torch.testing.assert_close(again, one, rtol=1e-12, atol=1e-12, msg=name)
+        else:
+            assert torch.equal(again, one), f"{name}: a repeat with the same blocks differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decoder_schedule_in_the_kernels_types(dtype):
+    """The kernels' dtypes (float32 sums): against the float64 specification of the rounded inputs."""
+    case = (2, 70, 32, 64, 33)
+    inputs = decoder_inputs(case, dtype)
+    grad_output = torch.randn(2, 70, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out, grads = run_decoder_schedule(inputs, grad_output, (H100_SHARED, 2, 64))
+    expected, expected_grads = decoder_reference(inputs, grad_output)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close_scaled(out.double(), expected, tol, "output")
+    for name, ours, ref in zip(DECODER_NAMES, grads, expected_grads):
+        # position gradients amplify rounding (a difference of corner values over a texel)
+        assert_close_scaled(ours.double(), ref, 10 * tol if name == "points" else tol, name)
+
+
+def test_decoder_schedule_propagates_nan_to_its_point_only():
+    """A NaN coordinate makes its point's output and position gradient NaN where the specification
+    does (and reaches every weight1 gradient); the other points are untouched."""
+    case = (1, 40, 32, 64, 33)
+    inputs = decoder_inputs(case)
+    inputs[1][0, 7] = torch.tensor([0.1, float("nan"), -0.2], dtype=torch.float64)
+    inputs[1][0, 30] = torch.tensor([0.9, 0.9, 0.9], dtype=torch.float64)  # outside the box: features 0
+    grad_output = torch.ones(1, 40, 33, dtype=torch.float64)
+    out, grads = run_decoder_schedule(inputs, grad_output, (H100_SHARED, 1, 64))
+    others = torch.arange(40) != 7
+    assert torch.isnan(out[0, 7]).all() and not torch.isnan(out[0, others]).any()
+    assert torch.isnan(grads[1][0, 7]).all() and not torch.isnan(grads[1][0, others]).any()
+    assert torch.isnan(grads[2]).all(), "a NaN feature reaches every weight1 gradient"
+    expected, expected_grads = decoder_reference(inputs, grad_output)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(grads[1], expected_grads[1], rtol=1e-10, atol=1e-11, equal_nan=True)
+
+
+def test_decoder_emulation_checks_its_gpu():
+    forward, backward = decoder_ops()
+    planes, points, *weights = decoder_inputs((1, 5, 32, 64, 33))
+    with pytest.raises(RuntimeError, match="threads must be a multiple of 32"):
+        forward(planes, points, 1.2, [0, 1, 0, 2, 2, 0], *weights, H100_SHARED, 1, 48)
+    with pytest.raises(RuntimeError, match="sms"):
+        forward(planes, points, 1.2, [0, 1, 0, 2, 2, 0], *weights, H100_SHARED, 0, 64)
+    # EG3D's decoder backward in float64 does not fit a block of 48 KiB, even in tiles of 4.
+    needed = backward_shared_bytes(32, 64, 33, 4)
+    with pytest.raises(RuntimeError, match=f"needs {needed} bytes of shared memory per block, more than this GPU's 49152"):
+        backward(torch.ones(1, 5, 33, dtype=torch.float64), planes, points, 1.2, [0, 1, 0, 2, 2, 0], *weights, True,
+                 True, 48 * 1024, 1, 64)

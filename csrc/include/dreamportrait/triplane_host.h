@@ -25,13 +25,15 @@ inline Reduce parse_reduce(std::string_view reduce) {
 }
 
 // Every tensor's shape, dtype and device; any strides (the kernels read through .contiguous() or
-// a channel-innermost copy).
+// a channel-innermost copy). `reduced_precision`: whether float16 and bfloat16 are taken (default:
+// on GPU tensors only; the host emulations of the CUDA schedule take them on the CPU).
 inline Problem check_problem(const at::Tensor& planes, const at::Tensor& points, double box_warp,
                              at::IntArrayRef axes, std::string_view reduce,
-                             const std::optional<at::Tensor>& grad_output = std::nullopt) {
+                             const std::optional<at::Tensor>& grad_output = std::nullopt,
+                             std::optional<bool> reduced_precision = std::nullopt) {
   TORCH_CHECK(planes.dim() == 5 && planes.size(1) == kPlanes,
               "triplane_sample: planes must have shape (B, 3, C, H, W), got ", planes.sizes());
-  check_kernel_dtype("triplane_sample", "planes", planes, takes_reduced_precision(planes));
+  check_kernel_dtype("triplane_sample", "planes", planes, reduced_precision.value_or(takes_reduced_precision(planes)));
   TORCH_CHECK(points.dim() == 3 && points.size(2) == 3,
               "triplane_sample: points must have shape (B, N, 3), got ", points.sizes());
   TORCH_CHECK(points.size(0) == planes.size(0), "triplane_sample: points batch ", points.size(0),

@@ -1,0 +1,318 @@
+// The block programs of the CUDA sample_and_decode kernels. The GPU runs them with CUDA blocks
+// (csrc/cuda/sample_and_decode.cu), the host emulation (csrc/cpu/tile_emulation.cpp) with threads
+// that meet at the same barriers and exchanges, and the CPU tests check that against the reference.
+//
+// A block takes tiles of P points (a grid-stride loop over tiles). The decoder's weights are copied
+// into shared memory once per block; a tile's features, pre-activations, hidden units and
+// raw-output gradients live in shared memory only (rows padded by one element, so that threads of
+// neighbouring points read different banks). Two mappings of threads:
+//   - sampling and scattering: one warp per point, lanes over channels (coalesced plane reads and
+//     atomic adds of a tap's channels; the point gradient is a warp reduction over channels);
+//   - the MLP: one thread per (point, unit), the point index fastest, each summing over the
+//     previous layer with the weights broadcast from shared memory.
+// The backward sums each weight's gradient over the tiles of a block in shared memory and writes
+// one partial per block; sum_partials adds them in block order (no atomics: deterministic). Plane
+// gradients are added atomically into a float32 (for 16-bit inputs) or float64 channel-innermost
+// buffer, as triplane_sample's backward does.
+//
+// A Block provides thread(), threads() (a multiple of lanes()), lanes() (threads per warp), sync()
+// (a barrier of the block's threads, ordering shared memory), warp_sum(v) (the sum over the lanes of
+// the calling warp, in every lane; all of them call it together) and add(address, value) (an
+// atomic add to global memory).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "dreamportrait/common.h"
+#include "dreamportrait/decoder_math.h"
+#include "dreamportrait/triplane_math.h"
+
+namespace dreamportrait {
+namespace decoder {
+namespace tiles {
+
+constexpr int kThreads = 256;
+// Points per tile when shared memory allows; halved (down to kMinTile) for large decoders or float64.
+constexpr int kMaxTile = 32;
+constexpr int kMinTile = 4;
+// Blocks per SM of a launch: each block's weights are loaded (and, backward, its partial sums
+// written) once, so a few per SM, not one per tile.
+constexpr int kBlocksPerSm = 4;
+
+// Offsets (in elements of the accumulation type) of the weights and tile buffers in shared memory.
+// Weights: w1 (K, C), b1 (K), w2 (O, K), b2 (O), the same order as the backward's gradient sums.
+struct Layout {
+  int64_t C, K, O;
+  int tile;                // points per tile, P
+  int64_t w1, b1, w2, b2;  // offsets of the weights
+  int64_t weights;         // their count
+  int64_t sums;            // backward: the weight-gradient sums (weights elements)
+  int64_t F, H;            // features (P, C + 1), hidden units (P, K + 1)
+  int64_t A, GX;           // backward: pre-activations (P, K + 1), raw outputs' gradient (P, O + 1)
+  int64_t total;           // elements in all
+
+  DP_HOST_DEVICE Layout(int64_t C_, int64_t K_, int64_t O_, int points, bool backward)
+      : C(C_), K(K_), O(O_), tile(points) {
+    w1 = 0, b1 = K * C, w2 = b1 + K, b2 = w2 + O * K, weights = b2 + O;
+    sums = weights;
+    F = backward ? sums + weights : weights;
+    H = F + tile * (C + 1);
+    A = H + tile * (K + 1);
+    GX = A + tile * (K + 1);
+    total = backward ? GX + tile * (O + 1) : A;
+  }
+};
+
+// The largest tile from kMaxTile down (halving) whose buffers fit `max_shared` bytes of shared
+// memory with `element_size`-byte elements; kMinTile's layout if none fits (the caller checks it).
+inline Layout largest_layout(int64_t C, int64_t K, int64_t O, bool backward, size_t element_size,
+                             size_t max_shared) {
+  int tile = kMaxTile;
+  while (tile > kMinTile && size_t(Layout(C, K, O, tile, backward).total) * element_size > max_shared) tile /= 2;
+  return Layout(C, K, O, tile, backward);
+}
+
+// Pointers and sizes of one forward launch; planes are (B, 3, H, W, C), points (B, N, 3).
+template <typename scalar_t>
+struct ForwardIo {
+  const scalar_t *planes, *points, *w1, *b1, *w2, *b2;
+  scalar_t* out;  // (B, N, O)
+  triplane::Problem p;
+  Layout l;
+};
+
+// Pointers and sizes of one backward launch. grad_planes (B, 3, H, W, C) in acc_t, or null when not
+// wanted; grad_points (B, N, 3), or null; partials (blocks, l.weights).
+template <typename scalar_t, typename acc_t>
+struct BackwardIo {
+  const scalar_t *grad_out, *planes, *points, *w1, *b1, *w2, *b2;
+  acc_t* grad_planes;
+  scalar_t* grad_points;
+  acc_t* partials;
+  triplane::Problem p;
+  Layout l;
+};
+
+// Points in the tile that starts at point `first` of a batch element of N points.
+DP_INLINE int tile_count(int tile, int64_t first, int64_t N) {
+  return N - first < tile ? static_cast<int>(N - first) : tile;
+}
+
+template <typename scalar_t, typename acc_t>
+DP_INLINE void load_point(const scalar_t* points, int64_t i, acc_t point[3]) {
+  for (int k = 0; k < 3; ++k) point[k] = static_cast<acc_t>(points[i * 3 + k]);
+}
+
+// Copies the four weight tensors into shared memory in the Layout's order.
+template <class Block, typename scalar_t, typename acc_t>
+DP_INLINE void load_weights(const Block& block, acc_t* s, const Layout& l, const scalar_t* w1, const scalar_t* b1,
+                            const scalar_t* w2, const scalar_t* b2) {
+  for (int64_t i = block.thread(); i < l.weights; i += block.threads()) {
+    scalar_t value;
+    if (i < l.b1)
+      value = w1[i];
+    else if (i < l.w2)
+      value = b1[i - l.b1];
+    else if (i < l.b2)
+      value = w2[i - l.w2];
+    else
+      value = b2[i - l.b2];
+    s[i] = static_cast<acc_t>(value);
+  }
+}
+
+// Mean features of the tile's points [0, count) (point `first` onwards of batch element b) into
+// F (P, C + 1); rows from count on are zero. One warp per point, lanes over channels.
+template <class Block, typename scalar_t, typename acc_t>
+DP_INLINE void sample_tile(const Block& block, const scalar_t* planes, const scalar_t* points,
+                           const triplane::Problem& p, const Layout& l, int64_t b, int64_t first, int count,
+                           acc_t* F) {
+  const acc_t scale = static_cast<acc_t>(p.scale), third = acc_t(1) / acc_t(triplane::kPlanes);
+  const int lane = block.thread() % block.lanes(), warps = block.threads() / block.lanes();
+  for (int q = block.thread() / block.lanes(); q < l.tile; q += warps) {
+    acc_t point[3] = {0, 0, 0};
+    if (q < count) load_point(points, b * p.N + first + q, point);
+    for (int64_t c = lane; c < p.C; c += block.lanes()) {
+      acc_t acc = 0;
+      for (int plane = 0; plane < triplane::kPlanes && q < count; ++plane) {
+        const auto taps = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+        if (!taps.finite) acc = NAN;
+        if (!taps.in_bounds) continue;
+        const scalar_t* base = planes + (b * triplane::kPlanes + plane) * p.H * p.W * p.C + c;
+        for (int dy = 0; dy < 2; ++dy)
+          for (int dx = 0; dx < 2; ++dx)
+            if (taps.valid(dy, dx))
+              acc += taps.weight(dy, dx) * static_cast<acc_t>(base[((taps.y0 + dy) * p.W + taps.x0 + dx) * p.C]);
+      }
+      F[q * (l.C + 1) + c] = acc * third;
+    }
+  }
+}
+
+// out[q, j] = bias[j] + sum_i in[q, i] W[j, i] for q < P, j < n_out: W (n_out, n_in) row-major in
+// shared memory, `in` and `out` tile buffers with rows of n_in + 1 and n_out + 1. Thread per
+// (q, j), q fastest: the tile rows are read without bank conflicts, W broadcast.
+template <class Block, typename acc_t, typename Epilogue>
+DP_INLINE void dense_tile(const Block& block, const acc_t* in, int64_t n_in, const acc_t* W, const acc_t* bias,
+                          int64_t n_out, int tile, const Epilogue& epilogue) {
+  for (int64_t idx = block.thread(); idx < tile * n_out; idx += block.threads()) {
+    const int q = static_cast<int>(idx % tile);
+    const int64_t j = idx / tile;
+    acc_t sum = bias[j];
+    for (int64_t i = 0; i < n_in; ++i) sum += in[q * (n_in + 1) + i] * W[j * n_in + i];
+    epilogue(q, j, sum);
+  }
+}
+
+// The forward program of block `block_index` of `blocks`, with `s` its shared memory
+// (io.l.total elements of acc_t). (io by value: a reference to the kernel's parameter made nvcc put
+// a copy of it on the stack for float16.)
+template <class Block, typename scalar_t, typename acc_t>
+DP_INLINE void forward_block(const Block& block, int64_t block_index, int64_t blocks, acc_t* s,
+                             const ForwardIo<scalar_t> io) {
+  const triplane::Problem& p = io.p;
+  const Layout& l = io.l;
+  load_weights(block, s, l, io.w1, io.b1, io.w2, io.b2);
+  const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
+  for (int64_t tile = block_index; tile < p.B * tiles_per_element; tile += blocks) {
+    const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
+    const int count = tile_count(l.tile, first, p.N);
+    block.sync();  // the weights are loaded, the previous tile's buffers are free
+    sample_tile(block, io.planes, io.points, p, l, b, first, count, s + l.F);
+    block.sync();
+    acc_t* H = s + l.H;
+    dense_tile(block, static_cast<const acc_t*>(s + l.F), l.C, s + l.w1, s + l.b1, l.K, l.tile,
+               [&](int q, int64_t k, acc_t a) { H[q * (l.K + 1) + k] = softplus(a); });
+    block.sync();
+    scalar_t* out_tile = io.out + (b * p.N + first) * l.O;
+    dense_tile(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.tile,
+               [&](int q, int64_t o, acc_t x) {
+                 if (q < count) out_tile[q * l.O + o] = static_cast<scalar_t>(output_value(x, o));
+               });
+  }
+}
+
+// The backward program of block `block_index` of `blocks`: recomputes each tile's forward, back-
+// propagates through the MLP, adds the plane gradient atomically, writes the point gradients, and
+// at the end writes the block's weight-gradient sums to io.partials[block_index].
+template <class Block, typename scalar_t, typename acc_t>
+DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t blocks, acc_t* s,
+                              const BackwardIo<scalar_t, acc_t>& io) {
+  const triplane::Problem& p = io.p;
+  const Layout& l = io.l;
+  acc_t *F = s + l.F, *A = s + l.A, *H = s + l.H, *GX = s + l.GX, *sums = s + l.sums;
+  load_weights(block, s, l, io.w1, io.b1, io.w2, io.b2);
+  for (int64_t i = block.thread(); i < l.weights; i += block.threads()) sums[i] = 0;
+  const acc_t scale = static_cast<acc_t>(p.scale), third = acc_t(1) / acc_t(triplane::kPlanes);
+  const acc_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
+  const acc_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
+  const int lane = block.thread() % block.lanes(), warps = block.threads() / block.lanes();
+  const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
+  for (int64_t tile = block_index; tile < p.B * tiles_per_element; tile += blocks) {
+    const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
+    const int count = tile_count(l.tile, first, p.N);
+    const scalar_t* grad_tile = io.grad_out + (b * p.N + first) * l.O;
+    block.sync();
+    sample_tile(block, io.planes, io.points, p, l, b, first, count, F);
+    block.sync();
+    // The forward again: A = F W1^T + b1, H = softplus(A); then GX, the raw outputs' gradient.
+    dense_tile(block, static_cast<const acc_t*>(F), l.C, s + l.w1, s + l.b1, l.K, l.tile,
+               [&](int q, int64_t k, acc_t a) {
+                 A[q * (l.K + 1) + k] = a;
+                 H[q * (l.K + 1) + k] = softplus(a);
+               });
+    block.sync();
+    dense_tile(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.tile,
+               [&](int q, int64_t o, acc_t x) {
+                 const acc_t g = q < count ? static_cast<acc_t>(grad_tile[q * l.O + o]) : acc_t(0);
+                 GX[q * (l.O + 1) + o] = q < count ? raw_gradient(x, g, o) : acc_t(0);
+               });
+    block.sync();
+    // gw2[o, k] += sum_q GX[q, o] H[q, k] and gb2 (thread per weight); A <- GA = (GX W2) * softplus'(A)
+    // (thread per (q, k)). Neither reads what the other writes.
+    for (int64_t idx = block.thread(); idx < l.O * (l.K + 1); idx += block.threads()) {
+      const int64_t o = idx / (l.K + 1), k = idx % (l.K + 1);
+      acc_t sum = 0;
+      for (int q = 0; q < count; ++q) sum += GX[q * (l.O + 1) + o] * (k < l.K ? H[q * (l.K + 1) + k] : acc_t(1));
+      sums[k < l.K ? l.w2 + o * l.K + k : l.b2 + o] += sum;
+    }
+    for (int64_t idx = block.thread(); idx < l.tile * l.K; idx += block.threads()) {
+      const int q = static_cast<int>(idx % l.tile);
+      const int64_t k = idx / l.tile;
+      acc_t sum = 0;
+      for (int64_t o = 0; o < l.O; ++o) sum += GX[q * (l.O + 1) + o] * s[l.w2 + o * l.K + k];
+      A[q * (l.K + 1) + k] = sum * softplus_grad(A[q * (l.K + 1) + k]);
+    }
+    block.sync();
+    const acc_t* GA = A;
+    // gw1[k, c] += sum_q GA[q, k] F[q, c] and gb1.
+    for (int64_t idx = block.thread(); idx < l.K * (l.C + 1); idx += block.threads()) {
+      const int64_t k = idx / (l.C + 1), c = idx % (l.C + 1);
+      acc_t sum = 0;
+      for (int q = 0; q < count; ++q) sum += GA[q * (l.K + 1) + k] * (c < l.C ? F[q * (l.C + 1) + c] : acc_t(1));
+      sums[c < l.C ? l.w1 + k * l.C + c : l.b1 + k] += sum;
+    }
+    block.sync();
+    // F <- GF = GA W1: the features' gradient.
+    for (int64_t idx = block.thread(); idx < l.tile * l.C; idx += block.threads()) {
+      const int q = static_cast<int>(idx % l.tile);
+      const int64_t c = idx / l.tile;
+      acc_t sum = 0;
+      for (int64_t k = 0; k < l.K; ++k) sum += GA[q * (l.K + 1) + k] * s[l.w1 + k * l.C + c];
+      F[q * (l.C + 1) + c] = sum;
+    }
+    block.sync();
+    // Per point (a warp, lanes over channels): the plane gradient's atomic adds and the point gradient.
+    for (int q = block.thread() / block.lanes(); q < count; q += warps) {
+      const int64_t i = b * p.N + first + q;
+      acc_t point[3];
+      load_point(io.points, i, point);
+      acc_t grad[3] = {0, 0, 0};
+      for (int plane = 0; plane < triplane::kPlanes; ++plane) {
+        const auto taps = triplane::plane_taps(point, p.axes, plane, scale, p.H, p.W);
+        if (!taps.in_bounds && taps.finite) continue;  // the same for every lane of the warp
+        const int64_t plane_offset = (b * triplane::kPlanes + plane) * p.H * p.W * p.C;
+        acc_t d_dx = 0, d_dy = 0;
+        for (int64_t c = lane; c < p.C && taps.in_bounds; c += block.lanes()) {
+          const acc_t g = F[q * (l.C + 1) + c];
+          acc_t v[2][2] = {{0, 0}, {0, 0}};
+          for (int dy = 0; dy < 2; ++dy) {
+            for (int dx = 0; dx < 2; ++dx) {
+              if (!taps.valid(dy, dx)) continue;
+              const int64_t at = plane_offset + ((taps.y0 + dy) * p.W + taps.x0 + dx) * p.C + c;
+              v[dy][dx] = static_cast<acc_t>(io.planes[at]);
+              if (io.grad_planes != nullptr) block.add(io.grad_planes + at, taps.weight(dy, dx) * third * g);
+            }
+          }
+          acc_t cx, cy;
+          triplane::bilinear_position_grad(taps, v[0][0], v[0][1], v[1][0], v[1][1], cx, cy);
+          d_dx += g * cx;
+          d_dy += g * cy;
+        }
+        d_dx = block.warp_sum(d_dx), d_dy = block.warp_sum(d_dy);
+        if (!taps.finite) d_dx = d_dy = NAN;
+        triplane::add_to_coordinate(grad, p.axes[2 * plane], d_dx * dx_dpoint);
+        triplane::add_to_coordinate(grad, p.axes[2 * plane + 1], d_dy * dy_dpoint);
+      }
+      if (io.grad_points != nullptr && lane == 0)
+        for (int k = 0; k < 3; ++k) io.grad_points[i * 3 + k] = static_cast<scalar_t>(grad[k]);
+    }
+  }
+  block.sync();
+  for (int64_t idx = block.thread(); idx < l.weights; idx += block.threads())
+    io.partials[block_index * l.weights + idx] = sums[idx];
+}
+
+// Weight gradient e: the sum over blocks, in block order, of partials[block, e] (count per block).
+template <typename acc_t>
+DP_INLINE acc_t sum_partials(const acc_t* partials, int64_t blocks, int64_t count, int64_t e) {
+  acc_t sum = 0;
+  for (int64_t block = 0; block < blocks; ++block) sum += partials[block * count + e];
+  return sum;
+}
+
+}  // namespace tiles
+}  // namespace decoder
+}  // namespace dreamportrait
