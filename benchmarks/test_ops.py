@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from workloads import ATTENTION_WORKLOADS, COMPOSITE_WORKLOADS, TRIPLANE_WORKLOADS, make_call
+from workloads import ATTENTION_WORKLOADS, COMPOSITE_WORKLOADS, DECODER_WORKLOADS, TRIPLANE_WORKLOADS, make_call
 
 from dreamportrait import _extension
 
@@ -22,6 +22,8 @@ GPU = torch.cuda.is_available()
 NO_GPU = pytest.mark.skipif(not GPU, reason="no GPU")
 
 CASES = [pytest.param("triplane_sample", w.name, id=f"triplane_sample-{w.name}") for w in TRIPLANE_WORKLOADS] + [
+    pytest.param("sample_and_decode", w.name, id=f"sample_and_decode-{w.name}") for w in DECODER_WORKLOADS
+] + [
     pytest.param("composite_rays", w.name, id=f"composite_rays-{w.name}") for w in COMPOSITE_WORKLOADS
 ] + [pytest.param("gated_cross_attention", w.name, id=f"gated_cross_attention-{w.name}") for w in ATTENTION_WORKLOADS]
 IMPLEMENTATIONS = [

@@ -12,6 +12,7 @@ import sys
 from dreamportrait.workloads import (  # noqa: F401 - the benchmarks import the workloads from here
     ATTENTION_WORKLOADS,
     COMPOSITE_WORKLOADS,
+    DECODER_WORKLOADS,
     TRIPLANE_WORKLOADS,
     make_call,
 )

@@ -115,6 +115,31 @@ def triplane_sample_cost(batch: int, points: int, channels: int, resolution: int
     return Cost(moved, 3 * flops, False)
 
 
+def sample_and_decode_cost(batch: int, points: int, channels: int, resolution: int, hidden: int, outputs: int,
+                           dtype: torch.dtype, backward: bool) -> Cost:
+    """Tri-plane sampling, the mean and EG3D's decoder MLP (C -> K -> O) in one pass: planes
+    ``(B, 3, C, R, R)``, points ``(B, N, 3)``, output ``(B, N, O)``; the features and hidden units
+    never leave the chip, and the weights are too small to count.
+
+    Forward: read planes and points, write the output; per point 3 planes x 4 taps x C
+    multiply-adds of the sampling and C·K + K·O of the two layers, all counted at the tensor-core
+    rate (the layers are 90 % of them at EG3D's sizes). Backward: read the output gradient, planes
+    and points, write the plane gradient (in the accumulation type, then the inputs' dtype) and the
+    point gradient; twice the forward's multiply-adds (recomputing the forward is the kernel's
+    choice, not a necessity, so it is not counted).
+    """
+    e = _size(dtype)
+    planes = batch * 3 * channels * resolution * resolution * e
+    coordinates = batch * points * 3 * e
+    output = batch * points * outputs * e
+    flops = batch * points * 2 * (3 * 4 * channels + channels * hidden + hidden * outputs)
+    if not backward:
+        return Cost(planes + coordinates + output, flops, True)
+    grad_planes = batch * 3 * channels * resolution * resolution * (accumulation_size(dtype) + e)
+    moved = (planes + coordinates + output) + (output + planes + coordinates + grad_planes + coordinates)
+    return Cost(moved, 3 * flops, True)
+
+
 def composite_rays_cost(rays: int, samples: int, channels: int, dtype: torch.dtype, backward: bool) -> Cost:
     """Forward: read densities, deltas, depths ``(R, S)`` and colours ``(R, S, C)``; write rgb
     ``(R, C)``, depth and opacity ``(R,)`` and weights ``(R, S)``. Backward: read the four output

@@ -4,7 +4,7 @@
 
 On a machine with a CUDA GPU it
 
-1. checks every op (``CHECKED_OPS``) on the ``cuda`` and ``triton`` backends in every dtype they
+1. checks every op (``OPS``) on the ``cuda`` and ``triton`` backends in every dtype they
    take against the reference (forward and every input gradient, the reference run in float64 on
    the same inputs),
 2. runs the repository's op tests (``tests/ops``, ``tests/test_extension.py``) on the GPU when the
@@ -36,10 +36,8 @@ from typing import Callable
 import torch
 
 NO_GPU_STATUS = 3
-OPS = ("triplane_sample", "composite_rays", "gated_cross_attention")
-# Checked against the reference on every backend and dtype; only OPS are also timed (the fused
-# sample_and_decode has no benchmark workload or roofline cost yet).
-CHECKED_OPS = (*OPS, "sample_and_decode")
+# Checked against the reference on every backend and dtype, and timed.
+OPS = ("triplane_sample", "sample_and_decode", "composite_rays", "gated_cross_attention")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest error allowed against the float64 reference, relative to the reference's magnitude: the
 # rounding of the dtype over a few hundred accumulated terms.
@@ -200,6 +198,10 @@ def op_cost(op: str, workload_name: str, dtype: torch.dtype, backward: bool):
         w = next(w for w in workloads.TRIPLANE_WORKLOADS if w.name == workload_name)
         return roofline.triplane_sample_cost(w.batch, w.rays_side ** 2 * w.samples, w.channels, w.resolution, dtype,
                                              backward)
+    if op == "sample_and_decode":
+        w = next(w for w in workloads.DECODER_WORKLOADS if w.name == workload_name)
+        return roofline.sample_and_decode_cost(w.batch, w.rays_side ** 2 * w.samples, w.channels, w.resolution,
+                                               w.hidden, w.outputs, dtype, backward)
     if op == "composite_rays":
         w = next(w for w in workloads.COMPOSITE_WORKLOADS if w.name == workload_name)
         return roofline.composite_rays_cost(w.rays, w.samples, w.channels, dtype, backward)
@@ -225,8 +227,8 @@ def benchmark_ops(device: str, backends: tuple[str, ...], dtypes: tuple[torch.dt
                   repeats: int) -> list[Timing]:
     from . import workloads
 
-    names = {"triplane_sample": workloads.TRIPLANE_WORKLOADS, "composite_rays": workloads.COMPOSITE_WORKLOADS,
-             "gated_cross_attention": workloads.ATTENTION_WORKLOADS}
+    names = {"triplane_sample": workloads.TRIPLANE_WORKLOADS, "sample_and_decode": workloads.DECODER_WORKLOADS,
+             "composite_rays": workloads.COMPOSITE_WORKLOADS, "gated_cross_attention": workloads.ATTENTION_WORKLOADS}
     results = []
     for op in OPS:
         for workload in names[op]:
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     report.environment["peak"] = (f"{peak.name}: {peak.bandwidth / 1e12:.2f} TB/s, {peak.float16 / 1e12:.0f} TFLOP/s "
                                   "fp16 dense" if peak else None)
     report.environment["measured_copy_GBps"] = round(measured_bandwidth(device) / 1e9)
-    for op in CHECKED_OPS:
+    for op in OPS:
         for backend in backends:
             for dtype in DTYPES:
                 check = check_op(op, backend, dtype, device)

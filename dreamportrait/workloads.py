@@ -56,6 +56,40 @@ def triplane_inputs(workload: TriplaneWorkload, device: str = "cpu", dtype=torch
 
 
 @dataclass(frozen=True)
+class DecoderWorkload(TriplaneWorkload):
+    """A tri-plane workload decoded by EG3D's ``OSGDecoder`` (``sample_and_decode``): C -> hidden ->
+    outputs (1 density + 32 colour features)."""
+
+    hidden: int = 64
+    outputs: int = 33
+
+
+DECODER_WORKLOADS = [
+    # EG3D's coarse and fine pass of one image (48 + 48 samples per ray), and a training batch's coarse pass.
+    DecoderWorkload("eg3d-inference", batch=1, channels=32, resolution=256, rays_side=64, samples=96),
+    DecoderWorkload("training-batch", batch=4, channels=32, resolution=256, rays_side=64, samples=48),
+]
+
+
+def decoder_inputs(workload: DecoderWorkload, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    """Planes, ray points and the decoder's effective weights (``weight1 (K, C)``, ``bias1 (K,)``,
+    ``weight2 (O, K)``, ``bias2 (O,)``), scaled as EG3D's ``FullyConnectedLayer`` initialises them."""
+    planes, points = triplane_inputs(workload, device, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    weight1 = torch.randn(workload.hidden, workload.channels, generator=generator) / math.sqrt(workload.channels)
+    weight2 = torch.randn(workload.outputs, workload.hidden, generator=generator) / math.sqrt(workload.hidden)
+    weights = [weight1, torch.zeros(workload.hidden), weight2, torch.zeros(workload.outputs)]
+    return [planes, points, *(w.to(device, dtype) for w in weights)]
+
+
+def sample_and_decode_eg3d(planes, points, weight1, bias1, weight2, bias2, backend=None):
+    """``sample_and_decode`` with EG3D's ``box_warp`` (1) and plane axes, as EG3D's renderer calls it."""
+    from dreamportrait.ops import EG3D_AXES, sample_and_decode
+
+    return sample_and_decode(planes, points, 1.0, weight1, bias1, weight2, bias2, EG3D_AXES, backend=backend)
+
+
+@dataclass(frozen=True)
 class CompositeWorkload:
     name: str
     rays: int
@@ -122,6 +156,8 @@ def sdpa_with_gate(q, k, v, gate, key_padding_mask, backend=None):
 # Tiny problems that run every first-call set-up (extension load, allocator) before a measurement.
 WARM_UP_WORKLOADS = {
     "triplane_sample": TriplaneWorkload("warm-up", batch=1, channels=2, resolution=4, rays_side=2, samples=2),
+    "sample_and_decode": DecoderWorkload("warm-up", batch=1, channels=2, resolution=4, rays_side=2, samples=2, hidden=4,
+                                         outputs=3),
     "composite_rays": CompositeWorkload("warm-up", rays=4, samples=3, channels=2),
     "gated_cross_attention": AttentionWorkload("warm-up", batch=1, heads=1, queries=4, keys=3, dim=8),
 }
@@ -138,6 +174,10 @@ def make_call(op: str, workload_name: str, backend: str, backward: bool, device:
         workload = next(w for w in [*TRIPLANE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
         inputs = list(triplane_inputs(workload, device, dtype))
         function = triplane_sample
+    elif op == "sample_and_decode":
+        workload = next(w for w in [*DECODER_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
+        inputs = decoder_inputs(workload, device, dtype)
+        function = sample_and_decode_eg3d
     elif op == "composite_rays":
         workload = next(w for w in [*COMPOSITE_WORKLOADS, WARM_UP_WORKLOADS[op]] if w.name == workload_name)
         inputs = composite_inputs(workload, device, dtype)

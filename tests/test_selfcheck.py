@@ -25,7 +25,7 @@ def test_without_a_gpu_it_says_so_and_exits_with_its_own_status(tmp_path):
 
 
 @requires_extension
-@pytest.mark.parametrize("op", selfcheck.CHECKED_OPS)
+@pytest.mark.parametrize("op", selfcheck.OPS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_check_op_passes_a_correct_kernel(op, dtype):
     check = selfcheck.check_op(op, "cpu", dtype, device="cpu")
@@ -96,6 +96,34 @@ def test_roofline_of_sampling_and_compositing_counts_every_input_and_output_once
     assert cost.flops == 1000 * 3 * 4 * 32 * 2
     composite = roofline.composite_rays_cost(10, 5, 3, torch.float16, backward=False)
     assert composite.bytes == 2 * (3 * 50 + 150 + 30 + 20 + 50)
+
+
+def test_roofline_of_the_fused_decoder_writes_outputs_instead_of_features():
+    # 1,000 points, 32 channels on 256^2 planes, EG3D's decoder 32 -> 64 -> 33, float32.
+    cost = roofline.sample_and_decode_cost(1, 1000, 32, 256, 64, 33, torch.float32, backward=False)
+    assert cost.bytes == 4 * (3 * 32 * 256 * 256 + 1000 * 3 + 1000 * 33)
+    assert cost.flops == 1000 * 2 * (3 * 4 * 32 + 32 * 64 + 64 * 33) and cost.tensor_core_flops
+    backward = roofline.sample_and_decode_cost(1, 1000, 32, 256, 64, 33, torch.float16, backward=True)
+    planes, points, outputs = 2 * 3 * 32 * 256 * 256, 2 * 1000 * 3, 2 * 1000 * 33
+    grad_planes = (4 + 2) * 3 * 32 * 256 * 256  # accumulated in float32, then converted
+    assert backward.bytes == (planes + points + outputs) + (outputs + planes + points + grad_planes + points)
+    assert backward.flops == 3 * cost.flops
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_fused_decoder_is_timed_like_the_other_ops(backward):
+    from dreamportrait import workloads
+
+    call, required = workloads.make_call("sample_and_decode", "warm-up", "reference", backward)
+    outputs = call()
+    assert outputs[0].shape == (1, 4 * 2, 3)
+    assert required == outputs[0].numel() * 4 + (sum(4 * n for n in (3 * 2 * 16, 8 * 3, 4 * 2, 4, 3 * 4, 3))
+                                                  if backward else 0)
+    result = selfcheck.timing("sample_and_decode", "eg3d-inference", "cuda", torch.float16, backward, 1e-3,
+                              roofline.H100)
+    cost = roofline.sample_and_decode_cost(1, 64 * 64 * 96, 32, 256, 64, 33, torch.float16, backward)
+    assert result.floor_milliseconds == pytest.approx(cost.floor_seconds(roofline.H100, torch.float16) * 1e3)
+    assert result.bound == "memory"
 
 
 @pytest.mark.parametrize("name,expected", [
