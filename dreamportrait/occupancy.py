@@ -3,7 +3,8 @@
 Without a GPU, occupancy follows from three figures and the target's limits: registers per thread
 (``cuobjdump -res-usage`` of the built extension), threads per block (the kernels' launch
 constants) and shared memory per block (static from the cubin, dynamic from the tile shape the
-attention launcher picks for the target, :func:`attention_shared_memory`). :func:`blocks_per_sm`
+attention and fused-decoder launchers pick for the target, :func:`attention_shared_memory`,
+:func:`decoder_shared_memory`). :func:`blocks_per_sm`
 applies the limits of :data:`SM_LIMITS`; :func:`kernel_rows` adds, per kernel at the benchmark
 workloads, the grid size in waves of a full H100 and the roofline floor of its pass on an H100
 (:mod:`dreamportrait.roofline`). ``python -m dreamportrait.occupancy`` prints BENCHMARKS.md's table
@@ -74,11 +75,22 @@ def attention_shared_memory(backward: bool, keys: int, dim: int, dtype: torch.dt
     return block_q, block_k, shared
 
 
+def decoder_shared_memory(backward: bool, channels: int, hidden: int, outputs: int, dtype: torch.dtype,
+                          arch: int) -> tuple[int, int]:
+    """(points per tile, dynamic shared bytes) the CUDA sample_and_decode launcher picks on ``arch``."""
+    tile, shared = torch.ops.dreamportrait.sample_and_decode_tile_shape(
+        backward, channels, hidden, outputs, dtype, SM_LIMITS[arch].shared_per_block)
+    return tile, shared
+
+
 # --- The extension's kernels ---------------------------------------------------------------------
 
 ATTENTION_THREADS = 128  # attention_tiles.h kThreads
 COMPOSITE_THREADS = 128  # composite_scan.h kThreads
 COMPOSITE_RAYS_PER_BLOCK = 4
+DECODER_THREADS = 256  # decoder_tiles.h kThreads
+DECODER_BLOCKS_PER_SM = 4  # decoder_tiles.h kBlocksPerSm: the launcher's grid is at most this many per SM
+OPS = ("gated_cross_attention", "composite_rays", "sample_and_decode")
 _DTYPES = {"c10::Half": torch.float16, "c10::BFloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
 _PRODUCTS = {"TensorCoreGemm<16>": "tensor cores", "TensorCoreGemm<8>": "TF32 tensor cores", "ScalarGemm": "FMA"}
 
@@ -88,7 +100,7 @@ class Kernel:
     """One kernel of the extension: its op, pass, dtype and (attention) tile products."""
 
     mangled: str
-    op: str  # "gated_cross_attention" or "composite_rays"
+    op: str  # one of OPS
     backward: bool
     dtype: torch.dtype
     products: str | None
@@ -99,8 +111,8 @@ def demangle(name: str) -> str:
 
 
 def identify(mangled: str) -> Kernel | None:
-    """The attention and compositing kernels; None for the others."""
-    op = next((op for op in ("gated_cross_attention", "composite_rays") if op in mangled), None)
+    """The attention, compositing and fused-decoder kernels; None for the others."""
+    op = next((op for op in OPS if op in mangled), None)
     match = re.search(r"(forward|backward)_kernel<(.*)>\(", demangle(mangled)) if op else None
     if match is None:
         return None
@@ -152,6 +164,10 @@ def _floor_us(kernel: Kernel) -> float:
         w = workloads.ATTENTION_WORKLOADS[0]
         cost = lambda backward: roofline.gated_cross_attention_cost(  # noqa: E731
             w.batch, w.heads, w.queries, w.keys, w.dim, kernel.dtype, backward)
+    elif kernel.op == "sample_and_decode":
+        w = workloads.DECODER_WORKLOADS[0]
+        cost = lambda backward: roofline.sample_and_decode_cost(  # noqa: E731
+            w.batch, w.rays_side ** 2 * w.samples, w.channels, w.resolution, w.hidden, w.outputs, kernel.dtype, backward)
     else:
         w = workloads.COMPOSITE_WORKLOADS[0]
         cost = lambda backward: roofline.composite_rays_cost(  # noqa: E731
@@ -162,7 +178,8 @@ def _floor_us(kernel: Kernel) -> float:
 
 
 def kernel_rows(library: str | os.PathLike, resources: dict) -> list[Row]:
-    """Rows for the attention and compositing kernels in ``resources`` (``compile_check.extension_kernels``)."""
+    """Rows for the attention, compositing and fused-decoder kernels in ``resources``
+    (``compile_check.extension_kernels``)."""
     rows = []
     for (arch, mangled), r in sorted(resources.items(), key=lambda item: (item[0][1], item[0][0])):
         kernel = identify(mangled)
@@ -172,6 +189,11 @@ def kernel_rows(library: str | os.PathLike, resources: dict) -> list[Row]:
             w = workloads.ATTENTION_WORKLOADS[0]
             block_q, block_k, dynamic = attention_shared_memory(kernel.backward, w.keys, w.dim, kernel.dtype, arch)
             threads, grid = ATTENTION_THREADS, _attention_grid(kernel.backward, block_q, block_k)
+        elif kernel.op == "sample_and_decode":
+            w = workloads.DECODER_WORKLOADS[0]
+            tile, dynamic = decoder_shared_memory(kernel.backward, w.channels, w.hidden, w.outputs, kernel.dtype, arch)
+            tiles = w.batch * math.ceil(w.rays_side ** 2 * w.samples / tile) if tile else 0
+            threads, grid = DECODER_THREADS, min(tiles, DECODER_BLOCKS_PER_SM * H100_SMS)
         else:
             dynamic, threads = 0, COMPOSITE_THREADS
             grid = math.ceil(workloads.COMPOSITE_WORKLOADS[0].rays / COMPOSITE_RAYS_PER_BLOCK)

@@ -21,6 +21,9 @@
 //   composite_warp_emulation_backward(grad_rgb, grad_depth, grad_opacity, grad_weights, densities,
 //                                     colors, depths, deltas)
 // take the arguments of composite_rays(_backward); a warp is 32 threads that meet at every shuffle.
+//   sample_and_decode_tile_shape(backward, C, K, O, dtype, shared_memory) -> [tile, bytes]
+// is the tile (points per block) the CUDA launcher picks for a decoder C -> K -> O on a GPU whose
+// blocks may have `shared_memory` bytes, and the block's dynamic shared memory ([0, 0]: none fits).
 //   sample_and_decode_tile_emulation(planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
 //                                    shared_memory, sms, threads) -> out
 //   sample_and_decode_tile_emulation_backward(grad_output, planes, points, box_warp, axes, weight1,
@@ -388,6 +391,20 @@ std::vector<int64_t> attention_tile_shape(bool backward, int64_t Lk, int64_t D, 
   return result;
 }
 
+std::vector<int64_t> sample_and_decode_tile_shape(bool backward, int64_t C, int64_t K, int64_t O,
+                                                 at::ScalarType dtype, int64_t shared_memory) {
+  TORCH_CHECK(C >= 1 && K >= 1 && O >= 2 && shared_memory > 0,
+              "sample_and_decode_tile_shape: C and K must be >= 1, O >= 2 and shared_memory > 0");
+  TORCH_CHECK(at::isFloatingType(dtype), "sample_and_decode_tile_shape: dtype must be a floating-point type, got ",
+              dtype);
+  const size_t element_size = at::elementSize(at::toOpMathType(dtype));
+  const decoder::tiles::Layout l =
+      decoder::tiles::largest_layout(C, K, O, backward, element_size, size_t(shared_memory));
+  const int64_t bytes = l.total * int64_t(element_size);
+  if (bytes > shared_memory) return {0, 0};
+  return {l.tile, bytes};
+}
+
 }  // namespace
 }  // namespace dreamportrait
 
@@ -409,6 +426,9 @@ TORCH_LIBRARY_FRAGMENT(dreamportrait, m) {
         "float box_warp, int[6] axes, Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2, "
         "bool needs_planes, bool needs_points, int shared_memory, int sms, int threads) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sample_and_decode_tile_shape(bool backward, int C, int K, int O, ScalarType dtype, int shared_memory) "
+        "-> int[]",
+        &dreamportrait::sample_and_decode_tile_shape);
   m.def("attention_tile_shape(bool backward, int Lk, int D, ScalarType dtype, int shared_memory) -> int[]",
         &dreamportrait::attention_tile_shape);
 }

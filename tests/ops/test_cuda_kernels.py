@@ -5,6 +5,8 @@ Reads the built extension with cuobjdump; needs no GPU."""
 import pytest
 import torch
 
+from support import requires_extension
+
 from dreamportrait import _extension, occupancy
 from dreamportrait.ops.triton import compile_check
 
@@ -55,6 +57,7 @@ def test_every_attention_and_compositing_variant_is_compiled(kernels):
         assert ("gated_cross_attention", backward, torch.float64, "FMA") in variants
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             assert ("composite_rays", backward, dtype, None) in variants
+            assert ("sample_and_decode", backward, dtype, None) in variants
 
 
 def test_attention_runs_on_tensor_cores(kernels):
@@ -82,6 +85,28 @@ def test_every_kernel_is_resident_at_the_benchmark_shapes(kernels):
     assert len(table) == len(rows) + 2
     # 4,096 rays fill an H100: a warp per ray, 1,024 blocks
     assert all(row.grid == 1024 for row in rows if row.kernel.op == "composite_rays")
+    # the fused decoder: tiles of 32 points in float32 (12,288 at the workload's 393,216 points),
+    # at most 4 blocks per SM of an H100
+    decoder = [row for row in rows if row.kernel.op == "sample_and_decode"]
+    assert decoder and all(row.grid == 4 * 132 for row in decoder)
+    float32 = [row for row in decoder if row.kernel.dtype == torch.float32]
+    weights = 64 * 32 + 64 + 33 * 64 + 33
+    assert all(row.shared >= 4 * (weights + 32 * (33 + 65)) for row in float32 if not row.kernel.backward)
+    assert all(row.shared >= 4 * (2 * weights + 32 * (33 + 2 * 65 + 34)) for row in float32 if row.kernel.backward)
+
+
+@requires_extension
+def test_decoder_tile_shape_is_the_largest_that_fits():
+    """The CUDA launcher's tile choice (shared with the host emulation, so built without CUDA too)."""
+    _extension.status()
+    shape = torch.ops.dreamportrait.sample_and_decode_tile_shape
+    weights = 64 * 32 + 64 + 33 * 64 + 33
+    per_point = 33 + 2 * 65 + 34  # features, pre-activations and hidden units, raw-output gradients
+    exactly_16 = 8 * (2 * weights + 16 * per_point)
+    assert shape(True, 32, 64, 33, torch.float64, exactly_16) == [16, exactly_16]
+    assert shape(True, 32, 64, 33, torch.float64, exactly_16 - 1) == [8, 8 * (2 * weights + 8 * per_point)]
+    assert shape(False, 32, 64, 33, torch.float16, 227 * 1024) == [32, 4 * (weights + 32 * (33 + 65))]
+    assert shape(True, 32, 64, 33, torch.float64, 8 * 2 * weights) == [0, 0]  # not even 4 points fit
 
 
 def test_extension_table_names_kernels_in_anonymous_namespaces(kernels):

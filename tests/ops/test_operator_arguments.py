@@ -133,7 +133,8 @@ def _specs() -> dict[str, Spec]:
 
 
 SPECS = _specs()
-NO_TENSOR_ARGUMENTS = {"cuda_archs", "cuda_ptx_archs", "cpu_vector_bytes", "attention_tile_shape"}
+NO_TENSOR_ARGUMENTS = {"cuda_archs", "cuda_ptx_archs", "cpu_vector_bytes", "attention_tile_shape",
+                       "sample_and_decode_tile_shape"}
 
 
 def test_every_registered_operator_has_a_boundary_spec():
