@@ -1,6 +1,6 @@
-"""The CUDA extension's attention and compositing kernels as compiled: tensor-core instructions in
-the half-precision attention SASS, resources and occupancy per target (dreamportrait.occupancy).
-Reads the built extension with cuobjdump; needs no GPU."""
+"""The CUDA extension's attention, compositing and fused-decoder kernels as compiled: tensor-core
+instructions in the half-precision attention SASS, resources and occupancy per target
+(dreamportrait.occupancy). Reads the built extension with cuobjdump; needs no GPU."""
 
 import pytest
 import torch
