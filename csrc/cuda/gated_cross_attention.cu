@@ -17,6 +17,7 @@
 #include "dreamportrait/attention_host.h"
 #include "dreamportrait/attention_math.h"
 #include "dreamportrait/attention_tiles.h"
+#include "dreamportrait/cuda_block.h"
 #include "dreamportrait/ops.h"
 
 namespace dreamportrait {
@@ -30,30 +31,6 @@ constexpr int kWarp = 32;
 // Blocks per SM the tile shapes' shared memory aims at. Stating it lets ptxas use up to 255
 // registers a thread; without it, it held some kernels under ~80 and spilled loop bounds.
 constexpr int kMinBlocks = 2;
-
-// The block programs' view of a CUDA block. (Host-device so that the shared templates, which are
-// host-device, may call them; only the device side is ever run.)
-struct CudaBlock {
-  DP_HOST_DEVICE int thread() const {
-#ifdef __CUDA_ARCH__
-    return threadIdx.x;
-#else
-    return 0;
-#endif
-  }
-  DP_HOST_DEVICE int threads() const {
-#ifdef __CUDA_ARCH__
-    return blockDim.x;
-#else
-    return 1;
-#endif
-  }
-  DP_HOST_DEVICE void sync() const {
-#ifdef __CUDA_ARCH__
-    __syncthreads();
-#endif
-  }
-};
 
 template <class Layout>
 struct WmmaLayout {

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "dreamportrait/cuda_block.h"
 #include "dreamportrait/decoder_host.h"
 #include "dreamportrait/decoder_tiles.h"
 #include "dreamportrait/ops.h"
@@ -25,29 +26,10 @@ namespace tiles = decoder::tiles;
 
 constexpr int kWarp = 32;
 
-// The block programs' view of a CUDA block. (Host-device so that the shared templates, which are
-// host-device, may call them; only the device side is ever run.)
-struct CudaBlock {
-  DP_HOST_DEVICE int thread() const {
-#ifdef __CUDA_ARCH__
-    return threadIdx.x;
-#else
-    return 0;
-#endif
-  }
-  DP_HOST_DEVICE int threads() const {
-#ifdef __CUDA_ARCH__
-    return blockDim.x;
-#else
-    return 1;
-#endif
-  }
+// A CUDA block as decoder_tiles.h's programs see it: warps of 32 lanes that sum by shuffles, and
+// atomic adds to global memory.
+struct DecoderBlock : CudaBlock {
   DP_HOST_DEVICE int lanes() const { return kWarp; }
-  DP_HOST_DEVICE void sync() const {
-#ifdef __CUDA_ARCH__
-    __syncthreads();
-#endif
-  }
   template <typename T>
   DP_HOST_DEVICE T warp_sum(T v) const {
 #ifdef __CUDA_ARCH__
@@ -67,7 +49,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(tiles::kThreads) forward_kernel(tiles::ForwardIo<scalar_t> io) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char shared_bytes[];
-  tiles::forward_block(CudaBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
+  tiles::forward_block(DecoderBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
 }
 
 template <typename scalar_t>
@@ -75,7 +57,7 @@ __global__ void __launch_bounds__(tiles::kThreads, 1) backward_kernel(
     tiles::BackwardIo<scalar_t, at::opmath_type<scalar_t>> io) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char shared_bytes[];
-  tiles::backward_block(CudaBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
+  tiles::backward_block(DecoderBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
 }
 
 // out[e] = sum over blocks, in block order, of partials[block, e].
