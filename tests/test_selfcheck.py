@@ -169,3 +169,102 @@ def test_report_writer(tmp_path):
     report.checks.pop()
     selfcheck.write_report(report, tmp_path / "out")
     assert json.loads(json_path.read_text())["passed"] is True
+
+
+def test_roofline_backward_of_sampling_and_compositing():
+    # The backward reads the output gradient and the inputs again and writes the input gradients.
+    cost = roofline.triplane_sample_cost(2, 1000, 32, 64, torch.float16, backward=True)
+    planes, points, features = 2 * 3 * 32 * 64 * 64 * 2, 2 * 1000 * 3 * 2, 2 * 1000 * 32 * 2
+    grad_planes = 2 * 3 * 32 * 64 * 64 * (4 + 2)
+    assert cost.bytes == (planes + points + features) + (features + planes + points + grad_planes + points)
+    assert cost.flops == 3 * 2 * 1000 * 3 * 4 * 32 * 2 and not cost.tensor_core_flops
+    composite = roofline.composite_rays_cost(10, 5, 3, torch.float64, backward=True)
+    per_sample, colors, outputs = 8 * 50, 8 * 150, 8 * (30 + 20 + 50)
+    forward = 3 * per_sample + colors + outputs
+    assert composite.bytes == forward + outputs + 3 * per_sample + colors + 3 * per_sample + colors
+    assert composite.flops == 3 * 10 * 5 * (2 * 3 + 8)
+
+
+def test_gpu_peaks_are_the_datasheets():
+    h100 = roofline.gpu_peak("NVIDIA H100 80GB HBM3")
+    assert (h100.bandwidth, h100.float16, h100.tf32, h100.float32) == (3.35e12, 989e12, 494e12, 67e12)
+    assert h100.rate(torch.bfloat16) == 989e12 and h100.rate(torch.float16, tensor_cores=False) == 67e12
+    assert h100.rate(torch.float32) == 494e12 and h100.rate(torch.float32, tensor_cores=False) == 67e12
+    assert h100.rate(torch.float64) == h100.float64
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA B200", "B200"), ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-PCIE-40GB", "A100 40GB"), ("NVIDIA L40S", "L40S"),
+])
+def test_more_gpu_peaks_by_device_name(name, expected):
+    assert roofline.gpu_peak(name).name == expected
+
+
+WARM_UP = {  # op: (its warm-up workload's output shapes, the floats of its floating-point inputs)
+    "triplane_sample": ([(1, 8, 2)], 3 * 2 * 4 * 4 + 8 * 3),
+    "sample_and_decode": ([(1, 8, 3)], 3 * 2 * 4 * 4 + 8 * 3 + 4 * 2 + 4 + 3 * 4 + 3),
+    "composite_rays": ([(4, 2), (4,), (4,), (4, 3)], 3 * 4 * 3 + 4 * 3 * 2),
+    "gated_cross_attention": ([(1, 1, 4, 8)], 4 * 8 + 2 * 3 * 8 + 1),
+}
+
+
+@pytest.mark.parametrize("op", list(WARM_UP))
+@pytest.mark.parametrize("backward", [False, True])
+def test_every_op_is_timed_with_its_workload_inputs(op, backward):
+    from dreamportrait import workloads
+
+    shapes, input_floats = WARM_UP[op]
+    call, required = workloads.make_call(op, "warm-up", "reference", backward, dtype=torch.float64)
+    outputs = call()
+    assert [tuple(o.shape) for o in outputs] == shapes
+    assert all(o.dtype == torch.float64 for o in outputs)
+    output_bytes = sum(o.numel() * o.element_size() for o in outputs)
+    assert required == output_bytes + (8 * input_floats if backward else 0)
+
+
+def test_the_attention_baseline_is_sdpa_with_the_gate():
+    from dreamportrait import workloads
+
+    ours, _ = workloads.make_call("gated_cross_attention", "warm-up", "reference", False, dtype=torch.float64)
+    sdpa, _ = workloads.make_call("gated_cross_attention", "warm-up", "sdpa", False, dtype=torch.float64)
+    torch.testing.assert_close(sdpa()[0], ours()[0])
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        workloads.make_call("no_such_op", "warm-up", "reference", False)
+
+
+def test_workload_rays_start_at_one_camera_and_march_through_the_box():
+    """EG3D's cameras: on a sphere of radius 2.7 looking at the origin, an 18.837 degree field of
+    view, depths 2.25 to 3.3 along each ray."""
+    from dreamportrait import workloads
+
+    side, samples = 8, 5
+    points = workloads.ray_points(3, side, samples, torch.Generator().manual_seed(0)).double()
+    assert points.shape == (3, side * side * samples, 3)
+    rays = points.view(3, side * side, samples, 3)
+    steps = rays.diff(dim=2)
+    directions = steps[:, :, 0] / steps[:, :, 0].norm(dim=-1, keepdim=True)
+    close = dict(rtol=1e-5, atol=1e-5)  # the points are float32
+    torch.testing.assert_close(steps.norm(dim=-1), torch.full((3, side * side, samples - 1), 1.05 / (samples - 1),
+                                                              dtype=torch.float64), **close)
+    origins = rays[:, :, 0] - 2.25 * directions
+    torch.testing.assert_close(origins, origins[:, :1].expand_as(origins), **close)  # one camera per image
+    torch.testing.assert_close(origins[:, 0].norm(dim=-1), torch.full((3,), 2.7, dtype=torch.float64), **close)
+    forward = -origins[:, 0] / 2.7
+    cosines = (directions * forward[:, None]).sum(-1)
+    half = math.tan(math.radians(18.837) / 2) * (1 - 1 / side)  # the corner pixel centres
+    assert cosines.min() == pytest.approx(1 / math.sqrt(1 + 2 * half ** 2), rel=1e-5)
+    mean = directions.mean(dim=1)
+    torch.testing.assert_close(mean / mean.norm(dim=-1, keepdim=True), forward, **close)  # centred on the origin
+
+
+def test_decoder_workload_weights_are_scaled_by_their_fan_in():
+    from dreamportrait import workloads
+
+    workload = workloads.DECODER_WORKLOADS[0]
+    planes, points, w1, b1, w2, b2 = workloads.decoder_inputs(workload, dtype=torch.float64)
+    assert planes.shape == (1, 3, 32, 256, 256) and points.shape == (1, 64 * 64 * 96, 3)
+    assert w1.shape == (64, 32) and w2.shape == (33, 64) and not b1.any() and not b2.any()
+    assert all(t.dtype == torch.float64 for t in (planes, points, w1, b1, w2, b2))
+    assert w1.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+    assert w2.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.15)
