@@ -103,16 +103,26 @@ def triplane_sample_cost(batch: int, points: int, channels: int, resolution: int
     accumulation type, then the inputs' dtype) and the point gradient; twice the forward's
     multiply-adds (plane scatter and the point derivative).
     """
+    flops = batch * points * 3 * 4 * channels * 2
+    return Cost(_sampling_bytes(batch, points, channels, resolution, channels, dtype, backward),
+                3 * flops if backward else flops, False)
+
+
+def _sampling_bytes(batch: int, points: int, channels: int, resolution: int, written: int, dtype: torch.dtype,
+                    backward: bool) -> int:
+    """Bytes a sampling op moves that reads planes ``(B, 3, C, R, R)`` and points ``(B, N, 3)`` and
+    writes ``written`` values per point. Backward: the output gradient, planes and points read
+    again, the plane gradient (in the accumulation type, then the inputs' dtype) and the point
+    gradient written."""
     e = _size(dtype)
     planes = batch * 3 * channels * resolution * resolution * e
     coordinates = batch * points * 3 * e
-    features = batch * points * channels * e
-    flops = batch * points * 3 * 4 * channels * 2
+    output = batch * points * written * e
+    forward = planes + coordinates + output
     if not backward:
-        return Cost(planes + coordinates + features, flops, False)
+        return forward
     grad_planes = batch * 3 * channels * resolution * resolution * (accumulation_size(dtype) + e)
-    moved = (planes + coordinates + features) + (features + planes + coordinates + grad_planes + coordinates)
-    return Cost(moved, 3 * flops, False)
+    return forward + (output + planes + coordinates + grad_planes + coordinates)
 
 
 def sample_and_decode_cost(batch: int, points: int, channels: int, resolution: int, hidden: int, outputs: int,
@@ -128,16 +138,9 @@ def sample_and_decode_cost(batch: int, points: int, channels: int, resolution: i
     point gradient; twice the forward's multiply-adds (recomputing the forward is the kernel's
     choice, not a necessity, so it is not counted).
     """
-    e = _size(dtype)
-    planes = batch * 3 * channels * resolution * resolution * e
-    coordinates = batch * points * 3 * e
-    output = batch * points * outputs * e
     flops = batch * points * 2 * (3 * 4 * channels + channels * hidden + hidden * outputs)
-    if not backward:
-        return Cost(planes + coordinates + output, flops, True)
-    grad_planes = batch * 3 * channels * resolution * resolution * (accumulation_size(dtype) + e)
-    moved = (planes + coordinates + output) + (output + planes + coordinates + grad_planes + coordinates)
-    return Cost(moved, 3 * flops, True)
+    return Cost(_sampling_bytes(batch, points, channels, resolution, outputs, dtype, backward),
+                3 * flops if backward else flops, True)
 
 
 def composite_rays_cost(rays: int, samples: int, channels: int, dtype: torch.dtype, backward: bool) -> Cost:

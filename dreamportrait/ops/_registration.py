@@ -219,19 +219,7 @@ def _register_emulation_fakes() -> None:
         return (densities.new_empty(densities.shape), colors.new_empty(colors.shape), depths.new_empty(depths.shape),
                 deltas.new_empty(deltas.shape))
 
-    decoder = "dreamportrait::sample_and_decode_tile_emulation"
+    from .sample_and_decode import register_fakes
 
-    @torch.library.register_fake(decoder)
-    def _decoder_fake(planes, points, box_warp, axes, weight1, bias1, weight2, bias2, *gpu):
-        _arguments().check_decoder(decoder, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
-                                   indexing=False)
-        return planes.new_empty((planes.shape[0], points.shape[1], weight2.shape[0]))
-
-    @torch.library.register_fake(decoder + "_backward")
-    def _decoder_backward_fake(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
-                               needs_planes, needs_points, *gpu):
-        _arguments().check_decoder(decoder + "_backward", planes, points, box_warp, axes, weight1, bias1, weight2,
-                                   bias2, grad_output, indexing=False)
-        return (planes.new_empty(planes.shape if needs_planes else (0,)),
-                points.new_empty(points.shape if needs_points else (0,)), weight1.new_empty(weight1.shape),
-                bias1.new_empty(bias1.shape), weight2.new_empty(weight2.shape), bias2.new_empty(bias2.shape))
+    register_fakes("dreamportrait::sample_and_decode_tile_emulation",
+                   "dreamportrait::sample_and_decode_tile_emulation_backward")

@@ -105,6 +105,30 @@ def _check_weights(planes, weight1, bias1, weight2, bias2) -> tuple[int, int]:
 _registered: set[str] = set()
 
 
+def register_fakes(forward: str, backward: str) -> None:
+    """Fake kernels of a sample_and_decode operator pair (the signatures of :func:`_register`; any
+    further trailing arguments, such as the host emulation's GPU description, are accepted): the
+    argument checks of the operators, then empty outputs of the right shapes."""
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(planes, points, box_warp, axes, weight1, bias1, weight2, bias2, *schedule):
+        from .triton.arguments import check_decoder
+
+        check_decoder(forward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, indexing=False)
+        return planes.new_empty((planes.shape[0], points.shape[1], weight2.shape[0]))
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
+                       needs_planes, needs_points, *schedule):
+        from .triton.arguments import check_decoder
+
+        check_decoder(backward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, grad_output,
+                      indexing=False)
+        return (planes.new_empty(planes.shape if needs_planes else (0,)),
+                points.new_empty(points.shape if needs_points else (0,)), weight1.new_empty(weight1.shape),
+                bias1.new_empty(bias1.shape), weight2.new_empty(weight2.shape), bias2.new_empty(bias2.shape))
+
+
 def _register(forward: str, backward: str) -> None:
     """Autograd and fake kernels of an operator pair: ``forward(planes, points, box_warp, axes, weight1,
     bias1, weight2, bias2) -> (B, N, O)`` and ``backward(grad_output, <the same>, needs_planes,
@@ -116,23 +140,7 @@ def _register(forward: str, backward: str) -> None:
     namespace, name = backward.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name)
 
-    @torch.library.register_fake(forward)
-    def _forward_fake(planes, points, box_warp, axes, weight1, bias1, weight2, bias2):
-        from .triton.arguments import check_decoder
-
-        check_decoder(forward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, indexing=False)
-        return planes.new_empty((planes.shape[0], points.shape[1], weight2.shape[0]))
-
-    @torch.library.register_fake(backward)
-    def _backward_fake(grad_output, planes, points, box_warp, axes, weight1, bias1, weight2, bias2,
-                       needs_planes, needs_points):
-        from .triton.arguments import check_decoder
-
-        check_decoder(backward, planes, points, box_warp, axes, weight1, bias1, weight2, bias2, grad_output,
-                      indexing=False)
-        return (planes.new_empty(planes.shape if needs_planes else (0,)),
-                points.new_empty(points.shape if needs_points else (0,)), weight1.new_empty(weight1.shape),
-                bias1.new_empty(bias1.shape), weight2.new_empty(weight2.shape), bias2.new_empty(bias2.shape))
+    register_fakes(forward, backward)
 
     def setup_context(ctx, inputs, output):
         planes, points, box_warp, axes, weight1, bias1, weight2, bias2 = inputs
