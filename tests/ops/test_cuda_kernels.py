@@ -105,7 +105,10 @@ def test_decoder_tile_shape_is_the_largest_that_fits():
     exactly_16 = 8 * (2 * weights + 16 * per_point)
     assert shape(True, 32, 64, 33, torch.float64, exactly_16) == [16, exactly_16]
     assert shape(True, 32, 64, 33, torch.float64, exactly_16 - 1) == [8, 8 * (2 * weights + 8 * per_point)]
-    assert shape(False, 32, 64, 33, torch.float16, 227 * 1024) == [32, 4 * (weights + 32 * (33 + 65))]
+    # The forward holds the weights transposed, the 64 and 33 units padded to whole groups of 8.
+    forward_weights = 32 * 64 + 64 + 64 * 40 + 40
+    assert shape(False, 32, 64, 33, torch.float16, 227 * 1024) == [32, 4 * (forward_weights + 32 * (33 + 65))]
+    assert shape(False, 5, 7, 2, torch.float32, 227 * 1024) == [32, 4 * (5 * 8 + 8 + 7 * 8 + 8 + 32 * (6 + 8))]
     assert shape(True, 32, 64, 33, torch.float64, 8 * 2 * weights) == [0, 0]  # not even 4 points fit
 
 

@@ -8,8 +8,13 @@
 // neighbouring points read different banks). Two mappings of threads:
 //   - sampling and scattering: one warp per point, lanes over channels (coalesced plane reads and
 //     atomic adds of a tap's channels; the point gradient is a warp reduction over channels);
-//   - the MLP: one thread per (point, unit), the point index fastest, each summing over the
-//     previous layer with the weights broadcast from shared memory.
+//   - the MLP: one thread per point and unit (backward; forward in float64) or per point and 8
+//     units (forward), the point index fastest, each summing over the previous layer with the weights
+//     broadcast from shared memory. The forward holds the weights transposed, so that a thread's
+//     units are side by side: per input it reads one value of its point and its units' weights as
+//     two 16-byte vectors (a warp: one conflict-free read, two broadcasts), and does 8
+//     multiply-adds. One read per multiply-add, as a thread per unit does,
+//     would bound the products by shared memory at an eighth of the FMA units' rate.
 // The backward sums each weight's gradient over the tiles of a block in shared memory and writes
 // one partial per block; sum_partials adds them in block order (no atomics: deterministic). Plane
 // gradients are added atomically into a float32 (for 16-bit inputs) or float64 channel-innermost
@@ -24,6 +29,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "dreamportrait/common.h"
 #include "dreamportrait/decoder_math.h"
@@ -40,12 +46,28 @@ constexpr int kMinTile = 4;
 // Blocks per SM of a launch: each block's weights are loaded (and, backward, its partial sums
 // written) once, so a few per SM, not one per tile.
 constexpr int kBlocksPerSm = 4;
+// Units (outputs of a layer) per thread in the forward's products: 8 in float32, two 16-byte
+// vectors of weights per input; 1 in float64 (a correctness tool: with 2, 4 or 8 nvcc spilled for
+// sm_80 within the 64 registers it gives the kernel). Layers are padded to whole groups of
+// kUnitsPerThread.
+constexpr int kUnitsPerThread = 8;
+template <typename acc_t>
+constexpr int units_per_thread() {
+  return sizeof(acc_t) == 4 ? 8 : 1;
+}
+static_assert(kUnitsPerThread % units_per_thread<double>() == 0 && kUnitsPerThread == units_per_thread<float>());
+
+DP_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Offsets (in elements of the accumulation type) of the weights and tile buffers in shared memory.
-// Weights: w1 (K, C), b1 (K), w2 (O, K), b2 (O), the same order as the backward's gradient sums.
+// Backward weights: w1 (K, C), b1 (K), w2 (O, K), b2 (O), the order of the weight-gradient sums
+// (and of the launcher's gradient buffer). Forward weights, transposed and zero-padded to whole
+// groups of kUnitsPerThread units: w1 (C, K1), b1 (K1), w2 (K, O1), b2 (O1), with K1 and O1 K and
+// O rounded up; every offset then falls on a 16-byte boundary of the (128-byte aligned) buffer.
 struct Layout {
   int64_t C, K, O;
   int tile;                // points per tile, P
+  int64_t K1, O1;          // forward: the transposed weights' row widths
   int64_t w1, b1, w2, b2;  // offsets of the weights
   int64_t weights;         // their count
   int64_t sums;            // backward: the weight-gradient sums (weights elements)
@@ -55,7 +77,9 @@ struct Layout {
 
   DP_HOST_DEVICE Layout(int64_t C_, int64_t K_, int64_t O_, int points, bool backward)
       : C(C_), K(K_), O(O_), tile(points) {
-    w1 = 0, b1 = K * C, w2 = b1 + K, b2 = w2 + O * K, weights = b2 + O;
+    K1 = backward ? K : round_up(K, kUnitsPerThread), O1 = backward ? O : round_up(O, kUnitsPerThread);
+    const int64_t w1_size = backward ? K * C : C * K1, w2_size = backward ? O * K : K * O1;
+    w1 = 0, b1 = w1_size, w2 = b1 + K1, b2 = w2 + w2_size, weights = b2 + O1;
     sums = weights;
     F = backward ? sums + weights : weights;
     H = F + tile * (C + 1);
@@ -105,7 +129,7 @@ DP_INLINE void load_point(const scalar_t* points, int64_t i, acc_t point[3]) {
   for (int k = 0; k < 3; ++k) point[k] = static_cast<acc_t>(points[i * 3 + k]);
 }
 
-// Copies the four weight tensors into shared memory in the Layout's order.
+// Copies the four weight tensors into shared memory in the backward Layout's order.
 template <class Block, typename scalar_t, typename acc_t>
 DP_INLINE void load_weights(const Block& block, acc_t* s, const Layout& l, const scalar_t* w1, const scalar_t* b1,
                             const scalar_t* w2, const scalar_t* b2) {
@@ -121,6 +145,46 @@ DP_INLINE void load_weights(const Block& block, acc_t* s, const Layout& l, const
       value = b2[i - l.b2];
     s[i] = static_cast<acc_t>(value);
   }
+}
+
+// Copies the four weight tensors into shared memory transposed and zero-padded, in the forward
+// Layout's order.
+template <class Block, typename scalar_t, typename acc_t>
+DP_INLINE void load_weights_transposed(const Block& block, acc_t* s, const Layout& l, const scalar_t* w1,
+                                       const scalar_t* b1, const scalar_t* w2, const scalar_t* b2) {
+  for (int64_t i = block.thread(); i < l.weights; i += block.threads()) {
+    acc_t value = 0;
+    if (i < l.b1) {
+      const int64_t c = i / l.K1, k = i % l.K1;
+      if (k < l.K) value = static_cast<acc_t>(w1[k * l.C + c]);
+    } else if (i < l.w2) {
+      if (i - l.b1 < l.K) value = static_cast<acc_t>(b1[i - l.b1]);
+    } else if (i < l.b2) {
+      const int64_t k = (i - l.w2) / l.O1, o = (i - l.w2) % l.O1;
+      if (o < l.O) value = static_cast<acc_t>(w2[o * l.K + k]);
+    } else if (i - l.b2 < l.O) {
+      value = static_cast<acc_t>(b2[i - l.b2]);
+    }
+    s[i] = value;
+  }
+}
+
+// 16 bytes of shared memory read as one vector (LDS.128 on the GPU); `from` 16-byte aligned.
+template <typename acc_t>
+struct alignas(16) Vector16 {
+  static constexpr int kCount = int(16 / sizeof(acc_t));
+  acc_t v[kCount];
+};
+
+template <typename acc_t>
+DP_INLINE Vector16<acc_t> load16(const acc_t* from) {
+#ifdef __CUDA_ARCH__
+  return *reinterpret_cast<const Vector16<acc_t>*>(from);
+#else
+  Vector16<acc_t> vector;
+  std::memcpy(vector.v, from, sizeof(vector.v));
+  return vector;
+#endif
 }
 
 // Mean features of the tile's points [0, count) (point `first` onwards of batch element b) into
@@ -166,6 +230,44 @@ DP_INLINE void dense_tile(const Block& block, const acc_t* in, int64_t n_in, con
   }
 }
 
+// out[q, j] = bias[j] + sum_i in[q, i] Wt[i, j] for q < P, j < n_out: Wt (n_in, width) row-major in
+// shared memory, width a multiple of kUnitsPerThread and Wt, bias zero from n_out on; `in` a tile
+// buffer with rows of n_in + 1. Thread per (q, group of units_per_thread j), q fastest: `in` read
+// without bank conflicts, the group's weights as broadcast 16-byte vectors.
+template <class Block, typename acc_t, typename Epilogue>
+DP_INLINE void dense_tile_transposed(const Block& block, const acc_t* in, int64_t n_in, const acc_t* Wt,
+                                     const acc_t* bias, int64_t n_out, int64_t width, int tile,
+                                     const Epilogue& epilogue) {
+  constexpr int kUnits = units_per_thread<acc_t>();
+  // Weights per load: a 16-byte vector, or one where a thread has fewer units.
+  constexpr int kLoad = kUnits < Vector16<acc_t>::kCount ? kUnits : Vector16<acc_t>::kCount;
+  auto load = [](const acc_t* from, acc_t* to) {
+    if constexpr (kLoad == Vector16<acc_t>::kCount) {
+      const Vector16<acc_t> vector = load16(from);
+      for (int e = 0; e < kLoad; ++e) to[e] = vector.v[e];
+    } else {
+      for (int e = 0; e < kLoad; ++e) to[e] = from[e];
+    }
+  };
+  for (int64_t idx = block.thread(); idx < tile * (width / kUnits); idx += block.threads()) {
+    const int q = static_cast<int>(idx % tile);
+    const int64_t j0 = idx / tile * kUnits;
+    acc_t sum[kUnits];
+    for (int u = 0; u < kUnits; u += kLoad) load(bias + j0 + u, sum + u);
+    const acc_t* row = in + q * (n_in + 1);
+    for (int64_t i = 0; i < n_in; ++i) {
+      const acc_t x = row[i];
+      for (int u = 0; u < kUnits; u += kLoad) {
+        acc_t w[kLoad];
+        load(Wt + i * width + j0 + u, w);
+        for (int e = 0; e < kLoad; ++e) sum[u + e] += x * w[e];
+      }
+    }
+    for (int u = 0; u < kUnits; ++u)
+      if (j0 + u < n_out) epilogue(q, j0 + u, sum[u]);
+  }
+}
+
 // The forward program of block `block_index` of `blocks`, with `s` its shared memory
 // (io.l.total elements of acc_t). (io by value: a reference to the kernel's parameter made nvcc put
 // a copy of it on the stack for float16.)
@@ -174,7 +276,7 @@ DP_INLINE void forward_block(const Block& block, int64_t block_index, int64_t bl
                              const ForwardIo<scalar_t> io) {
   const triplane::Problem& p = io.p;
   const Layout& l = io.l;
-  load_weights(block, s, l, io.w1, io.b1, io.w2, io.b2);
+  load_weights_transposed(block, s, l, io.w1, io.b1, io.w2, io.b2);
   const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
   for (int64_t tile = block_index; tile < p.B * tiles_per_element; tile += blocks) {
     const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
@@ -183,14 +285,14 @@ DP_INLINE void forward_block(const Block& block, int64_t block_index, int64_t bl
     sample_tile(block, io.planes, io.points, p, l, b, first, count, s + l.F);
     block.sync();
     acc_t* H = s + l.H;
-    dense_tile(block, static_cast<const acc_t*>(s + l.F), l.C, s + l.w1, s + l.b1, l.K, l.tile,
-               [&](int q, int64_t k, acc_t a) { H[q * (l.K + 1) + k] = softplus(a); });
+    dense_tile_transposed(block, static_cast<const acc_t*>(s + l.F), l.C, s + l.w1, s + l.b1, l.K, l.K1, l.tile,
+                          [&](int q, int64_t k, acc_t a) { H[q * (l.K + 1) + k] = softplus(a); });
     block.sync();
     scalar_t* out_tile = io.out + (b * p.N + first) * l.O;
-    dense_tile(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.tile,
-               [&](int q, int64_t o, acc_t x) {
-                 if (q < count) out_tile[q * l.O + o] = static_cast<scalar_t>(output_value(x, o));
-               });
+    dense_tile_transposed(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.O1, l.tile,
+                          [&](int q, int64_t o, acc_t x) {
+                            if (q < count) out_tile[q * l.O + o] = static_cast<scalar_t>(output_value(x, o));
+                          });
   }
 }
 
