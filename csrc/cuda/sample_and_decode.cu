@@ -48,7 +48,7 @@ struct DecoderBlock : CudaBlock {
 template <typename scalar_t>
 __global__ void __launch_bounds__(tiles::kThreads) forward_kernel(tiles::ForwardIo<scalar_t> io) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(128) unsigned char shared_bytes[];  // 16-byte vector reads of the weights
   tiles::forward_block(DecoderBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
 }
 
@@ -56,7 +56,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(tiles::kThreads, 1) backward_kernel(
     tiles::BackwardIo<scalar_t, at::opmath_type<scalar_t>> io) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
   tiles::backward_block(DecoderBlock{}, blockIdx.x, gridDim.x, reinterpret_cast<acc_t*>(shared_bytes), io);
 }
 
