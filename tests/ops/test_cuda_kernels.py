@@ -100,16 +100,17 @@ def test_decoder_tile_shape_is_the_largest_that_fits():
     """The CUDA launcher's tile choice (shared with the host emulation, so built without CUDA too)."""
     _extension.status()
     shape = torch.ops.dreamportrait.sample_and_decode_tile_shape
+    # The weights staged transposed, C, K and O padded to whole groups of 8 (32, 64 and 40 here);
+    # the backward's gradient sums in the weights' own shapes.
+    staged = 32 * 64 + 64 + 64 * 40 + 40
     weights = 64 * 32 + 64 + 33 * 64 + 33
     per_point = 33 + 2 * 65 + 34  # features, pre-activations and hidden units, raw-output gradients
-    exactly_16 = 8 * (2 * weights + 16 * per_point)
+    exactly_16 = 8 * (staged + weights + 16 * per_point)
     assert shape(True, 32, 64, 33, torch.float64, exactly_16) == [16, exactly_16]
-    assert shape(True, 32, 64, 33, torch.float64, exactly_16 - 1) == [8, 8 * (2 * weights + 8 * per_point)]
-    # The forward holds the weights transposed, the 64 and 33 units padded to whole groups of 8.
-    forward_weights = 32 * 64 + 64 + 64 * 40 + 40
-    assert shape(False, 32, 64, 33, torch.float16, 227 * 1024) == [32, 4 * (forward_weights + 32 * (33 + 65))]
-    assert shape(False, 5, 7, 2, torch.float32, 227 * 1024) == [32, 4 * (5 * 8 + 8 + 7 * 8 + 8 + 32 * (6 + 8))]
-    assert shape(True, 32, 64, 33, torch.float64, 8 * 2 * weights) == [0, 0]  # not even 4 points fit
+    assert shape(True, 32, 64, 33, torch.float64, exactly_16 - 1) == [8, 8 * (staged + weights + 8 * per_point)]
+    assert shape(False, 32, 64, 33, torch.float16, 227 * 1024) == [32, 4 * (staged + 32 * (33 + 65))]
+    assert shape(False, 5, 7, 2, torch.float32, 227 * 1024) == [32, 4 * (8 * 8 + 8 + 8 * 8 + 8 + 32 * (6 + 8))]
+    assert shape(True, 32, 64, 33, torch.float64, 8 * (staged + weights)) == [0, 0]  # not even 4 points fit
 
 
 def test_extension_table_names_kernels_in_anonymous_namespaces(kernels):

@@ -361,17 +361,20 @@ def test_composite_warp_emulation_checks_its_arguments():
 
 
 # ---- The fused decoder (sample_and_decode): one warp per point for the sampling and the scatter,
-# a thread per (point, unit) for the MLP, tiles of up to 32 points, per-block weight-gradient sums.
+# a thread per point and 8 units (1 in float64) for the MLP's products, tiles of up to 32 points,
+# per-block weight-gradient sums.
 
 H100_SHARED, H100_SMS = 227 * 1024, 132
 
 
 def backward_shared_bytes(C, K, O, tile, element_size=8):
-    """Shared memory of a backward block: the weights and their gradient sums, then the tile's
-    features (C), pre-activations and hidden units (K each) and raw-output gradients (O), each row
-    padded by one element."""
+    """Shared memory of a backward block: the weights staged transposed with C, K and O padded to
+    multiples of 8, and their gradient sums, then the tile's features (C), pre-activations and
+    hidden units (K each) and raw-output gradients (O), each row padded by one element."""
+    C8, K8, O8 = (-(-n // 8) * 8 for n in (C, K, O))
+    staged = C8 * K8 + K8 + K8 * O8 + O8
     weights = K * C + K + O * K + O
-    return element_size * (2 * weights + tile * ((C + 1) + 2 * (K + 1) + (O + 1)))
+    return element_size * (staged + weights + tile * ((C + 1) + 2 * (K + 1) + (O + 1)))
 
 
 # (B, N, C, K, O, shared_memory, sms, threads): EG3D's decoder (C 32, K 64, O 33) in float64 on an

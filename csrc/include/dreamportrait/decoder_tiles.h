@@ -5,16 +5,18 @@
 // A block takes tiles of P points (a grid-stride loop over tiles). The decoder's weights are copied
 // into shared memory once per block; a tile's features, pre-activations, hidden units and
 // raw-output gradients live in shared memory only (rows padded by one element, so that threads of
-// neighbouring points read different banks). Two mappings of threads:
+// neighbouring points read different banks). Three mappings of threads:
 //   - sampling and scattering: one warp per point, lanes over channels (coalesced plane reads and
 //     atomic adds of a tap's channels; the point gradient is a warp reduction over channels);
-//   - the MLP: one thread per point and unit (backward; forward in float64) or per point and 8
-//     units (forward), the point index fastest, each summing over the previous layer with the weights
-//     broadcast from shared memory. The forward holds the weights transposed, so that a thread's
-//     units are side by side: per input it reads one value of its point and its units' weights as
-//     two 16-byte vectors (a warp: one conflict-free read, two broadcasts), and does 8
-//     multiply-adds. One read per multiply-add, as a thread per unit does,
-//     would bound the products by shared memory at an eighth of the FMA units' rate.
+//   - the MLP's products with the weights (both layers, forward and in the backward's recompute,
+//     and the backward's input gradients): a thread per point and 8 units (1 in float64), the
+//     point index fastest. The weights are staged transposed, so that a thread's units are side
+//     by side along a row (the layers) or its units' rows run along the inputs (the input
+//     gradients): per input a warp reads its 32 points' values once (no bank conflicts) and the
+//     weights as broadcast 16-byte vectors, 3 shared-memory wavefronts for 256 multiply-adds. A
+//     thread per (point, unit) reads two values per multiply-add, which would bound the products by
+//     shared memory at an eighth of the FMA units' rate;
+//   - the weight gradients: a thread per weight, summing over the tile's points.
 // The backward sums each weight's gradient over the tiles of a block in shared memory and writes
 // one partial per block; sum_partials adds them in block order (no atomics: deterministic). Plane
 // gradients are added atomically into a float32 (for 16-bit inputs) or float64 channel-innermost
@@ -60,28 +62,32 @@ static_assert(kUnitsPerThread % units_per_thread<double>() == 0 && kUnitsPerThre
 DP_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Offsets (in elements of the accumulation type) of the weights and tile buffers in shared memory.
-// Backward weights: w1 (K, C), b1 (K), w2 (O, K), b2 (O), the order of the weight-gradient sums
-// (and of the launcher's gradient buffer). Forward weights, transposed and zero-padded to whole
-// groups of kUnitsPerThread units: w1 (C, K1), b1 (K1), w2 (K, O1), b2 (O1), with K1 and O1 K and
-// O rounded up; every offset then falls on a 16-byte boundary of the (128-byte aligned) buffer.
+// The weights are staged transposed and zero-padded to whole groups of kUnitsPerThread units:
+// w1 (C1, K1), b1 (K1), w2 (K1, O1), b2 (O1), C1, K1 and O1 being C, K and O rounded up, so that
+// every offset and row falls on a 16-byte boundary of the (128-byte aligned) buffer and the rows
+// read as units (dense_tile_rows) come in whole groups. The backward's
+// weight-gradient sums are in the weights' own order, that of the launcher's gradient buffer:
+// w1 (K, C) at 0, b1 (K) at gb1, w2 (O, K) at gw2, b2 (O) at gb2, `weights` elements.
 struct Layout {
   int64_t C, K, O;
   int tile;                // points per tile, P
-  int64_t K1, O1;          // forward: the transposed weights' row widths
-  int64_t w1, b1, w2, b2;  // offsets of the weights
-  int64_t weights;         // their count
-  int64_t sums;            // backward: the weight-gradient sums (weights elements)
+  int64_t C1, K1, O1;      // C, K and O padded (the staged weights' shapes)
+  int64_t w1, b1, w2, b2;  // offsets of the staged weights
+  int64_t staged;          // their count
+  int64_t gb1, gw2, gb2;   // offsets within the weight-gradient sums
+  int64_t weights;         // the weights' count (K C + K + O K + O)
+  int64_t sums;            // backward: the weight-gradient sums
   int64_t F, H;            // features (P, C + 1), hidden units (P, K + 1)
   int64_t A, GX;           // backward: pre-activations (P, K + 1), raw outputs' gradient (P, O + 1)
   int64_t total;           // elements in all
 
   DP_HOST_DEVICE Layout(int64_t C_, int64_t K_, int64_t O_, int points, bool backward)
       : C(C_), K(K_), O(O_), tile(points) {
-    K1 = backward ? K : round_up(K, kUnitsPerThread), O1 = backward ? O : round_up(O, kUnitsPerThread);
-    const int64_t w1_size = backward ? K * C : C * K1, w2_size = backward ? O * K : K * O1;
-    w1 = 0, b1 = w1_size, w2 = b1 + K1, b2 = w2 + w2_size, weights = b2 + O1;
-    sums = weights;
-    F = backward ? sums + weights : weights;
+    C1 = round_up(C, kUnitsPerThread), K1 = round_up(K, kUnitsPerThread), O1 = round_up(O, kUnitsPerThread);
+    w1 = 0, b1 = C1 * K1, w2 = b1 + K1, b2 = w2 + K1 * O1, staged = b2 + O1;
+    gb1 = K * C, gw2 = gb1 + K, gb2 = gw2 + O * K, weights = gb2 + O;
+    sums = staged;
+    F = backward ? sums + weights : staged;
     H = F + tile * (C + 1);
     A = H + tile * (K + 1);
     GX = A + tile * (K + 1);
@@ -129,39 +135,21 @@ DP_INLINE void load_point(const scalar_t* points, int64_t i, acc_t point[3]) {
   for (int k = 0; k < 3; ++k) point[k] = static_cast<acc_t>(points[i * 3 + k]);
 }
 
-// Copies the four weight tensors into shared memory in the backward Layout's order.
-template <class Block, typename scalar_t, typename acc_t>
-DP_INLINE void load_weights(const Block& block, acc_t* s, const Layout& l, const scalar_t* w1, const scalar_t* b1,
-                            const scalar_t* w2, const scalar_t* b2) {
-  for (int64_t i = block.thread(); i < l.weights; i += block.threads()) {
-    scalar_t value;
-    if (i < l.b1)
-      value = w1[i];
-    else if (i < l.w2)
-      value = b1[i - l.b1];
-    else if (i < l.b2)
-      value = w2[i - l.w2];
-    else
-      value = b2[i - l.b2];
-    s[i] = static_cast<acc_t>(value);
-  }
-}
-
-// Copies the four weight tensors into shared memory transposed and zero-padded, in the forward
-// Layout's order.
+// Copies the four weight tensors into shared memory transposed and zero-padded (the Layout's
+// staged weights).
 template <class Block, typename scalar_t, typename acc_t>
 DP_INLINE void load_weights_transposed(const Block& block, acc_t* s, const Layout& l, const scalar_t* w1,
                                        const scalar_t* b1, const scalar_t* w2, const scalar_t* b2) {
-  for (int64_t i = block.thread(); i < l.weights; i += block.threads()) {
+  for (int64_t i = block.thread(); i < l.staged; i += block.threads()) {
     acc_t value = 0;
     if (i < l.b1) {
       const int64_t c = i / l.K1, k = i % l.K1;
-      if (k < l.K) value = static_cast<acc_t>(w1[k * l.C + c]);
+      if (c < l.C && k < l.K) value = static_cast<acc_t>(w1[k * l.C + c]);
     } else if (i < l.w2) {
       if (i - l.b1 < l.K) value = static_cast<acc_t>(b1[i - l.b1]);
     } else if (i < l.b2) {
       const int64_t k = (i - l.w2) / l.O1, o = (i - l.w2) % l.O1;
-      if (o < l.O) value = static_cast<acc_t>(w2[o * l.K + k]);
+      if (k < l.K && o < l.O) value = static_cast<acc_t>(w2[o * l.K + k]);
     } else if (i - l.b2 < l.O) {
       value = static_cast<acc_t>(b2[i - l.b2]);
     }
@@ -215,21 +203,6 @@ DP_INLINE void sample_tile(const Block& block, const scalar_t* planes, const sca
   }
 }
 
-// out[q, j] = bias[j] + sum_i in[q, i] W[j, i] for q < P, j < n_out: W (n_out, n_in) row-major in
-// shared memory, `in` and `out` tile buffers with rows of n_in + 1 and n_out + 1. Thread per
-// (q, j), q fastest: the tile rows are read without bank conflicts, W broadcast.
-template <class Block, typename acc_t, typename Epilogue>
-DP_INLINE void dense_tile(const Block& block, const acc_t* in, int64_t n_in, const acc_t* W, const acc_t* bias,
-                          int64_t n_out, int tile, const Epilogue& epilogue) {
-  for (int64_t idx = block.thread(); idx < tile * n_out; idx += block.threads()) {
-    const int q = static_cast<int>(idx % tile);
-    const int64_t j = idx / tile;
-    acc_t sum = bias[j];
-    for (int64_t i = 0; i < n_in; ++i) sum += in[q * (n_in + 1) + i] * W[j * n_in + i];
-    epilogue(q, j, sum);
-  }
-}
-
 // out[q, j] = bias[j] + sum_i in[q, i] Wt[i, j] for q < P, j < n_out: Wt (n_in, width) row-major in
 // shared memory, width a multiple of kUnitsPerThread and Wt, bias zero from n_out on; `in` a tile
 // buffer with rows of n_in + 1. Thread per (q, group of units_per_thread j), q fastest: `in` read
@@ -263,6 +236,38 @@ DP_INLINE void dense_tile_transposed(const Block& block, const acc_t* in, int64_
         for (int e = 0; e < kLoad; ++e) sum[u + e] += x * w[e];
       }
     }
+    for (int u = 0; u < kUnits; ++u)
+      if (j0 + u < n_out) epilogue(q, j0 + u, sum[u]);
+  }
+}
+
+// out[q, j] = sum_i in[q, i] W[j, i] for q < P, j < n_out: W (rows, width) row-major in shared memory
+// (rows on 16-byte boundaries, width >= n_in, rows >= n_out rounded up to kUnitsPerThread), `in` a
+// tile buffer with rows of n_in + 1. Thread per (q, group of units_per_thread j), q fastest: per step
+// of inputs a thread reads its point's values one by one (no bank conflicts) and each of its units'
+// weights as one broadcast 16-byte vector.
+template <class Block, typename acc_t, typename Epilogue>
+DP_INLINE void dense_tile_rows(const Block& block, const acc_t* in, int64_t n_in, const acc_t* W, int64_t n_out,
+                               int64_t width, int tile, const Epilogue& epilogue) {
+  constexpr int kUnits = units_per_thread<acc_t>(), kStep = Vector16<acc_t>::kCount;
+  const int64_t groups = (n_out + kUnits - 1) / kUnits, vector_end = n_in / kStep * kStep;
+  for (int64_t idx = block.thread(); idx < tile * groups; idx += block.threads()) {
+    const int q = static_cast<int>(idx % tile);
+    const int64_t j0 = idx / tile * kUnits;
+    const acc_t* rows = W + j0 * width;  // the group's kUnits rows (padding rows past n_out)
+    acc_t sum[kUnits];
+    for (int u = 0; u < kUnits; ++u) sum[u] = 0;
+    const acc_t* row = in + q * (n_in + 1);
+    for (int64_t i = 0; i < vector_end; i += kStep) {
+      acc_t x[kStep];
+      for (int e = 0; e < kStep; ++e) x[e] = row[i + e];
+      for (int u = 0; u < kUnits; ++u) {
+        const Vector16<acc_t> w = load16(rows + u * width + i);
+        for (int e = 0; e < kStep; ++e) sum[u] += x[e] * w.v[e];
+      }
+    }
+    for (int64_t i = vector_end; i < n_in; ++i)
+      for (int u = 0; u < kUnits; ++u) sum[u] += row[i] * rows[u * width + i];
     for (int u = 0; u < kUnits; ++u)
       if (j0 + u < n_out) epilogue(q, j0 + u, sum[u]);
   }
@@ -305,7 +310,7 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
   const triplane::Problem& p = io.p;
   const Layout& l = io.l;
   acc_t *F = s + l.F, *A = s + l.A, *H = s + l.H, *GX = s + l.GX, *sums = s + l.sums;
-  load_weights(block, s, l, io.w1, io.b1, io.w2, io.b2);
+  load_weights_transposed(block, s, l, io.w1, io.b1, io.w2, io.b2);
   for (int64_t i = block.thread(); i < l.weights; i += block.threads()) sums[i] = 0;
   const acc_t scale = static_cast<acc_t>(p.scale), third = acc_t(1) / acc_t(triplane::kPlanes);
   const acc_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
@@ -320,33 +325,29 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
     sample_tile(block, io.planes, io.points, p, l, b, first, count, F);
     block.sync();
     // The forward again: A = F W1^T + b1, H = softplus(A); then GX, the raw outputs' gradient.
-    dense_tile(block, static_cast<const acc_t*>(F), l.C, s + l.w1, s + l.b1, l.K, l.tile,
-               [&](int q, int64_t k, acc_t a) {
-                 A[q * (l.K + 1) + k] = a;
-                 H[q * (l.K + 1) + k] = softplus(a);
-               });
+    dense_tile_transposed(block, static_cast<const acc_t*>(F), l.C, s + l.w1, s + l.b1, l.K, l.K1, l.tile,
+                          [&](int q, int64_t k, acc_t a) {
+                            A[q * (l.K + 1) + k] = a;
+                            H[q * (l.K + 1) + k] = softplus(a);
+                          });
     block.sync();
-    dense_tile(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.tile,
-               [&](int q, int64_t o, acc_t x) {
-                 const acc_t g = q < count ? static_cast<acc_t>(grad_tile[q * l.O + o]) : acc_t(0);
-                 GX[q * (l.O + 1) + o] = q < count ? raw_gradient(x, g, o) : acc_t(0);
-               });
+    dense_tile_transposed(block, static_cast<const acc_t*>(H), l.K, s + l.w2, s + l.b2, l.O, l.O1, l.tile,
+                          [&](int q, int64_t o, acc_t x) {
+                            const acc_t g = q < count ? static_cast<acc_t>(grad_tile[q * l.O + o]) : acc_t(0);
+                            GX[q * (l.O + 1) + o] = q < count ? raw_gradient(x, g, o) : acc_t(0);
+                          });
     block.sync();
-    // gw2[o, k] += sum_q GX[q, o] H[q, k] and gb2 (thread per weight); A <- GA = (GX W2) * softplus'(A)
-    // (thread per (q, k)). Neither reads what the other writes.
+    // gw2[o, k] += sum_q GX[q, o] H[q, k] and gb2 (thread per weight); A <- GA = (GX W2) * softplus'(A).
+    // Neither reads what the other writes.
     for (int64_t idx = block.thread(); idx < l.O * (l.K + 1); idx += block.threads()) {
       const int64_t o = idx / (l.K + 1), k = idx % (l.K + 1);
       acc_t sum = 0;
       for (int q = 0; q < count; ++q) sum += GX[q * (l.O + 1) + o] * (k < l.K ? H[q * (l.K + 1) + k] : acc_t(1));
-      sums[k < l.K ? l.w2 + o * l.K + k : l.b2 + o] += sum;
+      sums[k < l.K ? l.gw2 + o * l.K + k : l.gb2 + o] += sum;
     }
-    for (int64_t idx = block.thread(); idx < l.tile * l.K; idx += block.threads()) {
-      const int q = static_cast<int>(idx % l.tile);
-      const int64_t k = idx / l.tile;
-      acc_t sum = 0;
-      for (int64_t o = 0; o < l.O; ++o) sum += GX[q * (l.O + 1) + o] * s[l.w2 + o * l.K + k];
-      A[q * (l.K + 1) + k] = sum * softplus_grad(A[q * (l.K + 1) + k]);
-    }
+    // GX W2: the staged w2 (K1, O1) holds W2's columns as rows.
+    dense_tile_rows(block, static_cast<const acc_t*>(GX), l.O, s + l.w2, l.K, l.O1, l.tile,
+                    [&](int q, int64_t k, acc_t sum) { A[q * (l.K + 1) + k] = sum * softplus_grad(A[q * (l.K + 1) + k]); });
     block.sync();
     const acc_t* GA = A;
     // gw1[k, c] += sum_q GA[q, k] F[q, c] and gb1.
@@ -354,17 +355,12 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
       const int64_t k = idx / (l.C + 1), c = idx % (l.C + 1);
       acc_t sum = 0;
       for (int q = 0; q < count; ++q) sum += GA[q * (l.K + 1) + k] * (c < l.C ? F[q * (l.C + 1) + c] : acc_t(1));
-      sums[c < l.C ? l.w1 + k * l.C + c : l.b1 + k] += sum;
+      sums[c < l.C ? k * l.C + c : l.gb1 + k] += sum;
     }
     block.sync();
-    // F <- GF = GA W1: the features' gradient.
-    for (int64_t idx = block.thread(); idx < l.tile * l.C; idx += block.threads()) {
-      const int q = static_cast<int>(idx % l.tile);
-      const int64_t c = idx / l.tile;
-      acc_t sum = 0;
-      for (int64_t k = 0; k < l.K; ++k) sum += GA[q * (l.K + 1) + k] * s[l.w1 + k * l.C + c];
-      F[q * (l.C + 1) + c] = sum;
-    }
+    // F <- GF = GA W1: the features' gradient (the staged w1 (C1, K1) holds W1's columns as rows).
+    dense_tile_rows(block, GA, l.K, s + l.w1, l.C, l.K1, l.tile,
+                    [&](int q, int64_t c, acc_t sum) { F[q * (l.C + 1) + c] = sum; });
     block.sync();
     // Per point (a warp, lanes over channels): the plane gradient's atomic adds and the point gradient.
     for (int q = block.thread() / block.lanes(); q < count; q += warps) {
