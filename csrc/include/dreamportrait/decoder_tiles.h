@@ -32,6 +32,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "dreamportrait/common.h"
 #include "dreamportrait/decoder_math.h"
@@ -157,7 +158,9 @@ DP_INLINE void load_weights_transposed(const Block& block, acc_t* s, const Layou
   }
 }
 
-// 16 bytes of shared memory read as one vector (LDS.128 on the GPU); `from` 16-byte aligned.
+// 16 bytes of shared memory read as one vector (LDS.128 on the GPU); `from` 16-byte aligned. The GPU
+// faults on a misaligned vector read; the host emulation reads NaN there instead, so that its tests
+// fail where the kernel would.
 template <typename acc_t>
 struct alignas(16) Vector16 {
   static constexpr int kCount = int(16 / sizeof(acc_t));
@@ -170,7 +173,11 @@ DP_INLINE Vector16<acc_t> load16(const acc_t* from) {
   return *reinterpret_cast<const Vector16<acc_t>*>(from);
 #else
   Vector16<acc_t> vector;
-  std::memcpy(vector.v, from, sizeof(vector.v));
+  if (reinterpret_cast<std::uintptr_t>(from) % 16 != 0) {
+    for (acc_t& value : vector.v) value = std::numeric_limits<acc_t>::quiet_NaN();
+  } else {
+    std::memcpy(vector.v, from, sizeof(vector.v));
+  }
   return vector;
 #endif
 }
