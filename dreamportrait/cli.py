@@ -129,13 +129,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     from dreamportrait.generation import generate, parse_seeds
     from dreamportrait.models.pretrained import load_pretrained
-    from dreamportrait.training.checkpoint import pretrained_directory
+    from dreamportrait.world.assets import model_directory
 
     try:
         seeds = parse_seeds(args.seeds)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.checkpoint:
-            generator, _ = load_pretrained(pretrained_directory(args.checkpoint), device=device,
+            generator, _ = load_pretrained(model_directory(args.checkpoint), device=device,
                                            text_encoder=args.text_encoder)
         else:
             from dreamportrait.world.assets import load_default_generator
@@ -271,8 +271,10 @@ def _add_generate(commands) -> None:
                     "tri-planes from --views cameras (grid.png, viewNN.png, viewNN_depth.png), optionally a "
                     "turntable video (--video) and a mesh (--mesh), under OUT/<prompt>/seedNNNN/.")
     gen.add_argument("--checkpoint", default=None,
-                     help="a model directory (config.json) or a training run directory (its newest checkpoint); "
-                          "default: the packaged generator trained in the synthetic world")
+                     help="a model directory (config.json), a training run directory (its newest checkpoint) or "
+                          "packaged:NAME, a model that ships (packaged:no-gan-regulariser: the generator's ablation "
+                          "without the GAN regulariser); default: the packaged generator trained in the synthetic "
+                          "world")
     gen.add_argument("--prompt", action="append", required=True, type=_prompt, help="a prompt; repeat for several")
     gen.add_argument("--seeds", default="0-3", help="seeds, e.g. 0-3 or 0,5,9 (default 0-3)")
     gen.add_argument("--views", type=int, default=8, help="views per sample in the grid (default 8)")
@@ -379,7 +381,9 @@ def _add_evaluate(commands) -> None:
                          "(--checkpoint, default the packaged one; text alignment is then chance level); baseline: "
                          "per-prompt SDS; world: the world's own renders of each prompt's head (a perfect method: the "
                          "ceiling of every metric)")
-    ev.add_argument("--checkpoint", help="a model directory or training run (--method generator or gan)")
+    ev.add_argument("--checkpoint", help="a model directory, training run or packaged:NAME (packaged:no-gan-regulariser: "
+                                         "the generator's ablation without the GAN regulariser) (--method generator or "
+                                         "gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
     ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")

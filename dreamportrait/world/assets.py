@@ -8,6 +8,10 @@ nothing has to be trained or downloaded before generating or evaluating::
     generator/   the DreamPortrait generator trained in the world (``world train``), with its own
                  copy of the text encoder it was trained with (``tokenizer/``, ``text_encoder/``),
                  so a rebuilt teacher cannot change what its prompts mean
+    no-gan-regulariser/
+                 the generator's ablation (b): the same recipe with the GAN regulariser off, kept
+                 so that every ratio RESULTS.md gives against it can be checked (``--checkpoint
+                 packaged:no-gan-regulariser``)
 
 Each is a copy of a build's output (:func:`publish` writes them) with a manifest of its files'
 content hashes (``manifest.json``), checked by :func:`asset_dir` before anything is read.
@@ -23,8 +27,13 @@ from pathlib import Path
 from .._manifest import MANIFEST, verify_manifest, write_manifest
 from ..models.pretrained import CONFIG_FILE, TEXT_ENCODER_PARTS, WEIGHT_FILES, load_pretrained, read_config
 from ..text.encoder import vocabulary_words
+from ..training.checkpoint import pretrained_directory
 
-NAMES = ("teacher", "judge", "gan", "generator")
+GENERATORS = ("generator", "no-gan-regulariser")
+"""The packaged DreamPortrait generators: published with their own text encoder."""
+NAMES = ("teacher", "judge", "gan", *GENERATORS)
+PACKAGED = "packaged:"
+"""How ``--checkpoint`` names a packaged model: ``packaged:NAME``, NAME one of :data:`NAMES`."""
 
 
 def asset_dir(name: str) -> Path:
@@ -53,6 +62,19 @@ def _verify_once(path: Path) -> None:
         _verified.add(key)
 
 
+def model_directory(checkpoint: str | Path) -> Path:
+    """The model directory ``--checkpoint`` names: ``packaged:NAME`` the packaged model NAME (one of
+    :data:`NAMES`, checked against its manifest), anything else a model directory or training run
+    (:func:`~dreamportrait.training.checkpoint.pretrained_directory`)."""
+    text = str(checkpoint)
+    if text.startswith(PACKAGED):
+        name = text[len(PACKAGED):]
+        if name not in NAMES:
+            raise ValueError(f"--checkpoint {text}: the packaged models are {', '.join(PACKAGED + n for n in NAMES)}")
+        return asset_dir(name)
+    return pretrained_directory(checkpoint)
+
+
 def load_default_generator(device="cpu", backend: str | None = None):
     """The packaged DreamPortrait generator with the text encoder packaged beside it."""
     return load_pretrained(asset_dir("generator"), device=device, backend=backend)[0]
@@ -77,12 +99,12 @@ def publish(name: str, source: str | Path, assets_root: str | Path | None = None
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a directory")
-    if text_encoder is not None and name != "generator":
+    if text_encoder is not None and name not in GENERATORS:
         raise ValueError(f"text_encoder applies only to a generator, got {text_encoder!r} for {name!r}")
     root = Path(assets_root) if assets_root else Path(str(resources.files("dreamportrait"))) / "assets" / "world"
     target, temporary = root / name, root / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    if name == "generator":
+    if name in GENERATORS:
         config = read_config(source)
         config.pop("discriminator", None)
         if "text_conditioning" not in config:

@@ -25,7 +25,7 @@ import torch
 
 from ..defaults import TRUNCATION_PSI, WORLD_CONFIG
 from . import evaluate as harness
-from .assets import asset_dir
+from .assets import asset_dir, model_directory
 from .attributes import HeadAttributes, caption, held_out_combinations, parse_caption
 from .captions import Caption
 from .dataset import load_dataset, render_samples
@@ -114,9 +114,8 @@ def build_method(method: str, views: int, device: str, checkpoint: str | Path | 
         return harness.generator_method(load_default_generator(device), views, truncation)
     from ..models.pretrained import load_pretrained
     from ..text import TextConditionedGenerator
-    from ..training.checkpoint import pretrained_directory
 
-    source = pretrained_directory(checkpoint) if checkpoint else asset_dir("gan")
+    source = model_directory(checkpoint) if checkpoint else asset_dir("gan")
     generator = load_pretrained(source, device=device)[0]
     if isinstance(generator, TextConditionedGenerator) != (method == "generator"):
         wanted = "a text-conditioned" if method == "generator" else "a text-free"

@@ -1,9 +1,11 @@
-"""The trained world models that ship in the package: teacher, judge, 3D GAN and the default generator."""
+"""The trained world models that ship in the package: teacher, judge, 3D GAN, the default generator
+and its ablation without the GAN regulariser."""
 
 import json
 import random
 
 import imageio.v3 as iio
+import pytest
 import torch
 import trimesh
 
@@ -11,7 +13,7 @@ from dreamportrait.cli import main
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.training import latest_checkpoint
 from dreamportrait.world import caption, held_out_combinations
-from dreamportrait.world.assets import asset_dir, load_default_generator
+from dreamportrait.world.assets import NAMES, asset_dir, load_default_generator, model_directory
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, heads_from_indices, render_samples
 from dreamportrait.world.evaluate import depth_error, evaluate, generator_method, spread, world_method
 from dreamportrait.world.heads import WORLD_CAMERAS
@@ -103,6 +105,36 @@ def test_generate_uses_the_shipped_model_by_default(tmp_path, capsys):
     assert iio.imread(folder / "turntable.mp4").shape[0] == 72
     mesh = trimesh.load(folder / "mesh.ply")
     assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
+
+
+def test_checkpoint_names_packaged_models_directories_and_runs(tmp_path):
+    for name in NAMES:
+        assert model_directory(f"packaged:{name}") == asset_dir(name)
+    assert model_directory(asset_dir("generator")) == asset_dir("generator")  # a model directory as it is
+    assert model_directory(str(asset_dir("gan"))) == asset_dir("gan")
+    with pytest.raises(ValueError, match="the packaged models are packaged:teacher, .*packaged:no-gan-regulariser"):
+        model_directory("packaged:no-gan")
+    with pytest.raises(ValueError, match="packaged:generator"):
+        model_directory("packaged:")
+    with pytest.raises(FileNotFoundError, match="neither a model directory"):
+        model_directory(tmp_path)  # an empty directory: no config.json, no checkpoints
+    (tmp_path / "packaged:generator").mkdir()  # only the prefix names a packaged model
+    with pytest.raises(FileNotFoundError):
+        model_directory(tmp_path / "packaged:generator")
+
+
+def test_the_ablation_ships_and_the_command_line_reaches_it(tmp_path, capsys):
+    # The generator every ratio against the no-GAN-regulariser run is measured with ships, and
+    # `--checkpoint packaged:NAME` reaches it from `evaluate` and `generate`.
+    assert main(["evaluate", "--method", "generator", "--checkpoint", "packaged:no-gan-regulariser", "--held-out", "2",
+                 "--seeds", "0-1", "--views", "2", "--real-count", "16", "--name", "b", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["diversity"] > 0 and 0 <= result["multi_view_consistency"] <= 1
+    assert main(["generate", "--checkpoint", "packaged:no-gan-regulariser", "--prompt", "a portrait of a man with a beard",
+                 "--seeds", "0", "--views", "2", "--out", str(tmp_path / "generated")]) == 0
+    assert main(["generate", "--checkpoint", "packaged:gan", "--prompt", "a portrait of a man", "--seeds", "0",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "text" in capsys.readouterr().err
 
 
 def test_a_held_out_prompt_gets_its_hair_colour_and_its_hat():
