@@ -13,7 +13,9 @@ from dreamportrait.cli import main
 from dreamportrait.guidance import StableDiffusionGuidance
 from dreamportrait.training import latest_checkpoint
 from dreamportrait.world import caption, held_out_combinations
-from dreamportrait.world.assets import NAMES, asset_dir, load_default_generator, model_directory
+from dreamportrait._manifest import MANIFEST, verify_manifest
+from dreamportrait.models import load_pretrained
+from dreamportrait.world.assets import NAMES, asset_dir, load_default_generator, model_directory, publish
 from dreamportrait.world.dataset import ATTRIBUTE_CLASSES, heads_from_indices, render_samples
 from dreamportrait.world.evaluate import depth_error, evaluate, generator_method, spread, world_method
 from dreamportrait.world.heads import WORLD_CAMERAS
@@ -121,6 +123,38 @@ def test_checkpoint_names_packaged_models_directories_and_runs(tmp_path):
     (tmp_path / "packaged:generator").mkdir()  # only the prefix names a packaged model
     with pytest.raises(FileNotFoundError):
         model_directory(tmp_path / "packaged:generator")
+
+
+def test_publishing_a_generator_copies_what_using_it_needs(tmp_path):
+    # Republish the shipped ablation (a published copy records no text encoder, so it is named)
+    # over a stale copy: the generator's weights, a config that records none, the text encoder it
+    # was given and a manifest of exactly those files.
+    source, encoder, root = asset_dir("no-gan-regulariser"), asset_dir("generator"), tmp_path / "assets"
+    (root / "no-gan-regulariser").mkdir(parents=True)
+    (root / "no-gan-regulariser" / "stale.txt").write_text("from an earlier publish")
+    target = publish("no-gan-regulariser", source, assets_root=root, text_encoder=encoder)
+    assert target == root / "no-gan-regulariser" and sorted(p.name for p in root.iterdir()) == ["no-gan-regulariser"]
+    files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert verify_manifest(target) == files and "stale.txt" not in files
+    assert {"config.json", "generator.safetensors", "tokenizer/vocab.json", "text_encoder/model.safetensors"} <= files
+    assert json.loads((target / "config.json").read_text())["text_conditioning"]["text_encoder"] is None
+    assert (target / "text_encoder/model.safetensors").read_bytes() == (encoder / "text_encoder/model.safetensors").read_bytes()
+    copy, original = load_pretrained(target)[0], load_pretrained(source)[0]
+    for key, value in original.state_dict().items():
+        assert torch.equal(copy.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="records no text encoder"):
+        publish("no-gan-regulariser", source, assets_root=root)
+    with pytest.raises(ValueError, match="holds no text-conditioned generator"):
+        publish("generator", asset_dir("gan"), assets_root=root, text_encoder=encoder)
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer/ and text_encoder/"):
+        publish("generator", source, assets_root=root, text_encoder=tmp_path)
+    with pytest.raises(ValueError, match="text_encoder applies only to a generator"):
+        publish("gan", asset_dir("gan"), assets_root=root, text_encoder=encoder)
+    with pytest.raises(ValueError, match="name must be one of"):
+        publish("no-gan", source, assets_root=root)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        publish("generator", tmp_path / "missing", assets_root=root)
+    assert sorted(p.name for p in root.iterdir()) == ["no-gan-regulariser"]  # no half-written copy left
 
 
 def test_the_ablation_ships_and_the_command_line_reaches_it(tmp_path, capsys):
