@@ -381,9 +381,9 @@ def _add_evaluate(commands) -> None:
                          "(--checkpoint, default the packaged one; text alignment is then chance level); baseline: "
                          "per-prompt SDS; world: the world's own renders of each prompt's head (a perfect method: the "
                          "ceiling of every metric)")
-    ev.add_argument("--checkpoint", help="a model directory, training run or packaged:NAME (packaged:no-gan-regulariser: "
-                                         "the generator's ablation without the GAN regulariser) (--method generator or "
-                                         "gan)")
+    ev.add_argument("--checkpoint",
+                    help="a model directory, training run or packaged:NAME (packaged:no-gan-regulariser: the "
+                         "generator's ablation without the GAN regulariser) (--method generator or gan)")
     ev.add_argument("--guidance", help="the per-prompt baseline's guidance model (default: the packaged teacher)")
     ev.add_argument("--config", default=None,
                     help="the training config whose guidance settings the baseline uses (default: configs/world.yaml)")

@@ -131,6 +131,7 @@ def _text_encoder_directory(text_encoder: str | Path | None, source: Path) -> Pa
                          f"trained with)")
     missing = [part for part in TEXT_ENCODER_PARTS if not (Path(text_encoder) / part).is_dir()]
     if missing:
-        raise FileNotFoundError(f"text encoder {text_encoder} lacks {' and '.join(f'{part}/' for part in missing)} (a local directory "
+        parts = " and ".join(f"{part}/" for part in missing)
+        raise FileNotFoundError(f"text encoder {text_encoder} lacks {parts} (a local directory "
                                 f"is needed)")
     return Path(text_encoder)

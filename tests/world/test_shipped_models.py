@@ -138,7 +138,8 @@ def test_publishing_a_generator_copies_what_using_it_needs(tmp_path):
     assert verify_manifest(target) == files and "stale.txt" not in files
     assert {"config.json", "generator.safetensors", "tokenizer/vocab.json", "text_encoder/model.safetensors"} <= files
     assert json.loads((target / "config.json").read_text())["text_conditioning"]["text_encoder"] is None
-    assert (target / "text_encoder/model.safetensors").read_bytes() == (encoder / "text_encoder/model.safetensors").read_bytes()
+    weights = "text_encoder/model.safetensors"
+    assert (target / weights).read_bytes() == (encoder / weights).read_bytes()
     copy, original = load_pretrained(target)[0], load_pretrained(source)[0]
     for key, value in original.state_dict().items():
         assert torch.equal(copy.state_dict()[key], value), key
@@ -164,8 +165,9 @@ def test_the_ablation_ships_and_the_command_line_reaches_it(tmp_path, capsys):
                  "--seeds", "0-1", "--views", "2", "--real-count", "16", "--name", "b", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["diversity"] > 0 and 0 <= result["multi_view_consistency"] <= 1
-    assert main(["generate", "--checkpoint", "packaged:no-gan-regulariser", "--prompt", "a portrait of a man with a beard",
-                 "--seeds", "0", "--views", "2", "--out", str(tmp_path / "generated")]) == 0
+    assert main(["generate", "--checkpoint", "packaged:no-gan-regulariser", "--prompt",
+                 "a portrait of a man with a beard", "--seeds", "0", "--views", "2",
+                 "--out", str(tmp_path / "generated")]) == 0
     assert main(["generate", "--checkpoint", "packaged:gan", "--prompt", "a portrait of a man", "--seeds", "0",
                  "--out", str(tmp_path / "refused")]) == 2
     assert "text" in capsys.readouterr().err

@@ -49,10 +49,10 @@ constexpr int kMinTile = 4;
 // Blocks per SM of a launch: each block's weights are loaded (and, backward, its partial sums
 // written) once, so a few per SM, not one per tile.
 constexpr int kBlocksPerSm = 4;
-// Units (outputs of a layer) per thread in the forward's products: 8 in float32, two 16-byte
-// vectors of weights per input; 1 in float64 (a correctness tool: with 2, 4 or 8 nvcc spilled for
-// sm_80 within the 64 registers it gives the kernel). Layers are padded to whole groups of
-// kUnitsPerThread.
+// Units (outputs of a product) per thread in the products with the weights: 8 in float32 (two
+// 16-byte vectors of weights per input); 1 in float64, a correctness tool (with 2, 4 or 8, nvcc
+// spilled the float64 forward for sm_80 within the 64 registers it gives the kernel). The staged
+// weights are padded to whole groups of kUnitsPerThread.
 constexpr int kUnitsPerThread = 8;
 template <typename acc_t>
 constexpr int units_per_thread() {
@@ -354,7 +354,10 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
     }
     // GX W2: the staged w2 (K1, O1) holds W2's columns as rows.
     dense_tile_rows(block, static_cast<const acc_t*>(GX), l.O, s + l.w2, l.K, l.O1, l.tile,
-                    [&](int q, int64_t k, acc_t sum) { A[q * (l.K + 1) + k] = sum * softplus_grad(A[q * (l.K + 1) + k]); });
+                    [&](int q, int64_t k, acc_t sum) {
+                      acc_t& a = A[q * (l.K + 1) + k];
+                      a = sum * softplus_grad(a);
+                    });
     block.sync();
     const acc_t* GA = A;
     // gw1[k, c] += sum_q GA[q, k] F[q, c] and gb1.
