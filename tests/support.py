@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreamportrait import _extension
-from dreamportrait.ops import _backend
+from dreamportrait.ops import _backend, reference
 
 
 def extension_available() -> bool:
@@ -36,13 +36,31 @@ def kernel_backends():
     ]
 
 
-def assert_close_scaled(actual, expected, rtol, name=""):
-    """Elementwise ``|actual - expected| <= rtol * (|expected| + max(max|expected|, 1))``: relative
-    to the tensor's magnitude, so rounding residues of values that cancel to ~0 pass."""
+def assert_close_scaled(actual, expected, rtol, name="", magnitude=0.0):
+    """Elementwise ``|actual - expected| <= rtol * (|expected| + max(max|expected|, magnitude, 1))``:
+    relative to the tensor's magnitude, so rounding residues of values that cancel to ~0 pass.
+    ``magnitude`` is for a sum whose terms can cancel: the size its rounding error scales with
+    (see ``gate_gradient_magnitudes``)."""
     scale = expected.abs().max().item() if expected.numel() else 1.0
     torch.testing.assert_close(
-        actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0), equal_nan=True, msg=lambda m: f"{name}: {m}"
+        actual, expected, rtol=rtol, atol=rtol * max(scale, magnitude, 1.0), equal_nan=True,
+        msg=lambda m: f"{name}: {m}",
     )
+
+
+def gate_gradient_magnitudes(q, k, v, gate, key_padding_mask, scale, grad_out) -> torch.Tensor:
+    """The size of gated_cross_attention's gate gradient before cancellation, per head ``(H,)``:
+    ``(1 - tanh(g_h)^2) * sqrt(sum over b, i, d of (dO * A)^2)``, A the attention before the gate.
+
+    The gradient sums ``dO * A`` over batch, queries and head dim; with random dO that sum can land
+    near 0 while its float32 rounding error stays the size of a sum of sign-random terms, this. Shapes
+    as ``reference.gated_cross_attention``; gate ``(H,)``; computed in float64.
+    """
+    q, k, v, gate, grad_out = (x.detach().double() for x in (q, k, v, gate, grad_out))
+    opened = torch.full_like(gate, float("inf"))  # tanh(inf) = 1: the output is A itself
+    attention = reference.gated_cross_attention(q, k, v, opened, key_padding_mask, scale)
+    terms = (grad_out * attention).square().sum(dim=(0, 2, 3)).sqrt()
+    return terms * (1 - torch.tanh(gate).square())
 
 
 @contextlib.contextmanager
