@@ -1,6 +1,6 @@
 """EG3D's own renderer with and without ``dreamportrait.integrations.eg3d.install()``, and the fused
-sample-and-decode op against the unfused compositions (EG3D's order, and the sampling kernel's own
-mean followed by the MLP).
+sample-and-decode op against the unfused compositions (EG3D's own code; EG3D's order on our sampling
+kernel; and the sampling kernel's own mean followed by the MLP).
 
 EG3D's code cannot be copied into the project; its renderer is re-stated (from EG3D's published
 math) in ``tests/eg3d_restated`` and imported under EG3D's module paths, exactly as an EG3D code
@@ -104,23 +104,31 @@ def decode_inputs(batch: int, backward: bool, points: str = "rays"):
 
 
 UNFUSED = {
+    "eg3d-code": None,
     "baseline": "none",
     "sample-mean": "mean",
 }
 """The unfused compositions the fused op is timed against, by the ``reduce`` their sampling kernel
-runs: ``baseline``, EG3D's order (the three planes' samples ``(B, N, 3, C)`` written out, their mean
-taken in PyTorch, then the MLP); ``sample-mean``, the mean taken inside the sampling kernel (only the
-``(B, N, C)`` features written out), then the MLP."""
+runs: ``eg3d-code``, what an EG3D code base runs without our ops (EG3D's ``sample_from_planes``, three
+``grid_sample`` calls, its ``(B, 3, N, C)`` samples' mean in PyTorch, then the MLP in PyTorch);
+``baseline``, EG3D's order on our sampling kernel (the three planes' samples ``(B, N, 3, C)`` written
+out, their mean taken in PyTorch, then the MLP); ``sample-mean``, the mean taken inside the sampling
+kernel (only the ``(B, N, C)`` features written out), then the MLP."""
 
 
-def decode_call(implementation: str, inputs: list, backward: bool):
+def decode_call(implementation: str, inputs: list, backward: bool, eg3d=None):
     """One forward (and with ``backward`` one backward) of the fused op (``implementation`` "cpu") or
-    of an :data:`UNFUSED` composition on ``inputs`` (:func:`decode_inputs`)."""
+    of an :data:`UNFUSED` composition on ``inputs`` (:func:`decode_inputs`); ``eg3d`` is EG3D's
+    modules (the ``eg3d`` fixture), which ``eg3d-code`` runs."""
     planes, points, w1, b1, w2, b2 = inputs
 
     def run():
         if implementation == "cpu":
             return sample_and_decode(planes, points, 1.0, w1, b1, w2, b2, EG3D_AXES, backend="cpu")
+        if implementation == "eg3d-code":
+            features = eg3d.renderer.sample_from_planes(eg3d.renderer.generate_planes(), planes, points,
+                                                        padding_mode="zeros", box_warp=1.0)
+            return decode(features.mean(1), w1, b1, w2, b2)
         reduce = UNFUSED[implementation]
         features = triplane_sample(planes, points, 1.0, EG3D_AXES, reduce, backend="cpu")
         return decode(features.mean(2) if reduce == "none" else features, w1, b1, w2, b2)
@@ -138,9 +146,9 @@ def decode_call(implementation: str, inputs: list, backward: bool):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("where", POINTS)
 @pytest.mark.parametrize("implementation", [*UNFUSED, "cpu"])
-def test_sample_and_decode(benchmark, record, implementation, where, shape, direction):
+def test_sample_and_decode(benchmark, record, eg3d, implementation, where, shape, direction):
     call = decode_call(implementation, decode_inputs(SHAPES[shape], direction == "fwd+bwd", where),
-                       direction == "fwd+bwd")
+                       direction == "fwd+bwd", eg3d)
     call()
     benchmark.pedantic(call, rounds=ROUNDS[shape], iterations=1)
     record(f"sample_and_decode/{where}/{shape}/{direction}", implementation, benchmark)
@@ -181,15 +189,15 @@ def interleaved(batch: int = 1, rounds: int = 3, renderer: bool = True) -> None:
             best = best_of({"baseline": render, "installed": installed})
             print(f"EG3D renderer  batch {batch} {direction:8} baseline {best['baseline'] * 1e3:8.0f} ms  installed "
                   f"{best['installed'] * 1e3:8.0f} ms  {best['baseline'] / best['installed']:.2f}x")
-    for where, direction in itertools.product(POINTS, ("fwd", "fwd+bwd")):
-        backward = direction == "fwd+bwd"
-        inputs = decode_inputs(batch, backward, where)
-        calls = {name: decode_call(name, inputs, backward) for name in (*UNFUSED, "cpu")}
-        for call in calls.values():
-            call()
-        best = best_of(calls)
-        print(f"sample_and_decode {where:7} batch {batch} {direction:8} fused {best['cpu'] * 1e3:6.0f} ms | "
-              + " | ".join(f"{name} {best[name] * 1e3:6.0f} ms {best[name] / best['cpu']:.2f}x" for name in UNFUSED))
+        for where, direction in itertools.product(POINTS, ("fwd", "fwd+bwd")):
+            backward = direction == "fwd+bwd"
+            inputs = decode_inputs(batch, backward, where)
+            calls = {name: decode_call(name, inputs, backward, eg3d) for name in (*UNFUSED, "cpu")}
+            for call in calls.values():
+                call()
+            best = best_of(calls)
+            print(f"sample_and_decode {where:7} batch {batch} {direction:8} fused {best['cpu'] * 1e3:6.0f} ms | "
+                  + " | ".join(f"{name} {best[name] * 1e3:6.0f} ms {best[name] / best['cpu']:.2f}x" for name in UNFUSED))
 
 if __name__ == "__main__":
     import sys
