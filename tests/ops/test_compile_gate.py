@@ -14,7 +14,7 @@ import torch
 from support import requires_triton
 
 from dreamportrait import _build, _extension
-from dreamportrait.ops import gated_cross_attention, triplane_sample
+from dreamportrait.ops import gated_cross_attention, sample_and_decode, triplane_sample
 from dreamportrait.ops._checks import backend_dtypes
 from dreamportrait.ops.triton import compile_check
 from dreamportrait.ops.triton.launch import TensorArgument, recording
@@ -111,23 +111,31 @@ def test_shared_memory_fits_every_target(compiled):
 
 
 @compiling
-def test_half_precision_attention_runs_on_tensor_cores(compiled):
-    attention = [r for r in compiled if r.launch.module.endswith("gated_cross_attention")
-                 and r.dtype in (torch.float16, torch.bfloat16) and r.arch in (80, 90)]
-    assert attention and all(r.tensor_core for r in attention), [_describe(r) for r in attention if not r.tensor_core]
+@pytest.mark.parametrize("module", ["gated_cross_attention", "sample_and_decode"])
+def test_half_precision_products_run_on_tensor_cores(compiled, module):
+    """The attention's tile products and the fused decoder's two layers (forward, and the backward's
+    recompute, weight and input gradients) compile to tensor-core instructions in 16-bit types."""
+    kernels = [r for r in compiled if r.launch.module.endswith(module)
+               and r.dtype in (torch.float16, torch.bfloat16) and r.arch in (80, 90)]
+    assert {r.launch.name for r in kernels} == {"_forward_kernel", "_backward_kernel"}
+    assert all(r.tensor_core for r in kernels), [_describe(r) for r in kernels if not r.tensor_core]
 
 
-def test_tf32_follows_torch(monkeypatch):
-    from dreamportrait.ops.triton.gated_cross_attention import precision
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_tf32_follows_torch(monkeypatch, allow_tf32):
+    """float32 products take TF32 exactly when torch allows it for matmuls; float64 never."""
+    from dreamportrait.ops.triton.common import precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert precision(torch.float32) == "tf32" and precision(torch.float64) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    expected = "tf32" if allow_tf32 else "ieee"
+    assert precision(torch.float32) == expected and precision(torch.float64) == "ieee"
     with recording(dry_run=True) as launches:
         q = torch.randn(1, 1, 4, 16)
         gated_cross_attention(q, q, q, torch.ones(()), backend="triton")
-    assert dict(launches[0].arguments)["PRECISION"] == "ieee"
+        planes, points = torch.randn(1, 3, 16, 4, 4), torch.rand(1, 5, 3) - 0.5
+        sample_and_decode(planes, points, 1.0, torch.randn(16, 16), torch.randn(16), torch.randn(4, 16),
+                          torch.randn(4), backend="triton")
+    assert [dict(launch.arguments)["PRECISION"] for launch in launches] == [expected, expected]
 
 
 def test_recording_sees_alignment_and_runs_nothing_in_a_dry_run():

@@ -1,4 +1,4 @@
-"""Accumulation types and channel tiles shared by the ops' Triton kernels."""
+"""Accumulation types, matmul precision and channel tiles shared by the ops' Triton kernels."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def accumulation_type(dtype: torch.dtype):
     """:func:`accumulation_dtype` as the kernels' compile-time ``ACC`` type."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: TF32 for float32 when torch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), IEEE otherwise (16-bit operands run on the tensor
+    cores either way; float64 stays float64)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
 def channel_block(channels: int) -> int:

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .arguments import check_attention, check_attention_gradients
-from .common import accumulation_dtype, accumulation_type
+from .common import accumulation_dtype, accumulation_type, precision
 from .launch import launch
 
 OP = "gated_cross_attention_triton"
@@ -84,13 +84,6 @@ _BACKWARD_STAGES = {"float32": {16: 3, 32: 1, 64: 1, 128: 1, 256: 3}, "half": {1
 
 def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
-
-
-def precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision: TF32 for float32 when torch allows TF32 matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 @triton.jit

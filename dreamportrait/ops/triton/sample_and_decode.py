@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .arguments import check_decoder
-from .common import accumulation_dtype, accumulation_type
+from .common import accumulation_dtype, accumulation_type, precision
 from .launch import launch
 from .triplane_sample import _corner, _load_point, _on_axis, _plane_taps
 
@@ -205,12 +205,6 @@ def backward_options(dtype: torch.dtype) -> dict:
     return dict(num_warps=4 if dtype in (torch.float16, torch.bfloat16) else 8, num_stages=1)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _common(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], weight1: Tensor, weight2: Tensor) -> dict:
     accumulation = accumulation_dtype(planes.dtype)
     return dict(
@@ -218,7 +212,7 @@ def _common(planes: Tensor, points: Tensor, box_warp: float, axes: list[int], we
         scale_ptr=torch.full((1,), 2.0 / box_warp, dtype=accumulation, device=planes.device),
         **{f"A{i}": int(a) for i, a in enumerate(axes)},
         C=planes.shape[2], K=weight1.shape[0], BLOCK_O=max(16, triton.next_power_of_2(weight2.shape[0])),
-        ACC=accumulation_type(planes.dtype), PRECISION=_precision(planes.dtype), BLOCK_N=BLOCK_N,
+        ACC=accumulation_type(planes.dtype), PRECISION=precision(planes.dtype), BLOCK_N=BLOCK_N,
         HIDDEN_BLOCK=HIDDEN_BLOCK,
     )
 
