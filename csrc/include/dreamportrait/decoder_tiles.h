@@ -16,7 +16,9 @@
 //     weights as broadcast 16-byte vectors, 3 shared-memory wavefronts for 256 multiply-adds. A
 //     thread per (point, unit) reads two values per multiply-add, which would bound the products by
 //     shared memory at an eighth of the FMA units' rate;
-//   - the weight gradients: a thread per weight, summing over the tile's points.
+//   - the weight gradients: a thread per 4 x 4 square of weights (2 x 2 in float64), summing over the
+//     tile's points: per point 8 shared-memory reads for 16 multiply-adds, a warp's lanes reading
+//     consecutive inputs and broadcast outputs.
 // The backward sums each weight's gradient over the tiles of a block in shared memory and writes
 // one partial per block; sum_partials adds them in block order (no atomics: deterministic). Plane
 // gradients are added atomically into a float32 (for 16-bit inputs) or float64 channel-innermost
@@ -59,6 +61,12 @@ constexpr int units_per_thread() {
   return sizeof(acc_t) == 4 ? 8 : 1;
 }
 static_assert(kUnitsPerThread % units_per_thread<double>() == 0 && kUnitsPerThread == units_per_thread<float>());
+// Edge of a thread's square of weights in the weight-gradient sums: 4 x 4 in float32, 2 x 2 in
+// float64 (its accumulators take two registers each).
+template <typename acc_t>
+constexpr int weight_gradient_edge() {
+  return sizeof(acc_t) == 4 ? 4 : 2;
+}
 
 DP_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -280,6 +288,48 @@ DP_INLINE void dense_tile_rows(const Block& block, const acc_t* in, int64_t n_in
   }
 }
 
+// A layer's weight and bias gradients over a tile's points [0, count): weight_sums[o n_in + i] +=
+// sum_q G[q, o] X[q, i] and bias_sums[o] += sum_q G[q, o] for o < n_out, i < n_in; G and X tile
+// buffers with rows of n_out + 1 and n_in + 1. The bias is input n_in, whose X is 1. A thread sums an
+// E x E square of weights (E = weight_gradient_edge): outputs o0 .. o0 + E - 1 and inputs i0,
+// i0 + groups, ... (groups = ceil((n_in + 1) / E)), thread t's square being (o0, i0) = (E (t / groups),
+// t % groups). Per point a warp's lanes read consecutive inputs (no bank conflicts) and the values of
+// a few groups of outputs (broadcasts, in different banks): 2 E loads for E^2 multiply-adds, where a
+// thread per weight makes 2 for 1. Each weight's sum runs over the points in order, as a thread per weight's would.
+template <class Block, typename acc_t>
+DP_INLINE void weight_gradient_tile(const Block& block, const acc_t* G, int64_t n_out, const acc_t* X, int64_t n_in,
+                                    int count, acc_t* weight_sums, acc_t* bias_sums) {
+  constexpr int E = weight_gradient_edge<acc_t>();
+  // int offsets: a tile's buffers are small (shared memory), and 64-bit ones cost the backward registers
+  const int outputs = static_cast<int>(n_out), inputs = static_cast<int>(n_in);
+  const int groups = (inputs + 1 + E - 1) / E, squares = (outputs + E - 1) / E * groups;
+  for (int t = block.thread(); t < squares; t += block.threads()) {
+    const int o0 = t / groups * E, i0 = t % groups;
+    acc_t sum[E][E];
+    for (int a = 0; a < E; ++a)
+      for (int b = 0; b < E; ++b) sum[a][b] = 0;
+    for (int q = 0; q < count; ++q) {
+      const acc_t *g_row = G + q * (outputs + 1), *x_row = X + q * (inputs + 1);
+      acc_t x[E];
+      for (int b = 0; b < E; ++b) {
+        const int i = i0 + b * groups;
+        x[b] = i < inputs ? x_row[i] : acc_t(i == inputs ? 1 : 0);
+      }
+      for (int a = 0; a < E; ++a) {
+        const acc_t g = o0 + a < outputs ? g_row[o0 + a] : acc_t(0);
+        for (int b = 0; b < E; ++b) sum[a][b] += g * x[b];
+      }
+    }
+    for (int a = 0; a < E; ++a) {
+      for (int b = 0; b < E; ++b) {
+        const int o = o0 + a, i = i0 + b * groups;
+        if (o < outputs && i < inputs) weight_sums[o * inputs + i] += sum[a][b];
+        if (o < outputs && i == inputs) bias_sums[o] += sum[a][b];
+      }
+    }
+  }
+}
+
 // The forward program of block `block_index` of `blocks`, with `s` its shared memory
 // (io.l.total elements of acc_t). (io by value: a reference to the kernel's parameter made nvcc put
 // a copy of it on the stack for float16.)
@@ -290,7 +340,8 @@ DP_INLINE void forward_block(const Block& block, int64_t block_index, int64_t bl
   const Layout& l = io.l;
   load_weights_transposed(block, s, l, io.w1, io.b1, io.w2, io.b2);
   const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
-  for (int64_t tile = block_index; tile < p.B * tiles_per_element; tile += blocks) {
+  const int tiles = static_cast<int>(p.B * tiles_per_element);  // at most 2^30: tile_blocks checks
+  for (int tile = static_cast<int>(block_index); tile < tiles; tile += static_cast<int>(blocks)) {
     const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
     const int count = tile_count(l.tile, first, p.N);
     block.sync();  // the weights are loaded, the previous tile's buffers are free
@@ -324,7 +375,8 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
   const acc_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
   const int lane = block.thread() % block.lanes(), warps = block.threads() / block.lanes();
   const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
-  for (int64_t tile = block_index; tile < p.B * tiles_per_element; tile += blocks) {
+  const int tiles = static_cast<int>(p.B * tiles_per_element);  // at most 2^30: tile_blocks checks
+  for (int tile = static_cast<int>(block_index); tile < tiles; tile += static_cast<int>(blocks)) {
     const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
     const int count = tile_count(l.tile, first, p.N);
     const scalar_t* grad_tile = io.grad_out + (b * p.N + first) * l.O;
@@ -344,14 +396,10 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
                             GX[q * (l.O + 1) + o] = q < count ? raw_gradient(x, g, o) : acc_t(0);
                           });
     block.sync();
-    // gw2[o, k] += sum_q GX[q, o] H[q, k] and gb2 (thread per weight); A <- GA = (GX W2) * softplus'(A).
-    // Neither reads what the other writes.
-    for (int64_t idx = block.thread(); idx < l.O * (l.K + 1); idx += block.threads()) {
-      const int64_t o = idx / (l.K + 1), k = idx % (l.K + 1);
-      acc_t sum = 0;
-      for (int q = 0; q < count; ++q) sum += GX[q * (l.O + 1) + o] * (k < l.K ? H[q * (l.K + 1) + k] : acc_t(1));
-      sums[k < l.K ? l.gw2 + o * l.K + k : l.gb2 + o] += sum;
-    }
+    // gw2[o, k] += sum_q GX[q, o] H[q, k] and gb2; A <- GA = (GX W2) * softplus'(A). Neither reads
+    // what the other writes.
+    weight_gradient_tile(block, static_cast<const acc_t*>(GX), l.O, static_cast<const acc_t*>(H), l.K, count,
+                         sums + l.gw2, sums + l.gb2);
     // GX W2: the staged w2 (K1, O1) holds W2's columns as rows.
     dense_tile_rows(block, static_cast<const acc_t*>(GX), l.O, s + l.w2, l.K, l.O1, l.tile,
                     [&](int q, int64_t k, acc_t sum) {
@@ -361,12 +409,7 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
     block.sync();
     const acc_t* GA = A;
     // gw1[k, c] += sum_q GA[q, k] F[q, c] and gb1.
-    for (int64_t idx = block.thread(); idx < l.K * (l.C + 1); idx += block.threads()) {
-      const int64_t k = idx / (l.C + 1), c = idx % (l.C + 1);
-      acc_t sum = 0;
-      for (int q = 0; q < count; ++q) sum += GA[q * (l.K + 1) + k] * (c < l.C ? F[q * (l.C + 1) + c] : acc_t(1));
-      sums[c < l.C ? k * l.C + c : l.gb1 + k] += sum;
-    }
+    weight_gradient_tile(block, GA, l.K, static_cast<const acc_t*>(F), l.C, count, sums, sums + l.gb1);
     block.sync();
     // F <- GF = GA W1: the features' gradient (the staged w1 (C1, K1) holds W1's columns as rows).
     dense_tile_rows(block, GA, l.K, s + l.w1, l.C, l.K1, l.tile,
