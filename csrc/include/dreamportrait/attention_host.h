@@ -87,7 +87,7 @@ struct TilePlan {
   template <typename acc_t>
   tiles::Shape shape_for(bool backward, const Problem& p, int element_bytes) const {
     if (shape.block_q > 0) {
-      const int dim = tiles::round_up(p.D > 0 ? p.D : 1, tiles::kFragment);
+      const int dim = round_up(p.D > 0 ? p.D : 1, tiles::kFragment);
       return {shape.block_q, shape.block_k, dim, shape.block_d > 0 && shape.block_d < dim ? shape.block_d : dim};
     }
     const tiles::Shape chosen = tiles::choose_shape<acc_t>(backward, p.Lk, p.D, element_bytes, shared_memory);
@@ -111,8 +111,8 @@ inline void check_head_dim(const Problem& p) {
 }
 
 inline void check_tiles(const Problem& p, const tiles::Shape& shape) {
-  check_int32("gated_cross_attention", "q", "query tiles per head", tiles::ceil_div(p.Lq, shape.block_q));
-  check_int32("gated_cross_attention", "k", "key tiles per head", tiles::ceil_div(p.Lk, shape.block_k));
+  check_int32("gated_cross_attention", "q", "query tiles per head", ceil_div(p.Lq, shape.block_q));
+  check_int32("gated_cross_attention", "k", "key tiles per head", ceil_div(p.Lk, shape.block_k));
 }
 
 // Blocks of a launch: the (batch, head) pairs times `per_head` blocks each.
@@ -130,7 +130,7 @@ tiles::ForwardIo<scalar_t, acc_t> forward_schedule(const Problem& p, const TileP
   io.p = p;
   io.shape = plan.shape_for<acc_t>(false, p, sizeof(scalar_t));
   check_tiles(p, io.shape);
-  io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
+  io.query_tiles = ceil_div(p.Lq, io.shape.block_q);
   const int64_t per_block =
       saturating_mul(saturating_mul(p.B * p.H, io.query_tiles), tiles::column_parts(io.shape)) / (2 * plan.target_blocks);
   io.tiles_per_block = plan.tiles_per_block > 0 ? plan.tiles_per_block : (per_block > 1 ? per_block : 1);
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     check_head_dim(p);
     const tiles::Shape shape = plan.shape_for<acc_t>(true, p, sizeof(scalar_t));
     check_tiles(p, shape);
-    const int64_t query_tiles = tiles::ceil_div(p.Lq, shape.block_q), key_tiles = tiles::ceil_div(p.Lk, shape.block_k);
+    const int64_t query_tiles = ceil_div(p.Lq, shape.block_q), key_tiles = ceil_div(p.Lk, shape.block_k);
     const int64_t per_head = saturating_mul(key_tiles, tiles::column_parts(shape));
     checked_blocks(p, per_head);  // so that the splits' arithmetic cannot overflow
     const int64_t splits = plan.splits > 0 ? plan.splits
@@ -222,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     tiles::BackwardIo<scalar_t, acc_t> io{};
     io.p = p;
     io.shape = plan.shape_for<acc_t>(true, p, sizeof(scalar_t));
-    io.query_tiles = tiles::ceil_div(p.Lq, io.shape.block_q);
-    io.key_tiles = tiles::ceil_div(p.Lk, io.shape.block_k);
+    io.query_tiles = ceil_div(p.Lq, io.shape.block_q);
+    io.key_tiles = ceil_div(p.Lk, io.shape.block_k);
     if (io.key_tiles > 1) {
       auto first = forward_io<scalar_t, acc_t>(p, plan, q_c, k_c, v_c, gate_c, mask_c);
       const at::Tensor chunk_dots = at::empty({tiles::column_parts(first.shape), p.B, p.H, p.Lq}, acc_options);

@@ -40,9 +40,6 @@ namespace tiles {
 constexpr int kFragment = 16;  // every tile edge is a multiple of a WMMA fragment's
 constexpr int kThreads = 128;  // four warps per block
 
-DP_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-DP_INLINE int round_up(int64_t x, int m) { return static_cast<int>(ceil_div(x, m) * m); }
-
 // Tile sizes of one launch: block_q query rows and block_k keys (multiples of 16), the head
 // dimension D rounded up to 16 and the columns of it a tile holds, block_d (a multiple of 16;
 // dim when the head dim is not split).

@@ -86,7 +86,7 @@ inline tiles::Layout tile_layout(const Sizes& d, const TileTarget& target, bool 
 // (64-bit counters cost the backward a register it does not have), stepping past the last by at
 // most the tiles again: 2^30 tiles at most.
 inline int64_t tile_blocks(const triplane::Problem& p, const tiles::Layout& l, const TileTarget& target) {
-  const int64_t tiles = p.B * ((p.N + l.tile - 1) / l.tile);
+  const int64_t tiles = p.B * ceil_div(p.N, l.tile);
   TORCH_CHECK(tiles <= kMaxInt32 / 2, "sample_and_decode: points is too large: it makes ", tiles, " tiles of ", l.tile,
               " points, more than the 2^30 the kernels' 32-bit tile counter holds");
   return std::max<int64_t>(1, std::min<int64_t>(tiles, target.sms * tiles::kBlocksPerSm));

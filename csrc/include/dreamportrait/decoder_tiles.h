@@ -68,8 +68,6 @@ constexpr int weight_gradient_edge() {
   return sizeof(acc_t) == 4 ? 4 : 2;
 }
 
-DP_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
-
 // Offsets (in elements of the accumulation type) of the weights and tile buffers in shared memory.
 // The weights are staged transposed and zero-padded to whole groups of kUnitsPerThread units:
 // w1 (C1, K1), b1 (K1), w2 (K1, O1), b2 (O1), C1, K1 and O1 being C, K and O rounded up, so that
@@ -265,7 +263,7 @@ template <class Block, typename acc_t, typename Epilogue>
 DP_INLINE void dense_tile_rows(const Block& block, const acc_t* in, int64_t n_in, const acc_t* W, int64_t n_out,
                                int64_t width, int tile, const Epilogue& epilogue) {
   constexpr int kUnits = units_per_thread<acc_t>(), kStep = Vector16<acc_t>::kCount;
-  const int64_t groups = (n_out + kUnits - 1) / kUnits, vector_end = n_in / kStep * kStep;
+  const int64_t groups = ceil_div(n_out, kUnits), vector_end = n_in / kStep * kStep;
   for (int64_t idx = block.thread(); idx < tile * groups; idx += block.threads()) {
     const int q = static_cast<int>(idx % tile);
     const int64_t j0 = idx / tile * kUnits;
@@ -339,7 +337,7 @@ DP_INLINE void forward_block(const Block& block, int64_t block_index, int64_t bl
   const triplane::Problem& p = io.p;
   const Layout& l = io.l;
   load_weights_transposed(block, s, l, io.w1, io.b1, io.w2, io.b2);
-  const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
+  const int64_t tiles_per_element = ceil_div(p.N, l.tile);
   const int tiles = static_cast<int>(p.B * tiles_per_element);  // at most 2^30: tile_blocks checks
   for (int tile = static_cast<int>(block_index); tile < tiles; tile += static_cast<int>(blocks)) {
     const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
@@ -374,7 +372,7 @@ DP_INLINE void backward_block(const Block& block, int64_t block_index, int64_t b
   const acc_t dx_dpoint = triplane::pixel_per_point(p.W, scale) * third;
   const acc_t dy_dpoint = triplane::pixel_per_point(p.H, scale) * third;
   const int lane = block.thread() % block.lanes(), warps = block.threads() / block.lanes();
-  const int64_t tiles_per_element = (p.N + l.tile - 1) / l.tile;
+  const int64_t tiles_per_element = ceil_div(p.N, l.tile);
   const int tiles = static_cast<int>(p.B * tiles_per_element);  // at most 2^30: tile_blocks checks
   for (int tile = static_cast<int>(block_index); tile < tiles; tile += static_cast<int>(blocks)) {
     const int64_t b = tile / tiles_per_element, first = tile % tiles_per_element * l.tile;
