@@ -28,6 +28,7 @@ from .attributes import held_out_combinations, training_combinations
 from .captions import check_captions
 from .dataset import build_dataset
 from .judge import accuracy, load_judge, save_judge, train_judge
+from .paraphrases import paraphrase_test_set
 from .teacher import Teacher, TeacherConfig, build_teacher, judge_teacher, teacher_captions, train_teacher
 
 
@@ -111,10 +112,15 @@ def build_world(out_dir: str | Path, setting: str = "default", seed: int = 0, pr
     report["seconds"]["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    teacher, heads = Teacher(out / "teacher"), held_out_combinations()
     report["teacher_accuracy_held_out"], samples = judge_teacher(
-        Teacher(out / "teacher"), judge, held_out_combinations(), config.teacher_samples_per_head, steps=config.teacher_sample_steps,
-        seed=seed)
+        teacher, judge, heads, config.teacher_samples_per_head, steps=config.teacher_sample_steps, seed=seed)
     write_image(out / "teacher_samples.png", to_uint8(grid(samples, 2 * config.teacher_samples_per_head)))
+    # The same heads in the held-out paraphrase test set's words: whether the teacher, which the
+    # generator distils, reads prompts as people write them.
+    report["teacher_accuracy_held_out_paraphrases"], _ = judge_teacher(
+        teacher, judge, heads, config.teacher_samples_per_head, steps=config.teacher_sample_steps, seed=seed,
+        captions=[held_out.text for held_out in paraphrase_test_set()])
     report["seconds"]["teacher_evaluation"] = time.perf_counter() - start
 
     with atomic_path(out / "report.json") as temporary:

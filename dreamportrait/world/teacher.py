@@ -13,7 +13,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -450,14 +450,20 @@ def train_teacher(teacher: Teacher, data: WorldSamples, steps: int, batch_size: 
 
 @torch.no_grad()
 def judge_teacher(teacher: Teacher, judge, heads: list, samples_per_head: int = 2, steps: int = 50,
-                  guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 128) -> tuple[dict[str, float], Tensor]:
+                  guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 128,
+                  captions: Sequence[str] | None = None) -> tuple[dict[str, float], Tensor]:
     """How often the judge finds each attribute of the prompt in the teacher's samples: DDIM + CFG
-    samples of the canonical caption of each of ``heads`` (``samples_per_head`` each). Returns the
-    per-attribute accuracy and the samples ``(len(heads) * samples_per_head, 3, R, R)``, grouped by head."""
+    samples of a caption of each of ``heads`` (``samples_per_head`` each): ``captions[i]`` for
+    ``heads[i]`` (e.g. the held-out paraphrases), by default each head's canonical caption. Returns
+    the per-attribute accuracy and the samples ``(len(heads) * samples_per_head, 3, R, R)``, grouped
+    by head."""
     from .attributes import caption
     from .dataset import ATTRIBUTE_CLASSES, attribute_indices
 
-    prompts = [caption(head, 0) for head in heads for _ in range(samples_per_head)]
+    if captions is not None and len(captions) != len(heads):
+        raise ValueError(f"captions: one per head expected ({len(heads)}), got {len(captions)}")
+    texts = [caption(head, 0) for head in heads] if captions is None else list(captions)
+    prompts = [text for text in texts for _ in range(samples_per_head)]
     expected = attribute_indices([head for head in heads for _ in range(samples_per_head)])
     generator = torch.Generator().manual_seed(seed)
     images = torch.cat([teacher.sample(prompts[i:i + batch_size], steps, guidance_scale, generator).cpu()

@@ -19,7 +19,7 @@ from dreamportrait.world.dataset import (attribute_indices, build_dataset, expor
 from dreamportrait.world.judge import accuracy, load_judge, save_judge, train_judge
 from dreamportrait.world.heads import MASK_PARTS
 from dreamportrait.world.teacher import (Teacher, TeacherConfig, attention_region_loss, build_teacher, caption_words,
-                                         phrase_region, token_regions, train_teacher)
+                                         judge_teacher, phrase_region, token_regions, train_teacher)
 
 TINY_TEACHER = TeacherConfig(channels=(32, 32), text_width=32, text_layers=2, text_heads=2, attention_head_dim=16)
 
@@ -213,15 +213,52 @@ def test_teacher_loss_is_min_snr_weighted_and_reaches_the_pooled_caption(tmp_pat
     torch.testing.assert_close(plain.detach(), per_sample.mean())
 
 
-def test_world_build_cli_runs_and_resumes(tmp_path, capsys):
-    from dreamportrait.cli import main
+def test_judge_teacher_samples_each_heads_caption_and_scores_its_attributes():
+    """With ``captions`` the teacher samples those words for each head, ``samples_per_head`` times,
+    and the verdicts are scored against the heads' own attributes."""
+    heads = all_combinations()[:3]
+    prompts = []
 
+    class StandInTeacher:
+        def sample(self, texts, steps, guidance_scale, generator):
+            prompts.extend(texts)
+            return torch.zeros(len(texts), 3, 4, 4)
+
+    class StandInJudge:  # right on the first head's samples, wrong (every class shifted) elsewhere
+        def predict(self, images):
+            per_head = len(images) // len(heads)
+            right = attribute_indices([head for head in heads for _ in range(per_head)])
+            return torch.where(torch.arange(len(right))[:, None] < per_head, right, right + 1)
+
+    captions = ["one", "two", "three"]
+    scores, images = judge_teacher(StandInTeacher(), StandInJudge(), heads, samples_per_head=2, steps=1,
+                                   captions=captions)
+    assert prompts == ["one", "one", "two", "two", "three", "three"] and images.shape == (6, 3, 4, 4)
+    assert all(value == pytest.approx(1 / 3) for value in scores.values())
+    prompts.clear()
+    judge_teacher(StandInTeacher(), StandInJudge(), heads, samples_per_head=1, steps=1)
+    assert prompts == [caption(head, 0) for head in heads]
+    with pytest.raises(ValueError, match="captions: one per head expected"):
+        judge_teacher(StandInTeacher(), StandInJudge(), heads, captions=captions[:2])
+
+
+def test_world_build_cli_runs_and_resumes(tmp_path, capsys, monkeypatch):
+    from dreamportrait.cli import main
+    from dreamportrait.world import build as build_module
+    from dreamportrait.world.paraphrases import paraphrase_test_set
+
+    asked = []  # the captions each teacher evaluation samples (None: the canonical ones)
+    judged = build_module.judge_teacher
+    monkeypatch.setattr(build_module, "judge_teacher",
+                        lambda *args, **kwargs: asked.append(kwargs.get("captions")) or judged(*args, **kwargs))
     assert main(["world", "build", "--out", str(tmp_path), "--setting", "tiny"]) == 0
+    assert asked == [None, [held_out.text for held_out in paraphrase_test_set()]]
     report = json.loads((tmp_path / "report.json").read_text())
     attributes = {"hair_color", "skin_tone", "hair_style", "beard", "glasses", "hat"}
     assert set(report["judge_accuracy_held_out"]) == attributes
     assert set(report["teacher_accuracy_held_out"]) == attributes
     assert all(0 <= value <= 1 for value in report["teacher_accuracy_held_out"].values())
+    assert set(report["teacher_accuracy_held_out_paraphrases"]) == attributes
     assert iio.imread(tmp_path / "teacher_samples.png").shape[1] == 2 * 32  # two held-out captions per row
     assert (tmp_path / "teacher/unet/config.json").is_file() and (tmp_path / "judge/judge.safetensors").is_file()
     state = torch.load(tmp_path / "teacher/training_state.pt", weights_only=True)
