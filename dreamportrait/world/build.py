@@ -11,8 +11,9 @@ state), so an interrupted build continues where it stopped::
     OUT/judge/              judge.safetensors + judge.json
     OUT/teacher/            the teacher, Stable Diffusion layout (+ training_state.pt while training)
     OUT/teacher_samples.png teacher samples of held-out captions (two combinations per row)
-    OUT/report.json         judge accuracy, the judge's accuracy on teacher samples of held-out
-                            captions (per attribute), and seconds per stage
+    OUT/report.json         judge accuracy, the judge's accuracy on teacher samples of the held-out
+                            heads' canonical captions and of their held-out paraphrases (per
+                            attribute), and seconds per stage
 """
 
 from __future__ import annotations
