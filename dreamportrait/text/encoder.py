@@ -41,6 +41,18 @@ def check_text_encoding(value: str) -> str:
     return _one_of("text_encoding", value, TEXT_ENCODINGS)
 
 
+def closed_vocabulary_of(config) -> bool:
+    """Whether a text model's config says it was trained on a closed vocabulary
+    (``closed_vocabulary: true``, which world teachers' builds record; a config without the entry,
+    CLIP's among them, means no). Such a model has never seen a word its vocabulary does not hold
+    as one token: spelled piece by piece, the word would reach it as pieces with untrained
+    embeddings, so :func:`encode_text` leaves it out (:func:`read_sequences`)."""
+    value = getattr(config, "closed_vocabulary", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"closed_vocabulary must be true or false in the text model's config, got {value!r}")
+    return value
+
+
 def split_phrases(prompt: str) -> list[str]:
     """The phrases of ``prompt``: its text between commas and the words "with" and "and", which
     are dropped ("a portrait of a man with red hair, glasses and a blue hat" -> ["a portrait of a
@@ -86,6 +98,38 @@ def context_length(tokenizer, model) -> int:
     return min(tokenizer.model_max_length, model.config.max_position_embeddings)
 
 
+def _words(tokenizer, ids: list[int]) -> list[list[int]]:
+    """``ids`` (without start and end) grouped into words: each word's pieces up to the one that
+    ends it (``</w>``)."""
+    words, word = [], []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        word.append(token_id)
+        if token.endswith("</w>"):
+            words.append(word)
+            word = []
+    return words + ([word] if word else [])
+
+
+def read_sequences(tokenizer, config, prompt: str) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    """What :func:`encode_text` runs the text model on for ``prompt``: ``(text, ids)`` for the
+    prompt whole or, with ``text_encoding="phrases"``, for each of its :func:`split_phrases`; ids
+    are start, words, end, untruncated. Under a :func:`closed_vocabulary_of` model, each word that
+    is not one token of the vocabulary is left out, and so is a phrase left without words; the
+    words left out are returned second. A prompt with nothing left reads as the empty prompt."""
+    texts = split_phrases(prompt) if text_encoding_of(config) == "phrases" else [prompt]
+    closed = closed_vocabulary_of(config)
+    sequences, left_out = [], []
+    for text, ids in zip(texts, tokenizer(texts)["input_ids"] if texts else []):
+        if closed:
+            words = _words(tokenizer, ids[1:-1])
+            left_out += [tokenizer.decode(word).strip() for word in words if len(word) > 1]
+            ids = ids[:1] + [word[0] for word in words if len(word) == 1] + ids[-1:]
+            if len(ids) == 2:
+                continue
+        sequences.append((text, ids))
+    return sequences or [("", tokenizer("")["input_ids"])], left_out
+
+
 def encode_text(tokenizer, model, prompts: list[str], warn: bool = True) -> TextFeatures:
     """``prompts`` encoded by a CLIP ``tokenizer`` and text ``model`` (gradients as the caller's
     context allows), each padded to :func:`context_length` tokens L, as the model's config says
@@ -98,31 +142,31 @@ def encode_text(tokenizer, model, prompts: list[str], warn: bool = True) -> Text
       ``pooled``), then zeros. A causal text model's state of "hat" in "red hair and a blue hat"
       has seen "red"; encoded alone, "a blue hat" reads the same in every caption.
 
-    Over-long prompts are truncated to L (keeping the end token), and words the tokenizer can only
-    spell letter by letter are read as such: with ``warn``, both are named in a warning
+    Over-long prompts are truncated to L (keeping the end token). Words the vocabulary does not
+    hold as one token are left out under a closed vocabulary (:func:`read_sequences`), else read
+    as the pieces the tokenizer spells them in. With ``warn``, both are named in a warning
     (:func:`warn_about_unread_words`).
     """
     length = context_length(tokenizer, model)
     device = next(model.parameters()).device
     by_phrase = text_encoding_of(model.config) == "phrases"
-    sequences = [split_phrases(prompt) or [""] for prompt in prompts] if by_phrase else [[p] for p in prompts]
-    unique = list(dict.fromkeys(text for texts in sequences for text in texts))
-    ids = tokenizer(unique)["input_ids"]  # each: start, words, end (tokenised once, untruncated)
+    sequences = [[tuple(ids) for _, ids in read_sequences(tokenizer, model.config, prompt)[0]] for prompt in prompts]
+    unique = list(dict.fromkeys(ids for own in sequences for ids in own))  # each: start, words, end
     if warn:
         warn_about_unread_words(tokenizer, model, prompts, stacklevel=3)
-    width = length if not by_phrase else min(max(map(len, ids)), length)
-    ids = [row if len(row) <= width else row[:width - 1] + row[-1:] for row in ids]  # keep the end token
-    words = {text: len(row) - 2 for text, row in zip(unique, ids)}  # word tokens kept per sequence
+    width = length if not by_phrase else min(max(map(len, unique)), length)
+    ids = [row if len(row) <= width else row[:width - 1] + row[-1:] for row in unique]  # keep the end token
+    words = {key: len(row) - 2 for key, row in zip(unique, ids)}  # word tokens kept per sequence
     batch = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     for row, tokens in enumerate(ids):
         batch[row, :len(tokens)] = torch.tensor(tokens)
     output = model(input_ids=batch.to(device))
-    states, row_of = output.last_hidden_state, {text: row for row, text in enumerate(unique)}
+    states, row_of = output.last_hidden_state, {key: row for row, key in enumerate(unique)}
     if not by_phrase:
         # CLIP's text model is causal: padding after the end token cannot change real tokens, so
         # the mask is given to the cross-attention rather than to the text model.
-        rows = torch.tensor([row_of[p] for p in prompts], device=device)
-        mask = torch.arange(length) < torch.tensor([words[p] + 2 for p in prompts])[:, None]
+        rows = torch.tensor([row_of[own[0]] for own in sequences], device=device)
+        mask = torch.arange(length) < torch.tensor([words[own[0]] + 2 for own in sequences])[:, None]
         return TextFeatures(states[rows], mask.to(device), output.pooler_output[rows])
     tokens, pooled, lengths = [], [], []
     for texts in sequences:
@@ -160,25 +204,28 @@ def spelled_out_words(tokenizer, ids: list[int]) -> list[str]:
 
 def warn_about_unread_words(tokenizer, model, prompts: Sequence[str], stacklevel: int = 2) -> None:
     """Warn, once for all ``prompts``, about the words the text model will not read: those past its
-    :func:`context_length` (truncated) and those its vocabulary does not hold (:func:`spelled_out_words`)."""
+    :func:`context_length` (truncated) and those its vocabulary does not hold (left out under a
+    closed vocabulary, :func:`read_sequences`; else spelled out, :func:`spelled_out_words`)."""
     length = context_length(tokenizer, model)
-    by_phrase = text_encoding_of(model.config) == "phrases"
+    closed = closed_vocabulary_of(model.config)
     dropped, unread = [], []
     for prompt in prompts:
-        texts = split_phrases(prompt) if by_phrase else [prompt]
-        rows = [row[1:-1] for row in tokenizer(texts)["input_ids"]] if texts else []
+        sequences, left_out = read_sequences(tokenizer, model.config, prompt)
+        rows = [ids[1:-1] for _, ids in sequences]
         words = [token for row in rows for token in row]  # as :func:`encode_text` lays them out
         if len(words) > length - 2:  # the start and end tokens stay
             dropped.append(f"{prompt[:60]!r} loses {tokenizer.decode(words[length - 2:]).strip()[:200]!r}")
-        unread += [word for row in rows for word in spelled_out_words(tokenizer, row)]
+        unread += left_out if closed else [word for row in rows for word in spelled_out_words(tokenizer, row)]
     if dropped:
         warnings.warn(f"{len(dropped)} prompt(s) longer than the text model's {length} tokens were truncated: "
                       + "; ".join(dropped[:5]), stacklevel=stacklevel + 1)
     if unread:
-        warnings.warn(f"words the text model's vocabulary does not hold, spelled letter by letter (a model trained "
-                      f"on a closed vocabulary does not read them): {', '.join(map(repr, dict.fromkeys(unread)))}; "
-                      f"the vocabulary: {Path(tokenizer.name_or_path) / 'vocab.json'} (`dreamportrait info` lists "
-                      f"the packaged generator's)", stacklevel=stacklevel + 1)
+        treatment = ("left out (the model was trained on a closed vocabulary and cannot read them)" if closed else
+                     "spelled letter by letter (a model trained on a closed vocabulary does not read them)")
+        warnings.warn(f"words the text model's vocabulary does not hold, {treatment}: "
+                      f"{', '.join(map(repr, dict.fromkeys(unread)))}; the vocabulary: "
+                      f"{Path(tokenizer.name_or_path) / 'vocab.json'} (`dreamportrait info` lists the packaged "
+                      f"generator's)", stacklevel=stacklevel + 1)
 
 
 def _resolve(source: str | Path, subfolder: str) -> tuple[str, dict]:
@@ -206,8 +253,9 @@ class TextEncoder(nn.Module):
 
     Prompts are encoded as the text model's config says, whole or phrase by phrase
     (:func:`encode_text`; ``text_encoding``). Over-long prompts are truncated to the model's
-    context (77 tokens) with a warning; the empty prompt is allowed (the unconditional embedding
-    of classifier-free guidance).
+    context (77 tokens) with a warning, and so are words outside a closed vocabulary left out
+    (``closed_vocabulary``, :func:`read_sequences`); the empty prompt is allowed (the
+    unconditional embedding of classifier-free guidance).
     """
 
     def __init__(self, source: str | Path, trainable: bool = False, cache_size: int = 1024,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_path
 from ..guidance.stable_diffusion import VIEWS, encoder_states_of
-from ..text.encoder import check_encoder_states, check_text_encoding, encode_text, split_phrases, text_encoding_of
+from ..text.encoder import check_encoder_states, check_text_encoding, encode_text, read_sequences, text_encoding_of
 from .attributes import ATTRIBUTES, PHRASINGS
 from .captions import check_captions, paraphrase_vocabulary
 from .dataset import WorldSamples
@@ -104,8 +104,10 @@ class TeacherConfig:
 def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig(), seed: int = 0,
                   captions: str = "canonical") -> Path:
     """Write a freshly initialised teacher (Stable Diffusion layout) into ``directory``, its
-    tokenizer holding every word of the ``captions`` it will be trained on (:func:`caption_words`);
-    a bad ``config`` is refused before anything is written."""
+    tokenizer holding every word of the ``captions`` it will be trained on (:func:`caption_words`)
+    and its text model's config recording ``closed_vocabulary`` (any other word is left out when
+    encoding, :func:`~dreamportrait.text.encoder.read_sequences`); a bad ``config`` is refused
+    before anything is written."""
     check_captions(captions)
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -123,7 +125,7 @@ def build_teacher(directory: str | Path, config: TeacherConfig = TeacherConfig()
         vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        text_encoding=config.text_encoding,
+        text_encoding=config.text_encoding, closed_vocabulary=True,
     )).save_pretrained(directory / "text_encoder")
     attention = [level >= len(config.channels) - config.attention_levels for level in range(len(config.channels))]
     UNet2DConditionModel(
@@ -193,20 +195,19 @@ def part_indices(parts: Collection[str]) -> set[int]:
     return {list(MASK_PARTS).index(part) for part in parts}
 
 
-def token_regions(tokenizer, prompts: list[str], length: int, parts: Collection[str] = tuple(MASK_PARTS)) -> Tensor:
+def token_regions(tokenizer, config, prompts: list[str], length: int,
+                  parts: Collection[str] = tuple(MASK_PARTS)) -> Tensor:
     """``(B, length)``: for each position of a phrase-encoded prompt's UNet context
-    (:func:`~dreamportrait.text.encoder.encode_text`: start, each phrase's words, end,
-    padding), the :func:`phrase_region` of the phrase whose word sits there when that region is
-    one of ``parts`` (names of :data:`~dreamportrait.world.heads.MASK_PARTS`), -1 elsewhere."""
+    (:func:`~dreamportrait.text.encoder.encode_text` under the text model's ``config``: start,
+    each phrase's words, end, padding), the :func:`phrase_region` of the phrase whose word sits
+    there when that region is one of ``parts`` (names of :data:`~dreamportrait.world.heads.MASK_PARTS`),
+    -1 elsewhere."""
     kept = part_indices(parts)
     regions = torch.full((len(prompts), length), -1, dtype=torch.long)
-    phrases = [split_phrases(prompt) for prompt in prompts]
-    unique = list(dict.fromkeys(phrase for own in phrases for phrase in own))
-    words_of = {phrase: len(ids) - 2 for phrase, ids in zip(unique, tokenizer(unique)["input_ids"] if unique else [])}
-    for row, own in enumerate(phrases):
+    for row, prompt in enumerate(prompts):
         position = 1  # after the start token
-        for phrase in own:
-            words = words_of[phrase]
+        for phrase, ids in read_sequences(tokenizer, config, prompt)[0]:
+            words = len(ids) - 2
             region = phrase_region(phrase)
             if region in kept:
                 regions[row, position:min(position + words, length - 1)] = region
@@ -341,7 +342,8 @@ class Teacher:
             denoising = (per_sample * (snr.clamp(max=snr_gamma) / snr).to(per_sample)).mean()
         if masks is None:
             return denoising, None
-        regions = token_regions(self.tokenizer, prompts, context.shape[1], parts).to(self.device)
+        regions = token_regions(self.tokenizer, self.text_encoder.config, prompts, context.shape[1], parts)
+        regions = regions.to(self.device)
         return denoising, attention_region_loss(maps, regions, masks.to(self.device), terms)
 
     def _record_cross_attention(self, maps: list) -> dict:

@@ -135,16 +135,19 @@ def test_phrase_encoding_encodes_each_phrase_alone(tmp_path):
         TextEncoder(write_tiny_clip(tmp_path / "bad", text_encoding="sentences"))
 
 
+@pytest.mark.parametrize("closed_vocabulary", [False, True])
 @pytest.mark.parametrize("text_encoding", ["caption", "phrases"])
-def test_words_outside_the_vocabulary_are_named_once(tmp_path, text_encoding):
+def test_words_outside_the_vocabulary_are_named_once(tmp_path, text_encoding, closed_vocabulary):
     # The tiny tokenizer, like the world's, holds a closed vocabulary and spells any other word
-    # letter by letter, which its text model does not read.
-    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding=text_encoding))
+    # letter by letter, which its text model does not read; a config saying so leaves them out.
+    encoder = TextEncoder(write_tiny_clip(tmp_path, text_encoding=text_encoding, closed_vocabulary=closed_vocabulary))
     with pytest.warns(UserWarning) as caught:
         encoder(["a purple man with glasses", "a bald woman wearing a hat", "a man with a purple hat"])
     messages = [str(warning.message) for warning in caught]
     assert len(messages) == 1 and str(tmp_path / "vocab.json") in messages[0], messages
-    assert "vocabulary does not hold, spelled letter by letter" in messages[0]
+    treatment = ("left out (the model was trained on a closed vocabulary and cannot read them)" if closed_vocabulary
+                 else "spelled letter by letter (a model trained on a closed vocabulary does not read them)")
+    assert f"vocabulary does not hold, {treatment}: " in messages[0]
     assert "): 'purple', 'wearing'; the vocabulary" in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

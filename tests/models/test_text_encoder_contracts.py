@@ -2,6 +2,7 @@
 holds, the context length, where a model is loaded from, the checked names and their messages, the
 UNet context, the features' device, the cache's size and order, and a trainable encoder."""
 
+import random
 import warnings
 from types import SimpleNamespace
 
@@ -10,8 +11,8 @@ import torch
 from tiny_models import write_tiny_clip
 
 from dreamportrait.text.encoder import (TextEncoder, TextFeatures, _resolve, check_encoder_states, check_text_encoding,
-                                        context_length, encode_text, spelled_out_words, text_encoding_of,
-                                        vocabulary_words, warn_about_unread_words)
+                                        closed_vocabulary_of, context_length, encode_text, read_sequences,
+                                        spelled_out_words, text_encoding_of, vocabulary_words, warn_about_unread_words)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,40 @@ def test_spelled_out_words_are_those_mostly_in_single_letters(clip_dir):
     ids = encoder.tokenizer("a bald man wearing a purple hat")["input_ids"][1:-1]
     assert spelled_out_words(encoder.tokenizer, ids) == ["wearing", "purple"]
     assert spelled_out_words(encoder.tokenizer, encoder.tokenizer("a bald man")["input_ids"][1:-1]) == []
+
+
+@pytest.mark.parametrize("text_encoding", ["caption", "phrases"])
+def test_a_closed_vocabulary_model_leaves_out_the_words_it_does_not_hold(tmp_path, text_encoding):
+    closed = TextEncoder(write_tiny_clip(tmp_path / "closed", text_encoding=text_encoding, closed_vocabulary=True))
+    open_ = TextEncoder(write_tiny_clip(tmp_path / "open", text_encoding=text_encoding))
+    open_.model.load_state_dict(closed.model.state_dict())  # the same weights: only the reading differs
+    assert closed_vocabulary_of(closed.model.config) and not closed_vocabulary_of(open_.model.config)
+    unknown = ["wearing", "purple", "zq", "gentleman", "--"]  # each spelled in two or more pieces
+    for word in unknown:
+        assert len(closed.tokenizer(word)["input_ids"]) > 3, word
+    rng = random.Random()
+    base = rng.choice(["a bald man with red hair, glasses and a hat", "a portrait of a woman with black hair and a beard"])
+    words = base.split(" ")
+    for word in rng.sample(unknown, 3):  # unknown words anywhere, a phrase of only them too
+        words.insert(rng.randrange(len(words) + 1), word)
+    # read whole, a caption keeps the comma; read by phrases, a phrase of unknown words goes entirely
+    noisy = " ".join(words) + (", " if text_encoding == "phrases" else " ") + rng.choice(unknown)
+    with pytest.warns(UserWarning, match=r"left out \(the model was trained on a closed vocabulary"):
+        read = closed([noisy])
+    expected = open_([base])  # the open model reads the prompt without the unknown words
+    torch.testing.assert_close(read.tokens, expected.tokens)
+    torch.testing.assert_close(read.mask, expected.mask)
+    torch.testing.assert_close(read.pooled, expected.pooled)
+    with pytest.warns(UserWarning, match="spelled letter by letter"):
+        spelled = open_([noisy])
+    assert spelled.mask.sum() > expected.mask.sum()  # the open model reads the pieces
+    sequences, left_out = read_sequences(closed.tokenizer, closed.model.config, noisy)
+    assert sorted(left_out) == sorted(w for w in noisy.replace(",", " ").split() if w in unknown)
+    assert [ids for _, ids in sequences] == [ids for _, ids in read_sequences(open_.tokenizer, open_.model.config, base)[0]]
+    nothing, _ = read_sequences(closed.tokenizer, closed.model.config, "wearing purple gentleman")
+    assert nothing == [("", closed.tokenizer("")["input_ids"])]  # nothing left: the empty prompt
+    with pytest.raises(ValueError, match=r"^closed_vocabulary must be true or false in the text model's config, got 'yes'$"):
+        closed_vocabulary_of(SimpleNamespace(closed_vocabulary="yes"))
 
 
 def test_the_cache_keeps_the_most_recently_used_prompts(clip_dir, monkeypatch):

@@ -274,26 +274,30 @@ def test_world_build_cli_runs_and_resumes(tmp_path, capsys, monkeypatch):
 
 def test_token_regions_mark_each_phrase_where_the_phrase_encoding_puts_its_words(tmp_path):
     teacher = Teacher(build_teacher(tmp_path, TINY_TEACHER))
+    config = teacher.text_encoder.config
     heads = random.Random().sample(all_combinations(), 6)
     prompts = [caption(head, phrasing) for head in heads for phrasing in range(3)] + [""]
-    regions = token_regions(teacher.tokenizer, prompts, 77)
-    encoded = encode_text(teacher.tokenizer, teacher.text_encoder, prompts)
-    assert regions.shape == (len(prompts), encoded.tokens.shape[1]) and (regions[-1] == -1).all()
-    for row, prompt in enumerate(prompts[:-1]):
+    # words outside the closed vocabulary are left out, and with them a phrase of nothing else
+    prompts += [prompts[0].replace(" with ", " zorbly with ").replace(" hair", " very hair") + ", gentleman"]
+    regions = token_regions(teacher.tokenizer, config, prompts, 77)
+    encoded = encode_text(teacher.tokenizer, teacher.text_encoder, prompts, warn=False)
+    assert regions.shape == (len(prompts), encoded.tokens.shape[1]) and (regions[len(prompts) - 2] == -1).all()
+    torch.testing.assert_close(regions[-1], regions[0])
+    for row, prompt in enumerate(prompts):
         named = [phrase for phrase in split_phrases(prompt) if phrase_region(phrase) is not None]
         assert sorted({int(r) for r in regions[row] if r >= 0}) == sorted({phrase_region(p) for p in named})
         assert regions[row, 0] == -1 and (regions[row, int(encoded.mask[row].sum()) - 1:] == -1).all()  # start, end
         for phrase in named:  # the marked positions hold exactly the phrase's own states
-            alone = encode_text(teacher.tokenizer, teacher.text_encoder, [phrase])
+            alone = encode_text(teacher.tokenizer, teacher.text_encoder, [phrase], warn=False)
             words = int(alone.mask[0].sum()) - 2
             positions = (regions[row] == phrase_region(phrase)).nonzero()[:, 0]
             assert len(positions) == words
             torch.testing.assert_close(encoded.tokens[row, positions], alone.tokens[0, 1:1 + words])
     some = random.Random().sample(list(MASK_PARTS), 2)  # a subset of the regions keeps only its own phrases
     kept = torch.isin(regions, torch.tensor([list(MASK_PARTS).index(part) for part in some]))
-    torch.testing.assert_close(token_regions(teacher.tokenizer, prompts, 77, some), regions.where(kept, -1))
+    torch.testing.assert_close(token_regions(teacher.tokenizer, config, prompts, 77, some), regions.where(kept, -1))
     with pytest.raises(ValueError, match="parts: expected a collection of names"):
-        token_regions(teacher.tokenizer, prompts, 77, ["hats"])
+        token_regions(teacher.tokenizer, config, prompts, 77, ["hats"])
     assert phrase_region("a blue hat") == list(MASK_PARTS).index("hat")
     assert phrase_region("a dark-skinned person") == phrase_region("light skin") == list(MASK_PARTS).index("skin")
     assert phrase_region("a photo of a person") is None and phrase_region("a bald head") is None
