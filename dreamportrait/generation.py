@@ -82,6 +82,12 @@ def generate(generator: TextConditionedGenerator, prompts: Sequence[str], seeds:
     if isinstance(prompts, str) or not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of prompts with words (an empty one would render "
                          f"an unconditional head), got {str(prompts)[:100]}")
+    unread = [prompt for prompt in prompts if generator.text_encoder is not None
+              and not generator.text_encoder.reads_words(prompt)]
+    if unread:
+        raise ValueError(f"prompts: the text model reads none of the words of {unread[:3]} (its vocabulary holds none "
+                         f"of them; `dreamportrait info` lists the packaged generator's), so they would render an "
+                         f"unconditional head")
     seeds = check_seeds(seeds)
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")

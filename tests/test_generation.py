@@ -124,6 +124,19 @@ def test_an_empty_prompt_is_an_error(checkpoint, tmp_path, capsys, prompt):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_prompt_of_words_outside_a_closed_vocabulary_is_an_error(tmp_path, capsys):
+    generator = load_pretrained(asset_dir("generator"))[0]  # its text encoder: closed_vocabulary
+    assert generator.text_encoder.reads_words("a gentleman with very long red hair")  # "a", "long red hair"
+    for prompt in ("gentleman", "very zorbly gentleman", "gentleman, sporting spectacles"):
+        assert not generator.text_encoder.reads_words(prompt)
+    for prompts in (["gentleman"], ["a bald man", "gentleman, sporting spectacles"]):
+        with pytest.raises(ValueError, match=r"^prompts: the text model reads none of the words of \['gentleman"):
+            generation.generate(generator, prompts, [0], tmp_path, progress=False)
+    assert main(["generate", "--out", str(tmp_path), "--prompt", "zorbly", "--seeds", "0"]) == 2
+    assert "the text model reads none of the words of ['zorbly']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_info_lists_the_packaged_generators_vocabulary(capsys):
     assert main(["info"]) == 0
     listed = capsys.readouterr().out.split("the packaged generator's prompts read these words")[1]

@@ -281,6 +281,11 @@ class TextEncoder(nn.Module):
         """Tokens per prompt (:func:`context_length`)."""
         return context_length(self.tokenizer, self.model)
 
+    def reads_words(self, prompt: str) -> bool:
+        """Whether the text model reads any word of ``prompt``: under a closed vocabulary, a prompt
+        of words it does not hold reads as the empty prompt (:func:`read_sequences`)."""
+        return any(len(ids) > 2 for _, ids in read_sequences(self.tokenizer, self.model.config, prompt)[0])
+
     @property
     def dim(self) -> int:
         """D: the width of token and pooled embeddings."""
