@@ -100,14 +100,14 @@ def context_length(tokenizer, model) -> int:
 
 def _words(tokenizer, ids: list[int]) -> list[list[int]]:
     """``ids`` (without start and end) grouped into words: each word's pieces up to the one that
-    ends it (``</w>``)."""
+    ends it (``</w>``, which CLIP's BPE puts on every word's last piece)."""
     words, word = [], []
     for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
         word.append(token_id)
         if token.endswith("</w>"):
             words.append(word)
             word = []
-    return words + ([word] if word else [])
+    return words
 
 
 def read_sequences(tokenizer, config, prompt: str) -> tuple[list[tuple[str, list[int]]], list[str]]:

@@ -95,7 +95,8 @@ def test_a_closed_vocabulary_model_leaves_out_the_words_it_does_not_hold(tmp_pat
     for word in rng.sample(unknown, 3):  # unknown words anywhere, a phrase of only them too
         words.insert(rng.randrange(len(words) + 1), word)
     # read whole, a caption keeps the comma; read by phrases, a phrase of unknown words goes entirely
-    noisy = " ".join(words) + (", " if text_encoding == "phrases" else " ") + rng.choice(unknown)
+    separator = ", " if text_encoding == "phrases" else " "
+    noisy = separator.join([rng.choice(unknown), " ".join(words), rng.choice(unknown)])
     with pytest.warns(UserWarning, match=r"left out \(the model was trained on a closed vocabulary"):
         read = closed([noisy])
     expected = open_([base])  # the open model reads the prompt without the unknown words
@@ -110,6 +111,8 @@ def test_a_closed_vocabulary_model_leaves_out_the_words_it_does_not_hold(tmp_pat
     assert [ids for _, ids in sequences] == [ids for _, ids in read_sequences(open_.tokenizer, open_.model.config, base)[0]]
     nothing, _ = read_sequences(closed.tokenizer, closed.model.config, "wearing purple gentleman")
     assert nothing == [("", closed.tokenizer("")["input_ids"])]  # nothing left: the empty prompt
+    assert not closed.reads_words("wearing purple gentleman") and closed.reads_words(noisy)
+    assert open_.reads_words("wearing purple gentleman")  # its pieces are read
     with pytest.raises(ValueError, match=r"^closed_vocabulary must be true or false in the text model's config, got 'yes'$"):
         closed_vocabulary_of(SimpleNamespace(closed_vocabulary="yes"))
 
