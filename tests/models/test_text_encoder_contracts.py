@@ -112,6 +112,7 @@ def test_a_closed_vocabulary_model_leaves_out_the_words_it_does_not_hold(tmp_pat
     nothing, _ = read_sequences(closed.tokenizer, closed.model.config, "wearing purple gentleman")
     assert nothing == [("", closed.tokenizer("")["input_ids"])]  # nothing left: the empty prompt
     assert not closed.reads_words("wearing purple gentleman") and closed.reads_words(noisy)
+    assert closed.reads_words("wearing a gentleman")  # one word is enough
     assert open_.reads_words("wearing purple gentleman")  # its pieces are read
     with pytest.raises(ValueError, match=r"^closed_vocabulary must be true or false in the text model's config, got 'yes'$"):
         closed_vocabulary_of(SimpleNamespace(closed_vocabulary="yes"))
