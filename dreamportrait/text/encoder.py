@@ -150,10 +150,11 @@ def encode_text(tokenizer, model, prompts: list[str], warn: bool = True) -> Text
     length = context_length(tokenizer, model)
     device = next(model.parameters()).device
     by_phrase = text_encoding_of(model.config) == "phrases"
-    sequences = [[tuple(ids) for _, ids in read_sequences(tokenizer, model.config, prompt)[0]] for prompt in prompts]
+    read = [read_sequences(tokenizer, model.config, prompt) for prompt in prompts]
+    sequences = [[tuple(ids) for _, ids in own] for own, _ in read]
     unique = list(dict.fromkeys(ids for own in sequences for ids in own))  # each: start, words, end
     if warn:
-        warn_about_unread_words(tokenizer, model, prompts, stacklevel=3)
+        _warn(tokenizer, model, prompts, read, stacklevel=3)
     width = length if not by_phrase else min(max(map(len, unique)), length)
     ids = [row if len(row) <= width else row[:width - 1] + row[-1:] for row in unique]  # keep the end token
     words = {key: len(row) - 2 for key, row in zip(unique, ids)}  # word tokens kept per sequence
@@ -206,11 +207,17 @@ def warn_about_unread_words(tokenizer, model, prompts: Sequence[str], stacklevel
     """Warn, once for all ``prompts``, about the words the text model will not read: those past its
     :func:`context_length` (truncated) and those its vocabulary does not hold (left out under a
     closed vocabulary, :func:`read_sequences`; else spelled out, :func:`spelled_out_words`)."""
+    _warn(tokenizer, model, prompts, [read_sequences(tokenizer, model.config, prompt) for prompt in prompts],
+          stacklevel + 1)
+
+
+def _warn(tokenizer, model, prompts: Sequence[str], read: list, stacklevel: int) -> None:
+    """:func:`warn_about_unread_words` given each prompt's :func:`read_sequences` (``read``), which
+    :func:`encode_text` has already made."""
     length = context_length(tokenizer, model)
     closed = closed_vocabulary_of(model.config)
     dropped, unread = [], []
-    for prompt in prompts:
-        sequences, left_out = read_sequences(tokenizer, model.config, prompt)
+    for prompt, (sequences, left_out) in zip(prompts, read):
         rows = [ids[1:-1] for _, ids in sequences]
         words = [token for row in rows for token in row]  # as :func:`encode_text` lays them out
         if len(words) > length - 2:  # the start and end tokens stay
