@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 # The library's defaults, from a module that imports no torch, so every command's --help stays fast.
-from dreamportrait.defaults import BASELINE_STEPS, TRUNCATION_PSI, WORLD_CONFIG
+from dreamportrait.defaults import BASELINE_STEPS, LEARN_WORDS_CANONICAL_WEIGHT, TRUNCATION_PSI, WORLD_CONFIG
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -187,6 +187,23 @@ def _world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world_learn_words(args: argparse.Namespace) -> int:
+    from dreamportrait.world.assets import model_directory
+    from dreamportrait.world.new_words import REPORT, learn_words
+
+    try:
+        report = learn_words(model_directory(args.checkpoint), args.out, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, canonical_weight=args.canonical_weight,
+                             seed=args.seed)
+    except (OSError, ValueError) as error:
+        print(f"dreamportrait world learn-words: {error}", file=sys.stderr)
+        return 2
+    print(f"learnt {len(report['words_learnt'])} words in {report['seconds']:.0f} s (distillation loss "
+          f"{report['distillation_loss_first_100']:.4f} -> {report['distillation_loss_last_100']:.4f}); wrote "
+          f"{args.out} ({REPORT})")
+    return 0
+
+
 def _world_train(args: argparse.Namespace) -> int:
     from dreamportrait.world.train import prepare_run
 
@@ -317,6 +334,7 @@ def _add_world(commands) -> None:
                                                                                              required=True)
     _add_world_build(world)
     _add_world_train(world)
+    _add_world_learn_words(world)
 
 
 def _add_world_build(world) -> None:
@@ -367,6 +385,28 @@ def _add_world_train(world) -> None:
                              "--teacher built with `world build --captions paraphrase`")
     wtrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     wtrain.set_defaults(run=_world_train)
+
+
+def _add_world_learn_words(world) -> None:
+    """``dreamportrait world learn-words``."""
+    learn = world.add_parser(
+        "learn-words", help="teach a trained world generator the words of captions as people write them",
+        description="Widens the generator's text encoder's closed vocabulary to every word of the world's paraphrase "
+                    "captions and trains the text encoder by distillation through the frozen "
+                    "generator: a paraphrase must give what a canonical caption of the same head gives, while "
+                    "canonical captions keep their reading. Only the text encoder is trained; the generator's weights "
+                    "are copied. Writes a model directory to OUT (about 10 min on two CPU cores).")
+    learn.add_argument("--checkpoint", default="packaged:generator",
+                       help="the generator: a model directory, training run or packaged:NAME (default: "
+                            "packaged:generator)")
+    learn.add_argument("--out", required=True, help="a new directory for the model")
+    learn.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    learn.add_argument("--batch-size", type=int, default=16, help="captions per step (default 16)")
+    learn.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    learn.add_argument("--canonical-weight", type=float, default=LEARN_WORDS_CANONICAL_WEIGHT,
+                       help=f"weight of the term keeping canonical captions' reading (default {LEARN_WORDS_CANONICAL_WEIGHT})")
+    learn.add_argument("--seed", type=int, default=0)
+    learn.set_defaults(run=_world_learn_words)
 
 
 def _add_evaluate(commands) -> None:

@@ -12,3 +12,7 @@ BASELINE_STEPS = 10_000
 WORLD_CONFIG = str(Path(__file__).resolve().parent / "configs" / "world.yaml")
 """The synthetic world's DreamPortrait config, shipped inside the package (``configs/`` at the
 repository root links there), so an installed copy finds it too."""
+
+LEARN_WORDS_CANONICAL_WEIGHT = 3.0
+"""``world learn-words``: weight of the term keeping canonical captions' token states and pooled
+embeddings where the source text encoder put them (:mod:`dreamportrait.world.new_words`)."""

@@ -1,0 +1,171 @@
+"""A trained world generator learns the paraphrase captions' words (dreamportrait.world.new_words):
+the widened vocabulary reads every old word exactly as before, only new words are learnt, the
+generator is copied untouched, and the output is written whole or not at all."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from dreamportrait._manifest import write_manifest
+from dreamportrait.cli import main
+from dreamportrait.models.pretrained import WEIGHT_FILES, load_pretrained
+from dreamportrait.text.encoder import TextEncoder, encode_text
+from dreamportrait.world import new_words
+from dreamportrait.world.assets import asset_dir
+from dreamportrait.world.attributes import PHRASINGS, caption, training_combinations
+from dreamportrait.world.captions import paraphrase
+from dreamportrait.world.new_words import (CANONICAL_WEIGHT, REPORT, generator_outputs, learn_words,
+                                           relative_squared_error, widen_vocabulary)
+from dreamportrait.world.teacher import caption_words
+
+
+def canonical_captions(rng: random.Random, count: int) -> list[str]:
+    heads = training_combinations()
+    return [caption(rng.choice(heads), rng.randrange(len(PHRASINGS))) for _ in range(count)]
+
+
+def test_a_widened_vocabulary_reads_every_old_word_exactly_as_before(tmp_path, seed):
+    encoder = TextEncoder(asset_dir("generator"))  # the packaged generator's: closed, phrase by phrase
+    words = caption_words("paraphrase")
+    tokenizer, model, new = widen_vocabulary(encoder.tokenizer, encoder.model, words, tmp_path, seed=seed)
+    old_vocabulary, vocabulary = encoder.tokenizer.get_vocab(), tokenizer.get_vocab()
+    assert set(old_vocabulary) < set(vocabulary) and model.config.vocab_size == len(vocabulary) == len(new)
+    assert int(new.sum()) == len(vocabulary) - len(old_vocabulary) and not any(new[vocabulary[token]] for token in old_vocabulary)
+    for word in words:  # every paraphrase word is one token
+        assert len(tokenizer(word)["input_ids"]) == 3, word
+    prompts = canonical_captions(random.Random(seed), 12) + ["", "a portrait of a bald person"]
+    with torch.no_grad():
+        before = encode_text(encoder.tokenizer, encoder.model, prompts, warn=False)
+        after = encode_text(tokenizer, model, prompts, warn=False)
+    for name in ("tokens", "mask", "pooled"):
+        assert torch.equal(getattr(after, name), getattr(before, name)), name
+    assert model.config.closed_vocabulary and model.config.text_encoding == "phrases"
+
+
+def test_new_words_are_drawn_with_the_spread_of_the_old_and_the_seed_fixes_them(tmp_path, seed):
+    encoder = TextEncoder(asset_dir("generator"))
+    _, model, new = widen_vocabulary(encoder.tokenizer, encoder.model, ["spectacles", "ginger"], tmp_path / "a", seed)
+    _, again, _ = widen_vocabulary(encoder.tokenizer, encoder.model, ["spectacles", "ginger"], tmp_path / "b", seed)
+    _, other, _ = widen_vocabulary(encoder.tokenizer, encoder.model, ["spectacles", "ginger"], tmp_path / "c", seed + 1)
+    fresh = model.get_input_embeddings().weight[new]
+    old_spread = encoder.model.get_input_embeddings().weight.std().item()
+    assert len(fresh) > 2 and 0.7 * old_spread < fresh.std().item() < 1.3 * old_spread
+    assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert not torch.equal(other.get_input_embeddings().weight[new], fresh)
+
+
+def test_relative_squared_error_is_each_part_s_squared_error_over_its_targets_variance(seed):
+    targets = (torch.randn(4, 6, 8), torch.randn(4, 1, 8) * 3, torch.randn(4, 3, 2, 5, 5) + 2)
+    offsets = (0.5, -0.25, 2.0)
+    outputs = tuple(target + offset for target, offset in zip(targets, offsets))
+    expected = sum(offset ** 2 / target.var() for offset, target in zip(offsets, targets))
+    torch.testing.assert_close(relative_squared_error(outputs, targets), expected)
+    assert relative_squared_error(targets, targets) == 0
+
+
+def test_learn_words_trains_the_text_encoder_and_copies_the_generator(tmp_path, seed):
+    source = asset_dir("generator")
+    report = learn_words(source, tmp_path / "out", steps=4, batch_size=2, seed=seed % 1000, progress=False)
+    out = tmp_path / "out"
+    assert (out / WEIGHT_FILES["generator"]).read_bytes() == (source / WEIGHT_FILES["generator"]).read_bytes()
+    assert json.loads((out / REPORT).read_text()) == report and (report["steps"], report["batch_size"]) == (4, 2)
+    assert {"spectacles", "ginger", "cap", "woman", "bearded"} <= set(report["words_learnt"])
+    assert "glasses" not in report["words_learnt"]  # the packaged vocabulary holds it
+    learnt, packaged = load_pretrained(out)[0], load_pretrained(source)[0]  # checked against the manifest
+    assert learnt.text_encoder.reads_words("spectacles") and not packaged.text_encoder.reads_words("spectacles")
+    assert learnt.text_encoder.model.config.closed_vocabulary
+    drawn = widen_vocabulary(packaged.text_encoder.tokenizer, packaged.text_encoder.model,
+                             caption_words("paraphrase"), tmp_path / "drawn", seed % 1000)[1].state_dict()
+    for name, value in learnt.text_encoder.model.state_dict().items():  # every tensor trained
+        assert value.shape == drawn[name].shape and (name.endswith("position_ids") or not torch.equal(value, drawn[name])), name
+
+
+def reading_errors(encode, packaged) -> tuple[float, float]:
+    """How far the packaged generator's output for paraphrases of training combinations (another
+    draw than training's) read by ``encode`` is from its output for their canonical captions read
+    by its own encoder, and how far ``encode``'s reading of those canonical captions is from its own
+    encoder's (:func:`relative_squared_error`)."""
+    rng = random.Random(12345)
+    heads = [rng.choice(training_combinations()) for _ in range(16)]
+    canonical = [caption(head, rng.randrange(len(PHRASINGS))) for head in heads]
+    paraphrases = [paraphrase(head, rng).text for head in heads]
+    z = torch.randn(16, packaged.base.z_dim, generator=torch.Generator().manual_seed(7))
+    camera = torch.zeros(16, 25)
+    with torch.no_grad():
+        reference = packaged.encode(canonical)
+        targets = generator_outputs(packaged, z, camera, reference)
+        distillation = relative_squared_error(generator_outputs(packaged, z, camera, encode(paraphrases)), targets)
+        read = encode(canonical)
+        kept = relative_squared_error((read.tokens, read.pooled), (reference.tokens, reference.pooled))
+    return distillation.item(), kept.item()
+
+
+def test_learning_brings_paraphrases_to_their_canonical_output_and_the_canonical_term_holds_canonical_reading(tmp_path):
+    source = asset_dir("generator")
+    packaged = load_pretrained(source)[0]
+    tokenizer, drawn, _ = widen_vocabulary(packaged.text_encoder.tokenizer, packaged.text_encoder.model,
+                                           caption_words("paraphrase"), tmp_path / "drawn", seed=0)
+    before, _ = reading_errors(lambda prompts: encode_text(tokenizer, drawn, prompts, warn=False), packaged)
+    errors = {}
+    for weight in (CANONICAL_WEIGHT, 0.0):
+        learn_words(source, tmp_path / str(weight), steps=60, batch_size=4, lr=3e-3, canonical_weight=weight,
+                    seed=0, progress=False)
+        errors[weight] = reading_errors(load_pretrained(tmp_path / str(weight))[0].encode, packaged)
+    assert errors[CANONICAL_WEIGHT][0] < 0.8 * before and errors[0.0][0] < 0.8 * before
+    assert errors[CANONICAL_WEIGHT][1] < 0.5 * errors[0.0][1]
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("steps", 0, r"^steps must be an integer >= 1, got 0$"),
+    ("steps", 2.0, r"^steps must be an integer >= 1, got 2.0$"),
+    ("batch_size", 0, r"^batch_size must be an integer >= 1, got 0$"),
+    ("lr", 0.0, r"^lr must be a finite number > 0, got 0.0$"),
+    ("lr", -1e-3, r"^lr must be a finite number > 0, got -0.001$"),
+    ("lr", float("nan"), r"^lr must be a finite number > 0, got nan$"),
+    ("lr", float("inf"), r"^lr must be a finite number > 0, got inf$"),
+    ("lr", "1e-3", r"^lr must be a finite number > 0, got '1e-3'$"),
+    ("canonical_weight", -1.0, r"^canonical_weight must be a finite number >= 0, got -1.0$"),
+    ("canonical_weight", float("nan"), r"^canonical_weight must be a finite number >= 0, got nan$"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, argument, value, message):
+    with pytest.raises(ValueError, match=message):
+        learn_words(asset_dir("generator"), tmp_path / "out", **{argument: value}, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_sources_it_cannot_widen_and_an_existing_out_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"holds no text-conditioned generator with its text encoder$"):
+        learn_words(asset_dir("gan"), tmp_path / "out", progress=False)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match=r"^out_dir .*taken exists: give a new directory$"):
+        learn_words(asset_dir("generator"), tmp_path / "taken", progress=False)
+    open_vocabulary = tmp_path / "open"  # the packaged generator, its text encoder's config without the entry
+    shutil.copytree(asset_dir("generator"), open_vocabulary)
+    config_path = open_vocabulary / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["closed_vocabulary"]
+    config_path.write_text(json.dumps(config))
+    write_manifest(open_vocabulary)
+    with pytest.raises(ValueError, match=r"its text encoder is not trained on a closed vocabulary"):
+        learn_words(open_vocabulary, tmp_path / "out", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["open", "taken"]
+
+
+def test_a_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    def fail(outputs, targets):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(new_words, "relative_squared_error", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learn_words(asset_dir("generator"), tmp_path / "models" / "out", progress=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_the_command_writes_a_model_and_reports_bad_input(tmp_path, capsys):
+    assert main(["world", "learn-words", "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out and load_pretrained(tmp_path / "out")[0].text_encoder.reads_words("cap")
+    assert main(["world", "learn-words", "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    assert "dreamportrait world learn-words: out_dir" in capsys.readouterr().err
