@@ -188,13 +188,16 @@ def _world_build(args: argparse.Namespace) -> int:
 
 
 def _world_learn_words(args: argparse.Namespace) -> int:
-    from dreamportrait.world.assets import model_directory
+    from dreamportrait.world.assets import PACKAGED, model_directory
     from dreamportrait.world.new_words import REPORT, learn_words
 
     try:
+        text_encoder = args.text_encoder
+        if text_encoder is not None and text_encoder.startswith(PACKAGED):
+            text_encoder = model_directory(text_encoder)
         report = learn_words(model_directory(args.checkpoint), args.out, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, canonical_weight=args.canonical_weight,
-                             seed=args.seed)
+                             seed=args.seed, text_encoder=text_encoder)
     except (OSError, ValueError) as error:
         print(f"dreamportrait world learn-words: {error}", file=sys.stderr)
         return 2
@@ -396,9 +399,12 @@ def _add_world_learn_words(world) -> None:
                     "generator: a paraphrase must give what a canonical caption of the same head gives, while "
                     "canonical captions keep their reading. Only the text encoder is trained; the generator's weights "
                     "are copied. Writes a model directory to OUT (about 10 min on two CPU cores).")
-    learn.add_argument("--checkpoint", default="packaged:generator",
-                       help="the generator: a model directory, training run or packaged:NAME (default: "
-                            "packaged:generator)")
+    learn.add_argument("--checkpoint", required=True,
+                       help="the generator: a model directory, training run or packaged:NAME")
+    learn.add_argument("--text-encoder", default=None,
+                       help="the text encoder it was trained with, if not the one it holds or records: a directory "
+                            "or packaged:teacher (the packaged teacher's, which the packaged generator was trained "
+                            "with before it learnt the paraphrases' words)")
     learn.add_argument("--out", required=True, help="a new directory for the model")
     learn.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     learn.add_argument("--batch-size", type=int, default=16, help="captions per step (default 16)")

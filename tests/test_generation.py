@@ -127,9 +127,9 @@ def test_an_empty_prompt_is_an_error(checkpoint, tmp_path, capsys, prompt):
 def test_a_prompt_of_words_outside_a_closed_vocabulary_is_an_error(tmp_path, capsys):
     generator = load_pretrained(asset_dir("generator"))[0]  # its text encoder: closed_vocabulary
     assert generator.text_encoder.reads_words("a gentleman with very long red hair")  # "a", "long red hair"
-    for prompt in ("gentleman", "very zorbly gentleman", "gentleman, sporting spectacles"):
+    for prompt in ("gentleman", "very zorbly gentleman", "gentleman, sporting monocles"):
         assert not generator.text_encoder.reads_words(prompt)
-    for prompts in (["gentleman"], ["a bald man", "gentleman, sporting spectacles"]):
+    for prompts in (["gentleman"], ["a bald man", "gentleman, sporting monocles"]):
         with pytest.raises(ValueError, match=r"^prompts: the text model reads none of the words of \['gentleman"):
             generation.generate(generator, prompts, [0], tmp_path, progress=False)
     assert main(["generate", "--out", str(tmp_path), "--prompt", "zorbly", "--seeds", "0"]) == 2
@@ -141,7 +141,7 @@ def test_info_lists_the_packaged_generators_vocabulary(capsys):
     assert main(["info"]) == 0
     listed = capsys.readouterr().out.split("the packaged generator's prompts read these words")[1]
     words = [word.strip() for word in listed.split(":", 1)[1].replace("\n", " ").split(",")]
-    assert len(words) > 20 and {"bald", "glasses", "portrait", "red", "with"} <= set(words) and "man" not in words
+    assert len(words) > 20 and {"bald", "glasses", "portrait", "red", "with"} <= set(words) and "gentleman" not in words
     generator_words = TextEncoder(asset_dir("generator")).tokenizer
     for word in words:  # each one token of the packaged generator's tokenizer
         assert len(generator_words(word)["input_ids"]) == 3, word

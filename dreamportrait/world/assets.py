@@ -6,8 +6,9 @@ nothing has to be trained or downloaded before generating or evaluating::
     gan/         the text-free 3D GAN of ``world train`` (EMA generator + discriminator);
                  ``world train --gan packaged`` starts DreamPortrait from it
     generator/   the DreamPortrait generator trained in the world (``world train``), with its own
-                 copy of the text encoder it was trained with (``tokenizer/``, ``text_encoder/``),
-                 so a rebuilt teacher cannot change what its prompts mean
+                 text encoder (``tokenizer/``, ``text_encoder/``): the one it was trained with (the
+                 teacher's), taught the paraphrase captions' words by ``world learn-words``; a
+                 rebuilt teacher cannot change what its prompts mean
     no-gan-regulariser/
                  the generator's ablation (b): the same recipe with the GAN regulariser off, kept
                  so that every ratio RESULTS.md gives against it can be checked (``--checkpoint
@@ -82,8 +83,8 @@ def load_default_generator(device="cpu", backend: str | None = None):
 
 def generator_vocabulary() -> list[str]:
     """The words the packaged generator's text encoder reads (:func:`~dreamportrait.text.encoder.vocabulary_words`
-    of its ``tokenizer/vocab.json``): a closed vocabulary, whose other words are spelled letter by
-    letter (``generate`` warns about them)."""
+    of its ``tokenizer/vocab.json``): a closed vocabulary, whose other words are left out
+    (``generate`` warns about them)."""
     return vocabulary_words(json.loads((asset_dir("generator") / "tokenizer" / "vocab.json").read_text()))
 
 

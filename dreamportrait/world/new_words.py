@@ -106,16 +106,17 @@ def _check_number(name: str, value, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def _check_integer(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def learn_words(source: str | Path, out_dir: str | Path, steps: int = 1500, batch_size: int = 16,
                 lr: float = 1e-3, canonical_weight: float = CANONICAL_WEIGHT, seed: int = 0,
-                progress: bool = True) -> dict:
-    """Write to ``out_dir`` the generator of ``source`` (a model directory with its text encoder
-    beside it or recorded, whose config says ``closed_vocabulary``) with a text encoder that also
+                text_encoder: str | Path | None = None, progress: bool = True) -> dict:
+    """Write to ``out_dir`` the generator of ``source`` (a model directory) with a text encoder that
+    starts from its own (``text_encoder``, default the one beside it or recorded; its config must
+    say ``closed_vocabulary``) and also
     reads the paraphrase captions' words (module docstring): ``steps`` Adam steps over
     ``batch_size`` training captions and their canonical captions, at
     :func:`~dreamportrait.world.teacher.learning_rate` (peak ``lr``), the canonical term weighted
@@ -123,14 +124,15 @@ def learn_words(source: str | Path, out_dir: str | Path, steps: int = 1500, batc
     whole at the end, a model directory with its manifest and :data:`REPORT`, or not at all;
     returns the report (settings, the words learnt, the two losses over the first and the last
     100 steps, seconds)."""
-    _check_count("steps", steps)
-    _check_count("batch_size", batch_size)
+    _check_integer("steps", steps, 1)
+    _check_integer("batch_size", batch_size, 1)
+    _check_integer("seed", seed, 0)
     _check_number("lr", lr, positive=True)
     _check_number("canonical_weight", canonical_weight, positive=False)
     source, out = Path(source), Path(out_dir)
     if out.exists():
         raise FileExistsError(f"out_dir {out} exists: give a new directory")
-    generator, _ = load_pretrained(source)
+    generator, _ = load_pretrained(source, text_encoder=text_encoder)
     if not isinstance(generator, TextConditionedGenerator) or generator.text_encoder is None:
         raise ValueError(f"source {source} holds no text-conditioned generator with its text encoder")
     encoder = generator.text_encoder
@@ -195,7 +197,7 @@ def _learn(generator: TextConditionedGenerator, source: Path, directory: Path, s
     config["text_conditioning"]["text_encoder"] = None  # the copy beside it (load_pretrained)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     vocabulary = tokenizer.get_vocab()
-    return {"source": str(source), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    return {"source": str(source), "text_encoder": encoder.source, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "words_learnt": sorted(token[:-4] for token, index in vocabulary.items()
                                    if new[index] and token.endswith("</w>") and len(token) > 5),
             "canonical_weight": canonical_weight,
