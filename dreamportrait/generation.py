@@ -29,7 +29,7 @@ from .defaults import TRUNCATION_PSI
 from .models import camera_labels, extract_mesh, fov_to_intrinsics, orbit_poses, view_cameras
 from .models.cameras import FFHQ_FOV_DEGREES, FFHQ_PIVOT, FFHQ_RADIUS, FRONTAL
 from .outputs import depth_to_uint8, grid, slug, to_uint8, write_image, write_video
-from .text import TextConditionedGenerator
+from .text import TextConditionedGenerator, TextFeatures
 
 
 @dataclass
@@ -153,7 +153,15 @@ def sample(generator: TextConditionedGenerator, prompt: str, seed: int, truncati
     if conditioning is None:
         conditioning = frontal_camera(generator).to(device)
     z = torch.randn(1, generator.base.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    text = generator.encode([prompt])
+    return forward_pass(generator, z, conditioning, generator.encode([prompt]), truncation_psi)
+
+
+def forward_pass(generator: TextConditionedGenerator, z: Tensor, conditioning: Tensor, text: TextFeatures,
+                 truncation_psi: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The generator's one forward pass for latents ``z`` ``(N, z_dim)``, text features ``text``
+    (N prompts) and the cameras ``conditioning`` ``(N, 25)`` the mapping is conditioned on: ws
+    ``(N, num_ws, w_dim)``, the super-resolution's ws ``(N, 1, w_dim)`` and the tri-planes
+    ``(N, 3, 32, R, R)``, which any camera then renders (:func:`render_views`)."""
     ws, sr_ws = generator.mapping(z, conditioning, text, truncation_psi=truncation_psi)
     return ws, sr_ws, generator.base.planes(ws, "const", generator.block_hook(text))
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .._manifest import write_manifest
 from ..defaults import LEARN_WORDS_CANONICAL_WEIGHT
-from ..generation import frontal_camera
+from ..generation import forward_pass, frontal_camera
 from ..models.pretrained import CONFIG_FILE, WEIGHT_FILES, load_pretrained, read_config
 from ..text.conditioning import TextConditionedGenerator
 from ..text.encoder import TextFeatures, closed_vocabulary_of, encode_text, vocabulary_words
@@ -82,15 +82,6 @@ def widen_vocabulary(tokenizer, model, words, directory: str | Path, seed: int =
     widened = CLIPTextModel(config).to(dtype=model.dtype)
     widened.load_state_dict(state)
     return wider, widened.eval(), new
-
-
-def generator_outputs(generator: TextConditionedGenerator, z: Tensor, camera: Tensor,
-                      text: TextFeatures) -> tuple[Tensor, Tensor, Tensor]:
-    """What the generator makes of ``text`` from latents ``z`` ``(N, z_dim)`` with the mapping
-    conditioned on ``camera`` ``(N, 25)``: ws, the super-resolution's ws and the tri-planes
-    (``generate``'s one forward pass, :func:`~dreamportrait.generation.sample`, at truncation 1)."""
-    ws, sr_ws = generator.mapping(z, camera, text)
-    return ws, sr_ws, generator.base.planes(ws, "const", generator.block_hook(text))
 
 
 def relative_squared_error(outputs: tuple[Tensor, ...], targets: tuple[Tensor, ...]) -> Tensor:
@@ -175,11 +166,11 @@ def _learn(generator: TextConditionedGenerator, source: Path, directory: Path, s
         z = torch.randn(batch_size, generator.base.z_dim, generator=latents)
         with torch.no_grad():
             reference = encoder(canonical)
-            targets = generator_outputs(generator, z, camera, reference)
+            targets = forward_pass(generator, z, camera, reference)
         read = encode_text(tokenizer, model, texts + canonical, warn=False)
         texts_read, canonical_read = (TextFeatures(read.tokens[part], read.mask[part], read.pooled[part])
                                       for part in (slice(batch_size), slice(batch_size, None)))
-        distillation = relative_squared_error(generator_outputs(generator, z, camera, texts_read), targets)
+        distillation = relative_squared_error(forward_pass(generator, z, camera, texts_read), targets)
         kept = relative_squared_error((canonical_read.tokens, canonical_read.pooled), (reference.tokens, reference.pooled))
         loss = distillation + canonical_weight * kept
         optimiser.zero_grad(set_to_none=True)

@@ -17,8 +17,9 @@ from dreamportrait.world import new_words
 from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import PHRASINGS, caption, training_combinations
 from dreamportrait.world.captions import paraphrase
-from dreamportrait.world.new_words import (CANONICAL_WEIGHT, REPORT, generator_outputs, learn_words,
-                                           relative_squared_error, widen_vocabulary)
+from dreamportrait.generation import forward_pass
+from dreamportrait.world.new_words import (CANONICAL_WEIGHT, REPORT, learn_words, relative_squared_error,
+                                           widen_vocabulary)
 from dreamportrait.world.teacher import caption_words
 
 
@@ -121,8 +122,8 @@ def reading_errors(encode, packaged) -> tuple[float, float]:
     camera = torch.zeros(16, 25)
     with torch.no_grad():
         reference = packaged.encode(canonical)
-        targets = generator_outputs(packaged, z, camera, reference)
-        distillation = relative_squared_error(generator_outputs(packaged, z, camera, encode(paraphrases)), targets)
+        targets = forward_pass(packaged, z, camera, reference)
+        distillation = relative_squared_error(forward_pass(packaged, z, camera, encode(paraphrases)), targets)
         read = encode(canonical)
         kept = relative_squared_error((read.tokens, read.pooled), (reference.tokens, reference.pooled))
     return distillation.item(), kept.item()
