@@ -398,7 +398,7 @@ def _add_world_learn_words(world) -> None:
                     "captions and trains the text encoder by distillation through the frozen "
                     "generator: a paraphrase must give what a canonical caption of the same head gives, while "
                     "canonical captions keep their reading. Only the text encoder is trained; the generator's weights "
-                    "are copied. Writes a model directory to OUT (about 10 min on two CPU cores).")
+                    "are copied. Writes a model directory to OUT (about 12 min on two CPU cores).")
     learn.add_argument("--checkpoint", required=True,
                        help="the generator: a model directory, training run or packaged:NAME")
     learn.add_argument("--text-encoder", default=None,

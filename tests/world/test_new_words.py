@@ -160,7 +160,7 @@ def test_learning_brings_paraphrases_to_their_canonical_output_and_the_canonical
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, argument, value, message):
     with pytest.raises(ValueError, match=message):
-        learn_words(out_dir=tmp_path / "out", **source(**{argument: value}))
+        learn_words(out_dir=tmp_path / "out", **source(**{"steps": 1, "batch_size": 1, argument: value}))
     assert not any(tmp_path.iterdir())
 
 
@@ -169,7 +169,7 @@ def test_sources_it_cannot_widen_and_an_existing_out_are_refused(tmp_path):
         learn_words(asset_dir("gan"), tmp_path / "out", progress=False)
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match=r"^out_dir .*taken exists: give a new directory$"):
-        learn_words(out_dir=tmp_path / "taken", **source())
+        learn_words(out_dir=tmp_path / "taken", **source(steps=1, batch_size=1))
     open_vocabulary = tmp_path / "open"  # the packaged generator, its text encoder's config without the entry
     shutil.copytree(asset_dir("generator"), open_vocabulary)
     config_path = open_vocabulary / "text_encoder" / "config.json"
@@ -178,7 +178,7 @@ def test_sources_it_cannot_widen_and_an_existing_out_are_refused(tmp_path):
     config_path.write_text(json.dumps(config))
     write_manifest(open_vocabulary)
     with pytest.raises(ValueError, match=r"its text encoder is not trained on a closed vocabulary"):
-        learn_words(open_vocabulary, tmp_path / "out", progress=False)
+        learn_words(open_vocabulary, tmp_path / "out", steps=1, batch_size=1, progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["open", "taken"]
 
 
