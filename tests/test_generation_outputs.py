@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamportrait.generation import (TRUNCATION_PSI, frontal_camera, generate, orbit, parse_seeds, render_views,
-                                      sample)
+from dreamportrait.generation import (TRUNCATION_PSI, forward_pass, frontal_camera, generate, orbit, parse_seeds,
+                                      render_views, sample)
 from dreamportrait.models import TextConditionedGenerator, TextEncoder, build_generator, view_cameras
 from dreamportrait.outputs import depth_grey, depth_to_uint8, grid, slug, to_uint8, write_image, write_video
 
@@ -176,6 +176,18 @@ def test_the_one_forward_pass_renders_what_the_generators_own_forward_does(gener
                           conditioning=frontal_camera(generator).expand(views, -1), noise_mode="const",
                           deterministic_sampling=True)["image"]
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
+
+def test_the_forward_pass_is_untruncated_unless_told(generator):
+    z = torch.randn(2, generator.base.z_dim)
+    conditioning = frontal_camera(generator).expand(2, -1)
+    with torch.no_grad():
+        text = generator.encode(["a man", "a woman with red hair"])
+        planes = forward_pass(generator, z, conditioning, text)[2]
+        whole = generator(z, conditioning, text=text, noise_mode="const", deterministic_sampling=True)["planes"]
+        truncated = forward_pass(generator, z, conditioning, text, truncation_psi=0.5)[2]
+    torch.testing.assert_close(planes, whole, rtol=0, atol=1e-6)
+    assert not torch.allclose(truncated, planes, atol=1e-4)
 
 
 def _with_rendering_options(options):
