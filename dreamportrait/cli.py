@@ -410,7 +410,8 @@ def _add_world_learn_words(world) -> None:
     learn.add_argument("--batch-size", type=int, default=16, help="captions per step (default 16)")
     learn.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     learn.add_argument("--canonical-weight", type=float, default=LEARN_WORDS_CANONICAL_WEIGHT,
-                       help=f"weight of the term keeping canonical captions' reading (default {LEARN_WORDS_CANONICAL_WEIGHT})")
+                       help="weight of the term keeping canonical captions' reading "
+                            f"(default {LEARN_WORDS_CANONICAL_WEIGHT})")
     learn.add_argument("--seed", type=int, default=0)
     learn.set_defaults(run=_world_learn_words)
 

@@ -69,7 +69,8 @@ def widen_vocabulary(tokenizer, model, words, directory: str | Path, seed: int =
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.update(dict(vocab_size=len(vocabulary), bos_token_id=wider.bos_token_id,
                        eos_token_id=wider.eos_token_id, pad_token_id=wider.pad_token_id))
-    old = model.get_input_embeddings().weight.detach()
+    rows = model.get_input_embeddings().weight
+    old = rows.detach()
     embedding = torch.randn(len(vocabulary), old.shape[1], generator=torch.Generator().manual_seed(seed))
     embedding = (embedding * old.std()).to(old.dtype)
     new = torch.ones(len(vocabulary), dtype=torch.bool)
@@ -78,7 +79,7 @@ def widen_vocabulary(tokenizer, model, words, directory: str | Path, seed: int =
             embedding[index] = old[old_vocabulary[token]]
             new[index] = False
     state = model.state_dict()
-    state[next(name for name, value in model.named_parameters() if value is model.get_input_embeddings().weight)] = embedding
+    state[next(name for name, value in model.named_parameters() if value is rows)] = embedding
     widened = CLIPTextModel(config).to(dtype=model.dtype)
     widened.load_state_dict(state)
     return wider, widened.eval(), new
@@ -171,7 +172,8 @@ def _learn(generator: TextConditionedGenerator, source: Path, directory: Path, s
         texts_read, canonical_read = (TextFeatures(read.tokens[part], read.mask[part], read.pooled[part])
                                       for part in (slice(batch_size), slice(batch_size, None)))
         distillation = relative_squared_error(forward_pass(generator, z, camera, texts_read), targets)
-        kept = relative_squared_error((canonical_read.tokens, canonical_read.pooled), (reference.tokens, reference.pooled))
+        kept = relative_squared_error((canonical_read.tokens, canonical_read.pooled),
+                                      (reference.tokens, reference.pooled))
         loss = distillation + canonical_weight * kept
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,9 +190,10 @@ def _learn(generator: TextConditionedGenerator, source: Path, directory: Path, s
     config["text_conditioning"]["text_encoder"] = None  # the copy beside it (load_pretrained)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     vocabulary = tokenizer.get_vocab()
-    return {"source": str(source), "text_encoder": encoder.source, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    windows = {"first": slice(100), "last": slice(-100, None)}
+    return {"source": str(source), "text_encoder": encoder.source, "steps": steps, "batch_size": batch_size,
+            "lr": lr, "canonical_weight": canonical_weight, "seed": seed,
             "words_learnt": sorted(token[:-4] for token, index in vocabulary.items()
                                    if new[index] and token.endswith("</w>") and len(token) > 5),
-            "canonical_weight": canonical_weight,
             **{f"{name}_loss_{part}_100": sum(values[window]) / len(values[window])
-               for name, values in losses.items() for part, window in (("first", slice(100)), ("last", slice(-100, None)))}}
+               for name, values in losses.items() for part, window in windows.items()}}

@@ -45,7 +45,8 @@ def test_a_widened_vocabulary_reads_every_old_word_exactly_as_before(tmp_path, s
     tokenizer, model, new = widen_vocabulary(encoder.tokenizer, encoder.model, words, tmp_path, seed=seed)
     old_vocabulary, vocabulary = encoder.tokenizer.get_vocab(), tokenizer.get_vocab()
     assert set(old_vocabulary) < set(vocabulary) and model.config.vocab_size == len(vocabulary) == len(new)
-    assert int(new.sum()) == len(vocabulary) - len(old_vocabulary) and not any(new[vocabulary[token]] for token in old_vocabulary)
+    assert int(new.sum()) == len(vocabulary) - len(old_vocabulary)
+    assert not any(new[vocabulary[token]] for token in old_vocabulary)
     for word in words:  # every paraphrase word is one token
         assert len(tokenizer(word)["input_ids"]) == 3, word
     prompts = canonical_captions(random.Random(seed), 12) + ["", "a portrait of a bald person"]
@@ -91,7 +92,8 @@ def test_learn_words_trains_the_text_encoder_and_copies_the_generator(tmp_path, 
     drawn = widen_vocabulary(packaged.text_encoder.tokenizer, packaged.text_encoder.model,
                              caption_words("paraphrase"), tmp_path / "drawn", seed % 1000)[1].state_dict()
     for name, value in learnt.text_encoder.model.state_dict().items():  # every tensor trained
-        assert value.shape == drawn[name].shape and (name.endswith("position_ids") or not torch.equal(value, drawn[name])), name
+        assert value.shape == drawn[name].shape, name
+        assert name.endswith("position_ids") or not torch.equal(value, drawn[name]), name
 
 
 def test_a_source_recording_its_text_encoder_elsewhere_gets_the_learnt_one_beside_it(tmp_path):
@@ -129,7 +131,8 @@ def reading_errors(encode, packaged) -> tuple[float, float]:
     return distillation.item(), kept.item()
 
 
-def test_learning_brings_paraphrases_to_their_canonical_output_and_the_canonical_term_holds_canonical_reading(tmp_path):
+def test_learning_brings_paraphrases_to_their_canonical_output_and_its_canonical_term_holds_canonical_reading(
+        tmp_path):
     packaged = trained_generator()
     tokenizer, drawn, _ = widen_vocabulary(packaged.text_encoder.tokenizer, packaged.text_encoder.model,
                                            caption_words("paraphrase"), tmp_path / "drawn", seed=0)
