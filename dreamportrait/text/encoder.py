@@ -324,9 +324,10 @@ class TextEncoder(nn.Module):
                 self._cache[prompt] = value
             for prompt in prompts:
                 self._cache.move_to_end(prompt)
+            # read before evicting: a batch of more distinct prompts than the cache holds evicts its own
+            encoded = {prompt: self._cache[prompt] for prompt in prompts}
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-            encoded = {prompt: self._cache[prompt] for prompt in prompts}
         tokens, mask, pooled = (torch.stack(parts) for parts in zip(*(encoded[prompt] for prompt in prompts)))
         return TextFeatures(tokens, mask, pooled)
 

@@ -135,6 +135,11 @@ def test_the_cache_keeps_the_most_recently_used_prompts(clip_dir, monkeypatch):
     monkeypatch.setattr(uncached, "_encode", lambda prompts: encoded.append(list(prompts)) or original(prompts))
     uncached(["a bald man", "a woman", "a bald man"])
     assert encoded[4:] == [["a bald man", "a woman"]]  # one batch of the distinct prompts, nothing kept
+    # a batch of more distinct prompts than the cache holds is served whole; its last ones stay
+    batch = ["a bald man", "a woman", "a man with glasses"]
+    features = encoder(batch)
+    torch.testing.assert_close(features.pooled, TextEncoder(clip_dir, cache_size=0)(batch).pooled)
+    assert list(encoder._cache) == ["a woman", "a man with glasses"]
 
 
 def test_a_trainable_encoder_trains_and_is_never_cached(clip_dir):
