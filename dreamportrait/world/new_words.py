@@ -9,8 +9,9 @@ one phrase. :func:`learn_words` widens the vocabulary to every word of the parap
 encoder by distillation through the frozen generator: from the same latent, the generator given
 a caption of a training combination (:func:`~dreamportrait.world.captions.training_text`: most of
 them paraphrases) must produce what it produces given a canonical caption of that head (the same
-ws, super-resolution ws and tri-planes). A second term keeps the encoder's reading of canonical
-captions where it was (:data:`CANONICAL_WEIGHT`).
+ws, super-resolution ws and tri-planes). A second term, weighted ``canonical_weight`` (default
+:data:`~dreamportrait.defaults.LEARN_WORDS_CANONICAL_WEIGHT`), keeps the encoder's reading of
+canonical captions where it was.
 
 - The generator's weights are copied byte for byte: what a reading means is what the generator
   already draws. The target is the generator's own output for the canonical caption, not a
@@ -45,10 +46,6 @@ from .attributes import PHRASINGS, caption, training_combinations
 from .captions import training_text
 from .teacher import caption_words, learning_rate
 from .tokenizer import write_clip_tokenizer
-
-CANONICAL_WEIGHT = LEARN_WORDS_CANONICAL_WEIGHT
-"""Weight of the term keeping canonical captions' token states and pooled embeddings where the
-source encoder put them (each a squared error over its spread, :func:`relative_squared_error`)."""
 
 REPORT = "learn_words.json"
 """What :func:`learn_words` records beside the model: its settings, the words learnt, the losses."""
@@ -104,7 +101,7 @@ def _check_integer(name: str, value, low: int) -> None:
 
 
 def learn_words(source: str | Path, out_dir: str | Path, steps: int = 1500, batch_size: int = 16,
-                lr: float = 1e-3, canonical_weight: float = CANONICAL_WEIGHT, seed: int = 0,
+                lr: float = 1e-3, canonical_weight: float = LEARN_WORDS_CANONICAL_WEIGHT, seed: int = 0,
                 text_encoder: str | Path | None = None, progress: bool = True) -> dict:
     """Write to ``out_dir`` the generator of ``source`` (a model directory) with a text encoder that
     starts from its own (``text_encoder``, default the one beside it or recorded; its config must

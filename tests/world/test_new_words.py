@@ -11,6 +11,7 @@ import torch
 
 from dreamportrait._manifest import write_manifest
 from dreamportrait.cli import main
+from dreamportrait.defaults import LEARN_WORDS_CANONICAL_WEIGHT as CANONICAL_WEIGHT
 from dreamportrait.models.pretrained import WEIGHT_FILES, load_pretrained
 from dreamportrait.text.encoder import TextEncoder, encode_text
 from dreamportrait.world import new_words
@@ -18,8 +19,7 @@ from dreamportrait.world.assets import asset_dir
 from dreamportrait.world.attributes import PHRASINGS, caption, training_combinations
 from dreamportrait.world.captions import paraphrase
 from dreamportrait.generation import forward_pass
-from dreamportrait.world.new_words import (CANONICAL_WEIGHT, REPORT, learn_words, relative_squared_error,
-                                           widen_vocabulary)
+from dreamportrait.world.new_words import REPORT, learn_words, relative_squared_error, widen_vocabulary
 from dreamportrait.world.teacher import caption_words
 
 
