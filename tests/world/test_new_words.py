@@ -56,6 +56,8 @@ def test_a_widened_vocabulary_reads_every_old_word_exactly_as_before(tmp_path, s
     for name in ("tokens", "mask", "pooled"):
         assert torch.equal(getattr(after, name), getattr(before, name)), name
     assert model.config.closed_vocabulary and model.config.text_encoding == "phrases"
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def test_new_words_are_drawn_with_the_spread_of_the_old_and_the_seed_fixes_them(tmp_path, seed):
@@ -84,7 +86,15 @@ def test_learn_words_trains_the_text_encoder_and_copies_the_generator(tmp_path, 
     out, weights = tmp_path / "out", WEIGHT_FILES["generator"]
     assert (out / weights).read_bytes() == (asset_dir("generator") / weights).read_bytes()
     assert json.loads((out / REPORT).read_text()) == report and (report["steps"], report["batch_size"]) == (4, 2)
-    assert {"spectacles", "ginger", "cap", "woman", "bearded"} <= set(report["words_learnt"])
+    assert {"spectacles", "ginger", "cap", "woman", "bearded", "an"} <= set(report["words_learnt"])
+    assert (out / REPORT).read_text() == json.dumps(report, indent=2) + "\n"
+    assert {key: report[key] for key in ("source", "text_encoder", "lr", "canonical_weight", "seed")} == {
+        "source": str(asset_dir("generator")), "text_encoder": str(asset_dir("teacher")), "lr": 1e-3,
+        "canonical_weight": CANONICAL_WEIGHT, "seed": seed % 1000}
+    assert 0 < report["seconds"] < 600
+    for name in ("distillation", "canonical"):  # four steps: both windows are every step's mean
+        assert report[f"{name}_loss_first_100"] == report[f"{name}_loss_last_100"]
+    assert 0 < report["distillation_loss_first_100"] < 1
     assert "glasses" not in report["words_learnt"]  # the packaged vocabulary holds it
     learnt, packaged = load_pretrained(out)[0], trained_generator()  # checked against the manifest
     assert learnt.text_encoder.reads_words("spectacles") and not packaged.text_encoder.reads_words("spectacles")
@@ -103,11 +113,16 @@ def test_a_source_recording_its_text_encoder_elsewhere_gets_the_learnt_one_besid
     shutil.copy2(asset_dir("generator") / WEIGHT_FILES["generator"], run)
     config = json.loads((asset_dir("generator") / "config.json").read_text())
     config["text_conditioning"]["text_encoder"] = str(asset_dir("teacher"))
+    # with the discriminator a training run saves beside it (here the packaged 3D GAN's)
+    config["discriminator"] = json.loads((asset_dir("gan") / "config.json").read_text())["discriminator"]
+    shutil.copy2(asset_dir("gan") / WEIGHT_FILES["discriminator"], run)
     (run / "config.json").write_text(json.dumps(config))
     write_manifest(run)
     learn_words(run, tmp_path / "out", steps=2, batch_size=2, progress=False)
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["text_conditioning"]["text_encoder"] is None
+    text = (tmp_path / "out" / "config.json").read_text()
+    written = json.loads(text)
+    assert written["text_conditioning"]["text_encoder"] is None and "discriminator" not in written
+    assert text == json.dumps(written, indent=2, sort_keys=True) + "\n"  # as save_pretrained writes it
     assert load_pretrained(tmp_path / "out")[0].text_encoder.reads_words("spectacles")
 
 
@@ -205,3 +220,37 @@ def test_the_command_writes_a_model_and_reports_bad_input(tmp_path, capsys):
     assert load_pretrained(tmp_path / "out")[0].text_encoder.reads_words("cap")
     assert main([*command, "--steps", "2"]) == 2
     assert "dreamportrait world learn-words: out_dir" in capsys.readouterr().err
+
+
+def test_a_run_is_fixed_by_its_seed_and_leaves_the_words_it_did_not_draw_where_the_seed_put_them(tmp_path, seed):
+    seed = seed % 1000 + 1
+    for name, run_seed in (("a", seed), ("b", seed), ("c", seed + 1)):
+        learn_words(out_dir=tmp_path / name, **source(steps=1, batch_size=2, seed=run_seed, canonical_weight=0.0))
+    rows = {name: load_pretrained(tmp_path / name)[0].text_encoder.model.get_input_embeddings().weight
+            for name in "abc"}
+    assert torch.equal(rows["a"], rows["b"]) and not torch.equal(rows["a"], rows["c"])
+    old = TextEncoder(asset_dir("teacher"))
+    drawn = widen_vocabulary(old.tokenizer, old.model, caption_words("paraphrase"), tmp_path / "drawn", seed)[1]
+    drawn_rows = drawn.get_input_embeddings().weight
+    untouched = (rows["a"] == drawn_rows).all(dim=1)  # one step of two captions leaves most new words alone
+    assert untouched.sum() > len(untouched) - 60
+
+
+def test_the_command_line_and_the_function_share_their_defaults():
+    import inspect
+
+    from dreamportrait.cli import build_parser
+
+    parser = build_parser()
+    arguments = parser.parse_args(["world", "learn-words", "--checkpoint", "x", "--out", "y"])
+    defaults = {name: value.default for name, value in inspect.signature(learn_words).parameters.items()}
+    for name in ("steps", "batch_size", "lr", "canonical_weight", "seed"):
+        assert getattr(arguments, name) == defaults[name], name
+    assert defaults["progress"] is True and defaults["text_encoder"] is None
+
+
+def test_a_stale_temporary_directory_is_replaced(tmp_path):
+    (tmp_path / ".out.tmp").mkdir()
+    (tmp_path / ".out.tmp" / "stale.txt").write_text("from an interrupted run")
+    learn_words(out_dir=tmp_path / "out", **source(steps=1, batch_size=1))
+    assert not (tmp_path / "out" / "stale.txt").exists() and not (tmp_path / ".out.tmp").exists()
